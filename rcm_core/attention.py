@@ -1,0 +1,208 @@
+"""The project's one attention op, with its own forward-mode (JVP) rule.
+
+Every network in the project calls :func:`attention`. It is a
+``torch.autograd.Function`` with ``forward``/``backward`` (reverse mode, for the
+student's gradient) and ``jvp`` (forward mode, for the sCM tangent). Under
+``torch.func.jvp`` or ``torch.autograd.forward_ad`` the whole unmodified network
+is differentiated in forward mode and attention contributes
+
+    dS = s (dQ K^T + Q dK^T),  H = P * dS,  dO = P dV + H V - rowsum(H) * O
+
+(``rcm-algorithm.md`` section 7). On CUDA with a supported head dim the fused
+Triton kernel (``rcm_kernels``) computes O, dO and the log-sum-exp in one pass;
+elsewhere the exact maths below runs, chunked over queries so that only a
+(chunk x Nk) block of scores exists at a time.
+
+Layouts: ``"bhnd"`` (batch, heads, tokens, dim) or ``"bnhd"`` (batch, tokens,
+heads, dim), the layout transformer blocks produce after the QKV projection.
+The op keeps no global state: it only sees its arguments, so tangents arriving
+through a context-parallel all-to-all are handled like any other.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["attention", "attention_reference", "check_attention_inputs"]
+
+_LAYOUTS = ("bhnd", "bnhd")
+# Query rows per block of the exact path: bounds the score block to chunk x Nk.
+_CHUNK = int(os.environ.get("RCM_ATTN_CHUNK", "1024"))
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    """Raise a ValueError naming the culprit for inconsistent attention inputs."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"attention: layout must be one of {_LAYOUTS}, got {layout!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D ({layout}), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"attention: {name} must be floating point, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    b_ax, h_ax, n_ax = (0, 1, 2) if layout == "bhnd" else (0, 2, 1)
+    if not (q.shape[b_ax] == k.shape[b_ax] == v.shape[b_ax]):
+        raise ValueError(f"attention: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.shape[h_ax] == k.shape[h_ax] == v.shape[h_ax]):
+        raise ValueError(f"attention: head counts differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[n_ax] != v.shape[n_ax]:
+        raise ValueError(f"attention: k and v token counts differ: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+
+
+def _to_bhnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "bhnd" else x.transpose(1, 2)
+
+
+def attention_reference(q, k, v, scale: Optional[float] = None, layout: str = "bhnd"):
+    """Naive softmax attention (materialises N x N); the reference for tests."""
+    q, k, v = (_to_bhnd(x, layout) for x in (q, k, v))
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    p = torch.softmax(s * q @ k.transpose(-1, -2), dim=-1)
+    o = p @ v
+    return o if layout == "bhnd" else o.transpose(1, 2)
+
+
+# --- exact maths, chunked over query rows (bhnd, any float dtype) -------------
+
+def _exact_forward(q, k, v, s):
+    """O and row log-sum-exp, computed in fp32 (or the input dtype if wider)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kt = k.to(acc).transpose(-1, -2)
+    vv = v.to(acc)
+    outs, lses = [], []
+    for i in range(0, q.shape[2], _CHUNK):
+        sc = s * (q[:, :, i:i + _CHUNK].to(acc) @ kt)
+        lse = torch.logsumexp(sc, dim=-1)
+        outs.append(torch.exp(sc - lse[..., None]) @ vv)
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+def _exact_forward_tangent(q, k, v, dq, dk, dv, s):
+    """O, dO and LSE in one pass over query chunks (the kernel's maths)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kt, dkt, vv, dvv = (x.to(acc) for x in (k.transpose(-1, -2), dk.transpose(-1, -2), v, dv))
+    outs, touts, lses = [], [], []
+    for i in range(0, q.shape[2], _CHUNK):
+        qc, dqc = q[:, :, i:i + _CHUNK].to(acc), dq[:, :, i:i + _CHUNK].to(acc)
+        sc = s * (qc @ kt)
+        lse = torch.logsumexp(sc, dim=-1)
+        p = torch.exp(sc - lse[..., None])
+        o = p @ vv
+        h = p * (s * (dqc @ kt + qc @ dkt))
+        do = p @ dvv + h @ vv - h.sum(-1, keepdim=True) * o
+        outs.append(o)
+        touts.append(do)
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(touts, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+def _exact_backward(q, k, v, o, lse, go, s):
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kk, vv = k.to(acc), v.to(acc)
+    gq_chunks = []
+    gk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    gv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for i in range(0, q.shape[2], _CHUNK):
+        sl = slice(i, i + _CHUNK)
+        qc, goc, oc = q[:, :, sl].to(acc), go[:, :, sl].to(acc), o[:, :, sl].to(acc)
+        p = torch.exp(s * (qc @ kk.transpose(-1, -2)) - lse[:, :, sl, None])
+        gv += p.transpose(-1, -2) @ goc
+        dp = goc @ vv.transpose(-1, -2)
+        ds = p * (dp - (goc * oc).sum(-1, keepdim=True))
+        gq_chunks.append(s * ds @ kk)
+        gk += s * ds.transpose(-1, -2) @ qc
+    return torch.cat(gq_chunks, 2).to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
+
+
+# --- backend selection ---------------------------------------------------------
+
+def _use_kernel(q: torch.Tensor) -> bool:
+    if not q.is_cuda or os.environ.get("RCM_ATTN_BACKEND", "auto") == "exact":
+        return False
+    try:
+        from rcm_kernels import flash_jvp  # noqa: F401
+    except ImportError:
+        return False
+    return flash_jvp.supports(q.shape[-1])
+
+
+def _forward_impl(q, k, v, s):
+    if _use_kernel(q):
+        from rcm_kernels import flash_jvp
+        return flash_jvp.forward(q, k, v, s)
+    return _exact_forward(q, k, v, s)
+
+
+def _forward_tangent_impl(q, k, v, dq, dk, dv, s):
+    if _use_kernel(q):
+        from rcm_kernels import flash_jvp
+        return flash_jvp.forward_tangent(q, k, v, dq, dk, dv, s)
+    return _exact_forward_tangent(q, k, v, dq, dk, dv, s)
+
+
+def _backward_impl(q, k, v, o, lse, go, s):
+    if _use_kernel(q):
+        from rcm_kernels import flash_jvp
+        return flash_jvp.backward(q, k, v, o, lse, go, s)
+    return _exact_backward(q, k, v, o, lse, go, s)
+
+
+class _Attention(torch.autograd.Function):
+    """softmax(s Q K^T) V on (B, H, N, D) tensors with reverse and forward rules."""
+
+    @staticmethod
+    def forward(q, k, v, s):
+        o, lse = _forward_impl(q, k, v, s)
+        return o, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, s = inputs
+        o, lse = output
+        ctx.s = s
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v)
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, go, _glse):
+        q, k, v, o, lse = ctx.saved_tensors
+        gq, gk, gv = _backward_impl(q, k, v, o, lse, go.contiguous(), ctx.s)
+        return gq, gk, gv, None
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, _ds):
+        q, k, v = ctx.saved_tensors
+        zeros = torch.zeros_like
+        dq = zeros(q) if dq is None else dq
+        dk = zeros(k) if dk is None else dk
+        dv = zeros(v) if dv is None else dv
+        _, do, _ = _forward_tangent_impl(q, k, v, dq, dk, dv, ctx.s)
+        return do, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              scale: Optional[float] = None, layout: str = "bhnd") -> torch.Tensor:
+    """softmax(scale * Q K^T) V with exact reverse- and forward-mode derivatives.
+
+    q: (B, H, Nq, Dqk) or (B, Nq, H, Dqk) per ``layout``; k: same with Nk;
+    v: same with Nk and Dv. Returns the output in the input layout.
+    """
+    check_attention_inputs(q, k, v, layout)
+    s = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not math.isfinite(s):
+        raise ValueError(f"attention: scale must be finite, got {scale}")
+    qb, kb, vb = (_to_bhnd(x, layout) for x in (q, k, v))
+    o, _ = _Attention.apply(qb, kb, vb, s)
+    return o if layout == "bhnd" else o.transpose(1, 2)
