@@ -1,0 +1,63 @@
+"""Shared fixtures of the pipeline tests (tests/test_flow_*.py, tests/test_steps_*.py).
+
+Imported explicitly (``from pipeline_fixtures import *``) rather than through a
+conftest.py, so that the pipeline tests do not touch fixtures of rcm_core's tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("METAFLOW_USER", "tester")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+__all__ = ["moto_server", "s3_bucket", "pipeline_env"]
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 protocol endpoint on 127.0.0.1 (random port)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield url
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch):
+    """A fresh bucket; returns (s3 url, storage_options)."""
+    import boto3
+
+    name = f"rcm-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=name)
+    opts = {"endpoint_url": moto_server}
+    monkeypatch.setenv("RCM_STORAGE_OPTIONS", json.dumps(opts))
+    return f"s3://{name}", opts
+
+
+@pytest.fixture
+def pipeline_env(tmp_path, monkeypatch):
+    """Metaflow datastore, MLflow store and storage root all in tmp dirs."""
+    monkeypatch.setenv("METAFLOW_USER", "tester")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("METAFLOW_DATASTORE_SYSROOT_LOCAL", str(tmp_path / "mf"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    return tmp_path
