@@ -1,0 +1,146 @@
+"""Distillation configuration: data, not code (rcm-algorithm.md section 5).
+
+``DistillConfig.preset(name)`` gives the paper's defaults for Wan2.1 1.3B / 14B
+and Cosmos-Predict2, and toy-sized defaults for the embedded teacher.
+``from_dict`` rejects unknown keys; ``validate`` rejects non-finite and
+out-of-range hyperparameters, naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+METHODS = ("rcm", "scm", "dmd", "dcm")
+
+
+@dataclass
+class DistillConfig:
+    method: str = "rcm"                  # rcm | scm | dmd | dcm (discrete-time CM)
+    # sCM time distribution p_G: sigma = exp(N(P_mean, P_std^2))
+    P_mean: float = 0.7
+    P_std: float = 1.6
+    tangent_warmup_steps: int = 1000     # H
+    warmup_scales_jvp: bool = True       # r multiplies (cos sin x_t + J), as in sCM; False: only cos sin x_t
+    tangent_norm_c: float = 0.1
+    loss_scale: float = 100.0            # sCM
+    loss_scale_dmd: float = 1.0
+    guidance: float = 5.0                # teacher CFG distilled into the student
+    # time derivative: "jvp" (forward-mode AD) or "semi_continuous" (t-part by finite difference)
+    time_derivative: str = "jvp"
+    fd_step: float = 1e-4
+    dcm_delta: float = 0.05              # step of the discrete-time CM baseline (TrigFlow time)
+    # DMD / critic time distribution p_D
+    dmd_time: str = "rf_shift"           # rf_shift (Wan) | lognormal (Cosmos)
+    dmd_shift: float = 5.0
+    dmd_P_mean: float = 0.0
+    dmd_P_std: float = 1.6
+    # student rollout (backward simulation)
+    rollout_max_steps: int = 4           # N_max
+    rollout_cycle: bool = True           # release: n = effective_step mod N_max + 1; False: n ~ U{1..N_max}
+    rollout_fixed_times: tuple | None = None   # e.g. (1.5, 1.4, 1.0); None: t_hat ~ p_D
+    rollout_t_max: float = math.pi / 2
+    # schedule and optimisation
+    student_update_freq: int = 5         # K
+    lr_student: float = 2e-6
+    lr_fake: float = 4e-7
+    betas: tuple = (0.0, 0.999)
+    weight_decay: float = 0.01
+    ema_sigma_rel: float = 0.05
+    batch_size: int = 256
+    iterations: int = 10_000
+    # few-step sampling of the student
+    sigma_max: float = 80.0
+    mid_t: tuple = (1.3, 1.0, 0.6)
+    seed: int = 0
+    dtype: str = "float32"               # float32 | bfloat16 (networks); conversions stay float64
+
+    # ---- construction -------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DistillConfig":
+        unknown = sorted(set(d) - cls.field_names())
+        if unknown:
+            raise ValueError(f"unknown DistillConfig keys: {unknown}; known: {sorted(cls.field_names())}")
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**d).validate()
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "DistillConfig":
+        if name not in PRESETS:
+            raise ValueError(f"no DistillConfig preset {name!r}; known: {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw) -> "DistillConfig":
+        return DistillConfig.from_dict({**self.to_dict(), **kw})
+
+    # ---- checks --------------------------------------------------------------
+    def validate(self) -> "DistillConfig":
+        if self.method not in METHODS:
+            raise ValueError(f"DistillConfig.method={self.method!r}; known: {METHODS}")
+        if self.time_derivative not in ("jvp", "semi_continuous"):
+            raise ValueError(f"DistillConfig.time_derivative={self.time_derivative!r}; known: jvp, semi_continuous")
+        if self.dmd_time not in ("rf_shift", "lognormal"):
+            raise ValueError(f"DistillConfig.dmd_time={self.dmd_time!r}; known: rf_shift, lognormal")
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"DistillConfig.dtype={self.dtype!r}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            vals = v if isinstance(v, tuple) else (v,)
+            for x in vals:
+                if isinstance(x, bool) or not isinstance(x, (int, float)):
+                    continue
+                if not math.isfinite(x):
+                    raise ValueError(f"DistillConfig.{f.name} must be finite, got {v}")
+        positive = ("P_std", "tangent_norm_c", "dmd_shift", "dmd_P_std", "rollout_max_steps", "student_update_freq",
+                    "batch_size", "sigma_max", "fd_step", "dcm_delta")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DistillConfig.{name} must be > 0, got {getattr(self, name)}")
+        nonneg = ("tangent_warmup_steps", "loss_scale", "loss_scale_dmd", "lr_student", "lr_fake",
+                  "weight_decay", "iterations", "ema_sigma_rel")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"DistillConfig.betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("mid_t", "rollout_fixed_times"):
+            ts = getattr(self, name) or ()
+            if any(not 0 < x < math.pi / 2 for x in ts) or list(ts) != sorted(ts, reverse=True):
+                raise ValueError(f"DistillConfig.{name} must be decreasing times in (0, pi/2), got {ts}")
+        return self
+
+    # ---- derived ---------------------------------------------------------------
+    @property
+    def uses_dmd(self) -> bool:
+        return self.method in ("rcm", "dmd") and self.loss_scale_dmd > 0
+
+    @property
+    def uses_consistency(self) -> bool:
+        return self.method in ("rcm", "scm", "dcm") and self.loss_scale > 0
+
+
+PRESETS: dict[str, dict] = {
+    "wan2.1-1.3b": dict(P_mean=0.7, P_std=1.6, tangent_warmup_steps=1000, student_update_freq=5,
+                        lr_student=2e-6, lr_fake=4e-7, guidance=5.0, dmd_time="rf_shift", dmd_shift=5.0,
+                        batch_size=256, iterations=10_000, dtype="bfloat16"),
+    "wan2.1-14b": dict(P_mean=1.5, P_std=1.6, tangent_warmup_steps=200, student_update_freq=10,
+                       lr_student=1e-6, lr_fake=1e-7, guidance=5.0, dmd_time="rf_shift", dmd_shift=5.0,
+                       batch_size=64, iterations=10_000, dtype="bfloat16"),
+    "cosmos-predict2": dict(P_mean=-0.8, P_std=1.6, tangent_warmup_steps=0, student_update_freq=5,
+                            lr_student=1e-6, lr_fake=2e-7, guidance=4.5, dmd_time="lognormal",
+                            dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16"),
+    # The embedded toy teacher: same algorithm, learning rates and lengths for minutes on a CPU.
+    "embedded": dict(P_mean=0.0, P_std=1.6, tangent_warmup_steps=100, student_update_freq=2,
+                     lr_student=1e-4, lr_fake=1e-4, guidance=3.0, dmd_time="rf_shift", dmd_shift=3.0,
+                     batch_size=32, iterations=400, ema_sigma_rel=0.05, dtype="float32"),
+}
+PRESETS["cosmos-predict2-2b"] = PRESETS["cosmos-predict2"]
+PRESETS["cosmos-predict2-14b"] = PRESETS["cosmos-predict2"]

@@ -1,0 +1,296 @@
+"""The rCM trainer: student (sCM + DMD), fake score (critic), EMA, checkpoints.
+
+Usable as a library::
+
+    trainer = RCMTrainer(teacher, DistillConfig.preset("embedded"))
+    for batch in batches:                       # dict(latents, cond, uncond)
+        metrics = trainer.train_step(batch)
+    trainer.save_checkpoint("runs/ckpt.pt")     # any fsspec URL
+
+``teacher`` is a :class:`rcm_core.teachers.Teacher` (or anything with ``net``,
+``param`` and ``call``). Student and fake score start from the teacher's
+weights. With torch.distributed initialised, gradients are all-reduced
+(averaged) across ranks after each backward; each rank draws its own times and
+noise (seeded by rank).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import time
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import DistillConfig
+from .denoiser import TrigFlowDenoiser, guided
+from .ema import PowerEMA
+from .losses import (critic_loss, dcm_loss, dmd_loss, nan_mask, normalize_tangent, sample_t_lognormal,
+                     sample_t_shifted_rf, scm_loss, scm_target, student_update, tangent_warmup_ratio)
+from .sampling import sample_student, student_rollout
+from .trigflow import expand_like, noisy_sample
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _allreduce_grads(params) -> None:
+    rank, world = _world()
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= world
+    for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(r)
+
+
+def _grad_norm(params) -> float:
+    return float(torch.nn.utils.clip_grad_norm_(params, float("inf")))  # no clipping: norm only
+
+
+def _check_batch(batch: dict, latent_shape: Optional[tuple]) -> tuple:
+    for key in ("latents", "cond", "uncond"):
+        if key not in batch:
+            raise KeyError(f"batch is missing {key!r}; expected keys latents, cond, uncond")
+        if not isinstance(batch[key], torch.Tensor) or not batch[key].is_floating_point():
+            raise TypeError(f"batch[{key!r}] must be a floating-point tensor, got "
+                            f"{getattr(batch[key], 'dtype', type(batch[key]).__name__)}")
+    x0, cond, uncond = batch["latents"], batch["cond"], batch["uncond"]
+    if latent_shape is not None and tuple(x0.shape[1:]) != tuple(latent_shape):
+        raise ValueError(f"batch['latents'] has shape {tuple(x0.shape)}; the teacher expects (B, *{tuple(latent_shape)})")
+    if cond.dim() != 3 or cond.shape[0] != x0.shape[0]:
+        raise ValueError(f"batch['cond'] must be (B={x0.shape[0]}, tokens, dim), got {tuple(cond.shape)}")
+    if uncond.dim() != 3 or uncond.shape[0] not in (1, x0.shape[0]) or uncond.shape[1:] != cond.shape[1:]:
+        raise ValueError(f"batch['uncond'] must be (1 or B, {cond.shape[1]}, {cond.shape[2]}), got {tuple(uncond.shape)}")
+    return x0, cond, uncond
+
+
+class RCMTrainer:
+    def __init__(self, teacher, config: DistillConfig, device: str | torch.device = "cpu",
+                 log_fn: Optional[Callable[[int, dict], None]] = None):
+        self.cfg = config.validate()
+        self.device = torch.device(device)
+        self.log_fn = log_fn
+        self.latent_shape = getattr(teacher, "latent_shape", None)
+        param, call = teacher.param, getattr(teacher, "call", None)
+        net_dtype = torch.float32 if self.cfg.dtype in ("bfloat16", "float16") else _DTYPES[self.cfg.dtype]
+        self._autocast_dtype = _DTYPES[self.cfg.dtype] if self.cfg.dtype in ("bfloat16", "float16") else None
+
+        def clone(trainable: bool):
+            net = copy.deepcopy(teacher.net).to(self.device, net_dtype)
+            return TrigFlowDenoiser(net.train(trainable).requires_grad_(trainable), param, call)
+
+        self.teacher = clone(False)
+        self.student = clone(True)
+        self.fake = clone(True) if self.cfg.uses_dmd else None
+        betas = tuple(self.cfg.betas)
+        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=self.cfg.lr_student, betas=betas,
+                                             weight_decay=self.cfg.weight_decay)
+        self.opt_fake = (torch.optim.AdamW(self.fake.parameters(), lr=self.cfg.lr_fake, betas=betas,
+                                           weight_decay=self.cfg.weight_decay) if self.fake is not None else None)
+        self.ema = PowerEMA(self.student.net, self.cfg.ema_sigma_rel)
+        self.step = 0
+        rank, _ = _world()
+        self.gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1000 + rank)
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _amp(self):
+        if self._autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
+
+    def _randn(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.randn(like.shape, generator=self.gen, device=self.device, dtype=torch.float64)
+
+    @property
+    def warmup_steps(self) -> int:
+        return 0 if self.cfg.method == "dmd" else self.cfg.tangent_warmup_steps
+
+    def is_student_step(self, step: Optional[int] = None) -> bool:
+        step = self.step if step is None else step
+        return not self.cfg.uses_dmd or student_update(step, self.warmup_steps, self.cfg.student_update_freq)
+
+    def sample_t_D(self, n: int) -> torch.Tensor:
+        c = self.cfg
+        if c.dmd_time == "rf_shift":
+            return sample_t_shifted_rf(n, c.dmd_shift, generator=self.gen, device=self.device)
+        return sample_t_lognormal(n, c.dmd_P_mean, c.dmd_P_std, generator=self.gen, device=self.device)
+
+    def rollout(self, cond: torch.Tensor, keep_graph: bool):
+        c = self.cfg
+        n = (self.step % c.rollout_max_steps) + 1 if c.rollout_cycle else \
+            int(torch.randint(1, c.rollout_max_steps + 1, (1,), generator=self.gen, device=self.device))
+        b = cond.shape[0]
+        if c.rollout_fixed_times:
+            fixed = list(c.rollout_fixed_times) + [c.rollout_fixed_times[-1]] * c.rollout_max_steps
+            t_hat = [torch.full((b,), fixed[k], dtype=torch.float64, device=self.device) for k in range(n)]
+        else:
+            t_hat = [self.sample_t_D(b) for _ in range(n)]
+        noise = torch.randn((b, *self._shape), generator=self.gen, device=self.device, dtype=torch.float64)
+        return student_rollout(self.student, cond, noise, n, t_hat, c.rollout_t_max, self.gen, keep_graph)
+
+    def tangent(self, x_t, t, F_T, cond):
+        """F_theta^-(x_t, t) and J = cos t sin t dF_theta/dt along the teacher's PF-ODE (no grad)."""
+        cs = torch.cos(t) * torch.sin(t)
+        dx = expand_like(cs, x_t) * F_T
+        with torch.no_grad(), self._amp():
+            if self.cfg.time_derivative == "jvp":
+                return torch.func.jvp(lambda x, tt: self.student(x, tt, cond), (x_t, t), (dx, cs))
+            h = self.cfg.fd_step                                   # semi-continuous
+            F_minus, J_x = torch.func.jvp(lambda x: self.student(x, t, cond), (x_t,), (dx,))
+            F_h = self.student(x_t, t + h, cond)
+            return F_minus, J_x + expand_like(cs, x_t) * (F_h - F_minus) / h
+
+    # ---- the two updates ----------------------------------------------------------------
+    def student_step(self, x0, cond, uncond) -> dict:
+        c, b = self.cfg, x0.shape[0]
+        m = {"kind": "student"}
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        if c.uses_consistency:
+            t = sample_t_lognormal(b, c.P_mean, c.P_std, generator=self.gen, device=self.device)
+            x_t = noisy_sample(x0, self._randn(x0), t)
+            with torch.no_grad(), self._amp():
+                F_T = guided(self.teacher, x_t, t, cond, uncond, c.guidance)
+            if c.method == "dcm":
+                t_prev = (t - c.dcm_delta).clamp_min(1e-4)
+                dt = expand_like(t - t_prev, x_t)
+                x_prev = torch.cos(dt) * x_t - torch.sin(dt) * F_T         # teacher DDIM step in TrigFlow
+                with torch.no_grad(), self._amp():
+                    target = self.student.x0(x_prev, t_prev, cond)
+                mask = nan_mask(target)
+                with self._amp():
+                    x0_theta = self.student.x0(x_t[mask], t[mask], cond[mask])
+                l_cm = dcm_loss(x0_theta, target[mask], c.dcm_delta) * mask.sum() / b
+            else:
+                F_minus, J = self.tangent(x_t, t, F_T, cond)
+                r = tangent_warmup_ratio(self.step, c.tangent_warmup_steps)
+                g = normalize_tangent(scm_target(F_minus, F_T, J, x_t, t, r,
+                                                 warmup_scales_jvp=c.warmup_scales_jvp), c.tangent_norm_c)
+                mask = nan_mask(g, F_minus)
+                with self._amp():
+                    F_theta = self.student(x_t[mask], t[mask], cond[mask])
+                l_cm = scm_loss(F_theta, F_minus[mask], g[mask], b)
+                m["tangent_ratio"] = r
+                m["g_norm"] = float(torch.linalg.vector_norm(g[mask].reshape(int(mask.sum()), -1), dim=1).mean()) \
+                    if mask.any() else float("nan")
+            m["nan_masked"] = int(b - mask.sum())
+            m["loss_cm"] = float(l_cm)
+            loss = loss + c.loss_scale * l_cm
+        if c.uses_dmd and self.step >= self.warmup_steps:
+            with self._amp():
+                G, _ = self.rollout(cond, keep_graph=True)
+            t_D = self.sample_t_D(b)
+            x_D = noisy_sample(G, self._randn(G), t_D)
+            with torch.no_grad(), self._amp():
+                x0_fake = self.fake.x0(x_D.detach(), t_D, cond)
+                x0_real = guided(self.teacher, x_D.detach(), t_D, cond, uncond, c.guidance, want="x0")
+            l_dmd = dmd_loss(G, x0_fake, x0_real)
+            m["loss_dmd"] = float(l_dmd)
+            loss = loss + c.loss_scale_dmd * l_dmd
+        self.opt_student.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+        params = list(self.student.parameters())
+        _allreduce_grads(params)
+        m["grad_norm_student"] = _grad_norm(params)
+        self.opt_student.step()
+        self.ema.update(self.student.net)
+        m["loss"] = float(loss)
+        return m
+
+    def critic_step(self, x0, cond, uncond) -> dict:
+        b = x0.shape[0]
+        with torch.no_grad(), self._amp():
+            G, _ = self.rollout(cond, keep_graph=False)
+        t_D = self.sample_t_D(b)
+        x_D = noisy_sample(G, self._randn(G), t_D)
+        with self._amp():
+            l_fake = critic_loss(G, self.fake.x0(x_D, t_D, cond), t_D)
+        self.opt_fake.zero_grad(set_to_none=True)
+        l_fake.backward()
+        params = list(self.fake.parameters())
+        _allreduce_grads(params)
+        gn = _grad_norm(params)
+        self.opt_fake.step()
+        return {"kind": "critic", "loss_fake": float(l_fake), "grad_norm_fake": gn, "loss": float(l_fake)}
+
+    def train_step(self, batch: dict) -> dict:
+        x0, cond, uncond = _check_batch(batch, self.latent_shape)
+        x0 = x0.to(self.device, torch.float64)
+        cond, uncond = cond.to(self.device), uncond.to(self.device)
+        self._shape = tuple(x0.shape[1:])
+        t0 = time.perf_counter()
+        m = self.student_step(x0, cond, uncond) if self.is_student_step() else self.critic_step(x0, cond, uncond)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        m["step"] = self.step
+        m["step_time_s"] = time.perf_counter() - t0
+        m["samples_per_s"] = x0.shape[0] / m["step_time_s"]
+        if not math.isfinite(m["loss"]):
+            m["nonfinite_loss"] = 1
+        self.step += 1
+        if self.log_fn is not None:
+            self.log_fn(self.step, m)
+        return m
+
+    # ---- sampling with the EMA student ------------------------------------------------------
+    @property
+    def student_ema(self) -> torch.nn.Module:
+        return self.ema.module
+
+    def ema_denoiser(self) -> TrigFlowDenoiser:
+        return TrigFlowDenoiser(self.ema.module, self.student.param, self.student.call)
+
+    @torch.no_grad()
+    def generate(self, cond: torch.Tensor, steps: int = 4, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        noise = torch.randn((cond.shape[0], *self.latent_shape), generator=g, device=self.device, dtype=torch.float64)
+        return sample_student(self.ema_denoiser(), cond.to(self.device), noise, steps, self.cfg.sigma_max,
+                              self.cfg.mid_t, generator=g)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "student": self.student.net.state_dict(),
+            "fake": self.fake.net.state_dict() if self.fake is not None else None,
+            "ema": self.ema.state_dict(),
+            "opt_student": self.opt_student.state_dict(),
+            "opt_fake": self.opt_fake.state_dict() if self.opt_fake is not None else None,
+            "rng": self.gen.get_state(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.student.net.load_state_dict(sd["student"])
+        if self.fake is not None:
+            self.fake.net.load_state_dict(sd["fake"])
+            self.opt_fake.load_state_dict(sd["opt_fake"])
+        self.ema.load_state_dict(sd["ema"])
+        self.opt_student.load_state_dict(sd["opt_student"])
+        self.gen.set_state(sd["rng"])
+        self.step = int(sd["step"])
+
+    def save_checkpoint(self, url: str, storage_options: Optional[dict] = None) -> None:
+        """Write the whole training state; the file appears only once complete."""
+        from .io import atomic_write_bytes
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        atomic_write_bytes(url, buf.getvalue(), storage_options)
+
+    def load_checkpoint(self, url: str, storage_options: Optional[dict] = None) -> None:
+        from .io import read_bytes
+        sd = torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location=self.device, weights_only=False)
+        self.load_state_dict(sd)
