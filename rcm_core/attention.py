@@ -127,32 +127,42 @@ def _exact_backward(q, k, v, o, lse, go, s):
 
 # --- backend selection ---------------------------------------------------------
 
-def _use_kernel(q: torch.Tensor) -> bool:
+def _use_kernel(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """CUDA, fp16/bf16/fp32, and both head dims (QK and V) supported by the kernel.
+
+    Cost under forward AD: torch calls ``forward`` (one flash forward, 4 B H Nq Nk D
+    flops) and then ``jvp`` (one fused forward-with-tangent pass, 12 B H Nq Nk D, which
+    recomputes O on the way), so a JVP through this op costs about 4/3 of the fused
+    kernel alone. Callers that only need (O, dO) can call
+    ``rcm_kernels.flash_jvp.forward_tangent`` directly.
+    """
     if not q.is_cuda or os.environ.get("RCM_ATTN_BACKEND", "auto") == "exact":
         return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
     try:
-        from rcm_kernels import flash_jvp  # noqa: F401
+        from rcm_kernels import flash_jvp
     except ImportError:
         return False
-    return flash_jvp.supports(q.shape[-1])
+    return flash_jvp.supports(q.shape[-1]) and flash_jvp.supports(v.shape[-1])
 
 
 def _forward_impl(q, k, v, s):
-    if _use_kernel(q):
+    if _use_kernel(q, v):
         from rcm_kernels import flash_jvp
         return flash_jvp.forward(q, k, v, s)
     return _exact_forward(q, k, v, s)
 
 
 def _forward_tangent_impl(q, k, v, dq, dk, dv, s):
-    if _use_kernel(q):
+    if _use_kernel(q, v):
         from rcm_kernels import flash_jvp
         return flash_jvp.forward_tangent(q, k, v, dq, dk, dv, s)
     return _exact_forward_tangent(q, k, v, dq, dk, dv, s)
 
 
 def _backward_impl(q, k, v, o, lse, go, s):
-    if _use_kernel(q):
+    if _use_kernel(q, v):
         from rcm_kernels import flash_jvp
         return flash_jvp.backward(q, k, v, o, lse, go, s)
     return _exact_backward(q, k, v, o, lse, go, s)
