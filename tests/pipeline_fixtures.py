@@ -61,3 +61,36 @@ def pipeline_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("TQDM_DISABLE", "1")
     return tmp_path
+
+
+class FakeTeacher:
+    """A tiny analytic teacher (Gaussian data) with the Teacher interface; no weights."""
+
+    name, version = "fake", "1"
+    negative_prompt = ""
+    latent_shape = (1, 2, 4, 4)
+    guidance, sample_steps, shift, solver = 2.0, 4, 1.0, "euler"
+
+    def __init__(self, latent_shape=None):
+        import torch
+
+        from rcm_core.gaussian import GaussianDenoiserNet
+
+        if latent_shape is not None:
+            self.latent_shape = tuple(latent_shape)
+        self.net = GaussianDenoiserNet(torch.zeros(self.latent_shape, dtype=torch.float64), 1.0)
+        self.param = "x0"
+
+    def encode_text(self, prompts):
+        import zlib
+
+        import torch
+
+        out = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
+            out.append(torch.randn(3, 8, generator=g))
+        return torch.stack(out)
+
+    def decode(self, latents):
+        return (latents * 0.25 + 0.5).clamp(0, 1)

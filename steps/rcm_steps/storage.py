@@ -269,7 +269,8 @@ class ShardSet:
         return entry
 
     def flush(self) -> None:
-        self.manifest["total_count"] = sum(int(e.get("count", 0)) for e in self.shards.values())
+        self.manifest["total_count"] = sum(int(e.get("count", 0)) for e in self.shards.values()
+                                            if not e.get("aux"))
         self.storage.write_json(SHARD_MANIFEST, self.manifest)
 
     def read(self, name: str, expect_shapes: Optional[Mapping[str, Sequence[Optional[int]]]] = None) -> Dict[str, Any]:
@@ -304,8 +305,8 @@ class ShardSet:
                                  f"expected {list(shape)} (None = any)")
         return tensors
 
-    def names(self) -> List[str]:
-        return sorted(self.shards)
+    def names(self, prefix: str = "") -> List[str]:
+        return sorted(n for n in self.shards if n.startswith(prefix))
 
     def content_hash(self) -> str:
         """Hash of the spec and all shard checksums: the data lineage id."""
