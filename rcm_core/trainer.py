@@ -79,7 +79,9 @@ def _check_batch(batch: dict, latent_shape: Optional[tuple]) -> tuple:
 
 class RCMTrainer:
     def __init__(self, teacher, config: DistillConfig, device: str | torch.device = "cpu",
-                 log_fn: Optional[Callable[[int, dict], None]] = None):
+                 log_fn: Optional[Callable[[int, dict], None]] = None,
+                 student_net: Optional[torch.nn.Module] = None, fake_net: Optional[torch.nn.Module] = None,
+                 student_param=None):
         self.cfg = config.validate()
         self.device = torch.device(device)
         self.log_fn = log_fn
@@ -88,13 +90,16 @@ class RCMTrainer:
         net_dtype = torch.float32 if self.cfg.dtype in ("bfloat16", "float16") else _DTYPES[self.cfg.dtype]
         self._autocast_dtype = _DTYPES[self.cfg.dtype] if self.cfg.dtype in ("bfloat16", "float16") else None
 
-        def clone(trainable: bool):
-            net = copy.deepcopy(teacher.net).to(self.device, net_dtype)
-            return TrigFlowDenoiser(net.train(trainable).requires_grad_(trainable), param, call)
+        def clone(src, trainable: bool):
+            net = copy.deepcopy(src).to(self.device, net_dtype)
+            p = (student_param or param) if trainable else param
+            return TrigFlowDenoiser(net.train(trainable).requires_grad_(trainable), p, call)
 
-        self.teacher = clone(False)
-        self.student = clone(True)
-        self.fake = clone(True) if self.cfg.uses_dmd else None
+        # Student and fake score start from the teacher's weights unless given other networks
+        # (of the same parameterisation and call signature).
+        self.teacher = clone(teacher.net, False)
+        self.student = clone(student_net if student_net is not None else teacher.net, True)
+        self.fake = clone(fake_net if fake_net is not None else teacher.net, True) if self.cfg.uses_dmd else None
         betas = tuple(self.cfg.betas)
         self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=self.cfg.lr_student, betas=betas,
                                              weight_decay=self.cfg.weight_decay)

@@ -1,0 +1,107 @@
+"""An analytic teacher: Gaussian data x0 ~ N(mu, s^2 I) in TrigFlow.
+
+Its denoiser and its consistency map are closed forms, so a distilled student
+can be checked against the exact answer:
+
+    E[x0 | x_t] = mu + cos t s^2 (x_t - cos t mu) / (cos^2 t s^2 + sin^2 t)
+    f(x_t, t)   = mu + s (x_t - cos t mu) / sqrt(cos^2 t s^2 + sin^2 t)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .denoiser import Parameterization
+
+
+def _bt(t, x):
+    return t.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+class GaussianDenoiserNet(nn.Module):
+    """Predicts E[x0 | x_t] exactly (x0 parameterisation, timestep = t)."""
+
+    def __init__(self, mu: torch.Tensor, s: float):
+        super().__init__()
+        self.register_buffer("mu", mu.clone())
+        self.s = float(s)
+
+    def forward(self, x, timestep, cond):
+        t = _bt(timestep, x)
+        c, n = torch.cos(t), torch.sin(t)
+        return self.mu + c * self.s ** 2 * (x - c * self.mu) / (c ** 2 * self.s ** 2 + n ** 2)
+
+
+def consistency_map(x_t: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, s: float) -> torch.Tensor:
+    t = _bt(t, x_t)
+    c, n = torch.cos(t), torch.sin(t)
+    return mu + s * (x_t - c * mu) / torch.sqrt(c ** 2 * s ** 2 + n ** 2)
+
+
+class AffineTimeNet(nn.Module):
+    """A small student for vector data: F = A(t) * x + B(t), A and B from an MLP of t."""
+
+    def __init__(self, dim: int, hidden: int = 64, freqs: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", torch.arange(1, freqs + 1, dtype=torch.float32))
+        self.mlp = nn.Sequential(nn.Linear(2 * freqs + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 2 * dim))
+        self.dim = dim
+
+    def forward(self, x, timestep, cond):
+        t = timestep.to(self.freqs.dtype)[:, None]
+        feats = torch.cat([t, torch.sin(t * self.freqs), torch.cos(t * self.freqs)], dim=1)
+        a, b = self.mlp(feats.to(x.dtype)).split(self.dim, dim=1)
+        return (1 + a) * x + b
+
+
+@dataclass
+class GaussianTeacher:
+    """A Teacher (see rcm_core.teachers) with the analytic network."""
+    mu: torch.Tensor
+    s: float
+    name: str = "gaussian"
+    version: str = "analytic"
+    param: Parameterization = field(default_factory=lambda: Parameterization("x0", 1.0))
+    call = None
+
+    def __post_init__(self):
+        self.net = GaussianDenoiserNet(self.mu, self.s)
+        self.latent_shape = tuple(self.mu.shape)
+
+    def sample_data(self, n: int, generator=None) -> torch.Tensor:
+        return self.mu + self.s * torch.randn((n, *self.mu.shape), generator=generator, dtype=self.mu.dtype)
+
+
+def fit_to_teacher(net: nn.Module, teacher: GaussianTeacher, param: Parameterization, steps: int = 800,
+                   batch: int = 512, lr: float = 3e-3, seed: int = 0) -> float:
+    """Regress ``net`` (declared ``param``) onto the teacher's F: 'initialise from the teacher'.
+
+    Returns the final relative error of F.
+    """
+    from .denoiser import TrigFlowDenoiser
+    from .losses import sample_t_lognormal
+    from .trigflow import noisy_sample
+    g = torch.Generator().manual_seed(seed)
+    T = TrigFlowDenoiser(teacher.net, teacher.param)
+    S = TrigFlowDenoiser(net, param)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    cond = torch.zeros(batch, 1, 1)
+    rel = float("nan")
+    for _ in range(steps):
+        x0 = teacher.sample_data(batch, g)
+        t = sample_t_lognormal(batch, 0.0, 1.6, generator=g)
+        x_t = noisy_sample(x0, torch.randn(x0.shape, generator=g, dtype=x0.dtype), t)
+        with torch.no_grad():
+            F_T = T(x_t, t, cond)
+        err = ((S(x_t, t, cond) - F_T) ** 2).sum(1)
+        loss = err.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        rel = float(err.detach().mean().sqrt() / (F_T ** 2).sum(1).mean().sqrt())
+    return rel
