@@ -20,7 +20,22 @@ def known_teachers() -> List[str]:
 
 
 def load_teacher(name: str, device: str = "cpu"):
-    """``rcm_core.teachers.get_teacher`` with an error that lists the known names."""
+    """``rcm_core.teachers.get_teacher`` with an error that lists the known names.
+
+    ``"package.module:factory"`` names a custom teacher factory (called with ``device``).
+    """
+    if ":" in name:
+        import importlib
+
+        mod, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise UnknownTeacherError(f"cannot import teacher factory {name!r}: {e}") from e
+        try:
+            return factory(device=device)
+        except TypeError:
+            return factory()
     from rcm_core.teachers import get_teacher
 
     known = known_teachers()

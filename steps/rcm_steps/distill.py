@@ -1,0 +1,226 @@
+"""Distillation entrypoint, run under torchrun: ``python -m rcm_steps.distill ...``.
+
+* Initialises the process group when launched by torchrun (gloo on CPU, NCCL on GPU).
+* Reads and verifies the cache shards through fsspec (each rank its share).
+* Trains with :class:`rcm_core.trainer.RCMTrainer` (gradients averaged across ranks).
+* Rank 0 logs to MLflow (params, per-step losses, grad norms, NaN counts, samples/s)
+  and writes checkpoints under ``--out`` (any fsspec URL): ``ckpt/step-XXXXXXX.pt``,
+  then the pointer ``ckpt/latest.json`` last. A rerun with the same ``--out`` (e.g.
+  a Metaflow retry) resumes from the latest checkpoint.
+* At the end rank 0 writes ``student_ema.safetensors`` and ``result.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from .storage import Storage
+
+__all__ = ["main", "build_config", "parse_args"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser("rcm_steps.distill", description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", required=True, help="teacher name (rcm_core.teachers) or module:factory")
+    p.add_argument("--cache", required=True, help="URL of the teacher cache folder (with manifest.json)")
+    p.add_argument("--out", required=True, help="URL of this run's output folder (checkpoints, weights)")
+    p.add_argument("--method", default="rcm", choices=["rcm", "scm", "dmd", "dcm"])
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (split across ranks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default="{}", help="JSON overrides of DistillConfig")
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--mlflow-run-id", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fault-at-step", type=int, default=int(os.environ.get("RCM_FAULT_AT_STEP", "0") or 0),
+                   help="testing: exit(17) after this step on a fresh (non-resumed) attempt")
+    return p.parse_args(argv)
+
+
+def build_config(teacher_name: str, method: str, iterations: Optional[int], batch_size: Optional[int],
+                 seed: int, overrides: Dict[str, Any]):
+    from rcm_core.config import PRESETS, DistillConfig
+
+    base = DistillConfig.preset(teacher_name).to_dict() if teacher_name in PRESETS else DistillConfig().to_dict()
+    base.update(method=method, seed=seed)
+    if iterations is not None:
+        base["iterations"] = iterations
+    if batch_size is not None:
+        base["batch_size"] = batch_size
+    base.update(overrides)
+    return DistillConfig.from_dict(base)
+
+
+def _init_dist():
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+        return dist.get_rank(), dist.get_world_size(), backend
+    return 0, 1, None
+
+
+def _device(arg: str) -> torch.device:
+    if arg == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(arg)
+
+
+class _MlflowLogger:
+    """Rank-0 MLflow logging with batched per-step metrics."""
+
+    def __init__(self, run_id: Optional[str], enabled: bool):
+        self.enabled = enabled and run_id is not None
+        self.buf = []
+        if self.enabled:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(), run_id
+
+    def params(self, d: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(f"distill.{k}", str(v)[:500]) for k, v in d.items() if f"distill.{k}" not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+
+    def metrics(self, step: int, d: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.buf += [Metric(f"train/{k}", float(v), ts, step) for k, v in d.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+    def flush(self) -> None:
+        if self.enabled and self.buf:
+            for i in range(0, len(self.buf), 900):
+                self.client.log_batch(self.run_id, metrics=self.buf[i:i + 900])
+            self.buf = []
+
+
+def _latest(out: Storage) -> Optional[Dict[str, Any]]:
+    if out.exists("ckpt/latest.json"):
+        return out.read_json("ckpt/latest.json")
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from rcm_core.trainer import RCMTrainer
+
+    from .cache import load_cache
+    from .teacher import load_teacher
+
+    rank, world, backend = _init_dist()
+    device = _device(args.device)
+    out = Storage(args.out)
+    teacher = load_teacher(args.teacher, device=str(device))
+    cfg = build_config(getattr(teacher, "name", args.teacher), args.method, args.iterations, args.batch_size,
+                       args.seed, json.loads(args.config or "{}"))
+    per_rank = max(1, cfg.batch_size // world)
+    data = load_cache(args.cache, expect_latent_shape=tuple(teacher.latent_shape), rank=rank, world=world)
+    n = data.latents.shape[0]
+    trainer = RCMTrainer(teacher, cfg, device=device)
+    latest = _latest(out)
+    resumed_from = None
+    if latest is not None:
+        trainer.load_checkpoint(out.url(latest["file"]), out.storage_options)
+        resumed_from = int(latest["step"])
+    start = trainer.step
+    log = _MlflowLogger(args.mlflow_run_id, rank == 0)
+    if rank == 0:
+        print(f"distill: teacher={teacher.name} method={cfg.method} world={world} backend={backend} "
+              f"device={device} samples={n}/rank batch={per_rank}/rank iterations={cfg.iterations} "
+              f"start_step={start}" + (f" (resumed from {latest['file']})" if latest else ""), flush=True)
+        log.params({**cfg.to_dict(), "world_size": world, "per_rank_batch": per_rank,
+                    "data_hash": data.data_hash})
+        if resumed_from is not None:
+            log.metrics(start, {"resumed_from_step": resumed_from})
+    nan_total = 0
+    t_start = time.perf_counter()
+    samples = 0
+    last: Dict[str, Any] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.iterations, initial=start, desc="distill", unit="it",
+               disable=rank != 0 or os.environ.get("TQDM_DISABLE") == "1")
+    while trainer.step < cfg.iterations:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + trainer.step * 7919 + rank)
+        idx = torch.randint(0, n, (per_rank,), generator=g)
+        batch = {"latents": data.latents[idx], "cond": data.cond[idx], "uncond": data.uncond}
+        m = trainer.train_step(batch)
+        samples += per_rank * world
+        nan_total += int(m.get("nan_masked", 0))
+        if not math.isfinite(m["loss"]):
+            nan_total += 0  # counted by the trainer's nonfinite_loss flag
+        m = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        m["samples_per_s"] = m.get("samples_per_s", 0.0) * world
+        m["nan_count_total"] = nan_total
+        last = m
+        step = trainer.step
+        bar.update(1)
+        if rank == 0:
+            log.metrics(step, m)
+            if step % args.log_every == 0 or step == cfg.iterations:
+                log.flush()
+        if rank == 0 and (step % args.ckpt_every == 0 or step == cfg.iterations):
+            _save(trainer, out, step)
+        if args.fault_at_step and resumed_from is None and step == args.fault_at_step:
+            log.flush()
+            print(f"distill: injected fault after step {step}", flush=True)
+            sys.stdout.flush()
+            os._exit(17)
+    bar.close()
+    seconds = time.perf_counter() - t_start
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        from safetensors.torch import save
+
+        ema = {k: v.detach().float().cpu().contiguous() for k, v in trainer.student_ema.state_dict().items()}
+        out.write_bytes("student_ema.safetensors", save(ema))
+        result = {"steps": trainer.step, "start_step": start, "resumed_from": resumed_from, "world_size": world,
+                  "backend": backend, "seconds": seconds,
+                  "samples_per_s": samples / seconds if seconds > 0 else None,
+                  "final_metrics": last, "nan_count_total": nan_total, "config": cfg.to_dict(),
+                  "teacher": teacher.name, "data_hash": data.data_hash,
+                  "ema_url": out.url("student_ema.safetensors"),
+                  "checkpoint": (_latest(out) or {}).get("file")}
+        out.write_json("result.json", result)
+        log.metrics(trainer.step, {"wall_s": seconds})
+        log.flush()
+        print(f"distill: done {trainer.step} steps in {seconds:.1f}s", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _save(trainer, out: Storage, step: int, keep: int = 2) -> None:
+    name = f"ckpt/step-{step:07d}.pt"
+    trainer.save_checkpoint(out.url(name), out.storage_options)
+    out.write_json("ckpt/latest.json", {"step": step, "file": name})   # pointer last
+    old = sorted(n for n in out.list("ckpt") if n.startswith("step-") and n.endswith(".pt"))[:-keep]
+    for o in old:
+        out.rm(f"ckpt/{o}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
