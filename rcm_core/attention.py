@@ -147,24 +147,55 @@ def _use_kernel(q: torch.Tensor, v: torch.Tensor) -> bool:
     return flash_jvp.supports(q.shape[-1]) and flash_jvp.supports(v.shape[-1])
 
 
+def _plain(*xs, allowed=()):
+    """Storage-backed tensors for the kernel, or None to take the exact path.
+
+    Inside torch.func transforms the tensors reaching this op's rules are functorch
+    wrappers without storage. The kernel may compute on the unwrapped values only
+    when no transform needs to differentiate the kernel's own output: at most one
+    transform is active and it is the one whose rule is running (``allowed``: the
+    Jvp transform for the tangent pass, the Grad transform for the backward). Nested
+    transforms (jvp of grad, jvp of jvp) take the exact, differentiable path.
+    """
+    F = torch._C._functorch
+    if any(F.is_functorch_wrapped_tensor(x) for x in xs):
+        stack = F.get_interpreter_stack() or []
+        if len(stack) > 1 or any(i.key() not in allowed for i in stack):
+            return None
+    out = []
+    for x in xs:
+        while F.is_functorch_wrapped_tensor(x):
+            if F.is_batchedtensor(x):
+                return None
+            x = F.get_unwrapped(x)
+        out.append(x)
+    return out
+
+
 def _forward_impl(q, k, v, s):
     if _use_kernel(q, v):
-        from rcm_kernels import flash_jvp
-        return flash_jvp.forward(q, k, v, s)
+        plain = _plain(q, k, v)
+        if plain is not None:
+            from rcm_kernels import flash_jvp
+            return flash_jvp.forward(*plain, s)
     return _exact_forward(q, k, v, s)
 
 
 def _forward_tangent_impl(q, k, v, dq, dk, dv, s):
     if _use_kernel(q, v):
-        from rcm_kernels import flash_jvp
-        return flash_jvp.forward_tangent(q, k, v, dq, dk, dv, s)
+        plain = _plain(q, k, v, dq, dk, dv, allowed=(torch._C._functorch.TransformType.Jvp,))
+        if plain is not None:
+            from rcm_kernels import flash_jvp
+            return flash_jvp.forward_tangent(*plain, s)
     return _exact_forward_tangent(q, k, v, dq, dk, dv, s)
 
 
 def _backward_impl(q, k, v, o, lse, go, s):
     if _use_kernel(q, v):
-        from rcm_kernels import flash_jvp
-        return flash_jvp.backward(q, k, v, o, lse, go, s)
+        plain = _plain(q, k, v, o, lse, go, allowed=(torch._C._functorch.TransformType.Grad,))
+        if plain is not None:
+            from rcm_kernels import flash_jvp
+            return flash_jvp.backward(*plain, s)
     return _exact_backward(q, k, v, o, lse, go, s)
 
 

@@ -263,3 +263,36 @@ def test_gpu_project_op_jvp_and_grad():
     attention_reference(qr, kr, vr, scale=s, layout="bnhd").backward(go.double())
     for a, b in ((qq.grad, qr.grad), (kk.grad, kr.grad), (vv.grad, vr.grad)):
         assert rel(a, b) < BF16_T
+
+
+@cpu_only
+def test_project_op_kernel_path_under_transforms_cpu_interpreter(monkeypatch):
+    """rcm_core.attention's kernel path (forced on for CPU tensors in the interpreter)
+    under torch.func.jvp, forward-mode AD, torch.func.grad and .backward(), and the
+    exact fallback for nested transforms (jvp of grad)."""
+    import torch.autograd.forward_ad as fwAD
+    import rcm_core.attention as A
+    g = torch.Generator().manual_seed(11)
+    q, k, v, dq, dk, dv = (torch.randn(1, 2, 20, 32, generator=g) for _ in range(6))
+    o_ref, do_ref = torch.func.jvp(lambda a, b, c: attention_reference(a, b, c),
+                                   (q.double(), k.double(), v.double()), (dq.double(), dk.double(), dv.double()))
+    calls = []
+    real_ft = fj.forward_tangent
+    monkeypatch.setattr(A, "_use_kernel", lambda q_, v_: True)
+    monkeypatch.setattr(fj, "forward_tangent", lambda *a: calls.append(1) or real_ft(*a))
+    o, do = torch.func.jvp(lambda a, b, c: attention(a, b, c), (q, k, v), (dq, dk, dv))
+    assert calls, "kernel path not taken under torch.func.jvp"
+    assert rel(o, o_ref) < 2e-5 and rel(do, do_ref) < 2e-5
+    with fwAD.dual_level():
+        t = fwAD.unpack_dual(attention(fwAD.make_dual(q, dq), fwAD.make_dual(k, dk), fwAD.make_dual(v, dv))).tangent
+    assert rel(t, do_ref) < 2e-5
+    gq = torch.func.grad(lambda a: (attention(a, k, v) ** 2).sum())(q)
+    qq = q.double().requires_grad_()
+    (attention_reference(qq, k.double(), v.double()) ** 2).sum().backward()
+    assert rel(gq, qq.grad) < 2e-5
+    # nested: jvp of grad must equal the exact path's answer
+    f = lambda a: torch.func.grad(lambda x: (attention(x, k, v) ** 2).sum())(a)  # noqa: E731
+    hk = torch.func.jvp(f, (q,), (dq,))[1]
+    monkeypatch.setattr(A, "_use_kernel", lambda q_, v_: False)
+    he = torch.func.jvp(f, (q,), (dq,))[1]
+    assert rel(hk, he) < 1e-4

@@ -70,6 +70,10 @@ def _fwd_configs():
 def _prune_fwd(configs, named_args, **kwargs):
     # 128x128 tiles with a tangent and D=128 need too many registers; keep the rest.
     args = {**named_args, **kwargs}
+    q = args.get("Q")
+    if isinstance(q, torch.Tensor) and q.dtype == torch.float32:
+        # IEEE fp32 products (reference checks): small tiles, no pipelining
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     big = max(int(args.get("D_QK", 128)), int(args.get("D_V", 128))) > 64
     out = []
     for c in configs:
@@ -256,6 +260,26 @@ def _alloc_like_layout(q, dv_dim, dtype):
     return torch.empty((B, H, N, dv_dim), dtype=dtype, device=q.device)
 
 
+def _raw(*xs):
+    """The storage-backed tensors under torch.func grad/jvp wrappers (not vmap's).
+
+    Tensors created while a torch.func transform is active (inputs and our own
+    allocations) are wrappers without storage; the kernels need the data pointers.
+    The values are the same; derivatives of the kernels' outputs come from the
+    autograd.Function rules in rcm_core.attention, not from tracing the kernels.
+    """
+    F = torch._C._functorch
+    out = []
+    for x in xs:
+        while isinstance(x, torch.Tensor) and F.is_functorch_wrapped_tensor(x):
+            if F.is_batchedtensor(x):
+                raise NotImplementedError("flash_jvp: vmap (batched) tensors are not supported; "
+                                          "use the exact path")
+            x = F.get_unwrapped(x)
+        out.append(x)
+    return out
+
+
 def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -269,18 +293,20 @@ def _launch_fwd(q, k, v, dq, dk, dv, scale, tangent):
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if not tangent:
         dq, dk, dv = q, k, v
+    q, k, v, dq, dk, dv, o, do, lse = _raw(q, k, v, dq, dk, dv, o, do, lse)
 
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
-    _fwd_kernel[grid](
-        q, k, v, dq, dk, dv, o, do, lse,
-        *q.stride(), *k.stride(), *v.stride(),
-        *dq.stride(), *dk.stride(), *dv.stride(),
-        *o.stride(), *do.stride(),
-        H, Nq, Nk, _bucket(Nk), s, s * _LOG2E,
-        D_QK=Dqk, D_V=Dv, TANGENT=tangent, PREC=_prec(q.dtype),
-    )
+    with torch._C._DisableFuncTorch():  # the interpreter copies tensors: keep them plain
+        _fwd_kernel[grid](
+            q, k, v, dq, dk, dv, o, do, lse,
+            *q.stride(), *k.stride(), *v.stride(),
+            *dq.stride(), *dk.stride(), *dv.stride(),
+            *o.stride(), *do.stride(),
+            H, Nq, Nk, _bucket(Nk), s, s * _LOG2E,
+            D_QK=Dqk, D_V=Dv, TANGENT=tangent, PREC=_prec(q.dtype),
+        )
     return o, (do if tangent else None), lse
 
 
@@ -424,10 +450,13 @@ def _bwd_dq_kernel(
 
 def _aten_backward(q, k, v, o, lse, go, s):
     Nq, Nk = q.shape[2], k.shape[2]
-    empty = torch.empty(0, dtype=torch.int64, device=q.device)
-    rng = torch.empty(2, dtype=torch.uint64, device=q.device)
-    gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        go, q, k, v, o, lse.contiguous(), empty, empty, Nq, Nk, 0.0, False, rng, empty, scale=s)
+    # non-varlen call: undefined (empty) cumulative lengths; no dropout, so the
+    # philox seed/offset are not read.
+    cu = None  # undefined: not varlen
+    seed = torch.empty((), dtype=torch.int64, device=q.device)
+    with torch._C._DisableFuncTorch():
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            go, q, k, v, o, lse.contiguous(), cu, cu, Nq, Nk, 0.0, False, seed, seed, scale=s)
     return gq, gk, gv
 
 
@@ -449,12 +478,13 @@ def backward(q, k, v, o, lse, do_grad, scale=None, impl=None):
     s = float(scale) if scale is not None else 1.0 / math.sqrt(Dqk)
     impl = impl or os.environ.get("RCM_FLASH_BWD", "triton")
     if impl == "aten" and q.is_cuda and q.dtype != torch.float32 and Dqk == Dv:
-        return _aten_backward(q, k, v, o, lse, do_grad, s)
+        return _aten_backward(*_raw(q, k, v, o, lse, do_grad), s)
     lse = lse.contiguous()
     delta = (o.float() * do_grad.float()).sum(-1).contiguous()  # (B, H, Nq) fp32
     gq = torch.empty_like(q)
     gk = torch.empty_like(k)
     gv = torch.empty_like(v)
+    q, k, v, do_grad, lse, delta, gq, gk, gv = _raw(q, k, v, do_grad, lse, delta, gq, gk, gv)
     prec = _prec(q.dtype)
 
     def grid_kv(meta):
@@ -463,12 +493,13 @@ def backward(q, k, v, o, lse, do_grad, scale=None, impl=None):
     def grid_q(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
-    _bwd_dkdv_kernel[grid_kv](
-        q, k, v, do_grad, lse, delta, gk, gv,
-        *q.stride(), *k.stride(), *v.stride(), *do_grad.stride(), *gk.stride(), *gv.stride(),
-        H, Nq, Nk, _bucket(Nq), s, s * _LOG2E, D_QK=Dqk, D_V=Dv, PREC=prec)
-    _bwd_dq_kernel[grid_q](
-        q, k, v, do_grad, lse, delta, gq,
-        *q.stride(), *k.stride(), *v.stride(), *do_grad.stride(), *gq.stride(),
-        H, Nq, Nk, _bucket(Nk), s, s * _LOG2E, D_QK=Dqk, D_V=Dv, PREC=prec)
+    with torch._C._DisableFuncTorch():
+        _bwd_dkdv_kernel[grid_kv](
+            q, k, v, do_grad, lse, delta, gk, gv,
+            *q.stride(), *k.stride(), *v.stride(), *do_grad.stride(), *gk.stride(), *gv.stride(),
+            H, Nq, Nk, _bucket(Nq), s, s * _LOG2E, D_QK=Dqk, D_V=Dv, PREC=prec)
+        _bwd_dq_kernel[grid_q](
+            q, k, v, do_grad, lse, delta, gq,
+            *q.stride(), *k.stride(), *v.stride(), *do_grad.stride(), *gq.stride(),
+            H, Nq, Nk, _bucket(Nk), s, s * _LOG2E, D_QK=Dqk, D_V=Dv, PREC=prec)
     return gq, gk, gv
