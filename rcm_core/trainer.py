@@ -191,7 +191,7 @@ class RCMTrainer:
                 m["g_norm"] = float(torch.linalg.vector_norm(g[mask].reshape(int(mask.sum()), -1), dim=1).mean()) \
                     if mask.any() else float("nan")
             m["nan_masked"] = int(b - mask.sum())
-            m["loss_cm"] = float(l_cm)
+            m["loss_cm"] = float(l_cm.detach())
             loss = loss + c.loss_scale * l_cm
         if c.uses_dmd and self.step >= self.warmup_steps:
             with self._amp():
@@ -202,7 +202,7 @@ class RCMTrainer:
                 x0_fake = self.fake.x0(x_D.detach(), t_D, cond)
                 x0_real = guided(self.teacher, x_D.detach(), t_D, cond, uncond, c.guidance, want="x0")
             l_dmd = dmd_loss(G, x0_fake, x0_real)
-            m["loss_dmd"] = float(l_dmd)
+            m["loss_dmd"] = float(l_dmd.detach())
             loss = loss + c.loss_scale_dmd * l_dmd
         self.opt_student.zero_grad(set_to_none=True)
         if loss.requires_grad:
@@ -212,7 +212,7 @@ class RCMTrainer:
         m["grad_norm_student"] = _grad_norm(params)
         self.opt_student.step()
         self.ema.update(self.student.net)
-        m["loss"] = float(loss)
+        m["loss"] = float(loss.detach())
         return m
 
     def critic_step(self, x0, cond, uncond) -> dict:
@@ -229,7 +229,7 @@ class RCMTrainer:
         _allreduce_grads(params)
         gn = _grad_norm(params)
         self.opt_fake.step()
-        return {"kind": "critic", "loss_fake": float(l_fake), "grad_norm_fake": gn, "loss": float(l_fake)}
+        return {"kind": "critic", "loss_fake": float(l_fake.detach()), "grad_norm_fake": gn, "loss": float(l_fake.detach())}
 
     def train_step(self, batch: dict) -> dict:
         x0, cond, uncond = _check_batch(batch, self.latent_shape)
