@@ -148,7 +148,16 @@ def main(argv=None) -> None:
     titles = [f"{p} | moved: {g}" for p, g in zip(prompts, got)]
     save_grid(clips, args.out, ncol=args.ncol, titles=titles)
     ok = sum(a == b for a, b in zip(got, want))
-    print(f"saved {args.out}; centroid direction matches prompt for {ok}/{len(prompts)} clips")
+    msg = f"saved {args.out}; centroid direction matches prompt for {ok}/{len(prompts)} clips"
+    try:  # optional: the project's digit classifier (rcm_steps), if installed
+        from rcm_steps.digit_classifier import classify_clips
+    except ImportError:
+        pass
+    else:
+        pred = classify_clips(clips)[0]
+        hit = sum(int(p) == D.parse_prompt(q)[0] for p, q in zip(pred, prompts))
+        msg += f"; digit classifier agrees with the prompt for {hit}/{len(prompts)}"
+    print(msg)
 
 
 if __name__ == "__main__":

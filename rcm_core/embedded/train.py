@@ -59,6 +59,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cfg-drop", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", type=str, default="cpu", help="cpu (default) or cuda; data and noise are drawn on the CPU either way")
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this wall time; 0 = off")
     ap.add_argument("--log-every", type=int, default=25)
@@ -74,13 +75,14 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     cfg = VideoDiTConfig(dim=args.dim, heads=args.heads, layers=args.layers, ffn_dim=args.ffn_dim,
                          text_dim=64, freq_dim=DEFAULT_CONFIG.freq_dim)
-    net = VideoDiT(cfg)
+    dev = torch.device(args.device)
+    net = VideoDiT(cfg).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False)
     enc = TextEncoder(dim=cfg.text_dim)
     prompts = D.embedded_prompts()
-    table = enc.encode(prompts)  # (80, L, D)
+    table = enc.encode(prompts).to(dev)  # (80, L, D)
     index = {p: i for i, p in enumerate(prompts)}
-    empty = enc.encode([""])[0]
+    empty = enc.encode([""])[0].to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     out = Path(args.out)
     cmd = "python -m rcm_core.embedded.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -93,12 +95,12 @@ def main(argv=None) -> None:
     bar = tqdm(range(1, args.steps + 1), mininterval=10, file=sys.stdout)
     for step in bar:
         clips, ps, _ = D.make_clips(args.batch, seed=args.seed * 1_000_003 + step)
-        x0 = D.to_latent(clips)
+        x0 = D.to_latent(clips).to(dev)
         ctx = table[torch.tensor([index[p] for p in ps])]
-        drop = torch.rand(args.batch, generator=gen) < args.cfg_drop
+        drop = (torch.rand(args.batch, generator=gen) < args.cfg_drop).to(dev)
         ctx = torch.where(drop[:, None, None], empty[None], ctx)
-        eps = torch.randn(x0.shape, generator=gen)
-        s = sample_s(args.batch, gen)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        s = sample_s(args.batch, gen).to(dev)
         sb = s.view(-1, 1, 1, 1, 1)
         xs = (1 - sb) * x0 + sb * eps
         v = net(xs, 1000.0 * s, ctx)
@@ -139,6 +141,7 @@ def main(argv=None) -> None:
                 "torch_version": torch.__version__,
                 "train_seconds": round(time.time() - t0, 1),
                 "threads": args.threads,
+                "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
                 "num_params": net.num_params(),
                 "weights": "EMA of the trained weights (fp32)",
             }
