@@ -1,0 +1,90 @@
+"""Teachers: a network, its declared parameterisation and call signature, text and decode.
+
+Any teacher plugs in as a :class:`Teacher`; ``register_teacher`` adds a named
+factory so the pipeline can find it (``--teacher NAME``)::
+
+    from rcm_core.teachers import Teacher, register_teacher
+    from rcm_core.denoiser import Parameterization
+
+    def my_teacher(device="cpu"):
+        net = MyDiT.from_pretrained("/models/mydit").to(device)
+        return Teacher(name="mydit", version="v1", net=net,
+                       param=Parameterization("rf", timestep_scale=1000.0),
+                       call=lambda net, x, timestep, cond: net(x, timestep, cond),
+                       encode_text=my_text_encoder, decode=my_vae_decode,
+                       latent_shape=(16, 21, 60, 104), guidance=5.0, preset="wan2.1-1.3b")
+
+    register_teacher("mydit", my_teacher, "my in-house DiT")
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .denoiser import Parameterization, TrigFlowDenoiser
+
+
+@dataclass
+class Teacher:
+    name: str
+    version: str
+    net: nn.Module
+    param: Parameterization
+    encode_text: Callable[[Sequence[str]], torch.Tensor]   # prompts -> (B, tokens, dim)
+    decode: Callable[[torch.Tensor], torch.Tensor]          # latents -> pixels in [0, 1]
+    latent_shape: tuple                                     # (C, T, H, W) or (C, H, W)
+    negative_prompt: str = ""
+    guidance: float = 5.0
+    sample_steps: int = 50
+    shift: float = 5.0
+    solver: str = "euler"
+    preset: str = "embedded"                                # DistillConfig preset name
+    call: Optional[Callable] = None                         # call(net, x, timestep, cond) -> output
+    meta: dict = field(default_factory=dict)
+
+    def denoiser(self) -> TrigFlowDenoiser:
+        return TrigFlowDenoiser(self.net, self.param, self.call)
+
+    @torch.no_grad()
+    def negative_embedding(self) -> torch.Tensor:
+        return self.encode_text([self.negative_prompt])
+
+
+_REGISTRY: Dict[str, tuple] = {}
+
+
+def register_teacher(name: str, factory: Callable[..., Teacher], description: str = "") -> None:
+    _REGISTRY[name] = (factory, description)
+
+
+def known_teachers() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_teacher(name: str, device: str | torch.device = "cpu") -> Teacher:
+    if name not in _REGISTRY:
+        listing = ", ".join(f"{n} ({d})" if d else n for n, (_, d) in sorted(_REGISTRY.items()))
+        raise ValueError(f"unknown teacher {name!r}; known teachers: {listing}")
+    return _REGISTRY[name][0](device=device)
+
+
+def _embedded(device="cpu") -> Teacher:
+    from .embedded import ASSETS, load_teacher_net, load_text_encoder, teacher_meta
+    from .embedded.data import from_latent
+
+    meta = teacher_meta()
+    dc = meta["data_config"]
+    enc = load_text_encoder(device)
+    version = hashlib.sha256((ASSETS / "teacher.safetensors").read_bytes()).hexdigest()[:12]
+    return Teacher(
+        name="embedded", version=version, net=load_teacher_net(device), param=Parameterization("rf", 1000.0),
+        encode_text=lambda prompts: enc.encode(list(prompts)), decode=from_latent,
+        latent_shape=(dc["channels"], dc["frames"], dc["height"], dc["width"]),
+        negative_prompt="", guidance=3.0, sample_steps=50, shift=3.0, solver="euler", preset="embedded", meta=meta)
+
+
+register_teacher("embedded", _embedded, "moving-digit video DiT shipped in the package, no download")
