@@ -1,0 +1,342 @@
+"""rCM distillation as a Metaflow DAG.
+
+    start -> curate -> cache_teacher -> distill (N nodes, @parallel) -> evaluate -> register -> end
+
+Local (CPU, gloo):
+    METAFLOW_USER=$USER python flows/distill_flow.py run --profile smoke
+Kubernetes / Argo (8 GPUs per distill node, NCCL):
+    python flows/distill_flow.py --config-value execution '{"target": "kubernetes"}' \
+        argo-workflows create   (or: run --nodes 2 --storage_root s3://bucket/rcm ...)
+
+The steps are thin glue over plain functions in ``rcm_steps`` (tested without Metaflow).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from metaflow import (Config, FlowMutator, FlowSpec, Parameter, card, current, parallel, retry, step)
+
+PROJECT_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+DEFAULT_TRACKING = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(PROJECT_ROOT, 'mlflow.db')}"
+
+# Per-profile settings; every value can be overridden by the matching Parameter (0 / "" = profile value).
+PROFILES = {
+    "smoke": dict(max_train=8, max_eval=2, min_prompts=8, samples_per_prompt=1, teacher_steps=4, shard_size=8,
+                  iterations=4, batch_size=4, ckpt_every=2, eval_seeds=2, eval_teacher_steps=4, real_clips=64,
+                  gates={"min_digit_acc": 0.0, "min_diversity_rel": 0.0}),
+    "default": dict(max_train=None, max_eval=8, min_prompts=16, samples_per_prompt=2, teacher_steps=16,
+                    shard_size=64, iterations=60, batch_size=16, ckpt_every=20, eval_seeds=3,
+                    eval_teacher_steps=16, real_clips=256, gates={}),
+}
+
+
+class ExecutionTarget(FlowMutator):
+    """Local vs Kubernetes, chosen by the ``execution`` Config.
+
+    Always: ``@resources(gpu=gpus_per_node)`` on distill (ignored by local runs, becomes
+    ``nvidia.com/gpu`` on Kubernetes/Argo). With target "kubernetes": ``@kubernetes``
+    on every step (a static @kubernetes would break local runs).
+    """
+
+    def pre_mutate(self, mutable_flow):
+        ex = mutable_flow.execution
+        gpus = int(ex.get("gpus_per_node", 8))
+        for name, s in mutable_flow.steps:
+            if name == "distill":
+                s.add_decorator("resources", deco_kwargs={"gpu": gpus, "cpu": int(ex.get("cpu_per_node", 32)),
+                                                          "memory": int(ex.get("memory_mb_per_node", 256000))})
+            if ex.get("target", "local") == "kubernetes":
+                kw = {k: ex[k] for k in ("image", "namespace", "service_account") if ex.get(k)}
+                if name == "distill":
+                    kw["gpu"] = gpus
+                s.add_decorator("kubernetes", deco_kwargs=kw)
+
+
+@ExecutionTarget
+class RCMDistillFlow(FlowSpec):
+    execution = Config("execution", default_value={"target": "local", "gpus_per_node": 8},
+                       help='{"target": "local"|"kubernetes", "gpus_per_node": 8, "image": ..., "namespace": ...}')
+
+    teacher = Parameter("teacher", default="embedded", help="teacher name (rcm_core.teachers)")
+    method = Parameter("method", default="rcm", help="rcm | scm | dmd | dcm")
+    student_steps = Parameter("student_steps", default=4, type=int, help="default steps of the registered model")
+    iterations = Parameter("iterations", default=0, type=int, help="0: profile value")
+    batch_size = Parameter("batch_size", default=0, type=int, help="global batch; 0: profile value")
+    nodes = Parameter("nodes", default=1, type=int)
+    procs_per_node = Parameter("procs_per_node", default=1, type=int, help="torchrun processes per node (GPUs)")
+    storage_root = Parameter("storage_root", default=os.path.join(PROJECT_ROOT, "runs", "storage"),
+                             help="any fsspec URL (local path, s3://...)")
+    mlflow_tracking_uri = Parameter("mlflow_tracking_uri", default=DEFAULT_TRACKING)
+    seed = Parameter("seed", default=0, type=int)
+    profile = Parameter("profile", default="default", help="smoke | default")
+    prompts = Parameter("prompts", default="embedded", help="'embedded', a path/URL (.txt/.csv/.parquet)")
+    prompt_column = Parameter("prompt_column", default="", help="column of a CSV/parquet prompt source")
+    gates = Parameter("gates", default="{}", help='JSON evaluation gates, e.g. {"min_digit_acc": 0.5}')
+    distill_config = Parameter("distill_config", default="{}", help="JSON DistillConfig overrides")
+    fault_at_step = Parameter("fault_at_step", default=0, type=int,
+                              help="testing: the first distill attempt dies after this step")
+
+    # ------------------------------------------------------------------ helpers
+    def _mlflow(self):
+        import mlflow
+
+        mlflow.set_tracking_uri(self.mlflow_tracking_uri)
+        os.environ["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
+        return mlflow.tracking.MlflowClient()
+
+    def _storage(self):
+        from rcm_steps.storage import Storage
+
+        return Storage(self.storage_root)
+
+    def _run_prefix(self):
+        return f"runs/{current.flow_name}/{current.run_id}"
+
+    # ------------------------------------------------------------------ steps
+    @step
+    def start(self):
+        from rcm_steps.teacher import known_teachers, load_teacher, teacher_info
+
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
+        if self.method not in ("rcm", "scm", "dmd", "dcm"):
+            raise ValueError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
+        if self.teacher not in known_teachers() and ":" not in self.teacher:
+            raise ValueError(f"unknown teacher {self.teacher!r}; known teachers: {', '.join(known_teachers())}")
+        s = dict(PROFILES[self.profile])
+        if self.iterations:
+            s["iterations"] = self.iterations
+        if self.batch_size:
+            s["batch_size"] = self.batch_size
+        s["gates"] = {**s["gates"], **json.loads(self.gates or "{}")}
+        self.settings = s
+        self.teacher_info = teacher_info(load_teacher(self.teacher))
+        self._storage().check_writable()
+        client = self._mlflow()
+        exp_name = f"rcm-distill-{self.teacher}"
+        exp = client.get_experiment_by_name(exp_name)
+        if exp is None:
+            loc = None
+            if self.mlflow_tracking_uri.startswith("sqlite:///"):
+                loc = "file://" + os.path.join(os.path.dirname(self.mlflow_tracking_uri[len("sqlite:///"):]),
+                                               "mlartifacts")
+            exp_id = client.create_experiment(exp_name, artifact_location=loc)
+        else:
+            exp_id = exp.experiment_id
+        run = client.create_run(exp_id, run_name=f"{current.flow_name}-{current.run_id}", tags={
+            "metaflow.flow": current.flow_name, "metaflow.run_id": str(current.run_id),
+            "teacher": self.teacher, "teacher_version": self.teacher_info["version"],
+            "method": self.method, "profile": self.profile})
+        self.mlflow_run_id = run.info.run_id
+        params = {"teacher": self.teacher, "method": self.method, "nodes": self.nodes,
+                  "procs_per_node": self.procs_per_node, "seed": self.seed, "profile": self.profile,
+                  "storage_root": self.storage_root, "prompts": self.prompts,
+                  **{f"settings.{k}": v for k, v in s.items()}}
+        from mlflow.entities import Param
+
+        client.log_batch(self.mlflow_run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+        print(f"MLflow run {self.mlflow_run_id} at {self.mlflow_tracking_uri}")
+        self.next(self.curate)
+
+    @card
+    @step
+    def curate(self):
+        from metaflow.cards import Markdown, Table
+
+        from rcm_steps.curate import CurateConfig, curate_prompts, load_prompts, validate_prompts
+        from rcm_steps.validation import DataValidationError, collect_html
+
+        s = self.settings
+        cfg = CurateConfig(seed=self.seed, min_prompts=s["min_prompts"], max_train=s["max_train"],
+                           max_eval=s["max_eval"])
+        raw = load_prompts(self.prompts, column=self.prompt_column or None)
+        res = curate_prompts(raw, cfg)
+        st = self._storage()
+        docs_key = f"{self._run_prefix()}/curate/data_docs"
+        with tempfile.TemporaryDirectory() as d:
+            report = validate_prompts(res.train, res.eval, cfg, docs_dir=d, raise_on_failure=False)
+            self.data_docs_url = st.upload_dir(d, docs_key)
+            self.data_docs_html = collect_html(d)
+        self.data_docs_page = f"{self.data_docs_url}/{report.docs_page}"
+        current.card.append(Markdown(f"# Prompt curation\nsource `{self.prompts}` - "
+                                     f"[Great Expectations Data Docs]({self.data_docs_page}) "
+                                     f"(also artifact `data_docs_html`)"))
+        current.card.append(Table([[k, v] for k, v in res.stats.items()], headers=["stat", "count"]))
+        current.card.append(Table([[r["type"], json.dumps(r["kwargs"]), "pass" if r["success"] else "FAIL",
+                                    str(r.get("observed_value") or r.get("unexpected_sample") or "")]
+                                   for r in report.results], headers=["expectation", "kwargs", "result", "observed"]))
+        if not report.success:
+            raise DataValidationError(f"prompt gate failed {len(report.failed)} expectation(s):\n"
+                                      f"{report.describe_failures()}\nData Docs: {self.data_docs_page}", report)
+        self.train_prompts, self.eval_prompts = res.train, res.eval
+        self.curate_stats, self.prompts_hash = res.stats, res.prompts_hash
+        self._mlflow().log_batch(self.mlflow_run_id, metrics=_metrics({f"curate/{k}": v for k, v in res.stats.items()}))
+        self.next(self.cache_teacher)
+
+    @card
+    @retry(times=1)
+    @step
+    def cache_teacher(self):
+        import torch
+        from metaflow.cards import Image, Markdown, Table
+
+        from rcm_steps.cache import CacheConfig, cache_teacher, load_cache
+        from rcm_steps.evaluate import clip_grid_png
+        from rcm_steps.teacher import decode, load_teacher
+
+        s = self.settings
+        teacher = load_teacher(self.teacher)
+        cfg = CacheConfig(samples_per_prompt=s["samples_per_prompt"], shard_size=s["shard_size"], seed=self.seed,
+                          steps=s["teacher_steps"])
+        st = self._storage()
+        with tempfile.TemporaryDirectory() as d:
+            res = cache_teacher(teacher, self.train_prompts, st, cfg, docs_dir=d)
+            docs = st.upload_dir(d, f"{self._run_prefix()}/cache/data_docs")
+        self.cache_url, self.data_hash = res.url, res.data_hash
+        self.cache_summary = {"total": res.total, "computed_shards": res.computed_shards,
+                              "skipped_shards": res.skipped_shards, "seconds": res.seconds, **res.stats}
+        self.latent_docs_page = f"{docs}/{res.report.docs_page}"
+        data = load_cache(res.url)
+        n = min(6, data.latents.shape[0])
+        clips = decode(teacher, data.latents[:n]).unsqueeze(1)
+        png = clip_grid_png({"teacher cache": clips}, [data.prompts[i] for i in data.prompt_idx[:n].tolist()])
+        current.card.append(Markdown(f"# Teacher cache\n`{res.url}` - data hash `{res.data_hash[:16]}` - "
+                                     f"[latent gate Data Docs]({self.latent_docs_page})"))
+        current.card.append(Table([[k, v] for k, v in self.cache_summary.items()], headers=["", ""]))
+        current.card.append(Image(png, label="teacher samples (cached latents)"))
+        self._mlflow().log_batch(self.mlflow_run_id, metrics=_metrics(
+            {f"cache/{k}": v for k, v in self.cache_summary.items()}))
+        del torch
+        self.next(self.distill, num_parallel=self.nodes)
+
+    @parallel
+    @retry(times=1)
+    @step
+    def distill(self):
+        from rcm_steps.launcher import port_for, run_torchrun
+
+        st = self._storage()
+        self.distill_url = st.url(f"{self._run_prefix()}/distill")
+        s = self.settings
+        args = ["--teacher", self.teacher, "--cache", self.cache_url, "--out", self.distill_url,
+                "--method", self.method, "--iterations", s["iterations"], "--batch-size", s["batch_size"],
+                "--seed", self.seed, "--config", self.distill_config, "--ckpt-every", s["ckpt_every"],
+                "--mlflow-run-id", self.mlflow_run_id]
+        env = {"MLFLOW_TRACKING_URI": self.mlflow_tracking_uri}
+        if self.fault_at_step and current.retry_count == 0:
+            env["RCM_FAULT_AT_STEP"] = str(self.fault_at_step)
+        else:
+            env["RCM_FAULT_AT_STEP"] = "0"
+        self.attempt = current.retry_count
+        run_torchrun("rcm_steps.distill", args, env=env, nnodes=current.parallel.num_nodes,
+                     node_rank=current.parallel.node_index, master_addr=current.parallel.main_ip,
+                     master_port=port_for(f"{current.run_id}/{current.retry_count}"),
+                     nproc_per_node=self.procs_per_node)
+        self.distill_result = st.read_json(f"{self._run_prefix()}/distill/result.json")
+        self.next(self.evaluate)
+
+    @card
+    @step
+    def evaluate(self, inputs):
+        import torch
+        from metaflow.cards import Image, Markdown, Table
+        from rcm_core.config import DistillConfig
+        from safetensors.torch import load
+
+        from rcm_steps.evaluate import EvalConfig, check_gates, clip_grid_png, clips_gif, evaluate, student_denoiser
+        from rcm_steps.storage import Storage
+        from rcm_steps.teacher import load_teacher
+
+        first = inputs[0]
+        for k in ("settings", "teacher_info", "mlflow_run_id", "eval_prompts", "train_prompts", "cache_url",
+                  "data_hash", "distill_url", "distill_result", "prompts_hash", "data_docs_page",
+                  "latent_docs_page", "cache_summary", "curate_stats"):
+            setattr(self, k, getattr(first, k))
+        self.distill_attempts = max(i.attempt for i in inputs) + 1
+        s = self.settings
+        teacher = load_teacher(self.teacher)
+        ema_url = self.distill_result["ema_url"]
+        ema = load(Storage(ema_url.rsplit("/", 1)[0]).read_bytes(ema_url.rsplit("/", 1)[1]))
+        student = student_denoiser(teacher, ema)
+        dcfg = DistillConfig.from_dict(self.distill_result["config"])
+        cfg = EvalConfig(seeds=s["eval_seeds"], teacher_steps=s["eval_teacher_steps"], real_clips=s["real_clips"],
+                         seed=self.seed)
+        res = evaluate(teacher, student, self.eval_prompts, cfg, sigma_max=dcfg.sigma_max, mid_t=dcfg.mid_t)
+        self.eval_metrics = res.metrics
+        self.gate_result = check_gates(res.metrics, s["gates"], steps=self.student_steps)
+        png = clip_grid_png(res.clips, res.prompts)
+        gif = clips_gif(torch.cat([res.clips[m][:4, 0] for m in res.clips]))
+        self.sample_grid_png, self.sample_gif = png, gif
+        client = self._mlflow()
+        client.log_batch(self.mlflow_run_id, metrics=_metrics({f"eval/{k}": v for k, v in res.metrics.items()}))
+        client.log_batch(self.mlflow_run_id, metrics=_metrics({"eval/gates_passed": float(self.gate_result["passed"])}))
+        with tempfile.TemporaryDirectory() as d:
+            for name, data in (("samples_grid.png", png), ("samples.gif", gif)):
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(data)
+                client.log_artifact(self.mlflow_run_id, os.path.join(d, name), artifact_path="eval")
+        models = list(res.clips)
+        keys = ["nfe", "sec_per_sample", "digit_acc", "direction_acc", "fd_data", "fd_teacher", "diversity",
+                "diversity_rel"]
+        rows = [[m] + [_fmt(res.metrics.get(f"{m}/{k}")) for k in keys] for m in models]
+        current.card.append(Markdown(f"# Evaluation\n{len(res.prompts)} eval prompts x {cfg.seeds} seeds. "
+                                     f"Gates: {'PASS' if self.gate_result['passed'] else 'FAIL'} "
+                                     f"{self.gate_result['failures']}"))
+        current.card.append(Table(rows, headers=["model"] + keys))
+        current.card.append(Image(png, label="rows: prompts; columns: " + ", ".join(models)))
+        current.card.append(Image(gif, label="GIF: 4 prompts per model (" + ", ".join(models) + ")"))
+        self.next(self.register)
+
+    @step
+    def register(self):
+        from rcm_steps.register import register_student
+        from rcm_steps.storage import Storage
+
+        self._mlflow()
+        ema_url = self.distill_result["ema_url"]
+        weights = Storage(ema_url.rsplit("/", 1)[0]).read_bytes(ema_url.rsplit("/", 1)[1])
+        dcfg = self.distill_result["config"]
+        meta = {"teacher": self.teacher, "teacher_version": self.teacher_info["version"],
+                "latent_shape": self.teacher_info["latent_shape"], "default_steps": self.student_steps,
+                "sigma_max": dcfg["sigma_max"], "mid_t": list(dcfg["mid_t"]), "method": self.method}
+        lineage = {"metaflow.flow": current.flow_name, "metaflow.run_id": str(current.run_id),
+                   "metaflow.pathspec": current.pathspec, "teacher": self.teacher,
+                   "teacher_version": self.teacher_info["version"], "data_hash": self.data_hash,
+                   "prompts_hash": self.prompts_hash, "method": self.method, "mlflow_run_id": self.mlflow_run_id,
+                   "cache_url": self.cache_url, "distill_url": self.distill_url}
+        metrics = {k: v for k, v in self.eval_metrics.items() if k.startswith(f"student_{self.student_steps}/")
+                   or k.startswith("teacher/")}
+        r = register_student(weights, meta, self.mlflow_run_id, lineage, self.eval_metrics,
+                             self.gate_result["passed"])
+        del metrics
+        self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
+        self.champion, self.champion_reason = r.champion, r.reason
+        print(f"registered {r.name} v{r.version} aliases={r.aliases}: {r.reason}")
+        self.next(self.end)
+
+    @step
+    def end(self):
+        self._mlflow().set_terminated(self.mlflow_run_id, "FINISHED")
+        print(f"done: model {self.model_name} v{self.model_version} {self.model_aliases}; "
+              f"student_{self.student_steps} digit_acc={self.eval_metrics.get(f'student_{self.student_steps}/digit_acc')}")
+
+
+def _metrics(d):
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    return [Metric(k, float(v), ts, 0) for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+
+
+def _fmt(v):
+    return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+if __name__ == "__main__":
+    RCMDistillFlow()
