@@ -23,8 +23,8 @@ DEFAULT_TRACKING = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path
 
 # Per-profile settings; every value can be overridden by the matching Parameter (0 / "" = profile value).
 PROFILES = {
-    "smoke": dict(max_train=8, max_eval=2, min_prompts=8, samples_per_prompt=1, teacher_steps=4, shard_size=8,
-                  iterations=4, batch_size=4, ckpt_every=2, eval_seeds=2, eval_teacher_steps=4, real_clips=64,
+    "smoke": dict(max_train=4, max_eval=2, min_prompts=4, samples_per_prompt=1, teacher_steps=2, shard_size=2,
+                  iterations=2, batch_size=2, ckpt_every=1, eval_seeds=2, eval_teacher_steps=2, real_clips=32,
                   gates={"min_digit_acc": 0.0, "min_diversity_rel": 0.0}),
     "default": dict(max_train=None, max_eval=8, min_prompts=16, samples_per_prompt=2, teacher_steps=16,
                     shard_size=64, iterations=60, batch_size=16, ckpt_every=20, eval_seeds=3,

@@ -1,0 +1,109 @@
+"""The Metaflow DAG end to end (smoke profile), the prompt gate, and the Argo compile."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline_fixtures import *  # noqa: F401,F403
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLOW = os.path.join(ROOT, "flows", "distill_flow.py")
+
+
+def _runner_env(tmp):
+    return {"METAFLOW_USER": "tester", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1",
+            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp / "mf"), "GX_ANALYTICS_ENABLED": "false",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+
+
+def _run(tmp, **params):
+    from metaflow import Runner
+
+    env = _runner_env(tmp)
+    os.environ.update(env)
+    with Runner(FLOW, show_output=False, env=env, cwd=str(tmp)).run(
+            profile="smoke", storage_root=str(tmp / "store"), mlflow_tracking_uri=env["MLFLOW_TRACKING_URI"],
+            **params) as running:
+        run = running.run
+        tasks_err = "".join(t.stderr or "" for st in run for t in st) if run is not None else ""
+        return run, running.stdout, running.stderr + tasks_err
+
+
+def test_smoke_flow_end_to_end(tmp_path):
+    import mlflow
+    import pandas as pd
+
+    t0 = time.perf_counter()
+    run, out, err = _run(tmp_path, fault_at_step=1)
+    elapsed = time.perf_counter() - t0
+    assert run is not None and run.successful, err[-3000:]
+    print(f"smoke flow wall time: {elapsed:.1f}s")
+    assert elapsed < 240
+    d = run.data
+    assert d.curate_stats["train"] == 4 and d.curate_stats["eval"] == 2
+    assert d.data_docs_html and os.path.exists(d.data_docs_page)
+    assert d.distill_result["steps"] == 2
+    # the first distill attempt was killed after step 1; the retry resumed from its checkpoint
+    assert d.distill_attempts == 2 and d.distill_result["resumed_from"] == 1
+    for k in ("teacher/digit_acc", "student_1/nfe", "student_4/fd_teacher", "student_2/diversity_rel",
+              "teacher/sec_per_sample"):
+        assert k in d.eval_metrics
+    assert d.sample_grid_png[:4] == b"\x89PNG" and d.sample_gif[:3] == b"GIF"
+    assert d.model_aliases == ["candidate", "champion"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    mrun = client.get_run(d.mlflow_run_id)
+    assert mrun.info.status == "FINISHED" and mrun.data.tags["metaflow.run_id"] == run.id
+    assert len(client.get_metric_history(d.mlflow_run_id, "train/loss")) == 2
+    assert "eval/student_4/digit_acc" in mrun.data.metrics
+    mv = client.get_model_version_by_alias(d.model_name, "champion")
+    assert mv.version == d.model_version and mv.tags["metaflow.run_id"] == run.id
+    assert mv.tags["data_hash"] == d.data_hash and mv.tags["teacher"] == "embedded" and mv.tags["method"] == "rcm"
+    model = mlflow.pyfunc.load_model(f"models:/{d.model_name}@champion")
+    clips = model.predict(pd.DataFrame({"prompt": ["a 3 drifting up", "a 7 drifting left"], "seed": [0, 1]}))
+    assert clips.shape == (2, 1, 4, 16, 16) and 0 <= clips.min() and clips.max() <= 1
+    from rcm_steps.generate import main as generate
+
+    gif = tmp_path / "x.gif"
+    generate(["--model", f"models:/{d.model_name}@champion", "--prompt", "a 3 drifting up", "--out", str(gif)])
+    assert gif.read_bytes()[:3] == b"GIF"
+
+
+def test_flow_stops_at_the_prompt_gate(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a 1 drifting up\n\n a 1  drifting up\nhi\n")
+    run, out, err = _run(tmp_path, prompts=str(bad))
+    assert run is not None and not run.successful
+    steps = {s.id for s in run}
+    assert "cache_teacher" not in steps and "distill" not in steps
+    assert "expect_table_row_count_to_be_between" in err and "prompt gate failed" in err
+
+
+def test_unknown_teacher_lists_known_ones(tmp_path):
+    run, out, err = _run(tmp_path, teacher="no-such-teacher")
+    assert not run.successful and "known teachers: " in err and "embedded" in err
+
+
+def test_argo_compile_asks_for_8_gpus_per_node(tmp_path, moto_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket="mfroot")
+    env = dict(os.environ, METAFLOW_USER="tester", METAFLOW_DEFAULT_DATASTORE="s3",
+               METAFLOW_DATASTORE_SYSROOT_S3="s3://mfroot/metaflow", METAFLOW_S3_ENDPOINT_URL=moto_server,
+               METAFLOW_KUBERNETES_NAMESPACE="default", METAFLOW_KUBERNETES_CONTAINER_IMAGE="rcm:latest",
+               METAFLOW_HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, FLOW, "--config-value", "execution",
+                        json.dumps({"target": "kubernetes", "gpus_per_node": 8}),
+                        "argo-workflows", "create", "--only-json"],
+                       env=env, capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wf = json.loads(r.stdout[r.stdout.index("{"):])
+    templates = {t["name"]: t for t in wf["spec"]["templates"]}
+    manifest = templates["distill"]["resource"]["manifest"]
+    assert "JobSet" in manifest
+    assert manifest.count("nvidia.com/gpu: '8'") == 2          # control + worker replicas
+    others = json.dumps({k: v for k, v in templates.items() if k != "distill"})
+    assert "nvidia.com/gpu" not in others
