@@ -233,7 +233,9 @@ def main():
                 for name in ("ours_fwd_tangent", "peer_fwd_tangent", "op_func_jvp", "math_func_jvp"):
                     if "ms" in r.get(name, {}):
                         row["checks"][f"ratio_{name}_over_{base}"] = r[name]["ms"] / r[base]["ms"]
-        print(f"  checks: {row['checks']}", flush=True)
+        row["best_configs"] = {n: str(getattr(kern, "best_config", None)) for n, kern in (
+            ("fwd_kernel", fj._fwd_kernel), ("bwd_dkdv", fj._bwd_dkdv_kernel), ("bwd_dq", fj._bwd_dq_kernel))}
+        print(f"  checks: {row['checks']}  best: {row['best_configs']}", flush=True)
         results.append(row)
         del q, k, v, dq, dk, dv, go, qg, kg, vg, o, do, lse
         torch.cuda.empty_cache()
