@@ -252,7 +252,7 @@ class RCMDistillFlow(FlowSpec):
         first = inputs[0]
         for k in ("settings", "teacher_info", "mlflow_run_id", "eval_prompts", "train_prompts", "cache_url",
                   "data_hash", "distill_url", "distill_result", "prompts_hash", "data_docs_page",
-                  "latent_docs_page", "cache_summary", "curate_stats"):
+                  "latent_docs_page", "cache_summary", "curate_stats", "data_docs_html", "data_docs_url"):
             setattr(self, k, getattr(first, k))
         self.distill_attempts = max(i.attempt for i in inputs) + 1
         s = self.settings

@@ -60,7 +60,7 @@ def test_smoke_flow_end_to_end(tmp_path):
     assert len(client.get_metric_history(d.mlflow_run_id, "train/loss")) == 2
     assert "eval/student_4/digit_acc" in mrun.data.metrics
     mv = client.get_model_version_by_alias(d.model_name, "champion")
-    assert mv.version == d.model_version and mv.tags["metaflow.run_id"] == run.id
+    assert str(mv.version) == str(d.model_version) and mv.tags["metaflow.run_id"] == run.id
     assert mv.tags["data_hash"] == d.data_hash and mv.tags["teacher"] == "embedded" and mv.tags["method"] == "rcm"
     model = mlflow.pyfunc.load_model(f"models:/{d.model_name}@champion")
     clips = model.predict(pd.DataFrame({"prompt": ["a 3 drifting up", "a 7 drifting left"], "seed": [0, 1]}))
