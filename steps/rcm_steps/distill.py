@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     device = _device(args.device)
     out = Storage(args.out)
     teacher = load_teacher(args.teacher, device=str(device))
-    cfg = build_config(getattr(teacher, "name", args.teacher), args.method, args.iterations, args.batch_size,
+    cfg = build_config(getattr(teacher, "preset", None) or getattr(teacher, "name", args.teacher), args.method, args.iterations, args.batch_size,
                        args.seed, json.loads(args.config or "{}"))
     per_rank = max(1, cfg.batch_size // world)
     data = load_cache(args.cache, expect_latent_shape=tuple(teacher.latent_shape), rank=rank, world=world)

@@ -14,50 +14,9 @@ class UnknownTeacherError(ValueError):
 
 
 def _registry():
-    """rcm_core.teachers, or (until it exists) a local stand-in for the embedded teacher."""
-    try:
-        import rcm_core.teachers as reg
+    import rcm_core.teachers as reg
 
-        return reg.known_teachers, reg.get_teacher
-    except ImportError:
-        return (lambda: ["embedded"]), _embedded_fallback
-
-
-class _EmbeddedTeacher:
-    """Stand-in built from rcm_core.embedded while rcm_core.teachers is missing."""
-
-    def __init__(self, device: str = "cpu"):
-        import hashlib
-
-        from rcm_core.denoiser import Parameterization
-        from rcm_core.embedded import ASSETS, load_teacher_net, load_text_encoder, teacher_meta
-
-        self.name = "embedded"
-        w = (ASSETS / "teacher.safetensors").read_bytes()
-        self.version = hashlib.sha256(w).hexdigest()[:12]
-        self.meta = teacher_meta()
-        self.net = load_teacher_net(device)
-        self.param = Parameterization("rf", 1000.0)
-        self.call = None
-        self._enc = load_text_encoder(device)
-        self.negative_prompt = ""
-        dc = self.meta["data_config"]
-        self.latent_shape = (dc["channels"], dc["frames"], dc["height"], dc["width"])
-        self.guidance, self.sample_steps, self.shift, self.solver = 3.0, 50, 3.0, "euler"
-
-    def encode_text(self, prompts):
-        return self._enc.encode(list(prompts))
-
-    def decode(self, latents):
-        from rcm_core.embedded.data import from_latent
-
-        return from_latent(latents)
-
-
-def _embedded_fallback(name: str, device: str = "cpu"):
-    if name != "embedded":
-        raise ValueError(f"unknown teacher {name!r}; known: ['embedded']")
-    return _EmbeddedTeacher(device)
+    return reg.known_teachers, reg.get_teacher
 
 
 def known_teachers() -> List[str]:
