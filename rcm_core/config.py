@@ -139,7 +139,7 @@ PRESETS: dict[str, dict] = {
                             dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16"),
     # The embedded toy teacher: same algorithm, learning rates and lengths for minutes on a CPU.
     "embedded": dict(P_mean=0.0, P_std=1.6, tangent_warmup_steps=100, student_update_freq=2,
-                     lr_student=1e-4, lr_fake=1e-4, guidance=3.0, dmd_time="rf_shift", dmd_shift=3.0,
+                     lr_student=1e-4, lr_fake=1e-4, guidance=4.0, dmd_time="rf_shift", dmd_shift=2.0,
                      batch_size=32, iterations=400, ema_sigma_rel=0.05, dtype="float32"),
 }
 PRESETS["cosmos-predict2-2b"] = PRESETS["cosmos-predict2"]

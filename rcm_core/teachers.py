@@ -84,7 +84,7 @@ def _embedded(device="cpu") -> Teacher:
         name="embedded", version=version, net=load_teacher_net(device), param=Parameterization("rf", 1000.0),
         encode_text=lambda prompts: enc.encode(list(prompts)), decode=from_latent,
         latent_shape=(dc["channels"], dc["frames"], dc["height"], dc["width"]),
-        negative_prompt="", guidance=3.0, sample_steps=50, shift=3.0, solver="euler", preset="embedded", meta=meta)
+        negative_prompt="", guidance=4.0, sample_steps=50, shift=2.0, solver="euler", preset="embedded", meta=meta)
 
 
 register_teacher("embedded", _embedded, "moving-digit video DiT shipped in the package, no download")
