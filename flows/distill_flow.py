@@ -1,12 +1,20 @@
 """rCM distillation as a Metaflow DAG.
 
-    start -> curate -> cache_teacher -> distill (N nodes, @parallel) -> evaluate -> register -> end
+    start -> curate -> cache_teacher -> distill (N nodes, @parallel + torchrun) -> evaluate -> register -> end
 
-Local (CPU, gloo):
-    METAFLOW_USER=$USER python flows/distill_flow.py run --profile smoke
-Kubernetes / Argo (8 GPUs per distill node, NCCL):
-    python flows/distill_flow.py --config-value execution '{"target": "kubernetes"}' \
-        argo-workflows create   (or: run --nodes 2 --storage_root s3://bucket/rcm ...)
+Local (CPU, gloo; storage under ./runs/storage, MLflow in ./mlflow.db):
+    METAFLOW_USER=$USER python flows/distill_flow.py run                      # default profile
+    METAFLOW_USER=$USER python flows/distill_flow.py run --profile smoke      # ~1.5 min
+    ... run --nodes 2 --procs_per_node 1                                      # 2-node gang, locally
+    ... run --prompts s3://bucket/prompts.parquet --prompt_column text --storage_root s3://bucket/rcm
+Kubernetes / Argo Workflows (8 GPUs per distill node, NCCL; the image must have this
+package installed, storage and MLflow must be shared):
+    python flows/distill_flow.py --config-value execution '{"target": "kubernetes", "image": "..."}' \
+        argo-workflows create
+    python flows/distill_flow.py --config-value execution '{"target": "kubernetes"}' argo-workflows trigger \
+        --nodes 4 --storage_root s3://bucket/rcm --mlflow_tracking_uri http://mlflow:5000
+Then:
+    python -m rcm_steps.generate --model models:/rcm-student-embedded@champion --prompt "a 3 drifting up" --out x.gif
 
 The steps are thin glue over plain functions in ``rcm_steps`` (tested without Metaflow).
 """
@@ -65,7 +73,8 @@ class RCMDistillFlow(FlowSpec):
     iterations = Parameter("iterations", default=0, type=int, help="0: profile value")
     batch_size = Parameter("batch_size", default=0, type=int, help="global batch; 0: profile value")
     nodes = Parameter("nodes", default=1, type=int)
-    procs_per_node = Parameter("procs_per_node", default=1, type=int, help="torchrun processes per node (GPUs)")
+    procs_per_node = Parameter("procs_per_node", default=0, type=int,
+                               help="torchrun processes per node; 0: gpus_per_node on Kubernetes, 1 locally")
     storage_root = Parameter("storage_root", default=os.path.join(PROJECT_ROOT, "runs", "storage"),
                              help="any fsspec URL (local path, s3://...)")
     mlflow_tracking_uri = Parameter("mlflow_tracking_uri", default=DEFAULT_TRACKING)
@@ -105,6 +114,16 @@ class RCMDistillFlow(FlowSpec):
             raise ValueError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
         if self.teacher not in known_teachers() and ":" not in self.teacher:
             raise ValueError(f"unknown teacher {self.teacher!r}; known teachers: {', '.join(known_teachers())}")
+        on_k8s = self.execution.get("target", "local") == "kubernetes"
+        if on_k8s and "://" not in self.storage_root:
+            raise ValueError(f"storage_root {self.storage_root!r} is a local path, but execution target is "
+                             "kubernetes: pass a shared URL such as s3://bucket/rcm")
+        if on_k8s and self.mlflow_tracking_uri.startswith("sqlite:"):
+            raise ValueError(f"mlflow_tracking_uri {self.mlflow_tracking_uri!r} is a local sqlite file, but "
+                             "execution target is kubernetes: pass an MLflow server URL")
+        if self.nodes < 1:
+            raise ValueError(f"nodes must be >= 1, got {self.nodes}")
+        self.nproc = self.procs_per_node or (int(self.execution.get("gpus_per_node", 8)) if on_k8s else 1)
         s = dict(PROFILES[self.profile])
         if self.iterations:
             s["iterations"] = self.iterations
@@ -131,7 +150,7 @@ class RCMDistillFlow(FlowSpec):
             "method": self.method, "profile": self.profile})
         self.mlflow_run_id = run.info.run_id
         params = {"teacher": self.teacher, "method": self.method, "nodes": self.nodes,
-                  "procs_per_node": self.procs_per_node, "seed": self.seed, "profile": self.profile,
+                  "procs_per_node": self.nproc, "seed": self.seed, "profile": self.profile,
                   "storage_root": self.storage_root, "prompts": self.prompts,
                   **{f"settings.{k}": v for k, v in s.items()}}
         from mlflow.entities import Param
@@ -184,10 +203,10 @@ class RCMDistillFlow(FlowSpec):
 
         from rcm_steps.cache import CacheConfig, cache_teacher, load_cache
         from rcm_steps.evaluate import clip_grid_png
-        from rcm_steps.teacher import decode, load_teacher
+        from rcm_steps.teacher import decode, load_teacher, pick_device
 
         s = self.settings
-        teacher = load_teacher(self.teacher)
+        teacher = load_teacher(self.teacher, device=pick_device("auto"))
         cfg = CacheConfig(samples_per_prompt=s["samples_per_prompt"], shard_size=s["shard_size"], seed=self.seed,
                           steps=s["teacher_steps"])
         st = self._storage()
@@ -233,7 +252,7 @@ class RCMDistillFlow(FlowSpec):
         run_torchrun("rcm_steps.distill", args, env=env, nnodes=current.parallel.num_nodes,
                      node_rank=current.parallel.node_index, master_addr=current.parallel.main_ip,
                      master_port=port_for(f"{current.run_id}/{current.retry_count}"),
-                     nproc_per_node=self.procs_per_node)
+                     nproc_per_node=self.nproc)
         self.distill_result = st.read_json(f"{self._run_prefix()}/distill/result.json")
         self.next(self.evaluate)
 

@@ -106,4 +106,8 @@ def sample_teacher_latents(teacher, cond: torch.Tensor, uncond: torch.Tensor, no
 
 @torch.no_grad()
 def decode(teacher, latents: torch.Tensor) -> torch.Tensor:
-    return teacher.decode(latents).float().cpu().clamp(0, 1)
+    try:
+        dev = next(teacher.net.parameters()).device
+    except (StopIteration, AttributeError):
+        dev = latents.device
+    return teacher.decode(latents.to(dev)).float().cpu().clamp(0, 1)
