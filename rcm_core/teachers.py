@@ -66,6 +66,9 @@ def known_teachers() -> List[str]:
 
 
 def get_teacher(name: str, device: str | torch.device = "cpu") -> Teacher:
+    if name not in _REGISTRY and _is_diffusers_dir(name):    # --teacher <dir in diffusers layout>
+        from .real.loading import load_teacher_from_path
+        return load_teacher_from_path(name, device=device)
     if name not in _REGISTRY:
         listing = ", ".join(f"{n} ({d})" if d else n for n, (_, d) in sorted(_REGISTRY.items()))
         raise ValueError(f"unknown teacher {name!r}; known teachers: {listing}")
@@ -88,3 +91,23 @@ def _embedded(device="cpu") -> Teacher:
 
 
 register_teacher("embedded", _embedded, "moving-digit video DiT shipped in the package, no download")
+
+
+# ---- real teachers through diffusers (issue 4; needs the `real` extra, weights stay local) ----
+
+def _is_diffusers_dir(name) -> bool:
+    import os
+    return isinstance(name, (str, os.PathLike)) and os.path.isfile(os.path.join(name, "model_index.json"))
+
+
+def _real(name: str):
+    def factory(device="cpu"):
+        from .real.loading import load_real_teacher   # lazy: diffusers is imported only when used
+        return load_real_teacher(name, device=device)
+    return factory
+
+
+register_teacher("wan2.1-1.3b", _real("wan2.1-1.3b"), "Wan2.1 T2V 1.3B, 480p x 81 frames, diffusers, local weights")
+register_teacher("wan2.1-14b", _real("wan2.1-14b"), "Wan2.1 T2V 14B, 480p x 81 frames, diffusers, local weights")
+register_teacher("cosmos-predict2-2b", _real("cosmos-predict2-2b"), "Cosmos-Predict2 2B text-to-image, local weights")
+register_teacher("cosmos-predict2-14b", _real("cosmos-predict2-14b"), "Cosmos-Predict2 14B text-to-image, local weights")

@@ -1,0 +1,139 @@
+"""Declarations of the real teachers (Wan2.1 T2V 1.3B/14B, Cosmos-Predict2 2B/14B T2I).
+
+Everything the loader needs to know about a teacher without its weights: the
+diffusers / transformers classes, the architecture numbers the weights must match,
+the parameterisation, guidance, sampler, default resolution and DistillConfig preset.
+
+Parameterisations (derived from diffusers 0.42 pipelines, see tests):
+
+* Wan2.1 (``pipeline_wan.py``): rectified flow, the transformer sees
+  ``x_s = (1 - s) x0 + s eps`` at timestep ``1000 s`` and predicts ``v = eps - x0``.
+* Cosmos-Predict2 (``pipeline_cosmos2_text2image.py``): EDM latents ``x = x0 + sigma eps``
+  (sigma_data = 1) with ``current_t = sigma / (1 + sigma)``, ``c_in = 1 - current_t``,
+  ``c_skip = 1 - current_t``, ``c_out = -current_t`` and the transformer called at
+  timestep ``current_t``. Since ``c_in x = (1 - s) x0 + s eps`` with ``s = current_t``, and
+  ``x0_hat = (1 - s) x - s net = x_s - s net``, the network predicts the RF velocity
+  ``eps - x0`` at timestep ``1 * s``. In TrigFlow time (sigma = tan t, same SNR) this is
+  the ``"rf"`` kind with ``timestep_scale = 1.0``: no new kind is needed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Wan's standard negative prompt, as shipped in Wan2.1 (wan/configs/shared_config.py).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+# diffusers' Cosmos-Predict2 default negative prompt (pipeline_cosmos2_text2image.DEFAULT_NEGATIVE_PROMPT).
+COSMOS_NEGATIVE_PROMPT = (
+    "The video captures a series of frames showing ugly scenes, static with no motion, motion blur, "
+    "over-saturation, shaky footage, low resolution, grainy texture, pixelated images, poorly lit areas, "
+    "underexposed and overexposed scenes, poor color balance, washed out colors, choppy sequences, jerky "
+    "movements, low frame rate, artifacting, color banding, unnatural transitions, outdated special effects, "
+    "fake elements, unconvincing visuals, poorly edited content, jump cuts, visual noise, and flickering. "
+    "Overall, the video is of poor quality."
+)
+
+
+@dataclass(frozen=True)
+class RealTeacherSpec:
+    name: str
+    family: str                          # "wan" | "cosmos"
+    hf_id: str                           # Hugging Face repo in diffusers layout
+    transformer_class: str               # diffusers class name
+    transformer_config: dict             # architecture numbers the checkpoint must match
+    text_encoder_class: str              # transformers class name
+    text_len: int                        # tokens per prompt (padding / truncation length)
+    vae_class: str
+    param_kind: str
+    timestep_scale: float
+    guidance: float
+    negative_prompt: str
+    sample_steps: int
+    shift: float
+    solver: str
+    preset: str                          # DistillConfig preset
+    task: str                            # "t2v" | "t2i"
+    frames: int                          # default pixel frames (1 for images)
+    height: int
+    width: int
+    fps: int = 16
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def is_video(self) -> bool:
+        return self.task == "t2v"
+
+
+_WAN_COMMON = dict(patch_size=[1, 2, 2], attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                   freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                   rope_max_seq_len=1024)
+_COSMOS_COMMON = dict(in_channels=16, out_channels=16, attention_head_dim=128, mlp_ratio=4.0, text_embed_dim=1024,
+                      adaln_lora_dim=256, max_size=[128, 240, 240], patch_size=[1, 2, 2], concat_padding_mask=True)
+
+SPECS = {
+    "wan2.1-1.3b": RealTeacherSpec(
+        name="wan2.1-1.3b", family="wan", hf_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        transformer_class="WanTransformer3DModel",
+        transformer_config=dict(_WAN_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+        text_encoder_class="UMT5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
+        param_kind="rf", timestep_scale=1000.0, guidance=5.0, negative_prompt=WAN_NEGATIVE_PROMPT,
+        sample_steps=50, shift=5.0, solver="unipc", preset="wan2.1-1.3b", task="t2v",
+        frames=81, height=480, width=832),
+    "wan2.1-14b": RealTeacherSpec(
+        name="wan2.1-14b", family="wan", hf_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        transformer_class="WanTransformer3DModel",
+        transformer_config=dict(_WAN_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        text_encoder_class="UMT5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
+        param_kind="rf", timestep_scale=1000.0, guidance=5.0, negative_prompt=WAN_NEGATIVE_PROMPT,
+        sample_steps=50, shift=5.0, solver="unipc", preset="wan2.1-14b", task="t2v",
+        frames=81, height=480, width=832),
+    "cosmos-predict2-2b": RealTeacherSpec(
+        name="cosmos-predict2-2b", family="cosmos", hf_id="nvidia/Cosmos-Predict2-2B-Text2Image",
+        transformer_class="CosmosTransformer3DModel",
+        transformer_config=dict(_COSMOS_COMMON, num_attention_heads=16, num_layers=28, rope_scale=[1.0, 4.0, 4.0],
+                                extra_pos_embed_type=None),
+        text_encoder_class="T5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
+        param_kind="rf", timestep_scale=1.0, guidance=4.5, negative_prompt=COSMOS_NEGATIVE_PROMPT,
+        sample_steps=35, shift=1.0, solver="euler", preset="cosmos-predict2", task="t2i",
+        frames=1, height=768, width=1360,
+        notes={"guidance_convention": "project CFG uncond + w (cond - uncond); diffusers' Cosmos2 pipeline uses "
+                                      "cond + g (cond - uncond), i.e. w = g + 1"}),
+    "cosmos-predict2-14b": RealTeacherSpec(
+        name="cosmos-predict2-14b", family="cosmos", hf_id="nvidia/Cosmos-Predict2-14B-Text2Image",
+        transformer_class="CosmosTransformer3DModel",
+        transformer_config=dict(_COSMOS_COMMON, num_attention_heads=40, num_layers=36, rope_scale=[1.0, 4.0, 4.0],
+                                extra_pos_embed_type=None),
+        text_encoder_class="T5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
+        param_kind="rf", timestep_scale=1.0, guidance=4.5, negative_prompt=COSMOS_NEGATIVE_PROMPT,
+        sample_steps=35, shift=1.0, solver="euler", preset="cosmos-predict2", task="t2i",
+        frames=1, height=768, width=1360,
+        notes={"guidance_convention": "project CFG uncond + w (cond - uncond); diffusers' Cosmos2 pipeline uses "
+                                      "cond + g (cond - uncond), i.e. w = g + 1"}),
+}
+
+# Architecture numbers compared between a checkpoint's transformer/config.json and a spec
+# (others, e.g. rope details, are taken from the checkpoint as is).
+CHECKED_KEYS = {
+    "wan": ("num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "out_channels", "ffn_dim",
+            "text_dim", "patch_size"),
+    "cosmos": ("num_attention_heads", "attention_head_dim", "num_layers", "in_channels", "out_channels",
+               "text_embed_dim", "patch_size"),
+}
+
+FAMILY_OF_CLASS = {"WanTransformer3DModel": "wan", "CosmosTransformer3DModel": "cosmos"}
+
+
+def spec_for_config(transformer_config: dict) -> Optional[RealTeacherSpec]:
+    """The spec whose family matches the config's class, the size chosen by hidden width."""
+    family = FAMILY_OF_CLASS.get(transformer_config.get("_class_name", ""))
+    if family is None:
+        return None
+    hidden = int(transformer_config.get("num_attention_heads", 0)) * int(transformer_config.get("attention_head_dim", 0))
+    big = hidden >= 4096
+    return SPECS[{("wan", False): "wan2.1-1.3b", ("wan", True): "wan2.1-14b",
+                  ("cosmos", False): "cosmos-predict2-2b", ("cosmos", True): "cosmos-predict2-14b"}[(family, big)]]

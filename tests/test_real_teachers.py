@@ -1,0 +1,339 @@
+"""Real teachers through diffusers (issue 4), on tiny random checkpoints written by the tests.
+
+Nothing is downloaded: the tests build tiny Wan2.1 / Cosmos-Predict2 transformers, a tiny
+UMT5 / T5 encoder, an offline WordLevel tokenizer and a tiny Wan VAE, save them in diffusers
+layout with ``save_pretrained`` and load them back through the project's loader.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from rcm_core.config import DistillConfig  # noqa: E402
+from rcm_core.denoiser import TrigFlowDenoiser  # noqa: E402
+from rcm_core.real import (SPECS, WAN_NEGATIVE_PROMPT, RealTeacherError, cosmos_call, diffusers_rf_call,  # noqa: E402
+                           estimate_memory, install_rcm_attention, load_real_teacher, load_teacher_from_path,
+                           uses_rcm_attention)
+from rcm_core.teachers import get_teacher, known_teachers  # noqa: E402
+from rcm_core.trainer import RCMTrainer  # noqa: E402
+
+WORDS = "a cat dog red blue runs on the beach sky video of big small".split()
+TEXT_DIM = 16
+
+
+def tiny_wan(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+               text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    cfg.update(kw)
+    return _randomise(diffusers.WanTransformer3DModel(**cfg))
+
+
+def tiny_cosmos(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+               text_embed_dim=TEXT_DIM, adaln_lora_dim=8, max_size=(4, 16, 16), patch_size=(1, 2, 2),
+               rope_scale=(1.0, 4.0, 4.0), concat_padding_mask=True, extra_pos_embed_type=None)
+    cfg.update(kw)
+    return _randomise(diffusers.CosmosTransformer3DModel(**cfg))
+
+
+def _randomise(model):
+    """Zero-initialised gates/projections would hide attention: give every parameter random values."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g) / math.sqrt(max(1, p.shape[-1])) + (p == 1) * 1.0)
+    return model
+
+
+def tiny_tokenizer(max_len=512):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<unk>", model_max_length=max_len)
+
+
+def tiny_encoder(kind):
+    torch.manual_seed(2)
+    cls_cfg = {"umt5": (transformers.UMT5EncoderModel, transformers.UMT5Config),
+               "t5": (transformers.T5EncoderModel, transformers.T5Config)}[kind]
+    cfg = cls_cfg[1](vocab_size=len(WORDS) + 3, d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                     relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return cls_cfg[0](cfg).eval()
+
+
+def tiny_vae():
+    torch.manual_seed(3)
+    return diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
+                                      temperal_downsample=[True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                      latents_std=[1.5, 0.5, 1.0, 2.0]).eval()
+
+
+def write_checkpoint(root, family="wan", transformer=None):
+    transformer = transformer if transformer is not None else (tiny_wan() if family == "wan" else tiny_cosmos())
+    transformer.save_pretrained(root / "transformer")
+    tiny_encoder("umt5" if family == "wan" else "t5").save_pretrained(root / "text_encoder")
+    tiny_tokenizer().save_pretrained(root / "tokenizer")
+    tiny_vae().save_pretrained(root / "vae")
+    pipe = "WanPipeline" if family == "wan" else "Cosmos2TextToImagePipeline"
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": pipe, "transformer": ["diffusers", type(transformer).__name__],
+        "text_encoder": ["transformers", "UMT5EncoderModel" if family == "wan" else "T5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "vae": ["diffusers", "AutoencoderKLWan"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-wan", "wan")
+
+
+@pytest.fixture(scope="module")
+def cosmos_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-cosmos", "cosmos")
+
+
+SMALL = dict(frames=5, height=8, width=8, text_len=8, dtype=torch.float32)
+
+
+# ---- registry and specs ------------------------------------------------------------------
+
+def test_registry_entries_and_specs():
+    for name in ("wan2.1-1.3b", "wan2.1-14b", "cosmos-predict2-2b", "cosmos-predict2-14b"):
+        assert name in known_teachers()
+    w = SPECS["wan2.1-1.3b"]
+    assert (w.transformer_class, w.text_encoder_class, w.vae_class) == ("WanTransformer3DModel", "UMT5EncoderModel",
+                                                                        "AutoencoderKLWan")
+    assert (w.guidance, w.shift, w.solver, w.sample_steps, w.frames, w.height) == (5.0, 5.0, "unipc", 50, 81, 480)
+    assert w.negative_prompt == WAN_NEGATIVE_PROMPT and WAN_NEGATIVE_PROMPT.startswith("色调艳丽")
+    assert (w.param_kind, w.timestep_scale, w.preset) == ("rf", 1000.0, "wan2.1-1.3b")
+    assert SPECS["wan2.1-14b"].preset == "wan2.1-14b"
+    c = SPECS["cosmos-predict2-2b"]
+    assert (c.transformer_class, c.text_encoder_class, c.guidance, c.task, c.preset) == (
+        "CosmosTransformer3DModel", "T5EncoderModel", 4.5, "t2i", "cosmos-predict2")
+    assert (c.param_kind, c.timestep_scale) == ("rf", 1.0)
+    for s in SPECS.values():
+        DistillConfig.preset(s.preset)
+        assert hasattr(diffusers, s.transformer_class) and hasattr(transformers, s.text_encoder_class)
+
+
+def test_missing_weights_error_says_what_to_put_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("RCM_WEIGHTS_ROOT", str(tmp_path / "models"))
+    with pytest.raises(RealTeacherError) as e:
+        get_teacher("wan2.1-1.3b")
+    msg = str(e.value)
+    assert "huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in msg
+    assert "transformer/" in msg and "RCM_WEIGHTS_WAN2_1_1_3B" in msg and str(tmp_path / "models") in msg
+    with pytest.raises(ValueError, match="known teachers: .*cosmos-predict2-2b.*wan2.1-14b"):
+        get_teacher("wan2.2")
+
+
+# ---- attention processors: same outputs, JVP, no SDPA ----------------------------------------
+
+def _inputs(family, dtype):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 3 if family == "wan" else 1, 4, 6, generator=g).to(dtype)
+    c = torch.randn(2, 5, TEXT_DIM, generator=g).to(dtype)
+    t = torch.tensor([300.0, 800.0] if family == "wan" else [0.3, 0.8], dtype=dtype)
+    return x, c, t
+
+
+@pytest.mark.parametrize("family", ["wan", "cosmos"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_processor_matches_stock_and_avoids_sdpa(family, dtype, tol, monkeypatch):
+    stock = (tiny_wan() if family == "wan" else tiny_cosmos()).to(dtype)
+    call = diffusers_rf_call if family == "wan" else cosmos_call
+    x, c, t = _inputs(family, dtype)
+    calls = {"n": 0}
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real_sdpa(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    with torch.no_grad():
+        ref = call(stock, x, t, c)
+        assert calls["n"] > 0                      # the stock model does use SDPA (the counter works)
+        calls["n"] = 0
+        assert install_rcm_attention(stock) == 4 and uses_rcm_attention(stock)
+        out = call(stock, x, t, c)
+    assert calls["n"] == 0
+    assert ref.abs().max() > 0.1
+    assert (out - ref).abs().max() <= tol * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["wan", "cosmos"])
+def test_whole_model_jvp_matches_finite_differences(family):
+    net = (tiny_wan() if family == "wan" else tiny_cosmos()).double()
+    install_rcm_attention(net)
+    call = diffusers_rf_call if family == "wan" else cosmos_call
+    x, c, t = _inputs(family, torch.float64)
+    g = torch.Generator().manual_seed(7)
+    dx, dc = torch.randn(x.shape, generator=g, dtype=torch.float64), torch.randn(c.shape, generator=g, dtype=torch.float64)
+    dt = torch.tensor([40.0, -25.0] if family == "wan" else [0.04, -0.025], dtype=torch.float64)
+    f = lambda x_, c_, t_: call(net, x_, t_, c_)  # noqa: E731
+    with torch.no_grad():
+        out, jvp = torch.func.jvp(f, (x, c, t), (dx, dc, dt))
+        h = 1e-3
+        fd = (f(x + h * dx, c + h * dc, t + h * dt) - f(x - h * dx, c - h * dc, t - h * dt)) / (2 * h)
+    # Both keep parts (time embedding, norms) in fp32 even in an fp64 model (stack notes): the step must
+    # stay ~1e-3 and the check reaches ~1e-4 (Wan) / ~1e-6 (Cosmos) relative, not fp64 precision
+    rel = float((jvp - fd).norm() / fd.norm())
+    assert rel < (1e-3 if family == "wan" else 1e-5), rel
+
+
+def test_cosmos_preconditioning_is_rf_with_unit_timestep_scale():
+    """Closed form: the Cosmos2 pipeline's EDM wrapper at sigma = tan t equals our TrigFlow 'rf' wrapper."""
+    net = tiny_cosmos().double()
+    install_rcm_attention(net)
+    den = TrigFlowDenoiser(net, SPECS["cosmos-predict2-2b"].param_kind, cosmos_call)
+    den.param = type(den.param)("rf", SPECS["cosmos-predict2-2b"].timestep_scale)
+    x0, c, _ = _inputs("cosmos", torch.float64)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t = torch.tensor([0.4, 1.2], dtype=torch.float64)
+    x_t = torch.cos(t).view(-1, 1, 1, 1, 1) * x0 + torch.sin(t).view(-1, 1, 1, 1, 1) * eps
+    with torch.no_grad():
+        ours = den.x0(x_t, t, c)
+        # pipeline_cosmos2_text2image: latents = x0 + sigma eps; current_t = sigma / (sigma + 1);
+        # c_in = c_skip = 1 - current_t; c_out = -current_t; transformer at timestep current_t
+        sigma = torch.tan(t).view(-1, 1, 1, 1, 1)
+        latents = x_t / torch.cos(t).view(-1, 1, 1, 1, 1)
+        cur = sigma / (sigma + 1)
+        pred = cosmos_call(net, latents * (1 - cur), cur.flatten(), c)
+        theirs = (1 - cur) * latents + (-cur) * pred
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+# ---- loading ----------------------------------------------------------------------------
+
+def test_load_by_path_detects_architecture_and_installs_attention(wan_dir, cosmos_dir):
+    te = get_teacher(str(wan_dir))                                    # --teacher <dir>
+    assert te.name == "wan2.1-1.3b" and te.preset == "wan2.1-1.3b" and te.guidance == 5.0
+    assert isinstance(te.net, diffusers.WanTransformer3DModel) and uses_rcm_attention(te.net)
+    assert te.latent_shape == (4, 41, 240, 416)                        # 81 x 480 x 832 with the tiny VAE (x2)
+    assert te.negative_prompt == WAN_NEGATIVE_PROMPT and len(te.version) == 12
+    tc = load_teacher_from_path(cosmos_dir, **SMALL | {"frames": 1})
+    assert tc.name == "cosmos-predict2-2b" and tc.preset == "cosmos-predict2" and tc.latent_shape == (4, 1, 4, 4)
+    assert uses_rcm_attention(tc.net) and tc.param.timestep_scale == 1.0
+    emb = tc.encode_text(["a red cat", "the blue sky"])
+    assert emb.shape == (2, 8, TEXT_DIM) and (emb[0, 4:] == 0).all() and emb[0, :4].abs().sum() > 0
+    x = torch.randn(1, *tc.latent_shape)
+    assert tc.denoiser()(x.double(), torch.tensor([0.7]), emb[:1]).shape == x.shape
+    img = tc.decode(x)
+    assert img.shape == (1, 3, 8, 8) and img.min() >= 0 and img.max() <= 1
+
+
+def test_registry_name_loads_from_env_and_checks_config(wan_dir, monkeypatch):
+    monkeypatch.setenv("RCM_WEIGHTS_WAN2_1_1_3B", str(wan_dir))
+    with pytest.raises(RealTeacherError, match=r"does not match teacher 'wan2.1-1.3b': num_attention_heads=2 "
+                                               r"\(expected 12\)"):
+        get_teacher("wan2.1-1.3b")                                    # tiny config is not the real 1.3B
+    with pytest.raises(RealTeacherError, match="expects 'CosmosTransformer3DModel'"):
+        load_real_teacher("cosmos-predict2-2b", weights=wan_dir)
+
+
+def test_bad_checkpoints_are_rejected_clearly(wan_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(wan_dir, bad)
+    (bad / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(RealTeacherError, match=r"missing weights in .*vae: expected diffusion_pytorch_model"):
+        load_teacher_from_path(bad, **SMALL)
+    shutil.rmtree(bad)
+    shutil.copytree(wan_dir, bad)
+    (bad / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(RealTeacherError, match="missing tokenizer"):
+        load_teacher_from_path(bad, **SMALL)
+    shutil.rmtree(bad)
+    shutil.copytree(wan_dir, bad)
+    cfg = json.loads((bad / "transformer" / "config.json").read_text())
+    cfg["ffn_dim"] = 48                                                # config no longer matches the weights
+    (bad / "transformer" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RealTeacherError, match=r"shape mismatches, e.g. .*checkpoint \(32, 32\) vs config \(48, 32\)"):
+        load_teacher_from_path(bad, **SMALL)
+    cfg["_class_name"] = "FluxTransformer2DModel"
+    (bad / "transformer" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RealTeacherError, match="not a supported teacher architecture"):
+        get_teacher(str(bad))
+    (bad / "transformer" / "config.json").write_text("{not json")
+    with pytest.raises(RealTeacherError, match="not valid JSON"):
+        load_teacher_from_path(bad, **SMALL)
+
+
+def test_long_prompt_truncated_with_warning(wan_dir):
+    te = load_teacher_from_path(wan_dir, **SMALL)
+    with pytest.warns(UserWarning, match="truncated to 8 tokens"):
+        emb = te.encode_text([" ".join(WORDS)])
+    assert emb.shape == (1, 8, TEXT_DIM)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert te.encode_text(["a cat"]).shape == (1, 8, TEXT_DIM)
+    assert te.negative_embedding().shape == (1, 8, TEXT_DIM)        # the Chinese prompt maps to <unk>s here
+
+
+def test_resolution_rejected_with_nearest_valid_size(wan_dir):
+    with pytest.raises(ValueError, match=r"height 9 is not a multiple of 4.*nearest valid 8.*frames 6 is not 2k\+1"):
+        load_teacher_from_path(wan_dir, frames=6, height=9, width=8, text_len=8, dtype=torch.float32)
+    from rcm_core.real import check_resolution
+    with pytest.raises(ValueError, match=r"width 830 is not a multiple of 16 \(VAE x patch\); nearest valid 832"):
+        check_resolution(81, 480, 830, vae_config={"temperal_downsample": [False, True, True]},
+                         transformer_config={"patch_size": [1, 2, 2]})
+    check_resolution(81, 480, 832, vae_config={"temperal_downsample": [False, True, True]},
+                     transformer_config={"patch_size": [1, 2, 2]})
+
+
+def test_decode_to_pixels(wan_dir):
+    te = load_teacher_from_path(wan_dir, **SMALL)
+    codec = te.meta["codec"]
+    vid = te.decode(torch.randn(1, *te.latent_shape))
+    assert vid.shape == (1, 3, 5, 8, 8) and 0 <= float(vid.min()) and float(vid.max()) <= 1
+    z = codec.encode(torch.rand(1, 3, 5, 8, 8))
+    assert z.shape == (1, *te.latent_shape)
+
+
+def test_memory_estimate_raises_with_settings_that_fit():
+    small = estimate_memory("wan2.1-1.3b", 1, 81, 480, 832, torch.bfloat16, gpus=8, context_parallel=1)
+    assert small["fits"] and 1.2e9 < small["params"] < 1.6e9 and small["tokens_per_sample"] == 21 * 30 * 52
+    with pytest.raises(MemoryError, match=r"wan2.1-14b: estimated .* GiB per GPU .* gpus=1, context_parallel=1.*"
+                                          r"Settings that would fit: .*gpus=\d+, context_parallel=\d+"):
+        estimate_memory("wan2.1-14b", 4, 81, 480, 832, torch.bfloat16, gpus=1, context_parallel=1)
+    big = estimate_memory("wan2.1-14b", 1, 81, 480, 832, torch.bfloat16, gpus=8, context_parallel=4,
+                          raise_if_too_big=False)
+    assert 13e9 < big["params"] < 15e9
+    cos = estimate_memory("cosmos-predict2-2b", 1, 1, 768, 1360, "bfloat16", gpus=8, context_parallel=1)
+    assert cos["fits"] and cos["tokens_per_sample"] == 48 * 85
+
+
+# ---- training on the tiny Wan teacher ---------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["scm", "rcm"])
+def test_trainer_two_steps_on_tiny_wan(wan_dir, method):
+    te = load_teacher_from_path(wan_dir, **SMALL)
+    cfg = DistillConfig.preset(te.preset, method=method, dtype="float32", tangent_warmup_steps=0,
+                               student_update_freq=2, batch_size=2, iterations=2, lr_student=1e-3, lr_fake=1e-3)
+    tr = RCMTrainer(te, cfg)
+    assert uses_rcm_attention(tr.student.net) and (tr.fake is None or uses_rcm_attention(tr.fake.net))
+    cond = te.encode_text(["a red cat runs", "a dog on the beach"])
+    batch = dict(latents=torch.randn(2, *te.latent_shape), cond=cond, uncond=te.negative_embedding())
+    before = [p.detach().clone() for p in tr.student.parameters()]
+    ms = [tr.train_step(batch) for _ in range(2)]
+    for m in ms:
+        assert all(math.isfinite(v) for v in m.values() if isinstance(v, float)), m
+    assert ms[0]["kind"] == "student" and (method == "scm" or ms[1]["kind"] == "critic")
+    assert any((a - b).abs().max() > 0 for a, b in zip(before, tr.student.parameters()))
