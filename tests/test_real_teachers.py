@@ -133,7 +133,7 @@ def test_registry_entries_and_specs():
 
 def test_missing_weights_error_says_what_to_put_where(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("RCM_WEIGHTS_ROOT", str(tmp_path / "models"))
     with pytest.raises(RealTeacherError) as e:
         get_teacher("wan2.1-1.3b")
@@ -142,6 +142,20 @@ def test_missing_weights_error_says_what_to_put_where(tmp_path, monkeypatch):
     assert "transformer/" in msg and "RCM_WEIGHTS_WAN2_1_1_3B" in msg and str(tmp_path / "models") in msg
     with pytest.raises(ValueError, match="known teachers: .*cosmos-predict2-2b.*wan2.1-14b"):
         get_teacher("wan2.2")
+
+
+def test_weights_found_in_hf_cache_offline(wan_dir, tmp_path, monkeypatch):
+    from rcm_core.real import resolve_weights
+    repo = tmp_path / "hub" / "models--Wan-AI--Wan2.1-T2V-14B-Diffusers"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(wan_dir, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("RCM_WEIGHTS_ROOT", raising=False)
+    monkeypatch.delenv("RCM_WEIGHTS_WAN2_1_14B", raising=False)
+    assert resolve_weights(SPECS["wan2.1-14b"]) == snap
 
 
 # ---- attention processors: same outputs, JVP, no SDPA ----------------------------------------

@@ -72,7 +72,8 @@ def resolve_weights(spec: RealTeacherSpec, weights: Optional[str | os.PathLike] 
         tried.append(f"{p} ({label}): " + ("no model_index.json" if p.is_dir() else "no such directory"))
     try:
         from huggingface_hub import snapshot_download
-        p = Path(snapshot_download(spec.hf_id, local_files_only=True))
+        # cache_dir read at call time (huggingface_hub reads HF_HOME only when imported)
+        p = Path(snapshot_download(spec.hf_id, local_files_only=True, cache_dir=os.environ.get("HF_HUB_CACHE")))
         if (p / "model_index.json").is_file():
             return p
         tried.append(f"Hugging Face cache {p}: no model_index.json")
