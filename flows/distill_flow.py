@@ -140,7 +140,7 @@ class RCMDistillFlow(FlowSpec):
             loc = None
             if self.mlflow_tracking_uri.startswith("sqlite:///"):
                 loc = "file://" + os.path.join(os.path.dirname(self.mlflow_tracking_uri[len("sqlite:///"):]),
-                                               "mlartifacts")
+                                               "mlruns")
             exp_id = client.create_experiment(exp_name, artifact_location=loc)
         else:
             exp_id = exp.experiment_id
