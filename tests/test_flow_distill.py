@@ -24,9 +24,9 @@ def _run(tmp, **params):
 
     env = _runner_env(tmp)
     os.environ.update(env)
+    params.setdefault("storage_root", str(tmp / "store"))
     with Runner(FLOW, show_output=False, env=env, cwd=str(tmp)).run(
-            profile="smoke", storage_root=str(tmp / "store"), mlflow_tracking_uri=env["MLFLOW_TRACKING_URI"],
-            **params) as running:
+            profile="smoke", mlflow_tracking_uri=env["MLFLOW_TRACKING_URI"], **params) as running:
         run = running.run
         tasks_err = "".join(t.stderr or "" for st in run for t in st) if run is not None else ""
         return run, running.stdout, running.stderr + tasks_err
@@ -72,14 +72,21 @@ def test_smoke_flow_end_to_end(tmp_path):
     assert gif.read_bytes()[:3] == b"GIF"
 
 
-def test_flow_stops_at_the_prompt_gate(tmp_path):
-    bad = tmp_path / "bad.txt"
-    bad.write_text("a 1 drifting up\n\n a 1  drifting up\nhi\n")
-    run, out, err = _run(tmp_path, prompts=str(bad))
+def test_flow_stops_at_the_prompt_gate(tmp_path, s3_bucket):
+    """Bad prompts from S3 stop the flow at curate; the Data Docs still land on the S3 storage root."""
+    import boto3
+
+    url, opts = s3_bucket
+    bucket = url[len("s3://"):]
+    s3 = boto3.client("s3", endpoint_url=opts["endpoint_url"], region_name="us-east-1")
+    s3.put_object(Bucket=bucket, Key="bad.txt", Body=b"a 1 drifting up\n\n a 1  drifting up\nhi\n")
+    run, out, err = _run(tmp_path, prompts=f"{url}/bad.txt", storage_root=f"{url}/root")
     assert run is not None and not run.successful
     steps = {s.id for s in run}
     assert "cache_teacher" not in steps and "distill" not in steps
     assert "expect_table_row_count_to_be_between" in err and "prompt gate failed" in err
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert any(k.startswith("root/runs/RCMDistillFlow/") and k.endswith("curate/data_docs/index.html") for k in keys)
 
 
 def test_unknown_teacher_lists_known_ones(tmp_path):
