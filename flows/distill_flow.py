@@ -310,7 +310,7 @@ class RCMDistillFlow(FlowSpec):
 
     @step
     def register(self):
-        from rcm_steps.register import register_student
+        from rcm_steps.register import model_name_for, register_student
         from rcm_steps.storage import Storage
 
         self._mlflow()
@@ -324,11 +324,13 @@ class RCMDistillFlow(FlowSpec):
                    "metaflow.pathspec": current.pathspec, "teacher": self.teacher,
                    "teacher_version": self.teacher_info["version"], "data_hash": self.data_hash,
                    "prompts_hash": self.prompts_hash, "method": self.method, "mlflow_run_id": self.mlflow_run_id,
-                   "cache_url": self.cache_url, "distill_url": self.distill_url}
+                   "cache_url": self.cache_url, "distill_url": self.distill_url, "profile": self.profile}
         metrics = {k: v for k, v in self.eval_metrics.items() if k.startswith(f"student_{self.student_steps}/")
                    or k.startswith("teacher/")}
+        # smoke runs (tiny eval set, gates off) never compete with real runs for "champion"
+        name = model_name_for(self.teacher) + ("-smoke" if self.profile == "smoke" else "")
         r = register_student(weights, meta, self.mlflow_run_id, lineage, self.eval_metrics,
-                             self.gate_result["passed"])
+                             self.gate_result["passed"], model_name=name)
         del metrics
         self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
         self.champion, self.champion_reason = r.champion, r.reason

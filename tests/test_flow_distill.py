@@ -6,6 +6,10 @@ import sys
 import time
 
 import pytest
+# Import torch.export before Metaflow: reading Metaflow artifacts loads metaflow._vendor.typing_extensions,
+# which re-patches typing so that torch.export's generics (TypeVar defaults) fail to import later on
+# (seen when mlflow.pyfunc.load_model runs after Runner in the same process).
+import torch.export  # noqa: F401
 
 from pipeline_fixtures import *  # noqa: F401,F403
 
