@@ -35,7 +35,7 @@ PROFILES = {
                   iterations=2, batch_size=2, ckpt_every=1, eval_seeds=2, eval_teacher_steps=2, real_clips=32,
                   gates={"min_digit_acc": 0.0, "min_diversity_rel": 0.0}),
     "default": dict(max_train=None, max_eval=8, min_prompts=16, samples_per_prompt=1, teacher_steps=12,
-                    shard_size=64, iterations=60, batch_size=16, ckpt_every=20, eval_seeds=3,
+                    shard_size=64, iterations=150, batch_size=16, ckpt_every=50, eval_seeds=3,
                     eval_teacher_steps=12, real_clips=256, gates={}),
 }
 

@@ -138,7 +138,7 @@ PRESETS: dict[str, dict] = {
                             lr_student=1e-6, lr_fake=2e-7, guidance=4.5, dmd_time="lognormal",
                             dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16"),
     # The embedded toy teacher: same algorithm, learning rates and lengths for minutes on a CPU.
-    "embedded": dict(P_mean=0.0, P_std=1.6, tangent_warmup_steps=100, student_update_freq=2,
+    "embedded": dict(P_mean=0.0, P_std=1.6, tangent_warmup_steps=20, student_update_freq=2,
                      lr_student=1e-4, lr_fake=1e-4, guidance=4.0, dmd_time="rf_shift", dmd_shift=2.0,
                      batch_size=32, iterations=400, ema_sigma_rel=0.05, dtype="float32"),
 }
