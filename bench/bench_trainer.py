@@ -56,7 +56,6 @@ def main(argv=None) -> dict:
     uncond = teacher.negative_embedding().to(dev)
     g = torch.Generator(device=dev).manual_seed(0)
     latents = torch.randn((a.batch, *teacher.latent_shape), generator=g, device=dev)
-    batch = {"latents": latents, "cond": cond, "uncond": uncond}
 
     cfg = DistillConfig.preset("embedded", batch_size=a.batch, tangent_warmup_steps=0, student_update_freq=2)
     trainer = RCMTrainer(teacher, cfg, device=dev)

@@ -16,7 +16,6 @@ Model (documented, deliberately simple; calibrate against GPU runs):
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

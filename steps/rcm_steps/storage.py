@@ -16,7 +16,6 @@ workers, from the ``RCM_STORAGE_OPTIONS`` environment variable (JSON).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import posixpath
