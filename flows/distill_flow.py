@@ -106,14 +106,15 @@ class RCMDistillFlow(FlowSpec):
     # ------------------------------------------------------------------ steps
     @step
     def start(self):
-        from rcm_steps.teacher import known_teachers, load_teacher, teacher_info
+        from rcm_steps.teacher import is_known_teacher, known_teachers, load_teacher, teacher_info
 
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
         if self.method not in ("rcm", "scm", "dmd", "dcm"):
             raise ValueError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
-        if self.teacher not in known_teachers() and ":" not in self.teacher:
-            raise ValueError(f"unknown teacher {self.teacher!r}; known teachers: {', '.join(known_teachers())}")
+        if not is_known_teacher(self.teacher):
+            raise ValueError(f"unknown teacher {self.teacher!r}; known teachers: {', '.join(known_teachers())} "
+                             "(or a directory in diffusers layout)")
         on_k8s = self.execution.get("target", "local") == "kubernetes"
         if on_k8s and "://" not in self.storage_root:
             raise ValueError(f"storage_root {self.storage_root!r} is a local path, but execution target is "

@@ -65,6 +65,11 @@ def known_teachers() -> List[str]:
     return sorted(_REGISTRY)
 
 
+def is_known_teacher(name: str) -> bool:
+    """A registered name, or a directory in diffusers layout (with model_index.json)."""
+    return name in _REGISTRY or _is_diffusers_dir(name)
+
+
 def get_teacher(name: str, device: str | torch.device = "cpu") -> Teacher:
     if name not in _REGISTRY and _is_diffusers_dir(name):    # --teacher <dir in diffusers layout>
         from .real.loading import load_teacher_from_path

@@ -239,6 +239,11 @@ def test_cosmos_preconditioning_is_rf_with_unit_timestep_scale():
 
 def test_load_by_path_detects_architecture_and_installs_attention(wan_dir, cosmos_dir):
     te = get_teacher(str(wan_dir))                                    # --teacher <dir>
+    from rcm_steps.teacher import UnknownTeacherError, is_known_teacher, load_teacher
+    assert is_known_teacher(str(wan_dir)) and not is_known_teacher(str(wan_dir / "transformer"))
+    assert load_teacher(str(wan_dir)).name == "wan2.1-1.3b"           # the pipeline's resolver takes paths too
+    with pytest.raises(UnknownTeacherError, match="or a directory in diffusers layout"):
+        load_teacher(str(wan_dir / "transformer"))
     assert te.name == "wan2.1-1.3b" and te.preset == "wan2.1-1.3b" and te.guidance == 5.0
     assert isinstance(te.net, diffusers.WanTransformer3DModel) and uses_rcm_attention(te.net)
     assert te.latent_shape == (4, 41, 240, 416)                        # 81 x 480 x 832 with the tiny VAE (x2)

@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-__all__ = ["UnknownTeacherError", "known_teachers", "load_teacher", "teacher_denoiser", "teacher_info",
+__all__ = ["UnknownTeacherError", "known_teachers", "is_known_teacher", "load_teacher", "teacher_denoiser", "teacher_info",
            "encode", "negative_embedding", "sampler_defaults", "pick_device"]
 
 
@@ -13,14 +13,17 @@ class UnknownTeacherError(ValueError):
     pass
 
 
-def _registry():
-    import rcm_core.teachers as reg
-
-    return reg.known_teachers, reg.get_teacher
-
-
 def known_teachers() -> List[str]:
-    return list(_registry()[0]())
+    from rcm_core.teachers import known_teachers as known
+
+    return list(known())
+
+
+def is_known_teacher(name: str) -> bool:
+    """A registered name, a diffusers directory, or a ``module:factory`` spec."""
+    from rcm_core.teachers import is_known_teacher as known
+
+    return ":" in name or known(name)
 
 
 def load_teacher(name: str, device: str = "cpu"):
@@ -40,10 +43,11 @@ def load_teacher(name: str, device: str = "cpu"):
             return factory(device=device)
         except TypeError:
             return factory()
-    _known, get_teacher = _registry()
-    known = list(_known())
-    if name not in known:
-        raise UnknownTeacherError(f"unknown teacher {name!r}; known teachers: {', '.join(known)}")
+    from rcm_core.teachers import get_teacher
+
+    if not is_known_teacher(name):
+        raise UnknownTeacherError(f"unknown teacher {name!r}; known teachers: {', '.join(known_teachers())} "
+                                  "(or a directory in diffusers layout)")
     return get_teacher(name, device=device)
 
 
