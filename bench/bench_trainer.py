@@ -78,7 +78,6 @@ def main(argv=None) -> dict:
     def fix_step(tr, step):
         def run():
             tr.step = step
-            tr._shape = tuple(x0.shape[1:])
             (tr.student_step if tr.is_student_step() else tr.critic_step)(x0, c, u)
         return run
 

@@ -133,7 +133,8 @@ class RCMTrainer:
             return sample_t_shifted_rf(n, c.dmd_shift, generator=self.gen, device=self.device)
         return sample_t_lognormal(n, c.dmd_P_mean, c.dmd_P_std, generator=self.gen, device=self.device)
 
-    def rollout(self, cond: torch.Tensor, keep_graph: bool):
+    def rollout(self, cond: torch.Tensor, shape: tuple, keep_graph: bool):
+        """Student backward simulation from pure noise of per-sample ``shape``."""
         c = self.cfg
         n = (self.step % c.rollout_max_steps) + 1 if c.rollout_cycle else \
             int(torch.randint(1, c.rollout_max_steps + 1, (1,), generator=self.gen, device=self.device))
@@ -143,7 +144,7 @@ class RCMTrainer:
             t_hat = [torch.full((b,), fixed[k], dtype=torch.float64, device=self.device) for k in range(n)]
         else:
             t_hat = [self.sample_t_D(b) for _ in range(n)]
-        noise = torch.randn((b, *self._shape), generator=self.gen, device=self.device, dtype=torch.float64)
+        noise = torch.randn((b, *shape), generator=self.gen, device=self.device, dtype=torch.float64)
         return student_rollout(self.student, cond, noise, n, t_hat, c.rollout_t_max, self.gen, keep_graph)
 
     def tangent(self, x_t, t, F_T, cond):
@@ -195,7 +196,7 @@ class RCMTrainer:
             loss = loss + c.loss_scale * l_cm
         if c.uses_dmd and self.step >= self.warmup_steps:
             with self._amp():
-                G, _ = self.rollout(cond, keep_graph=True)
+                G, _ = self.rollout(cond, x0.shape[1:], keep_graph=True)
             t_D = self.sample_t_D(b)
             x_D = noisy_sample(G, self._randn(G), t_D)
             with torch.no_grad(), self._amp():
@@ -218,7 +219,7 @@ class RCMTrainer:
     def critic_step(self, x0, cond, uncond) -> dict:
         b = x0.shape[0]
         with torch.no_grad(), self._amp():
-            G, _ = self.rollout(cond, keep_graph=False)
+            G, _ = self.rollout(cond, x0.shape[1:], keep_graph=False)
         t_D = self.sample_t_D(b)
         x_D = noisy_sample(G, self._randn(G), t_D)
         with self._amp():
@@ -235,7 +236,6 @@ class RCMTrainer:
         x0, cond, uncond = _check_batch(batch, self.latent_shape)
         x0 = x0.to(self.device, torch.float64)
         cond, uncond = cond.to(self.device), uncond.to(self.device)
-        self._shape = tuple(x0.shape[1:])
         t0 = time.perf_counter()
         m = self.student_step(x0, cond, uncond) if self.is_student_step() else self.critic_step(x0, cond, uncond)
         if self.device.type == "cuda":

@@ -4,8 +4,7 @@
     python -m rcm_core.embedded.preview --data --out data_grid.png     # real clips
 
 Sampling uses the project's teacher sampler ``rcm_core.sampling.sample_teacher``
-(Euler on the RF schedule with shift and CFG) when available; otherwise a local
-Euler loop ``x_{s - ds} = x_s - ds * v`` with the same guidance.
+(Euler on the RF schedule with shift and CFG).
 """
 from __future__ import annotations
 
@@ -57,25 +56,13 @@ def save_grid(clips: torch.Tensor, path, ncol: int = 1, titles: Optional[Sequenc
     return path
 
 
-def _euler_local(net, cond, uncond, noise, steps, guidance, shift):
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    s = shift * s / (1 + (shift - 1) * s)
-    x = noise.to(torch.float64)
-    dt = next(net.parameters()).dtype
-    for s_cur, s_next in zip(s[:-1].tolist(), s[1:].tolist()):
-        ts = torch.full((x.shape[0],), 1000.0 * s_cur, dtype=dt)
-        vc = net(x.to(dt), ts, cond.to(dt)).double()
-        vu = net(x.to(dt), ts, uncond.to(dt)).double()
-        v = vu + guidance * (vc - vu)
-        x = x + (s_next - s_cur) * v
-    return x
-
-
 @torch.no_grad()
 def sample_clips(prompts: List[str], *, guidance: float = 4.0, shift: float = 2.0, steps: int = 50,
-                 seed: int = 0, net=None, encoder=None, use_project_sampler: bool = True) -> torch.Tensor:
+                 seed: int = 0, net=None, encoder=None) -> torch.Tensor:
     """Sample the teacher for ``prompts``; returns pixel clips ``(B, 1, T, H, W)`` in [0, 1]."""
+    from rcm_core.denoiser import TrigFlowDenoiser
     from rcm_core.embedded import load_teacher_net, load_text_encoder
+    from rcm_core.sampling import sample_teacher
 
     net = net if net is not None else load_teacher_net()
     enc = encoder if encoder is not None else load_text_encoder()
@@ -83,18 +70,8 @@ def sample_clips(prompts: List[str], *, guidance: float = 4.0, shift: float = 2.
     uncond = enc.encode([""]).expand(len(prompts), -1, -1).clone()
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), 1, D.T, D.H, D.W, generator=g, dtype=torch.float64)
-    x0 = None
-    if use_project_sampler:
-        try:
-            from rcm_core.denoiser import TrigFlowDenoiser
-            from rcm_core.sampling import sample_teacher
-        except ImportError:
-            pass
-        else:
-            x0 = sample_teacher(TrigFlowDenoiser(net, "rf"), cond, uncond, noise, steps=steps,
-                                guidance=guidance, shift=shift, solver="euler")
-    if x0 is None:
-        x0 = _euler_local(net, cond, uncond, noise, steps, guidance, shift)
+    x0 = sample_teacher(TrigFlowDenoiser(net, "rf"), cond, uncond, noise, steps=steps,
+                        guidance=guidance, shift=shift, solver="euler")
     return D.from_latent(x0.float())
 
 
