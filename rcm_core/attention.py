@@ -233,6 +233,46 @@ class _Attention(torch.autograd.Function):
         return do, None
 
 
+class _AttentionWithTangent(torch.autograd.Function):
+    """(O, dO, LSE) from one fused pass; reverse mode through O only.
+
+    Used when the inputs carry ``torch.autograd.forward_ad`` tangents while the graph
+    for the backward is being recorded (the fused sCM student step): the primal O
+    and its tangent dO come from one forward-with-tangent pass instead of a forward
+    followed by the op's ``jvp`` rule, which would compute O twice.
+    """
+
+    @staticmethod
+    def forward(q, k, v, dq, dk, dv, s):
+        return _forward_tangent_impl(q, k, v, dq, dk, dv, s)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _dq, _dk, _dv, s = inputs
+        o, do, lse = output
+        ctx.s = s
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(do, lse)
+
+    @staticmethod
+    def backward(ctx, go, _gdo, _glse):
+        q, k, v, o, lse = ctx.saved_tensors
+        gq, gk, gv = _backward_impl(q, k, v, o, lse, go.contiguous(), ctx.s)
+        return gq, gk, gv, None, None, None, None
+
+
+def _dual_parts(*xs):
+    """(primals, tangents) if any input is a ``forward_ad`` dual tensor (outside torch.func), else None."""
+    from torch.autograd import forward_ad as fwAD
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in xs):
+        return None                      # torch.func.jvp: the op's own jvp rule handles it
+    parts = [fwAD.unpack_dual(x) for x in xs]
+    if all(p.tangent is None for p in parts):
+        return None
+    return ([p.primal for p in parts],
+            [torch.zeros_like(p.primal) if p.tangent is None else p.tangent.detach() for p in parts])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
               scale: Optional[float] = None, layout: str = "bhnd") -> torch.Tensor:
     """softmax(scale * Q K^T) V with exact reverse- and forward-mode derivatives.
@@ -245,5 +285,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if not math.isfinite(s):
         raise ValueError(f"attention: scale must be finite, got {scale}")
     qb, kb, vb = (_to_bhnd(x, layout) for x in (q, k, v))
-    o, _ = _Attention.apply(qb, kb, vb, s)
+    duals = _dual_parts(qb, kb, vb)
+    if duals is not None:                # forward-AD tangents with the graph kept: one fused pass
+        from torch.autograd import forward_ad as fwAD
+        (qp, kp, vp), (dq, dk, dv) = duals
+        o, do, _ = _AttentionWithTangent.apply(qp, kp, vp, dq, dk, dv, s)
+        o = fwAD.make_dual(o, do)
+    else:
+        o, _ = _Attention.apply(qb, kb, vb, s)
     return o if layout == "bhnd" else o.transpose(1, 2)

@@ -30,6 +30,10 @@ class DistillConfig:
     # time derivative: "jvp" (forward-mode AD) or "semi_continuous" (t-part by finite difference)
     time_derivative: str = "jvp"
     fd_step: float = 1e-4
+    # "jvp" only: compute J in the same forward pass that records the student's graph
+    # (forward-AD dual inputs; attention gives O and dO from one fused kernel pass) instead of a
+    # separate no-grad JVP pass followed by the student's forward.
+    fused_tangent: bool = True
     dcm_delta: float = 0.05              # step of the discrete-time CM baseline (TrigFlow time)
     # DMD / critic time distribution p_D
     dmd_time: str = "rf_shift"           # rf_shift (Wan) | lognormal (Cosmos)

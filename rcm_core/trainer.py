@@ -159,6 +159,23 @@ class RCMTrainer:
             F_h = self.student(x_t, t + h, cond)
             return F_minus, J_x + expand_like(cs, x_t) * (F_h - F_minus) / h
 
+    def student_with_tangent(self, x_t, t, F_T, cond):
+        """F_theta(x_t, t) with its graph, and J, from one forward pass (forward-AD dual inputs).
+
+        The student's forward is recorded for the backward while the tangents
+        (cos t sin t F_T, cos t sin t) are pushed through it, so F_theta^- and J cost
+        one tangent pass on top of the forward the loss needs anyway.
+        """
+        from torch.autograd import forward_ad as fwAD
+        cs = torch.cos(t) * torch.sin(t)
+        dx = expand_like(cs, x_t) * F_T
+        with fwAD.dual_level(), self._amp():
+            out = self.student(fwAD.make_dual(x_t, dx), fwAD.make_dual(t, cs), cond)
+            F_theta, J = fwAD.unpack_dual(out)
+        if J is None:
+            raise RuntimeError("the student's output carries no tangent: is the time input detached inside the network?")
+        return F_theta, F_theta.detach(), J.detach()
+
     # ---- the two updates ----------------------------------------------------------------
     def student_step(self, x0, cond, uncond) -> dict:
         c, b = self.cfg, x0.shape[0]
@@ -180,13 +197,18 @@ class RCMTrainer:
                     x0_theta = self.student.x0(x_t[mask], t[mask], cond[mask])
                 l_cm = dcm_loss(x0_theta, target[mask], c.dcm_delta) * mask.sum() / b
             else:
-                F_minus, J = self.tangent(x_t, t, F_T, cond)
+                fused = c.fused_tangent and c.time_derivative == "jvp"
+                if fused:
+                    F_theta, F_minus, J = self.student_with_tangent(x_t, t, F_T, cond)
+                else:
+                    F_minus, J = self.tangent(x_t, t, F_T, cond)
                 r = tangent_warmup_ratio(self.step, c.tangent_warmup_steps)
                 g = normalize_tangent(scm_target(F_minus, F_T, J, x_t, t, r,
                                                  warmup_scales_jvp=c.warmup_scales_jvp), c.tangent_norm_c)
                 mask = nan_mask(g, F_minus)
-                with self._amp():
-                    F_theta = self.student(x_t[mask], t[mask], cond[mask])
+                if not fused or not bool(mask.all()):     # (re)compute on the finite samples only
+                    with self._amp():
+                        F_theta = self.student(x_t[mask], t[mask], cond[mask])
                 l_cm = scm_loss(F_theta, F_minus[mask], g[mask], b)
                 m["tangent_ratio"] = r
                 m["g_norm"] = float(torch.linalg.vector_norm(g[mask].reshape(int(mask.sum()), -1), dim=1).mean()) \
