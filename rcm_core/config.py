@@ -34,6 +34,10 @@ class DistillConfig:
     # (forward-AD dual inputs; attention gives O and dO from one fused kernel pass) instead of a
     # separate no-grad JVP pass followed by the student's forward.
     fused_tangent: bool = True
+    # memory: activation checkpointing of the student's and fake score's transformer blocks
+    # ("none" | "full" | "selective": every ac_every-th block), applied by rcm_core.parallel.parallelize
+    activation_checkpointing: str = "none"
+    ac_every: int = 2
     dcm_delta: float = 0.05              # step of the discrete-time CM baseline (TrigFlow time)
     # DMD / critic time distribution p_D
     dmd_time: str = "rf_shift"           # rf_shift (Wan) | lognormal (Cosmos)
@@ -91,6 +95,11 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.method={self.method!r}; known: {METHODS}")
         if self.time_derivative not in ("jvp", "semi_continuous"):
             raise ValueError(f"DistillConfig.time_derivative={self.time_derivative!r}; known: jvp, semi_continuous")
+        if self.activation_checkpointing not in ("none", "full", "selective"):
+            raise ValueError(f"DistillConfig.activation_checkpointing={self.activation_checkpointing!r}; "
+                             "known: none, full, selective")
+        if self.ac_every < 1:
+            raise ValueError(f"DistillConfig.ac_every must be >= 1, got {self.ac_every}")
         if self.dmd_time not in ("rf_shift", "lognormal"):
             raise ValueError(f"DistillConfig.dmd_time={self.dmd_time!r}; known: rf_shift, lognormal")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):

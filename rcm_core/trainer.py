@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .config import DistillConfig
 from .denoiser import TrigFlowDenoiser, guided
 from .ema import PowerEMA
+from .parallel import ParallelConfig, parallelize
 from .losses import (critic_loss, dcm_loss, dmd_loss, nan_mask, normalize_tangent, sample_t_lognormal,
                      sample_t_shifted_rf, scm_loss, scm_target, student_update, tangent_warmup_ratio)
 from .sampling import sample_student, student_rollout
@@ -90,8 +91,12 @@ class RCMTrainer:
         net_dtype = torch.float32 if self.cfg.dtype in ("bfloat16", "float16") else _DTYPES[self.cfg.dtype]
         self._autocast_dtype = _DTYPES[self.cfg.dtype] if self.cfg.dtype in ("bfloat16", "float16") else None
 
+        pcfg = ParallelConfig(self.cfg.activation_checkpointing, self.cfg.ac_every)
+
         def clone(src, trainable: bool):
             net = copy.deepcopy(src).to(self.device, net_dtype)
+            if trainable:
+                net = parallelize(net, pcfg)
             p = (student_param or param) if trainable else param
             return TrigFlowDenoiser(net.train(trainable).requires_grad_(trainable), p, call)
 

@@ -121,3 +121,53 @@ def test_trainer_fused_step_equals_unfused_step():
     assert mf["g_norm"] == pytest.approx(mu["g_norm"], rel=1e-10)
     for k in sf:
         assert torch.allclose(sf[k], su[k], atol=1e-12, rtol=0), k
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_outputs_tangents_and_gradients(mode):
+    import copy
+    from rcm_core.parallel import ParallelConfig, parallelize
+    net, xs, cs, call = _embedded_net()
+    net.blocks.append(copy.deepcopy(net.blocks[0]))                  # 3 blocks: selective checkpoints 0 and 2
+    ck = copy.deepcopy(parallelize(copy.deepcopy(net), ParallelConfig(mode, ac_every=2)))  # deep copies stay bound
+    assert all(b.forward.__self__ is b for b in ck.blocks if "forward" in vars(b))
+    assert sum("forward" in vars(b) for b in ck.blocks) == (3 if mode == "full" else 2)
+    g = torch.Generator().manual_seed(2)
+    x, dx = torch.randn(xs, generator=g, dtype=D), torch.randn(xs, generator=g, dtype=D)
+    ts, dts = torch.tensor([100.0, 900.0], dtype=D), torch.tensor([5.0, -3.0], dtype=D)
+    ctx = torch.randn(cs, generator=g, dtype=D)
+    w = torch.randn(xs, generator=g, dtype=D)
+    res = []
+    for m in (net, ck):
+        y, j = _dual_call(lambda a, b: call(m, a, b, ctx), (x, ts), (dx, dts))
+        gd = torch.autograd.grad((y * w).sum(), list(m.parameters()))
+        gp = torch.autograd.grad((call(m, x, ts, ctx) * w).sum(), list(m.parameters()))  # plain checkpoint path
+        res.append((y.detach(), j, gd, gp))
+    (y0, j0, gd0, gp0), (y1, j1, gd1, gp1) = res
+    assert torch.allclose(y0, y1, atol=1e-12) and torch.allclose(j0, j1, atol=1e-12)
+    for a, b in zip(gd0 + gp0, gd1 + gp1):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_trainer_with_activation_checkpointing_takes_the_same_step():
+    teacher = get_teacher("embedded")
+    g = torch.Generator().manual_seed(4)
+    batch = {"latents": torch.randn(2, *teacher.latent_shape, generator=g),
+             "cond": torch.randn(2, 16, 64, generator=g), "uncond": torch.zeros(1, 16, 64)}
+    states = []
+    for ac in ("none", "full"):
+        cfg = DistillConfig.preset("embedded", method="rcm", dtype="float64", tangent_warmup_steps=0,
+                                   student_update_freq=2, activation_checkpointing=ac)
+        tr = RCMTrainer(teacher, cfg)
+        ms = [tr.train_step(batch) for _ in range(2)]                 # a student (sCM + DMD) and a critic step
+        assert [m["kind"] for m in ms] == ["student", "critic"]
+        states.append((ms, tr.student.net.state_dict(), tr.fake.net.state_dict()))
+    (m0, s0, f0), (m1, s1, f1) = states
+    for a, b in zip(m0, m1):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-10)
+    for k in s0:
+        assert torch.allclose(s0[k], s1[k], atol=1e-12, rtol=0), k
+    for k in f0:
+        assert torch.allclose(f0[k], f1[k], atol=1e-12, rtol=0), k
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        DistillConfig.preset("embedded", activation_checkpointing="some")
