@@ -7,6 +7,7 @@ Local (CPU, gloo; storage under ./runs/storage, MLflow in ./mlflow.db):
     METAFLOW_USER=$USER python flows/distill_flow.py run --profile smoke      # ~1.5 min
     ... run --nodes 2 --procs_per_node 1                                      # 2-node gang, locally
     ... run --prompts s3://bucket/prompts.parquet --prompt_column text --storage_root s3://bucket/rcm
+    ... run --teacher /models/Wan2.1-T2V-1.3B-Diffusers --frames 17 --height 240 --width 416   # real teacher
 Kubernetes / Argo Workflows (8 GPUs per distill node, NCCL; the image must have this
 package installed, storage and MLflow must be shared):
     python flows/distill_flow.py --config-value execution '{"target": "kubernetes", "image": "..."}' \
@@ -67,7 +68,14 @@ class RCMDistillFlow(FlowSpec):
     execution = Config("execution", default_value={"target": "local", "gpus_per_node": 8},
                        help='{"target": "local"|"kubernetes", "gpus_per_node": 8, "image": ..., "namespace": ...}')
 
-    teacher = Parameter("teacher", default="embedded", help="teacher name (rcm_core.teachers)")
+    teacher = Parameter("teacher", default="embedded",
+                        help="teacher name (rcm_core.teachers) or a directory in diffusers layout")
+    frames = Parameter("frames", default=0, type=int, help="real teachers: pixel frames; 0: the teacher's default")
+    height = Parameter("height", default=0, type=int, help="real teachers: pixel height; 0: the teacher's default")
+    width = Parameter("width", default=0, type=int, help="real teachers: pixel width; 0: the teacher's default")
+    text_len = Parameter("text_len", default=0, type=int, help="real teachers: prompt tokens; 0: the teacher's default")
+    teacher_dtype = Parameter("teacher_dtype", default="auto",
+                              help="real teachers: float32 | bfloat16 | ...; auto: bfloat16 on GPUs, float32 on CPU")
     method = Parameter("method", default="rcm", help="rcm | scm | dmd | dcm")
     student_steps = Parameter("student_steps", default=4, type=int, help="default steps of the registered model")
     iterations = Parameter("iterations", default=0, type=int, help="0: profile value")
@@ -103,10 +111,36 @@ class RCMDistillFlow(FlowSpec):
     def _run_prefix(self):
         return f"runs/{current.flow_name}/{current.run_id}"
 
+    def _memory_check(self, check_memory, on_k8s):
+        """Real teachers on GPUs: fail before any work when distillation will not fit (MemoryError names
+        settings that would). The estimate is for GPUs: skipped on CPU runs."""
+        if not self.teacher_info.get("real"):
+            return None
+        import math
+
+        import torch
+
+        gpus = self.nodes * self.nproc
+        if on_k8s:
+            mem = float(self.execution.get("gpu_memory_gib", 80))
+        elif torch.cuda.is_available():
+            mem = torch.cuda.get_device_properties(0).total_memory / 1024 ** 3
+        else:
+            print("memory check skipped: CPU run (the estimate applies to GPUs)")
+            return None
+        from rcm_core.config import DistillConfig
+
+        dtype = json.loads(self.distill_config or "{}").get("dtype") or \
+            DistillConfig.preset(self.teacher_info["preset"]).dtype
+        est = check_memory(self.teacher_info, math.ceil(self.settings["batch_size"] / gpus), gpus, mem, dtype=dtype)
+        print(f"memory check: {est['gib_per_gpu']:.1f} GiB per GPU of {mem:.0f} (gpus={gpus})")
+        return est
+
     # ------------------------------------------------------------------ steps
     @step
     def start(self):
-        from rcm_steps.teacher import is_known_teacher, known_teachers, load_teacher, teacher_info
+        from rcm_steps.teacher import (check_memory, describe_teacher, is_known_teacher, known_teachers,
+                                       teacher_label, teacher_options)
 
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
@@ -132,10 +166,14 @@ class RCMDistillFlow(FlowSpec):
             s["batch_size"] = self.batch_size
         s["gates"] = {**s["gates"], **json.loads(self.gates or "{}")}
         self.settings = s
-        self.teacher_info = teacher_info(load_teacher(self.teacher))
+        self.teacher_options = teacher_options(self.teacher, self.frames, self.height, self.width, self.text_len,
+                                               self.teacher_dtype)
+        # real teachers: checkpoint files, configs, tensor shapes and resolution are checked here, weights unread
+        self.teacher_info = describe_teacher(self.teacher, self.teacher_options)
+        self.memory_estimate = self._memory_check(check_memory, on_k8s)
         self._storage().check_writable()
         client = self._mlflow()
-        exp_name = f"rcm-distill-{self.teacher}"
+        exp_name = f"rcm-distill-{teacher_label(self.teacher)}"
         exp = client.get_experiment_by_name(exp_name)
         if exp is None:
             loc = None
@@ -150,7 +188,8 @@ class RCMDistillFlow(FlowSpec):
             "teacher": self.teacher, "teacher_version": self.teacher_info["version"],
             "method": self.method, "profile": self.profile})
         self.mlflow_run_id = run.info.run_id
-        params = {"teacher": self.teacher, "method": self.method, "nodes": self.nodes,
+        params = {"teacher": self.teacher, "teacher_options": json.dumps(self.teacher_options),
+                  "method": self.method, "nodes": self.nodes,
                   "procs_per_node": self.nproc, "seed": self.seed, "profile": self.profile,
                   "storage_root": self.storage_root, "prompts": self.prompts,
                   **{f"settings.{k}": v for k, v in s.items()}}
@@ -203,11 +242,11 @@ class RCMDistillFlow(FlowSpec):
         from metaflow.cards import Image, Markdown, Table
 
         from rcm_steps.cache import CacheConfig, cache_teacher, load_cache
-        from rcm_steps.evaluate import clip_grid_png
+        from rcm_steps.evaluate import as_clips, clip_grid_png
         from rcm_steps.teacher import decode, load_teacher, pick_device
 
         s = self.settings
-        teacher = load_teacher(self.teacher, device=pick_device("auto"))
+        teacher = load_teacher(self.teacher, device=pick_device("auto"), options=self.teacher_options)
         cfg = CacheConfig(samples_per_prompt=s["samples_per_prompt"], shard_size=s["shard_size"], seed=self.seed,
                           steps=s["teacher_steps"])
         st = self._storage()
@@ -220,7 +259,7 @@ class RCMDistillFlow(FlowSpec):
         self.latent_docs_page = f"{docs}/{res.report.docs_page}"
         data = load_cache(res.url)
         n = min(6, data.latents.shape[0])
-        clips = decode(teacher, data.latents[:n]).unsqueeze(1)
+        clips = as_clips(decode(teacher, data.latents[:n])).unsqueeze(1)
         png = clip_grid_png({"teacher cache": clips}, [data.prompts[i] for i in data.prompt_idx[:n].tolist()])
         current.card.append(Markdown(f"# Teacher cache\n`{res.url}` - data hash `{res.data_hash[:16]}` - "
                                      f"[latent gate Data Docs]({self.latent_docs_page})"))
@@ -240,7 +279,8 @@ class RCMDistillFlow(FlowSpec):
         st = self._storage()
         self.distill_url = st.url(f"{self._run_prefix()}/distill")
         s = self.settings
-        args = ["--teacher", self.teacher, "--cache", self.cache_url, "--out", self.distill_url,
+        args = ["--teacher", self.teacher, "--teacher-options", json.dumps(self.teacher_options),
+                "--cache", self.cache_url, "--out", self.distill_url,
                 "--method", self.method, "--iterations", s["iterations"], "--batch-size", s["batch_size"],
                 "--seed", self.seed, "--config", self.distill_config, "--ckpt-every", s["ckpt_every"],
                 "--mlflow-run-id", self.mlflow_run_id]
@@ -265,18 +305,19 @@ class RCMDistillFlow(FlowSpec):
         from rcm_core.config import DistillConfig
         from safetensors.torch import load
 
-        from rcm_steps.evaluate import EvalConfig, check_gates, clip_grid_png, clips_gif, evaluate, student_denoiser
+        from rcm_steps.evaluate import (EvalConfig, check_gates, clip_grid_png, clips_gif, clips_mp4, evaluate,
+                                        student_denoiser, uses_digit_metrics)
         from rcm_steps.storage import Storage
         from rcm_steps.teacher import load_teacher
 
         first = inputs[0]
-        for k in ("settings", "teacher_info", "mlflow_run_id", "eval_prompts", "train_prompts", "cache_url",
+        for k in ("settings", "teacher_info", "teacher_options", "memory_estimate", "mlflow_run_id", "eval_prompts", "train_prompts", "cache_url",
                   "data_hash", "distill_url", "distill_result", "prompts_hash", "data_docs_page",
                   "latent_docs_page", "cache_summary", "curate_stats", "data_docs_html", "data_docs_url"):
             setattr(self, k, getattr(first, k))
         self.distill_attempts = max(i.attempt for i in inputs) + 1
         s = self.settings
-        teacher = load_teacher(self.teacher)
+        teacher = load_teacher(self.teacher, options=self.teacher_options)
         ema_url = self.distill_result["ema_url"]
         ema = load(Storage(ema_url.rsplit("/", 1)[0]).read_bytes(ema_url.rsplit("/", 1)[1]))
         student = student_denoiser(teacher, ema)
@@ -287,19 +328,25 @@ class RCMDistillFlow(FlowSpec):
         self.eval_metrics = res.metrics
         self.gate_result = check_gates(res.metrics, s["gates"], steps=self.student_steps)
         png = clip_grid_png(res.clips, res.prompts)
-        gif = clips_gif(torch.cat([res.clips[m][:4, 0] for m in res.clips]))
-        self.sample_grid_png, self.sample_gif = png, gif
+        digits = uses_digit_metrics(teacher)
+        batch = torch.cat([res.clips[m][:4, 0] for m in res.clips])
+        gif = clips_gif(batch) if digits else clips_gif(batch, scale=None)
+        mp4, mp4_note = (None, "") if digits else clips_mp4(batch, fps=int((teacher.meta or {}).get("fps", 16)))
+        self.sample_grid_png, self.sample_gif, self.sample_mp4, self.sample_mp4_note = png, gif, mp4, mp4_note
         client = self._mlflow()
         client.log_batch(self.mlflow_run_id, metrics=_metrics({f"eval/{k}": v for k, v in res.metrics.items()}))
         client.log_batch(self.mlflow_run_id, metrics=_metrics({"eval/gates_passed": float(self.gate_result["passed"])}))
         with tempfile.TemporaryDirectory() as d:
-            for name, data in (("samples_grid.png", png), ("samples.gif", gif)):
+            media = [("samples_grid.png", png), ("samples.gif", gif)] + ([("samples.mp4", mp4)] if mp4 else [])
+            for name, data in media:
                 with open(os.path.join(d, name), "wb") as f:
                     f.write(data)
                 client.log_artifact(self.mlflow_run_id, os.path.join(d, name), artifact_path="eval")
         models = list(res.clips)
-        keys = ["nfe", "sec_per_sample", "digit_acc", "direction_acc", "fd_data", "fd_teacher", "diversity",
-                "diversity_rel"]
+        keys = (["nfe", "sec_per_sample", "digit_acc", "direction_acc", "fd_data", "fd_teacher", "diversity",
+                 "diversity_rel"] if digits else
+                ["nfe", "sec_per_sample", "speedup", "fd_teacher", "fd_teacher_latent", "latent_rmse_teacher",
+                 "diversity", "diversity_rel"])
         rows = [[m] + [_fmt(res.metrics.get(f"{m}/{k}")) for k in keys] for m in models]
         current.card.append(Markdown(f"# Evaluation\n{len(res.prompts)} eval prompts x {cfg.seeds} seeds. "
                                      f"Gates: {'PASS' if self.gate_result['passed'] else 'FAIL'} "
@@ -307,12 +354,16 @@ class RCMDistillFlow(FlowSpec):
         current.card.append(Table(rows, headers=["model"] + keys))
         current.card.append(Image(png, label="rows: prompts; columns: " + ", ".join(models)))
         current.card.append(Image(gif, label="GIF: 4 prompts per model (" + ", ".join(models) + ")"))
+        if not digits:
+            current.card.append(Markdown("MP4 (same clips): MLflow artifact `eval/samples.mp4`, Metaflow artifact "
+                                         "`sample_mp4`" if mp4 else f"MP4: {mp4_note}"))
         self.next(self.register)
 
     @step
     def register(self):
         from rcm_steps.register import model_name_for, register_student
         from rcm_steps.storage import Storage
+        from rcm_steps.teacher import teacher_label
 
         self._mlflow()
         ema_url = self.distill_result["ema_url"]
@@ -320,7 +371,8 @@ class RCMDistillFlow(FlowSpec):
         dcfg = self.distill_result["config"]
         meta = {"teacher": self.teacher, "teacher_version": self.teacher_info["version"],
                 "latent_shape": self.teacher_info["latent_shape"], "default_steps": self.student_steps,
-                "sigma_max": dcfg["sigma_max"], "mid_t": list(dcfg["mid_t"]), "method": self.method}
+                "sigma_max": dcfg["sigma_max"], "mid_t": list(dcfg["mid_t"]), "method": self.method,
+                "teacher_options": self.teacher_options}
         lineage = {"metaflow.flow": current.flow_name, "metaflow.run_id": str(current.run_id),
                    "metaflow.pathspec": current.pathspec, "teacher": self.teacher,
                    "teacher_version": self.teacher_info["version"], "data_hash": self.data_hash,
@@ -329,7 +381,7 @@ class RCMDistillFlow(FlowSpec):
         metrics = {k: v for k, v in self.eval_metrics.items() if k.startswith(f"student_{self.student_steps}/")
                    or k.startswith("teacher/")}
         # smoke runs (tiny eval set, gates off) never compete with real runs for "champion"
-        name = model_name_for(self.teacher) + ("-smoke" if self.profile == "smoke" else "")
+        name = model_name_for(teacher_label(self.teacher)) + ("-smoke" if self.profile == "smoke" else "")
         r = register_student(weights, meta, self.mlflow_run_id, lineage, self.eval_metrics,
                              self.gate_result["passed"], model_name=name)
         del metrics

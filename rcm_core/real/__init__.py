@@ -5,13 +5,14 @@ weights come from a local diffusers-layout directory or the Hugging Face cache.
 """
 from .attention import RcmCosmosAttnProcessor, RcmWanAttnProcessor, install_rcm_attention, uses_rcm_attention
 from .loading import (LatentCodec, RealTeacherError, RealTextEncoder, check_layout, check_resolution, cosmos_call,
-                      diffusers_rf_call, is_diffusers_dir, latent_shape_for, load_real_teacher, load_teacher_from_path,
+                      diffusers_rf_call, inspect_real_teacher, inspect_teacher_path, is_diffusers_dir,
+                      latent_shape_for, load_real_teacher, load_teacher_from_path,
                       resolve_weights)
 from .memory import estimate_memory
 from .specs import COSMOS_NEGATIVE_PROMPT, SPECS, WAN_NEGATIVE_PROMPT, RealTeacherSpec, spec_for_config
 
 __all__ = ["RcmCosmosAttnProcessor", "RcmWanAttnProcessor", "install_rcm_attention", "uses_rcm_attention",
            "LatentCodec", "RealTeacherError", "RealTextEncoder", "check_layout", "check_resolution", "cosmos_call",
-           "diffusers_rf_call", "is_diffusers_dir", "latent_shape_for", "load_real_teacher", "load_teacher_from_path",
+           "diffusers_rf_call", "inspect_real_teacher", "inspect_teacher_path", "is_diffusers_dir", "latent_shape_for", "load_real_teacher", "load_teacher_from_path",
            "resolve_weights", "estimate_memory", "COSMOS_NEGATIVE_PROMPT", "SPECS", "WAN_NEGATIVE_PROMPT",
            "RealTeacherSpec", "spec_for_config"]

@@ -30,6 +30,7 @@ from .attention import install_rcm_attention
 from .specs import CHECKED_KEYS, FAMILY_OF_CLASS, SPECS, RealTeacherSpec, spec_for_config
 
 __all__ = ["RealTeacherError", "resolve_weights", "check_layout", "load_real_teacher", "load_teacher_from_path",
+           "inspect_real_teacher", "inspect_teacher_path",
            "is_diffusers_dir", "RealTextEncoder", "LatentCodec", "check_resolution", "latent_shape_for",
            "diffusers_rf_call", "cosmos_call"]
 
@@ -337,6 +338,52 @@ def _load(what: str, root: Path, fn):
         raise RealTeacherError(f"could not load the {what} from {root / what}: {type(e).__name__}: {e}") from e
 
 
+def _prepare(name_or_spec, weights, strict_config, frames, height, width):
+    """Locate and check a checkpoint (files, configs, resolution) without loading weights."""
+    spec = SPECS[name_or_spec] if isinstance(name_or_spec, str) else name_or_spec
+    root = resolve_weights(spec, weights)
+    cfg = check_layout(root)
+    if strict_config:
+        _check_spec_config(spec, cfg, root)
+    elif cfg["transformer"].get("_class_name") != spec.transformer_class:
+        raise RealTeacherError(f"{root}: transformer {cfg['transformer'].get('_class_name')!r} does not match "
+                               f"{spec.transformer_class!r}")
+    vae_cfg, tcfg = cfg["vae"], cfg["transformer"]
+    frames = spec.frames if frames is None else int(frames)
+    height = spec.height if height is None else int(height)
+    width = spec.width if width is None else int(width)
+    latent_shape = latent_shape_for(frames, height, width, vae_config=vae_cfg, transformer_config=tcfg,
+                                    video=spec.is_video)
+    return spec, root, cfg, (frames, height, width), latent_shape
+
+
+def inspect_real_teacher(name_or_spec: str | RealTeacherSpec, *, weights: Optional[str | os.PathLike] = None,
+                         frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
+                         text_len: Optional[int] = None, strict_config: bool = True, **_ignored) -> dict:
+    """What :func:`load_real_teacher` would load, checked but without reading any weights.
+
+    Runs the same checks as the loader up to the weights (layout, configs, tensor names and
+    shapes of the transformer checkpoint, resolution) and returns the teacher's description:
+    name, version, latent shape, sampler defaults, preset and the transformer config
+    (with ``_class_name``, usable by :func:`rcm_core.real.memory.estimate_memory`).
+    """
+    import diffusers
+
+    spec, root, cfg, (frames, height, width), latent_shape = _prepare(name_or_spec, weights, strict_config,
+                                                                      frames, height, width)
+    _check_transformer_weights(getattr(diffusers, spec.transformer_class), cfg["transformer"], root / "transformer")
+    return {"name": spec.name, "version": _version(root), "latent_shape": [int(x) for x in latent_shape],
+            "steps": spec.sample_steps, "shift": spec.shift, "guidance": spec.guidance, "solver": spec.solver,
+            "preset": spec.preset, "root": str(root), "family": spec.family, "task": spec.task,
+            "frames": frames, "height": height, "width": width, "text_len": int(text_len or spec.text_len),
+            "transformer_config": dict(cfg["transformer"])}
+
+
+def inspect_teacher_path(path: str | os.PathLike, **kw) -> dict:
+    """:func:`inspect_real_teacher` for ``--teacher <dir>`` (architecture detected from the checkpoint)."""
+    return inspect_real_teacher(_spec_of_path(path), weights=path, strict_config=False, **kw)
+
+
 def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.device = "cpu", *,
                       weights: Optional[str | os.PathLike] = None, dtype: torch.dtype = torch.bfloat16,
                       frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
@@ -350,20 +397,9 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
     import diffusers
     import transformers
 
-    spec = SPECS[name_or_spec] if isinstance(name_or_spec, str) else name_or_spec
-    root = resolve_weights(spec, weights)
-    cfg = check_layout(root)
-    if strict_config:
-        _check_spec_config(spec, cfg, root)
-    elif cfg["transformer"].get("_class_name") != spec.transformer_class:
-        raise RealTeacherError(f"{root}: transformer {cfg['transformer'].get('_class_name')!r} does not match "
-                               f"{spec.transformer_class!r}")
-    vae_cfg, tcfg = cfg["vae"], cfg["transformer"]
-    frames = spec.frames if frames is None else frames
-    height = spec.height if height is None else height
-    width = spec.width if width is None else width
-    latent_shape = latent_shape_for(frames, height, width, vae_config=vae_cfg, transformer_config=tcfg,
-                                    video=spec.is_video)
+    spec, root, cfg, (frames, height, width), latent_shape = _prepare(name_or_spec, weights, strict_config,
+                                                                      frames, height, width)
+    tcfg = cfg["transformer"]
 
     tcls = getattr(diffusers, spec.transformer_class)
     _check_transformer_weights(tcls, tcfg, root / "transformer")
@@ -393,8 +429,7 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
               "codec": codec, "text_encoder": text, **spec.notes})
 
 
-def load_teacher_from_path(path: str | os.PathLike, device: str | torch.device = "cpu", **kw) -> Teacher:
-    """``--teacher <dir>``: detect Wan2.1 / Cosmos-Predict2 from transformer/config.json and load."""
+def _spec_of_path(path: str | os.PathLike) -> RealTeacherSpec:
     root = Path(path)
     tcfg = _read_json(root / "transformer" / "config.json", "transformer config") \
         if (root / "model_index.json").is_file() else _read_json(root / "model_index.json", "pipeline index")
@@ -402,4 +437,9 @@ def load_teacher_from_path(path: str | os.PathLike, device: str | torch.device =
     if spec is None:
         raise RealTeacherError(f"{root / 'transformer' / 'config.json'}: _class_name {tcfg.get('_class_name')!r} is "
                                f"not a supported teacher architecture; supported: {sorted(FAMILY_OF_CLASS)}")
-    return load_real_teacher(spec, device, weights=root, strict_config=False, **kw)
+    return spec
+
+
+def load_teacher_from_path(path: str | os.PathLike, device: str | torch.device = "cpu", **kw) -> Teacher:
+    """``--teacher <dir>``: detect Wan2.1 / Cosmos-Predict2 from transformer/config.json and load."""
+    return load_real_teacher(_spec_of_path(path), device, weights=Path(path), strict_config=False, **kw)

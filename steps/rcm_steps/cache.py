@@ -68,6 +68,8 @@ def _spec(teacher_info: Dict[str, Any], prompts: List[str], cfg: CacheConfig) ->
         "guidance": teacher_info["guidance"] if cfg.guidance is None else cfg.guidance,
         "shift": cfg.shift or teacher_info["shift"], "solver": cfg.solver or teacher_info["solver"],
         "shard_size": cfg.shard_size,
+        # real teachers: text length and network dtype also shape the cache (absent for the others)
+        **{k: teacher_info[k] for k in ("text_len", "dtype") if k in teacher_info},
     }
 
 

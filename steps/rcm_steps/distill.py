@@ -29,6 +29,8 @@ __all__ = ["main", "build_config", "parse_args"]
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser("rcm_steps.distill", description=__doc__.split("\n")[0])
     p.add_argument("--teacher", required=True, help="teacher name (rcm_core.teachers) or module:factory")
+    p.add_argument("--teacher-options", default="{}",
+                   help="JSON options of a real teacher: frames, height, width, text_len, dtype")
     p.add_argument("--cache", required=True, help="URL of the teacher cache folder (with manifest.json)")
     p.add_argument("--out", required=True, help="URL of this run's output folder (checkpoints, weights)")
     p.add_argument("--method", default="rcm", choices=["rcm", "scm", "dmd", "dcm"])
@@ -130,9 +132,17 @@ def main(argv=None) -> int:
     rank, world, backend = _init_dist()
     device = _device(args.device)
     out = Storage(args.out)
-    teacher = load_teacher(args.teacher, device=str(device))
-    cfg = build_config(getattr(teacher, "preset", None) or getattr(teacher, "name", args.teacher), args.method, args.iterations, args.batch_size,
-                       args.seed, json.loads(args.config or "{}"))
+    teacher = load_teacher(args.teacher, device=str(device), options=json.loads(args.teacher_options or "{}"))
+    overrides = json.loads(args.config or "{}")
+    cfg = build_config(getattr(teacher, "preset", None) or getattr(teacher, "name", args.teacher), args.method,
+                       args.iterations, args.batch_size, args.seed, overrides)
+    if device.type == "cpu" and cfg.dtype in ("bfloat16", "float16") and "dtype" not in overrides:
+        # the real-teacher presets train in bf16 autocast on GPUs; on the CPU that is slow and not what
+        # they were tuned for: use float32 unless --config asks for the dtype explicitly
+        if rank == 0:
+            print(f"distill: CPU run, DistillConfig.dtype {cfg.dtype} -> float32 (pass --config "
+                  f"'{{\"dtype\": \"{cfg.dtype}\"}}' to keep it)", flush=True)
+        cfg = cfg.replace(dtype="float32")
     per_rank = max(1, cfg.batch_size // world)
     data = load_cache(args.cache, expect_latent_shape=tuple(teacher.latent_shape), rank=rank, world=world)
     n = data.latents.shape[0]

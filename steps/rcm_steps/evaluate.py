@@ -11,6 +11,14 @@ For every eval prompt and several seeds (the same noise for every model):
 * cost - NFE (teacher: steps x 2 for CFG) and wall-clock seconds per sample.
 
 Prompts that are not embedded-style ("a 3 drifting up") get no accuracy (NaN).
+
+The digit classifier only knows the embedded teacher's data. Any other teacher (Wan2.1,
+Cosmos-Predict2, custom) gets what is meaningful without extra weights, all relative to the
+teacher: Frechet distance to the teacher's samples on pooled decoded pixels (``fd_teacher``)
+and on pooled latents (``fd_teacher_latent``), the RMS latent distance to the teacher's
+sample from the same noise (``latent_rmse_teacher``), diversity on pooled pixels, NFE, seconds
+per sample and speedup. Clips are decoded with the teacher's VAE (``teacher.decode``); for the
+media (grid PNG, GIF, MP4) they are kept as thumbnails (at most 64 px high, 33 frames).
 """
 from __future__ import annotations
 
@@ -27,8 +35,8 @@ import torch
 from . import digit_classifier as dc
 from . import teacher as T
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "student_denoiser", "clip_grid_png", "clips_gif",
-           "check_gates", "DEFAULT_GATES"]
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "student_denoiser", "clip_grid_png", "clips_gif", "clips_mp4",
+           "as_clips", "pooled_features", "uses_digit_metrics", "check_gates", "DEFAULT_GATES"]
 
 DEFAULT_GATES = {"min_digit_acc": 0.2, "max_fd_data": 1e9, "min_diversity_rel": 0.05}
 
@@ -73,6 +81,34 @@ def _labels(prompts: List[str]):
     return out
 
 
+def uses_digit_metrics(teacher) -> bool:
+    """The digit classifier (accuracy, fd_data) applies to the embedded teacher's clips only."""
+    return getattr(teacher, "name", None) == "embedded"
+
+
+def as_clips(x: torch.Tensor) -> torch.Tensor:
+    """Decoded samples as clips (B, C, T, H, W): images (B, C, H, W) become one-frame clips."""
+    return x.unsqueeze(2) if x.dim() == 4 else x
+
+
+def pooled_features(x: torch.Tensor, frames: int = 4, size: int = 4) -> np.ndarray:
+    """(N, C, T, H, W) (or (N, C, H, W)) -> (N, C * min(T, frames) * size * size) average-pooled, float64."""
+    x = as_clips(x.detach().float().cpu())
+    return torch.nn.functional.adaptive_avg_pool3d(x, (min(x.shape[2], frames), size, size)).flatten(1).double().numpy()
+
+
+def _thumbs(clips: torch.Tensor, max_side: int = 64, max_frames: int = 33) -> torch.Tensor:
+    """Media-sized copies: at most ``max_side`` px high and ``max_frames`` frames (no-op for small clips)."""
+    c = as_clips(clips.float())
+    if c.shape[2] > max_frames:
+        c = c[:, :, torch.linspace(0, c.shape[2] - 1, max_frames).round().long()]
+    h, w = c.shape[-2:]
+    if h > max_side:
+        size = (c.shape[2], max_side, max(1, round(w * max_side / h)))
+        c = torch.nn.functional.interpolate(c, size=size, mode="area")
+    return c
+
+
 @torch.no_grad()
 def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: float = 80.0,
              mid_t: Sequence[float] = (1.3, 1.0, 0.6), progress: bool = False) -> EvalResult:
@@ -83,28 +119,68 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
     P, S = len(prompts), cfg.seeds
     info = T.teacher_info(teacher)
     lshape = tuple(info["latent_shape"])
+    digits = uses_digit_metrics(teacher)
     cond = T.encode(teacher, prompts).repeat_interleave(S, 0)              # (P*S, L, D)
     uncond = T.negative_embedding(teacher)
     g = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn((P * S, *lshape), generator=g, dtype=torch.float64)
     t_steps = cfg.teacher_steps or info["steps"]
     models: Dict[str, Dict[str, Any]] = {}
+    decode_batch = cfg.batch_size if digits else min(cfg.batch_size, 4)
 
     def run(name, fn, nfe):
         t0 = time.perf_counter()
         outs = [fn(cond[i:i + cfg.batch_size], noise[i:i + cfg.batch_size], i)
                 for i in range(0, P * S, cfg.batch_size)]
         secs = time.perf_counter() - t0
-        clips = T.decode(teacher, torch.cat(outs).float())
-        models[name] = {"clips": clips, "nfe": nfe, "sec_per_sample": secs / (P * S)}
+        lat = torch.cat(outs).float()
+        if digits:
+            clips = as_clips(T.decode(teacher, lat))
+            models[name] = {"clips": clips, "feats": dc.clip_features(clips)}
+        else:   # decode in small batches; keep pooled features and media thumbnails, not full-size videos
+            thumbs, feats = [], []
+            for j in range(0, lat.shape[0], decode_batch):
+                px = as_clips(T.decode(teacher, lat[j:j + decode_batch]))
+                feats.append(pooled_features(px))
+                thumbs.append(_thumbs(px))
+            models[name] = {"clips": torch.cat(thumbs), "feats": np.concatenate(feats),
+                            "lat_feats": pooled_features(lat), "latents": lat}
+        models[name].update(nfe=nfe, sec_per_sample=secs / (P * S))
 
     run("teacher", lambda c, n, i: T.sample_teacher_latents(teacher, c, uncond, n, steps=t_steps), 2 * t_steps)
     for k in cfg.student_steps:
         def fn(c, n, i, k=k):
             sg = torch.Generator().manual_seed(cfg.seed * 7919 + 31 * k + i)
-            return sample_student(student, c, n, steps=k, sigma_max=sigma_max, mid_t=mid_t, generator=sg)
+            dev = next(student.parameters()).device
+            return sample_student(student, c.to(dev), n.to(dev), steps=k, sigma_max=sigma_max, mid_t=mid_t,
+                                  generator=sg if dev.type == "cpu" else None).cpu()
         run(f"student_{k}", fn, k)
 
+    metrics: Dict[str, float] = {"eval_prompts": P, "seeds_per_prompt": S}
+    if digits:
+        _digit_metrics(models, prompts, S, cfg, metrics)
+    else:
+        _relative_metrics(models, metrics)
+    div = {}
+    for m, v in models.items():
+        f = v["feats"]
+        div[m] = float(np.mean([dc.mean_pairwise_distance(f[p * S:(p + 1) * S]) for p in range(P)]))
+        metrics[f"{m}/nfe"] = v["nfe"]
+        metrics[f"{m}/sec_per_sample"] = v["sec_per_sample"]
+        metrics[f"{m}/diversity"] = div[m]
+        if m != "teacher" and len(f) > 2:
+            metrics[f"{m}/fd_teacher"] = dc.frechet_distance(f, models["teacher"]["feats"])
+    for m in models:
+        if m != "teacher":
+            metrics[f"{m}/diversity_rel"] = div[m] / div["teacher"] if div["teacher"] > 0 else float("nan")
+            metrics[f"{m}/speedup"] = (models["teacher"]["sec_per_sample"] / models[m]["sec_per_sample"]
+                                       if models[m]["sec_per_sample"] > 0 else float("nan"))
+    clips = {m: v["clips"].reshape(P, S, *v["clips"].shape[1:]) for m, v in models.items()}
+    return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts))
+
+
+def _digit_metrics(models, prompts, S, cfg, metrics) -> None:
+    """Embedded teacher: digit / direction accuracy and Frechet distance to real held-out clips."""
     labels = _labels(prompts)
     real = None
     try:
@@ -114,16 +190,8 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
             real = make_clips(cfg.real_clips, seed=cfg.seed + 1, split="eval")[0]
     except ImportError:  # pragma: no cover
         pass
-    feats = {m: dc.clip_features(v["clips"]) for m, v in models.items()}
     real_feats = dc.clip_features(real) if real is not None else None
-    div = {}
-    metrics: Dict[str, float] = {"eval_prompts": P, "seeds_per_prompt": S}
     for m, v in models.items():
-        f = feats[m]
-        div[m] = float(np.mean([dc.mean_pairwise_distance(f[p * S:(p + 1) * S]) for p in range(P)]))
-        metrics[f"{m}/nfe"] = v["nfe"]
-        metrics[f"{m}/sec_per_sample"] = v["sec_per_sample"]
-        metrics[f"{m}/diversity"] = div[m]
         if labels is not None:
             pred, _ = dc.classify_clips(v["clips"])
             want = np.repeat([d for d, _ in labels], S)
@@ -134,17 +202,19 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
         else:
             metrics[f"{m}/digit_acc"] = float("nan")
             metrics[f"{m}/direction_acc"] = float("nan")
-        if real_feats is not None and len(f) > 2:
-            metrics[f"{m}/fd_data"] = dc.frechet_distance(f, real_feats)
-        if m != "teacher" and len(f) > 2:
-            metrics[f"{m}/fd_teacher"] = dc.frechet_distance(f, feats["teacher"])
-    for m in models:
-        if m != "teacher":
-            metrics[f"{m}/diversity_rel"] = div[m] / div["teacher"] if div["teacher"] > 0 else float("nan")
-            metrics[f"{m}/speedup"] = (models["teacher"]["sec_per_sample"] / models[m]["sec_per_sample"]
-                                       if models[m]["sec_per_sample"] > 0 else float("nan"))
-    clips = {m: v["clips"].reshape(P, S, *v["clips"].shape[1:]) for m, v in models.items()}
-    return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts))
+        if real_feats is not None and len(v["feats"]) > 2:
+            metrics[f"{m}/fd_data"] = dc.frechet_distance(v["feats"], real_feats)
+
+
+def _relative_metrics(models, metrics) -> None:
+    """Other teachers: latent-space distances of each student to the teacher (same noise per sample)."""
+    ref = models["teacher"]
+    for m, v in models.items():
+        if m == "teacher":
+            continue
+        metrics[f"{m}/latent_rmse_teacher"] = float((v["latents"] - ref["latents"]).pow(2).mean().sqrt())
+        if len(v["lat_feats"]) > 2:
+            metrics[f"{m}/fd_teacher_latent"] = dc.frechet_distance(v["lat_feats"], ref["lat_feats"])
 
 
 def check_gates(metrics: Dict[str, float], gates: Dict[str, float], steps: int = 4) -> Dict[str, Any]:
@@ -166,55 +236,145 @@ def check_gates(metrics: Dict[str, float], gates: Dict[str, float], steps: int =
 
 # --- media ------------------------------------------------------------------------
 
-def _strip(clip: torch.Tensor, scale: int) -> np.ndarray:
-    """(C, T, H, W) -> uint8 (H*scale, T*(W+1)*scale) frames left to right."""
-    x = clip.float().mean(0).clamp(0, 1).numpy()      # (T, H, W)
-    t, h, w = x.shape
-    pad = np.ones((t, h, 1), np.float32)
-    row = np.concatenate([np.concatenate([x[i], pad[i]], 1) for i in range(t)], 1)
-    return (np.kron(row, np.ones((scale, scale))) * 255).astype(np.uint8)
+def _frame_index(t: int, max_frames: int) -> List[int]:
+    return list(range(t)) if t <= max_frames else np.linspace(0, t - 1, max_frames).round().astype(int).tolist()
+
+
+def _rgb(clip: torch.Tensor) -> bool:
+    return clip.shape[0] == 3
+
+
+def _strip(clip: torch.Tensor, scale: int, max_frames: int = 8) -> np.ndarray:
+    """(C, T, H, W) -> uint8 frames left to right: (H*scale, T*(W+1)*scale) grey, or (..., 3) for RGB clips.
+
+    At most ``max_frames`` frames (evenly spaced) are shown.
+    """
+    x = clip.float().clamp(0, 1)
+    x = (x.permute(1, 2, 3, 0) if _rgb(clip) else x.mean(0)[..., None]).numpy()      # (T, H, W, c)
+    x = x[_frame_index(x.shape[0], max_frames)]
+    t, h, w, c = x.shape
+    pad = np.ones((h, 1, c), np.float32)
+    row = np.concatenate([np.concatenate([x[i], pad], 1) for i in range(t)], 1)
+    row = np.repeat(np.repeat(row, scale, 0), scale, 1)
+    out = (row * 255).astype(np.uint8)
+    return out if c == 3 else out[..., 0]
+
+
+def _auto_scale(clips: Dict[str, torch.Tensor]) -> int:
+    h = next(iter(clips.values())).shape[-2]
+    return max(1, 64 // max(1, h))
 
 
 def clip_grid_png(clips: Dict[str, torch.Tensor], prompts: List[str], max_prompts: int = 6, seed: int = 0,
-                  scale: int = 4) -> bytes:
-    """Rows = prompts, columns = models (teacher, student_1, ...); each cell a frame strip."""
+                  scale: Optional[int] = None) -> bytes:
+    """Rows = prompts, columns = models (teacher, student_1, ...); each cell a frame strip.
+
+    ``clips[model]`` is (P, S, C, T, H, W); RGB clips (C = 3) give an RGB image, others greyscale.
+    ``scale`` None: small clips are enlarged to about 64 px high.
+    """
     from PIL import Image, ImageDraw
 
     names = list(clips)
+    scale = _auto_scale(clips) if scale is None else scale
+    rgb = any(_rgb(clips[m][0, 0]) for m in names)
+    mode, white, black = ("RGB", (255, 255, 255), (0, 0, 0)) if rgb else ("L", 255, 0)
+
+    def cell(m, p):
+        a = _strip(clips[m][p, seed], scale)
+        return np.repeat(a[..., None], 3, -1) if rgb and a.ndim == 2 else a
+
     rows = []
     for p in range(min(max_prompts, len(prompts))):
-        cells = [_strip(clips[m][p, seed], scale) for m in names]
-        sep = np.full((cells[0].shape[0], 2 * scale), 128, np.uint8)
+        cells = [cell(m, p) for m in names]
+        sep = np.full((cells[0].shape[0], 2 * scale, *cells[0].shape[2:]), 128, np.uint8)
         rows.append(np.concatenate(sum(([c, sep] for c in cells), [])[:-1], 1))
-    body = np.concatenate([np.concatenate([r, np.full((scale, r.shape[1]), 128, np.uint8)], 0) for r in rows], 0)
+    body = np.concatenate([np.concatenate([r, np.full((scale, *r.shape[1:]), 128, np.uint8)], 0) for r in rows], 0)
     head = 14
-    img = Image.new("L", (body.shape[1] + 150, body.shape[0] + head), 255)
+    img = Image.new(mode, (body.shape[1] + 150, body.shape[0] + head), white)
     img.paste(Image.fromarray(body), (150, head))
     d = ImageDraw.Draw(img)
     cw = body.shape[1] // len(names)
     for i, m in enumerate(names):
-        d.text((150 + i * cw + 2, 1), m, fill=0)
+        d.text((150 + i * cw + 2, 1), m, fill=black)
     rh = body.shape[0] // max(1, len(rows))
     for i in range(len(rows)):
-        d.text((2, head + i * rh + rh // 2 - 5), prompts[i][:24], fill=0)
+        d.text((2, head + i * rh + rh // 2 - 5), prompts[i][:24], fill=black)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def clips_gif(clips: torch.Tensor, scale: int = 6, duration_ms: int = 250) -> bytes:
-    """Animated GIF of a batch of clips (B, C, T, H, W) side by side."""
-    from PIL import Image
-
-    x = clips.float().mean(1).clamp(0, 1).numpy()      # (B, T, H, W)
-    b, t, h, w = x.shape
+def _video_frames(clips: torch.Tensor, scale: Optional[int], even: bool = False) -> List[np.ndarray]:
+    """A batch of clips (B, C, T, H, W) side by side -> uint8 frames (H', W') grey or (H', W', 3) RGB."""
+    c = as_clips(clips.float()).clamp(0, 1)
+    rgb = _rgb(c[0])
+    x = (c.permute(0, 2, 3, 4, 1) if rgb else c.mean(1)[..., None]).numpy()      # (B, T, H, W, ch)
+    b, t, h, w, ch = x.shape
+    scale = max(1, 96 // max(1, h)) if scale is None else scale
     frames = []
     for f in range(t):
-        row = np.concatenate([np.pad(x[i, f], ((1, 1), (1, 1)), constant_values=0.5) for i in range(b)], 1)
-        frames.append(Image.fromarray((np.kron(row, np.ones((scale, scale))) * 255).astype(np.uint8)))
+        row = np.concatenate([np.pad(x[i, f], ((1, 1), (1, 1), (0, 0)), constant_values=0.5) for i in range(b)], 1)
+        row = np.repeat(np.repeat(row, scale, 0), scale, 1)
+        if even:   # H.264 / yuv420p wants even sizes
+            row = np.pad(row, ((0, row.shape[0] % 2), (0, row.shape[1] % 2), (0, 0)), constant_values=0.5)
+        a = (row * 255).astype(np.uint8)
+        frames.append(a if rgb else a[..., 0])
+    return frames
+
+
+def clips_gif(clips: torch.Tensor, scale: Optional[int] = 6, duration_ms: int = 250) -> bytes:
+    """Animated GIF of a batch of clips (B, C, T, H, W) side by side (RGB for 3-channel clips).
+
+    ``scale`` None: enlarge small clips to about 96 px high.
+    """
+    from PIL import Image
+
+    frames = [Image.fromarray(a) for a in _video_frames(clips, scale)]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
     return buf.getvalue()
+
+
+def ffmpeg_exe() -> Optional[str]:
+    """The ffmpeg binary: imageio-ffmpeg's bundled one if installed, else ``ffmpeg`` on PATH, else None."""
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception:  # noqa: BLE001 - not installed / no binary
+        import shutil
+
+        return shutil.which("ffmpeg")
+
+
+def clips_mp4(clips: torch.Tensor, fps: int = 16, scale: Optional[int] = None) -> tuple:
+    """MP4 (H.264, or MPEG-4 part 2 if ffmpeg lacks libx264) of clips (B, C, T, H, W) side by side.
+
+    Returns ``(bytes, "")``, or ``(None, reason)`` when no ffmpeg is available (install
+    ``imageio-ffmpeg`` or put ``ffmpeg`` on PATH) or it fails: the caller falls back to the GIF.
+    """
+    import subprocess
+    import tempfile
+
+    exe = ffmpeg_exe()
+    if exe is None:
+        return None, "no ffmpeg (pip install imageio-ffmpeg, or put ffmpeg on PATH): MP4 not written, GIF only"
+    frames = _video_frames(clips, scale, even=True)
+    frames = [np.repeat(a[..., None], 3, -1) if a.ndim == 2 else a for a in frames]
+    h, w = frames[0].shape[:2]
+    raw = b"".join(np.ascontiguousarray(a).tobytes() for a in frames)
+    err = ""
+    with tempfile.TemporaryDirectory() as d:
+        out = f"{d}/clips.mp4"
+        for codec in (["-c:v", "libx264", "-pix_fmt", "yuv420p"], ["-c:v", "mpeg4", "-q:v", "3"]):
+            cmd = [exe, "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}",
+                   "-r", str(int(fps)), "-i", "-", *codec, "-r", str(int(fps)), out]
+            r = subprocess.run(cmd, input=raw, capture_output=True)
+            if r.returncode == 0:
+                with open(out, "rb") as f:
+                    return f.read(), ""
+            err = r.stderr.decode(errors="replace")[-300:]
+    return None, f"ffmpeg ({exe}) failed: {err}; MP4 not written, GIF only"
 
 
 def config_dict(cfg: EvalConfig) -> Dict[str, Any]:

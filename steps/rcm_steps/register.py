@@ -46,7 +46,7 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
 
         with open(context.artifacts["meta"]) as f:
             self.meta = json.load(f)
-        self.teacher = T.load_teacher(self.meta["teacher"], device="cpu")
+        self.teacher = T.load_teacher(self.meta["teacher"], device="cpu", options=self.meta.get("teacher_options"))
         got = str(getattr(self.teacher, "version", "unknown"))
         if got != self.meta["teacher_version"]:
             import warnings

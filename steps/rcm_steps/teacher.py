@@ -1,12 +1,23 @@
-"""Thin adapter over ``rcm_core.teachers``: resolve a teacher, encode, sample, decode."""
+"""Thin adapter over ``rcm_core.teachers``: resolve a teacher, encode, sample, decode.
+
+Real teachers (Wan2.1 / Cosmos-Predict2 by name or as a diffusers directory) take
+``options``: ``frames``, ``height``, ``width``, ``text_len`` (None = the teacher's default)
+and ``dtype`` (None = bfloat16 on a GPU, float32 on the CPU). The pipeline passes the same
+options to every step (cache, distill, evaluate, the registered model), so all of them see
+the same latent shape.
+"""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import os
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-__all__ = ["UnknownTeacherError", "known_teachers", "is_known_teacher", "load_teacher", "teacher_denoiser", "teacher_info",
-           "encode", "negative_embedding", "sampler_defaults", "pick_device"]
+__all__ = ["UnknownTeacherError", "known_teachers", "is_known_teacher", "is_real_teacher", "load_teacher",
+           "teacher_denoiser", "teacher_info", "describe_teacher", "teacher_options", "teacher_label",
+           "check_memory", "encode", "negative_embedding", "sampler_defaults", "pick_device", "REAL_OPTIONS"]
+
+REAL_OPTIONS = ("frames", "height", "width", "text_len", "dtype")
 
 
 class UnknownTeacherError(ValueError):
@@ -26,11 +37,70 @@ def is_known_teacher(name: str) -> bool:
     return ":" in name or known(name)
 
 
-def load_teacher(name: str, device: str = "cpu"):
+def is_real_teacher(name: str) -> bool:
+    """Wan2.1 / Cosmos-Predict2: a registered real name or a directory in diffusers layout."""
+    from rcm_core.teachers import _is_diffusers_dir
+
+    if _is_diffusers_dir(name):
+        return True
+    from rcm_core.real.specs import SPECS
+
+    return name in SPECS
+
+
+def teacher_label(name: str) -> str:
+    """Short name for experiment / model names: the folder name for ``--teacher <dir>``."""
+    from rcm_core.teachers import _is_diffusers_dir
+
+    if _is_diffusers_dir(name):
+        return os.path.basename(os.path.normpath(str(name))) or "teacher"
+    return name
+
+
+def teacher_options(name: str, frames: int = 0, height: int = 0, width: int = 0, text_len: int = 0,
+                    dtype: str = "") -> Dict[str, Any]:
+    """Options of a real teacher from flow parameters (0 / "" = the teacher's default); {} if none.
+
+    Raises ValueError when options are given for a teacher that takes none (embedded, custom).
+    """
+    opts = {k: v for k, v in dict(frames=frames, height=height, width=width, text_len=text_len,
+                                     dtype=dtype).items() if v not in (0, "", None, "auto")}
+    if opts and not is_real_teacher(name):
+        raise ValueError(f"teacher {name!r} has a fixed latent shape; {sorted(opts)} only apply to real teachers "
+                         "(Wan2.1 / Cosmos-Predict2 by name or a diffusers directory)")
+    if "dtype" in opts and opts["dtype"] not in ("float32", "bfloat16", "float16", "float64"):
+        raise ValueError(f"teacher dtype {opts['dtype']!r}; known: float32, bfloat16, float16, float64")
+    return opts
+
+
+def _real_kwargs(options: Optional[Mapping[str, Any]], device) -> Dict[str, Any]:
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(REAL_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown teacher options {unknown}; known: {list(REAL_OPTIONS)}")
+    dt = opts.pop("dtype", None)
+    if dt is None:
+        dt = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    opts["dtype"] = getattr(torch, dt)
+    return opts
+
+
+def load_teacher(name: str, device: str = "cpu", options: Optional[Mapping[str, Any]] = None):
     """``rcm_core.teachers.get_teacher`` with an error that lists the known names.
 
     ``"package.module:factory"`` names a custom teacher factory (called with ``device``).
+    ``options`` (real teachers only): see the module doc.
     """
+    if is_real_teacher(name):
+        from rcm_core.real.loading import load_real_teacher, load_teacher_from_path
+        from rcm_core.teachers import _is_diffusers_dir
+
+        kw = _real_kwargs(options, device)
+        if _is_diffusers_dir(name):
+            return load_teacher_from_path(name, device=device, **kw)
+        return load_real_teacher(name, device=device, **kw)
+    if options:
+        raise ValueError(f"teacher {name!r} takes no options, got {dict(options)}")
     if ":" in name:
         import importlib
 
@@ -79,8 +149,48 @@ def sampler_defaults(teacher) -> Dict[str, Any]:
 
 
 def teacher_info(teacher) -> Dict[str, Any]:
-    return {"name": str(teacher.name), "version": str(getattr(teacher, "version", "unknown")),
+    info = {"name": str(teacher.name), "version": str(getattr(teacher, "version", "unknown")),
             "latent_shape": [int(x) for x in teacher.latent_shape], **sampler_defaults(teacher)}
+    meta = getattr(teacher, "meta", None) or {}
+    if "text_len" in meta and "transformer_config" in meta:          # a real teacher: what else shapes its outputs
+        info["text_len"] = int(meta["text_len"])
+        info["dtype"] = str(next(teacher.net.parameters()).dtype).replace("torch.", "")
+    return info
+
+
+def describe_teacher(name: str, options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """:func:`teacher_info` plus, for a real teacher, its checkpoint description - without loading weights.
+
+    A real teacher's checkpoint is checked (files, configs, transformer tensor shapes, resolution)
+    exactly as the loader would, so a bad checkpoint fails here, naming the culprit. Other
+    teachers are loaded (they are small).
+    """
+    if not is_real_teacher(name):
+        return teacher_info(load_teacher(name, options=options))
+    from rcm_core.real.loading import inspect_real_teacher, inspect_teacher_path
+    from rcm_core.teachers import _is_diffusers_dir
+
+    opts = dict(options or {})
+    kw = {k: v for k, v in opts.items() if k != "dtype"}
+    d = inspect_teacher_path(name, **kw) if _is_diffusers_dir(name) else inspect_real_teacher(name, **kw)
+    keys = ("name", "version", "latent_shape", "steps", "shift", "guidance", "solver")
+    return {**{k: d[k] for k in keys}, "real": True, "options": opts,
+            **{k: d[k] for k in d if k not in keys}}
+
+
+def check_memory(info: Mapping[str, Any], batch: int, gpus: int, gpu_memory_gib: float,
+                 dtype: str = "bfloat16", context_parallel: int = 1) -> Dict[str, Any]:
+    """Estimated GPU memory of distilling the real teacher ``info`` (from :func:`describe_teacher`).
+
+    Raises MemoryError (with the estimate and settings that would fit) when it does not fit.
+    """
+    from rcm_core.real.memory import estimate_memory
+
+    if "transformer_config" not in info:
+        raise ValueError(f"teacher {info.get('name')!r} is not a real teacher: no memory estimate")
+    return estimate_memory(dict(info["transformer_config"]), batch=max(1, int(batch)), frames=int(info["frames"]),
+                           height=int(info["height"]), width=int(info["width"]), dtype=dtype, gpus=int(gpus),
+                           context_parallel=context_parallel, gpu_memory_gib=float(gpu_memory_gib))
 
 
 @torch.no_grad()
