@@ -393,8 +393,9 @@ class RCMDistillFlow(FlowSpec):
     @step
     def end(self):
         self._mlflow().set_terminated(self.mlflow_run_id, "FINISHED")
+        k = "digit_acc" if f"student_{self.student_steps}/digit_acc" in self.eval_metrics else "fd_teacher"
         print(f"done: model {self.model_name} v{self.model_version} {self.model_aliases}; "
-              f"student_{self.student_steps} digit_acc={self.eval_metrics.get(f'student_{self.student_steps}/digit_acc')}")
+              f"student_{self.student_steps} {k}={self.eval_metrics.get(f'student_{self.student_steps}/{k}')}")
 
 
 def _metrics(d):
