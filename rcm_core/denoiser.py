@@ -56,9 +56,11 @@ class TrigFlowDenoiser(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The network's compute dtype: that of most of its weights (diffusers keeps a few in fp32)."""
+        count: dict = {}
         for p in self.net.parameters():
-            return p.dtype
-        return torch.float32
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+        return max(count, key=count.get) if count else torch.float32
 
     def _net(self, x, timestep, cond):
         dt = self.dtype

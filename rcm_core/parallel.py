@@ -12,10 +12,12 @@ Forward-mode tangents: the fused sCM step pushes ``forward_ad`` tangents through
 the student while recording its graph. PyTorch's checkpoint cannot do that (the
 tangent ops save tensors that the recomputation does not), so a block that sees
 dual inputs computes its output and tangent without recording a graph, and
-:class:`_Recompute` re-runs the block's primal forward with grad in the backward.
+:class:`_Recompute` re-runs the block's primal forward with grad in the backward (under the forward's autocast
+state; blocks must be deterministic: no dropout).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from dataclasses import dataclass
@@ -80,15 +82,21 @@ def _ac_forward(self, *args, **kwargs):
     """Forward of a checkpointed block (bound to the block, so deep copies stay correct)."""
     run = functools.partial(type(self).forward, self)
     flat, spec = pytree.tree_flatten((args, kwargs))
+    wrapped = any(isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in flat)
+    if not torch.is_grad_enabled() or wrapped:        # nothing to save (or inside torch.func): run as is
+        return run(*args, **kwargs)
     parts = [fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else None for x in flat]
     if not any(p is not None and p.tangent is not None for p in parts):
-        if not torch.is_grad_enabled():
-            return run(*args, **kwargs)
         return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
-    def run_flat(*leaves):
+    amp = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")]
+
+    def run_flat(*leaves):               # the recomputation in the backward sees the same autocast state
         a, kw = pytree.tree_unflatten(list(leaves), spec)
-        return run(*a, **kw)
+        with contextlib.ExitStack() as stack:
+            for d, enabled, dtype in amp:
+                stack.enter_context(torch.autocast(d, dtype=dtype, enabled=enabled))
+            return run(*a, **kw)
     with torch.no_grad():                     # output and tangent, no graph
         out = run_flat(*flat)
     if not isinstance(out, torch.Tensor):

@@ -57,6 +57,10 @@ def _allreduce_grads(params) -> None:
         g.copy_(r)
 
 
+def _is_low_precision(net: torch.nn.Module) -> bool:
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in net.parameters())
+
+
 def _grad_norm(params) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, float("inf")))  # no clipping: norm only
 
@@ -94,7 +98,11 @@ class RCMTrainer:
         pcfg = ParallelConfig(self.cfg.activation_checkpointing, self.cfg.ac_every)
 
         def clone(src, trainable: bool):
-            net = copy.deepcopy(src).to(self.device, net_dtype)
+            # trainable copies keep fp32 master weights under autocast; a frozen bf16/fp16 teacher
+            # stays as loaded (half the memory; diffusers keeps its norms/time embedding in fp32)
+            net = copy.deepcopy(src)
+            net = net.to(self.device) if not trainable and self._autocast_dtype is not None and \
+                _is_low_precision(net) else net.to(self.device, net_dtype)
             if trainable:
                 net = parallelize(net, pcfg)
             p = (student_param or param) if trainable else param

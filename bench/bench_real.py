@@ -1,0 +1,262 @@
+"""Real-size speed and memory: Wan2.1-1.3B architecture, random weights, bf16, one GPU.
+
+    python bench/bench_real.py [--teacher wan2.1-1.3b] [--frames 81 --height 480 --width 832]
+                               [--phases steps,rcm,sampling,vae] [--ac none,full] [--repeats 2]
+                               [--out bench/results/real.json]
+
+Phases (each writes the JSON as it goes, so a killed run keeps what it measured):
+
+* ``steps``: teacher forward (one sample; and the CFG pair), a plain fwd+bwd training step
+  of the student (rectified-flow loss + AdamW: the baseline), the sCM student step with the
+  fused tangent and with a separate JVP pass; for each activation-checkpointing mode in
+  ``--ac`` (an out-of-memory is recorded as such).
+* ``rcm``: the rCM student step (sCM + DMD through a 1-4 step rollout) and the critic step.
+* ``sampling``: the 4-step student vs the teacher's 50-step x 2 (CFG) UniPC sampler, DiT only
+  and followed by the Wan VAE decode to 81 x 480 x 832 pixels, for each decode variant in
+  ``--vae-variants`` (``rcm_core.real.fast_vae``; error against the fp32 decode recorded).
+
+Times are medians after one warm-up; memory is ``torch.cuda.max_memory_allocated`` over
+the timed calls (weights, optimiser states and activations together). ``--tiny`` runs a
+tiny config on the CPU to check the script.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+GiB = 2 ** 30
+
+
+def build_teacher(name: str, frames: int, height: int, width: int, device, tiny: bool = False):
+    """A :class:`rcm_core.teachers.Teacher` with the registered architecture and random weights."""
+    import diffusers
+    from rcm_core.denoiser import Parameterization
+    from rcm_core.real import SPECS, diffusers_rf_call, install_rcm_attention
+    from rcm_core.teachers import Teacher
+
+    spec = SPECS[name]
+    cfg = dict(spec.transformer_config)
+    if tiny:
+        cfg.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=32)
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = getattr(diffusers, spec.transformer_class)(**cfg)
+    keep = set(getattr(net, "_keep_in_fp32_modules", None) or [])   # as from_pretrained(torch_dtype=bf16)
+    for n, p in list(net.named_parameters()) + list(net.named_buffers()):
+        if p.is_floating_point() and not keep.intersection(n.split(".")):
+            p.data = p.data.to(torch.bfloat16)
+    net = net.eval().requires_grad_(False)
+    install_rcm_attention(net)
+    lat = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    return Teacher(name=f"{name}-random", version="random", net=net, param=Parameterization("rf", 1000.0),
+                   encode_text=None, decode=None, latent_shape=lat, guidance=spec.guidance,
+                   sample_steps=spec.sample_steps, shift=spec.shift, solver=spec.solver, preset=spec.preset,
+                   call=diffusers_rf_call), cfg["text_dim"]
+
+
+class Bench:
+    def __init__(self, device, repeats: int, out: Path, meta: dict):
+        self.dev, self.repeats, self.out = device, repeats, out
+        self.rows: list[dict] = []
+        self.meta = meta
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
+    def run(self, what: str, fn, repeats: int | None = None, **info) -> dict:
+        row = {"what": what, **info}
+        gc.collect()
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        try:
+            fn()
+            self.sync()
+            ts = []
+            for _ in range(repeats or self.repeats):
+                t0 = time.perf_counter()
+                fn()
+                self.sync()
+                ts.append(time.perf_counter() - t0)
+            row["s"] = statistics.median(ts)
+            row["all_s"] = ts
+        except torch.OutOfMemoryError as e:
+            row["s"] = None
+            row["error"] = "out of memory: " + str(e).split("\n")[0][:160]
+        if self.dev.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated(self.dev) / GiB
+        self.rows.append(row)
+        s = f"{row['s'] * 1e3:10.1f} ms" if row["s"] is not None else "       OOM   "
+        mem = f"{row['peak_gib']:7.1f} GiB" if "peak_gib" in row else ""
+        print(f"{what:58s} {s} {mem}", flush=True)
+        self.save()
+        return row
+
+    def save(self):
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps({**self.meta, "rows": self.rows}, indent=1))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", default="wan2.1-1.3b")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+    ap.add_argument("--phases", default="steps,rcm,sampling")
+    ap.add_argument("--ac", default="none,full", help="activation checkpointing for the steps phase: none, full, selective:K (every K-th block)")
+    ap.add_argument("--rcm-ac", default="full", help="activation checkpointing for the rcm phase")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--teacher-steps", type=int, default=50)
+    ap.add_argument("--vae-variants", default="fp32,bf16,bf16-cl3d",
+                    help="VAE decode variants: fp32, bf16, bf16-cl3d (channels_last_3d), bf16-cl3d-compile, ...")
+    ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (checks the script)")
+    ap.add_argument("--out", default="bench/results/real.json")
+    a = ap.parse_args(argv)
+
+    from rcm_core.config import DistillConfig
+    from rcm_core.sampling import sample_student, sample_teacher
+    from rcm_core.trainer import RCMTrainer
+
+    dev = torch.device("cpu" if a.tiny else "cuda")
+    teacher, text_dim = build_teacher(a.teacher, a.frames, a.height, a.width, dev, a.tiny)
+    n_params = sum(p.numel() for p in teacher.net.parameters())
+    C, T, H, W = teacher.latent_shape
+    tokens = T * (H // 2) * (W // 2)
+    meta = {"teacher": a.teacher, "weights": "random", "params": n_params, "latent_shape": [C, T, H, W],
+            "tokens": tokens, "pixels": [a.frames, a.height, a.width], "batch": 1, "dtype": "bfloat16 (autocast, fp32 master weights)",
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    b = Bench(dev, a.repeats, Path(a.out), meta)
+    print(f"{a.teacher} random weights, {n_params / 1e9:.2f}B params, latents {tuple(teacher.latent_shape)}, "
+          f"{tokens} tokens, {meta['device']}, torch {torch.__version__}", flush=True)
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    x0 = torch.randn((1, C, T, H, W), generator=g, device=dev, dtype=torch.float64)
+    cond = torch.randn((1, 512, text_dim), generator=g, device=dev)
+    uncond = torch.randn((1, 512, text_dim), generator=g, device=dev)
+    phases = a.phases.split(",")
+    base = dict(batch_size=1, dtype="bfloat16", tangent_warmup_steps=0, student_update_freq=2)
+
+    def step_fn(tr, step):
+        def run():
+            tr.step = step
+            (tr.student_step if tr.is_student_step() else tr.critic_step)(x0, cond, uncond)
+        return run
+
+    if "steps" in phases:
+        for ac in a.ac.split(","):
+            mode, _, every = ac.partition(":")
+            tr = RCMTrainer(teacher, DistillConfig.preset(teacher.preset, method="scm", activation_checkpointing=mode,
+                                                          ac_every=int(every or 2), **base), device=dev)
+            den = tr.teacher
+            t1 = torch.full((1,), 1.0, dtype=torch.float64, device=dev)
+            if ac == a.ac.split(",")[0]:
+                with torch.no_grad(), tr._amp():
+                    b.run("teacher forward (1 sample)", lambda: den(x0, t1, cond))
+                    b.run("teacher forward, CFG pair (batch 2)",
+                          lambda: den(torch.cat([x0, x0]), torch.cat([t1, t1]), torch.cat([cond, uncond])))
+            net, opt = tr.student.net, tr.opt_student
+
+            def plain_step():
+                s = torch.rand(1, device=dev, generator=g, dtype=torch.float64)
+                eps = torch.randn_like(x0)
+                x_s = (1 - s) * x0 + s * eps
+                with tr._amp():
+                    v = tr.student.call(net, x_s.to(torch.float32), 1000 * s.float(), cond)
+                loss = ((v.float() - (eps - x0).float()) ** 2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            b.run(f"plain fwd+bwd step [AC {ac}]", plain_step, kind="plain", ac=ac)
+            for fused in (True, False):
+                tr.cfg = tr.cfg.replace(fused_tangent=fused)
+                b.run(f"sCM student step, {'fused' if fused else 'separate JVP'} tangent [AC {ac}]",
+                      step_fn(tr, 10), kind="scm", fused=fused, ac=ac)
+            del tr, den, net, opt
+            gc.collect()
+
+    if "rcm" in phases:
+        tr = RCMTrainer(teacher, DistillConfig.preset(teacher.preset, method="rcm", activation_checkpointing=a.rcm_ac,
+                                                      **base), device=dev)
+        b.run(f"rCM student step (sCM + DMD, rollout 1-4) [AC {a.rcm_ac}]", step_fn(tr, 10),
+              repeats=max(a.repeats, 4), kind="rcm", ac=a.rcm_ac)
+        b.run(f"critic step (rollout 1-4, fake-score fwd+bwd) [AC {a.rcm_ac}]", step_fn(tr, 11),
+              repeats=max(a.repeats, 4), kind="critic", ac=a.rcm_ac)
+        del tr
+        gc.collect()
+
+    if "sampling" in phases or "vae" in phases:
+        import diffusers
+        from rcm_core.denoiser import TrigFlowDenoiser
+        den = TrigFlowDenoiser(teacher.net, teacher.param, teacher.call)   # bf16 weights, as deployed
+        noise = torch.randn((1, C, T, H, W), generator=g, device=dev, dtype=torch.float64)
+        from rcm_core.real.fast_vae import decode, decode_error, prepare_vae_for_decode
+        with torch.device(dev):
+            vae = diffusers.AutoencoderKLWan(**({"base_dim": 8} if a.tiny else {})).eval().requires_grad_(False)
+        student = lambda: sample_student(den, cond, noise, 4)
+        teach = lambda: sample_teacher(den, cond, uncond, noise, steps=a.teacher_steps, guidance=teacher.guidance,
+                                       shift=teacher.shift, solver="unipc")
+        dit = "sampling" in phases                    # "vae" alone: decode variants only
+        if dit:
+            rs = b.run("student 4-step sampling (DiT only)", student, kind="student_dit")
+            rt = b.run(f"teacher {a.teacher_steps}-step x 2 CFG UniPC sampling (DiT only)", teach, repeats=1,
+                       kind="teacher_dit")
+            z = student().float()
+            b.meta["speedup_dit"] = rt["s"] / rs["s"]
+        else:
+            z = noise.float()
+        vaes = {"fp32": vae}
+        for v in a.vae_variants.split(","):
+            if v == "fp32":
+                continue
+            dtype = torch.bfloat16 if "bf16" in v else torch.float32
+            vaes[v] = prepare_vae_for_decode(vae, dtype, channels_last="cl3d" in v, compile="compile" in v)
+        for v, m in vaes.items():
+            info = {"kind": "vae", "variant": v}
+            if v != "fp32":
+                info["rel_err_vs_fp32"] = decode_error(m, vae, z)
+            rv = b.run(f"Wan VAE decode {v}", lambda m=m: decode(m, z), **info)
+            if rv["s"] and dit:
+                b.meta[f"speedup_with_vae_{v}"] = (rt["s"] + rv["s"]) / (rs["s"] + rv["s"])
+        best = min((r for r in b.rows if r.get("kind") == "vae" and r["s"]), key=lambda r: r["s"])
+        m = vaes[best["variant"]]
+        e2e = {"s": None} if not dit else b.run(f"student 4-step + VAE decode {best['variant']} (measured together)",
+                    lambda: decode(m, student()), kind="student_e2e", variant=best["variant"])
+        if e2e["s"]:
+            b.meta["speedup_end_to_end_measured"] = (rt["s"] + best["s"]) / e2e["s"]
+
+    plain = {r["ac"]: r["s"] for r in b.rows if r.get("kind") == "plain" and r["s"]}
+    for r in b.rows:
+        if r.get("kind") in ("scm", "rcm", "critic") and r["s"] and r.get("ac") in plain:
+            r["x_plain_same_ac"] = r["s"] / plain[r["ac"]]
+    if plain:
+        best_plain = min(plain.values())
+        for r in b.rows:
+            if r.get("kind") in ("scm", "rcm", "critic") and r["s"]:
+                r["x_fastest_plain"] = r["s"] / best_plain
+    b.save()
+    print("\nratios:")
+    for r in b.rows:
+        if "x_plain_same_ac" in r:
+            print(f"  {r['what']:58s} {r['x_plain_same_ac']:5.2f}x plain (same AC), {r['x_fastest_plain']:5.2f}x fastest plain")
+    for k, v in b.meta.items():
+        if k.startswith("speedup"):
+            print(f"  {k}: {v:.1f}x")
+    return b.meta
+
+
+if __name__ == "__main__":
+    main()
