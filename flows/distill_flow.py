@@ -331,7 +331,8 @@ class RCMDistillFlow(FlowSpec):
         digits = uses_digit_metrics(teacher)
         batch = torch.cat([res.clips[m][:4, 0] for m in res.clips])
         gif = clips_gif(batch) if digits else clips_gif(batch, scale=None)
-        mp4, mp4_note = (None, "") if digits else clips_mp4(batch, fps=int((teacher.meta or {}).get("fps", 16)))
+        fps = int((getattr(teacher, "meta", None) or {}).get("fps", 16))
+        mp4, mp4_note = (None, "") if digits else clips_mp4(batch, fps=fps)
         self.sample_grid_png, self.sample_gif, self.sample_mp4, self.sample_mp4_note = png, gif, mp4, mp4_note
         client = self._mlflow()
         client.log_batch(self.mlflow_run_id, metrics=_metrics({f"eval/{k}": v for k, v in res.metrics.items()}))

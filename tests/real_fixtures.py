@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # diffusers imports triton (and Hugging Face `kernels`); triton must see TRITON_INTERPRET before that,
+    # or the CPU interpreter tests of rcm_kernels (tests/test_kernel_flash_jvp.py, which sets the same
+    # default) fail when this module is imported first
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
