@@ -70,14 +70,15 @@ class Bench:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
 
-    def run(self, what: str, fn, repeats: int | None = None, **info) -> dict:
+    def run(self, what: str, fn, repeats: int | None = None, warmup=None, **info) -> dict:
+        """Median seconds of ``fn`` after one warm-up call (of ``warmup`` if given: same kernels, shorter)."""
         row = {"what": what, **info}
         gc.collect()
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.dev)
         try:
-            fn()
+            (warmup or fn)()
             self.sync()
             ts = []
             for _ in range(repeats or self.repeats):
@@ -212,8 +213,10 @@ def main(argv=None) -> dict:
         dit = "sampling" in phases                    # "vae" alone: decode variants only
         if dit:
             rs = b.run("student 4-step sampling (DiT only)", student, kind="student_dit")
+            warm = lambda: sample_teacher(den, cond, uncond, noise, steps=2, guidance=teacher.guidance,
+                                          shift=teacher.shift, solver="unipc")
             rt = b.run(f"teacher {a.teacher_steps}-step x 2 CFG UniPC sampling (DiT only)", teach, repeats=1,
-                       kind="teacher_dit")
+                       warmup=warm, kind="teacher_dit")
             z = student().float()
             b.meta["speedup_dit"] = rt["s"] / rs["s"]
         else:
@@ -223,7 +226,8 @@ def main(argv=None) -> dict:
             if v == "fp32":
                 continue
             dtype = torch.bfloat16 if "bf16" in v else torch.float32
-            vaes[v] = prepare_vae_for_decode(vae, dtype, channels_last="cl3d" in v, compile="compile" in v)
+            vaes[v] = prepare_vae_for_decode(vae, dtype, channels_last="cl3d" in v, compile="compile" in v,
+                                             cudnn_benchmark="bench" in v)
         for v, m in vaes.items():
             info = {"kind": "vae", "variant": v}
             if v != "fp32":

@@ -8,6 +8,7 @@ outside and without touching diffusers' code:
 * ``dtype``: bf16 weights and activations (the decode is memory-bound);
 * ``channels_last``: NDHWC (``channels_last_3d``) weights, which cuDNN's Hopper conv3d
   kernels prefer;
+* ``cudnn_benchmark``: cuDNN picks the fastest conv3d algorithm per shape (timed once);
 * ``compile``: ``torch.compile`` of the decoder (fuses the norm/SiLU/residual
   element-wise work; costs a compilation on first use).
 
@@ -25,7 +26,7 @@ __all__ = ["prepare_vae_for_decode", "decode", "decode_error"]
 
 
 def prepare_vae_for_decode(vae, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
-                           compile: bool = False, inplace: bool = False):
+                           compile: bool = False, cudnn_benchmark: bool = True, inplace: bool = False):
     """A decode-ready copy of ``vae`` (or ``vae`` itself with ``inplace``)."""
     vae = vae if inplace else copy.deepcopy(vae)
     vae = vae.to(dtype=dtype).eval().requires_grad_(False)
@@ -34,6 +35,7 @@ def prepare_vae_for_decode(vae, dtype: torch.dtype = torch.bfloat16, channels_la
             if p.dim() == 5:                      # conv3d kernels
                 p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
     vae._rcm_channels_last = channels_last
+    vae._rcm_cudnn_benchmark = cudnn_benchmark
     if compile:
         vae.decoder = torch.compile(vae.decoder, dynamic=False)
     return vae
@@ -45,7 +47,12 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     z = latents.to(next(vae.parameters()).dtype)
     if z.dim() == 5 and getattr(vae, "_rcm_channels_last", False):
         z = z.contiguous(memory_format=torch.channels_last_3d)
-    return vae.decode(z, return_dict=False)[0].float()
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = getattr(vae, "_rcm_cudnn_benchmark", old)   # autotuned conv3d algorithms
+    try:
+        return vae.decode(z, return_dict=False)[0].float()
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 def decode_error(vae, reference_vae, latents: torch.Tensor) -> float:
