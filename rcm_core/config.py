@@ -140,16 +140,21 @@ class DistillConfig:
         return self.method in ("rcm", "scm", "dcm") and self.loss_scale > 0
 
 
+# Real teachers train with full activation checkpointing: without it Wan2.1-1.3B at 480p x 81
+# frames runs out of memory on an 80 GiB H100 even for a plain fwd+bwd step (BENCHMARKS.md).
 PRESETS: dict[str, dict] = {
     "wan2.1-1.3b": dict(P_mean=0.7, P_std=1.6, tangent_warmup_steps=1000, student_update_freq=5,
                         lr_student=2e-6, lr_fake=4e-7, guidance=5.0, dmd_time="rf_shift", dmd_shift=5.0,
-                        batch_size=256, iterations=10_000, dtype="bfloat16"),
+                        batch_size=256, iterations=10_000, dtype="bfloat16",
+                        activation_checkpointing="full"),
     "wan2.1-14b": dict(P_mean=1.5, P_std=1.6, tangent_warmup_steps=200, student_update_freq=10,
                        lr_student=1e-6, lr_fake=1e-7, guidance=5.0, dmd_time="rf_shift", dmd_shift=5.0,
-                       batch_size=64, iterations=10_000, dtype="bfloat16"),
+                       batch_size=64, iterations=10_000, dtype="bfloat16",
+                       activation_checkpointing="full"),
     "cosmos-predict2": dict(P_mean=-0.8, P_std=1.6, tangent_warmup_steps=0, student_update_freq=5,
                             lr_student=1e-6, lr_fake=2e-7, guidance=4.5, dmd_time="lognormal",
-                            dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16"),
+                            dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16",
+                            activation_checkpointing="full"),
     # The embedded toy teacher: same algorithm, learning rates and lengths for minutes on a CPU.
     "embedded": dict(P_mean=0.0, P_std=1.6, tangent_warmup_steps=20, student_update_freq=2,
                      lr_student=1e-4, lr_fake=1e-4, guidance=4.0, dmd_time="rf_shift", dmd_shift=2.0,
