@@ -38,6 +38,9 @@ class DistillConfig:
     # ("none" | "full" | "selective": every ac_every-th block), applied by rcm_core.parallel.parallelize
     activation_checkpointing: str = "none"
     ac_every: int = 2
+    # FSDP2: shard the student's, fake score's and EMA's transformer blocks (weights, grads, AdamW
+    # states) over all ranks; needs fused_tangent=False
+    fsdp: bool = False
     dcm_delta: float = 0.05              # step of the discrete-time CM baseline (TrigFlow time)
     # DMD / critic time distribution p_D
     dmd_time: str = "rf_shift"           # rf_shift (Wan) | lognormal (Cosmos)
@@ -100,6 +103,10 @@ class DistillConfig:
                              "known: none, full, selective")
         if self.ac_every < 1:
             raise ValueError(f"DistillConfig.ac_every must be >= 1, got {self.ac_every}")
+        if self.fsdp and self.fused_tangent and self.time_derivative == "jvp":
+            raise ValueError("DistillConfig.fsdp needs fused_tangent=False: FSDP's hooks cannot take forward-AD "
+                             "tangents while the graph is recorded, so the tangent is computed in a separate "
+                             "no-grad JVP pass (2.0x a plain step instead of 1.7x, BENCHMARKS.md)")
         if self.dmd_time not in ("rf_shift", "lognormal"):
             raise ValueError(f"DistillConfig.dmd_time={self.dmd_time!r}; known: rf_shift, lognormal")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):

@@ -12,10 +12,11 @@ from .losses import ema_exponent, power_ema_beta
 class PowerEMA:
     """ema <- beta_t ema + (1 - beta_t) theta with beta_t = (1 - 1/t)^(gamma + 1)."""
 
-    def __init__(self, module: nn.Module, sigma_rel: float = 0.05):
+    def __init__(self, module: nn.Module, sigma_rel: float = 0.05, copy_module: bool = True):
+        """``copy_module=False``: ``module`` already is the EMA's own copy (e.g. sharded like the student)."""
         self.sigma_rel = sigma_rel
         self.gamma = ema_exponent(sigma_rel)
-        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.module = (copy.deepcopy(module) if copy_module else module).eval().requires_grad_(False)
         self.num_updates = 0
 
     @torch.no_grad()

@@ -1,34 +1,43 @@
 """Apply memory/parallel strategies to an unmodified network from outside (torchtitan style).
 
-    net = parallelize(net, ParallelConfig(activation_checkpointing="full"))
+    net = parallelize(net, ParallelConfig(activation_checkpointing="full", fsdp=True))
 
-Activation checkpointing wraps the network's transformer blocks (``blocks`` or
-``transformer_blocks``: Wan2.1, Cosmos-Predict2, the embedded VideoDiT). A
-checkpointed block keeps only its inputs; its activations are recomputed in the
-backward. ``"selective"`` checkpoints every ``ac_every``-th block (the rest keep
-their activations), trading memory for the recomputation.
+Works on the network's transformer blocks (``blocks`` or ``transformer_blocks``: Wan2.1,
+Cosmos-Predict2, the embedded VideoDiT); the network's code is not touched.
 
-Forward-mode tangents: the fused sCM step pushes ``forward_ad`` tangents through
-the student while recording its graph. PyTorch's checkpoint cannot do that (the
-tangent ops save tensors that the recomputation does not), so a block that sees
-dual inputs computes its output and tangent without recording a graph, and
-:class:`_Recompute` re-runs the block's primal forward with grad in the backward (under the forward's autocast
-state; blocks must be deterministic: no dropout).
+* Activation checkpointing: a checkpointed block (``"full"``: all; ``"selective"``: every
+  ``ac_every``-th) is wrapped by torch's ``checkpoint_wrapper`` (state-dict keys unchanged),
+  keeps only its inputs, and recomputes its activations in the backward.
+* FSDP2 (``fsdp=True`` with torch.distributed initialised): each block is ``fully_shard``-ed
+  over all ranks (parameters, gradients and AdamW states sharded; reduce-scatter of
+  gradients). The small rest (patch/time/text embeddings, head) stays replicated; the trainer
+  all-reduces its gradients.
+
+Forward-mode tangents: the fused sCM step pushes ``forward_ad`` tangents through the student
+while recording its graph. PyTorch's checkpoint cannot do that (the tangent ops save tensors
+that the recomputation does not), so a checkpointed block that sees dual inputs computes its
+output and tangent without recording a graph, and :class:`_Recompute` re-runs the block's
+primal forward with grad in the backward (under the forward's autocast state; blocks must be
+deterministic: no dropout). FSDP's hooks cannot take dual tensors while a graph is being
+recorded, so with FSDP the trainer computes the tangent in a separate no-grad JVP pass
+(``DistillConfig.fsdp`` requires ``fused_tangent=False``); a sharded block sits inside the
+checkpoint wrapper.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import types
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.autograd import forward_ad as fwAD
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ParallelConfig", "parallelize", "transformer_blocks"]
+__all__ = ["ParallelConfig", "parallelize", "transformer_blocks", "is_sharded"]
 
 _AC_MODES = ("none", "full", "selective")
 
@@ -37,6 +46,7 @@ _AC_MODES = ("none", "full", "selective")
 class ParallelConfig:
     activation_checkpointing: str = "none"      # none | full | selective
     ac_every: int = 2                           # selective: checkpoint blocks 0, k, 2k, ...
+    fsdp: bool = False                          # shard blocks over all ranks (FSDP2)
 
     def __post_init__(self):
         if self.activation_checkpointing not in _AC_MODES:
@@ -44,6 +54,10 @@ class ParallelConfig:
                              f"known: {_AC_MODES}")
         if self.ac_every < 1:
             raise ValueError(f"ParallelConfig.ac_every must be >= 1, got {self.ac_every}")
+
+    def checkpointed(self, i: int) -> bool:
+        return self.activation_checkpointing == "full" or (
+            self.activation_checkpointing == "selective" and i % self.ac_every == 0)
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -56,7 +70,12 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 class _Recompute(torch.autograd.Function):
-    """Identity on an output computed without a graph; the backward recomputes it with one."""
+    """Identity on an output computed without a graph; the backward recomputes it with one.
+
+    Parameter gradients either flow back as outputs of this node (``params`` given) or, for
+    an FSDP-managed block (no ``params``), accumulate into ``.grad`` inside the recomputation
+    so that FSDP's own hooks reduce-scatter them (as with reentrant checkpointing).
+    """
 
     @staticmethod
     def forward(ctx, run, n, y, *flat):
@@ -72,22 +91,25 @@ class _Recompute(torch.autograd.Function):
                   for x, o in zip(ctx.saved_tensors, ctx.others)]
         with torch.enable_grad():
             y = ctx.run(*inputs)
-        wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad] + ctx.params
-        got = iter(torch.autograd.grad(y, wrt, gy, allow_unused=True))
-        grads = [next(got) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
-        return (None, None, None, *grads, *got)
+        leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+        if ctx.params:
+            got = iter(torch.autograd.grad(y, leaves + ctx.params, gy, allow_unused=True))
+            grads = [next(got) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
+            return (None, None, None, *grads, *got)
+        torch.autograd.backward(y, gy)
+        return (None, None, None, *[x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None
+                                    for x in inputs])
 
 
-def _ac_forward(self, *args, **kwargs):
-    """Forward of a checkpointed block (bound to the block, so deep copies stay correct)."""
-    run = functools.partial(type(self).forward, self)
+def _checkpoint_block(block: nn.Module, *args, **kwargs):
+    """``checkpoint_fn`` of the wrapper: torch's checkpoint, or the tangent-aware one for duals."""
     flat, spec = pytree.tree_flatten((args, kwargs))
     wrapped = any(isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in flat)
     if not torch.is_grad_enabled() or wrapped:        # nothing to save (or inside torch.func): run as is
-        return run(*args, **kwargs)
+        return block(*args, **kwargs)
     parts = [fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else None for x in flat]
     if not any(p is not None and p.tangent is not None for p in parts):
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        return checkpoint(block, *args, use_reentrant=False, **kwargs)
 
     amp = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")]
 
@@ -96,27 +118,41 @@ def _ac_forward(self, *args, **kwargs):
         with contextlib.ExitStack() as stack:
             for d, enabled, dtype in amp:
                 stack.enter_context(torch.autocast(d, dtype=dtype, enabled=enabled))
-            return run(*a, **kw)
+            return block(*a, **kw)
     with torch.no_grad():                     # output and tangent, no graph
         out = run_flat(*flat)
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"checkpointed {type(self).__name__} returned {type(out).__name__}; expected one tensor")
+        raise TypeError(f"checkpointed {type(block).__name__} returned {type(out).__name__}; expected one tensor")
     y, dy = fwAD.unpack_dual(out)
     primals = [x if p is None else p.primal for x, p in zip(flat, parts)]
-    params = [p for p in self.parameters() if p.requires_grad]
+    params = [] if isinstance(block, FSDPModule) else [p for p in block.parameters() if p.requires_grad]
     y = _Recompute.apply(run_flat, len(flat), y, *primals, *params)
     return y if dy is None else fwAD.make_dual(y, dy)
 
 
-def _apply_ac(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
-    for i, block in enumerate(transformer_blocks(model)):
-        if cfg.activation_checkpointing == "full" or i % cfg.ac_every == 0:
-            block.forward = types.MethodType(_ac_forward, block)
-    return model
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
-    """Apply ``cfg`` to ``model`` in place and return it (the model's code is not touched)."""
-    if cfg.activation_checkpointing != "none":
-        _apply_ac(model, cfg)
+def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
+    """Apply ``cfg`` to ``model`` in place and return it.
+
+    ``fsdp`` needs torch.distributed initialised (``mesh``: a 1-D DeviceMesh over the data-
+    parallel ranks; default: all ranks on the model's device type); with one rank it is a no-op.
+    """
+    if cfg.activation_checkpointing == "none" and not cfg.fsdp:
+        return model
+    blocks = transformer_blocks(model)
+    shard = cfg.fsdp and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if shard and mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+        dev = next(model.parameters()).device.type
+        mesh = init_device_mesh(dev, (dist.get_world_size(),))
+    for i, block in enumerate(blocks):
+        if isinstance(block, CheckpointWrapper):
+            continue
+        if shard:
+            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        if cfg.checkpointed(i):
+            blocks[i] = checkpoint_wrapper(block, checkpoint_fn=_checkpoint_block)
     return model

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .config import DistillConfig
 from .denoiser import TrigFlowDenoiser, guided
 from .ema import PowerEMA
-from .parallel import ParallelConfig, parallelize
+from .parallel import ParallelConfig, is_sharded, parallelize
 from .losses import (critic_loss, dcm_loss, dmd_loss, nan_mask, normalize_tangent, sample_t_lognormal,
                      sample_t_shifted_rf, scm_loss, scm_target, student_update, tangent_warmup_ratio)
 from .sampling import sample_student, student_rollout
@@ -43,11 +43,17 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _is_dtensor(x) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(x, DTensor)
+
+
 def _allreduce_grads(params) -> None:
+    """Average the replicated parameters' gradients (FSDP-sharded ones are reduce-scattered by FSDP)."""
     rank, world = _world()
     if world == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.grad for p in params if p.grad is not None and not _is_dtensor(p.grad)]
     if not grads:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
@@ -62,7 +68,24 @@ def _is_low_precision(net: torch.nn.Module) -> bool:
 
 
 def _grad_norm(params) -> float:
-    return float(torch.nn.utils.clip_grad_norm_(params, float("inf")))  # no clipping: norm only
+    """Global L2 norm of the gradients (sharded ones summed over ranks); no clipping."""
+    sharded = replicated = None
+    for p in params:
+        if p.grad is None:
+            continue
+        if _is_dtensor(p.grad):
+            sq = p.grad.to_local().double().pow(2).sum()
+            sharded = sq if sharded is None else sharded + sq
+        else:
+            sq = p.grad.double().pow(2).sum()
+            replicated = sq if replicated is None else replicated + sq
+    total = 0.0
+    if sharded is not None:
+        dist.all_reduce(sharded)
+        total += float(sharded)
+    if replicated is not None:
+        total += float(replicated)
+    return math.sqrt(total)
 
 
 def _check_batch(batch: dict, latent_shape: Optional[tuple]) -> tuple:
@@ -95,7 +118,7 @@ class RCMTrainer:
         net_dtype = torch.float32 if self.cfg.dtype in ("bfloat16", "float16") else _DTYPES[self.cfg.dtype]
         self._autocast_dtype = _DTYPES[self.cfg.dtype] if self.cfg.dtype in ("bfloat16", "float16") else None
 
-        pcfg = ParallelConfig(self.cfg.activation_checkpointing, self.cfg.ac_every)
+        pcfg = ParallelConfig(self.cfg.activation_checkpointing, self.cfg.ac_every, self.cfg.fsdp)
 
         def clone(src, trainable: bool):
             # trainable copies keep fp32 master weights under autocast; a frozen bf16/fp16 teacher
@@ -118,7 +141,13 @@ class RCMTrainer:
                                              weight_decay=self.cfg.weight_decay)
         self.opt_fake = (torch.optim.AdamW(self.fake.parameters(), lr=self.cfg.lr_fake, betas=betas,
                                            weight_decay=self.cfg.weight_decay) if self.fake is not None else None)
-        self.ema = PowerEMA(self.student.net, self.cfg.ema_sigma_rel)
+        self.sharded = is_sharded(self.student.net)
+        if self.sharded:   # the EMA is sharded like the student (a deep copy of an FSDP module is not)
+            ema_net = copy.deepcopy(student_net if student_net is not None else teacher.net).to(self.device, net_dtype)
+            self.ema = PowerEMA(parallelize(ema_net, ParallelConfig(fsdp=True)), self.cfg.ema_sigma_rel,
+                                copy_module=False)
+        else:
+            self.ema = PowerEMA(self.student.net, self.cfg.ema_sigma_rel)
         self.step = 0
         rank, _ = _world()
         self.gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1000 + rank)
@@ -301,33 +330,71 @@ class RCMTrainer:
                               self.cfg.mid_t, generator=g)
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def _model_sd(self, net) -> dict:
+        if not self.sharded:
+            return net.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _optim_sd(self, net, opt) -> dict:
+        if not self.sharded:
+            return opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def ema_state_dict(self) -> dict:
+        """The EMA student's full weights (with FSDP: a collective; the full dict lands on rank 0)."""
+        return self._model_sd(self.ema.module)
+
     def state_dict(self) -> dict:
+        """The whole training state as full (unsharded) tensors; with FSDP call it on every rank
+        (collective): rank 0 gets the state, the other ranks empty parts."""
         return {
             "step": self.step,
             "config": self.cfg.to_dict(),
-            "student": self.student.net.state_dict(),
-            "fake": self.fake.net.state_dict() if self.fake is not None else None,
-            "ema": self.ema.state_dict(),
-            "opt_student": self.opt_student.state_dict(),
-            "opt_fake": self.opt_fake.state_dict() if self.opt_fake is not None else None,
+            "student": self._model_sd(self.student.net),
+            "fake": self._model_sd(self.fake.net) if self.fake is not None else None,
+            "ema": {"module": self.ema_state_dict(), "num_updates": self.ema.num_updates,
+                    "sigma_rel": self.ema.sigma_rel},
+            "opt_student": self._optim_sd(self.student.net, self.opt_student),
+            "opt_fake": self._optim_sd(self.fake.net, self.opt_fake) if self.opt_fake is not None else None,
             "rng": self.gen.get_state(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        self.student.net.load_state_dict(sd["student"])
-        if self.fake is not None:
-            self.fake.net.load_state_dict(sd["fake"])
-            self.opt_fake.load_state_dict(sd["opt_fake"])
-        self.ema.load_state_dict(sd["ema"])
-        self.opt_student.load_state_dict(sd["opt_student"])
+        """Inverse of :meth:`state_dict`; with FSDP every rank passes the full state."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.student.net, sd["student"], options=full)
+            set_model_state_dict(self.ema.module, sd["ema"]["module"], options=full)
+            set_optimizer_state_dict(self.student.net, self.opt_student, sd["opt_student"], options=full)
+            if self.fake is not None:
+                set_model_state_dict(self.fake.net, sd["fake"], options=full)
+                set_optimizer_state_dict(self.fake.net, self.opt_fake, sd["opt_fake"], options=full)
+            self.ema.num_updates = int(sd["ema"]["num_updates"])
+        else:
+            self.student.net.load_state_dict(sd["student"])
+            if self.fake is not None:
+                self.fake.net.load_state_dict(sd["fake"])
+                self.opt_fake.load_state_dict(sd["opt_fake"])
+            self.ema.load_state_dict(sd["ema"])
+            self.opt_student.load_state_dict(sd["opt_student"])
         self.gen.set_state(sd["rng"])
         self.step = int(sd["step"])
 
     def save_checkpoint(self, url: str, storage_options: Optional[dict] = None) -> None:
-        """Write the whole training state; the file appears only once complete."""
+        """Write the whole training state; the file appears only once complete.
+
+        With FSDP every rank must call it (the state is gathered); rank 0 writes.
+        """
         from .io import atomic_write_bytes
+        sd = self.state_dict()
+        if self.sharded and _world()[0] != 0:
+            return
         buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
+        torch.save(sd, buf)
         atomic_write_bytes(url, buf.getvalue(), storage_options)
 
     def load_checkpoint(self, url: str, storage_options: Optional[dict] = None) -> None:

@@ -59,3 +59,50 @@ def test_killed_then_retried_resumes_from_checkpoint(tmp_path, cache_url):
     run_torchrun("rcm_steps.distill", args + ["--fault-at-step", "4"], env=_env(tmp_path))   # the retry
     res = json.load(open(os.path.join(out, "result.json")))
     assert res["resumed_from"] == 4 and res["start_step"] == 4 and res["steps"] == 6
+
+
+class BlockTeacher(FakeTeacher):
+    """FakeTeacher whose text path runs through a ModuleList of blocks (so FSDP has blocks to shard)."""
+
+    def __init__(self, device="cpu"):
+        import torch
+
+        super().__init__()
+        net = self.net
+        net.blocks = torch.nn.ModuleList([_Residual() for _ in range(2)])
+        proj = net.proj
+        net.proj = torch.nn.Sequential(*net.blocks, proj)     # forward: proj(blocks(cond.mean(1)))
+        net.float()
+
+
+class _Residual(__import__("torch").nn.Module):
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        torch.nn.init.normal_(self.lin.weight, std=0.1)
+
+    def forward(self, h):
+        return h + self.lin(h)
+
+
+def test_two_processes_fsdp_checkpoint_and_ema_are_full(tmp_path, cache_url):
+    import torch
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "out")
+    cfg = json.dumps({**json.loads(TINY), "fsdp": True, "fused_tangent": False, "activation_checkpointing": "full"})
+    run_torchrun("rcm_steps.distill", ["--teacher", "test_steps_distill:BlockTeacher", "--cache", cache_url,
+                                       "--out", out, "--iterations", "4", "--batch-size", "4", "--config", cfg,
+                                       "--ckpt-every", "2"], env=_env(tmp_path), nproc_per_node=2)
+    res = json.load(open(os.path.join(out, "result.json")))
+    assert res["world_size"] == 2 and res["steps"] == 4 and res["config"]["fsdp"] is True
+    ema = load_file(os.path.join(out, "student_ema.safetensors"))
+    ck = torch.load(os.path.join(out, res["checkpoint"]), weights_only=False)
+    ref = BlockTeacher().net.state_dict()
+    for sd in (ema, ck["student"], ck["fake"], ck["ema"]["module"]):
+        assert set(sd) == set(ref)                                  # full keys, no FSDP/wrapper prefixes
+        for k, v in ref.items():
+            assert tuple(sd[k].shape) == tuple(v.shape), k          # gathered, not shards
+    assert ck["step"] == 4 and not torch.equal(ck["student"]["blocks.0.lin.weight"], ref["blocks.0.lin.weight"])

@@ -187,8 +187,11 @@ def main(argv=None) -> int:
             log.metrics(step, m)
             if step % args.log_every == 0 or step == cfg.iterations:
                 log.flush()
-        if rank == 0 and (step % args.ckpt_every == 0 or step == cfg.iterations):
-            _save(trainer, out, step)
+        if step % args.ckpt_every == 0 or step == cfg.iterations:
+            if trainer.sharded:                      # FSDP: every rank helps gather the state; rank 0 writes
+                _save(trainer, out, step, write=rank == 0)
+            elif rank == 0:
+                _save(trainer, out, step)
         if args.fault_at_step and resumed_from is None and step == args.fault_at_step:
             log.flush()
             print(f"distill: injected fault after step {step}", flush=True)
@@ -198,10 +201,11 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t_start
     if world > 1:
         dist.barrier()
+    ema_sd = trainer.ema_state_dict() if trainer.sharded or rank == 0 else None   # FSDP: a collective
     if rank == 0:
         from safetensors.torch import save
 
-        ema = {k: v.detach().float().cpu().contiguous() for k, v in trainer.student_ema.state_dict().items()}
+        ema = {k: v.detach().float().cpu().contiguous() for k, v in ema_sd.items()}
         out.write_bytes("student_ema.safetensors", save(ema))
         result = {"steps": trainer.step, "start_step": start, "resumed_from": resumed_from, "world_size": world,
                   "backend": backend, "seconds": seconds,
@@ -220,9 +224,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _save(trainer, out: Storage, step: int, keep: int = 2) -> None:
+def _save(trainer, out: Storage, step: int, keep: int = 2, write: bool = True) -> None:
     name = f"ckpt/step-{step:07d}.pt"
     trainer.save_checkpoint(out.url(name), out.storage_options)
+    if not write:
+        return
     out.write_json("ckpt/latest.json", {"step": step, "file": name})   # pointer last
     old = sorted(n for n in out.list("ckpt") if n.startswith("step-") and n.endswith(".pt"))[:-keep]
     for o in old:
