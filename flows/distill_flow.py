@@ -130,9 +130,12 @@ class RCMDistillFlow(FlowSpec):
             return None
         from rcm_core.config import DistillConfig
 
-        dtype = json.loads(self.distill_config or "{}").get("dtype") or \
-            DistillConfig.preset(self.teacher_info["preset"]).dtype
-        est = check_memory(self.teacher_info, math.ceil(self.settings["batch_size"] / gpus), gpus, mem, dtype=dtype)
+        overrides = json.loads(self.distill_config or "{}")
+        preset = DistillConfig.preset(self.teacher_info["preset"])
+        dtype = overrides.get("dtype") or preset.dtype
+        sharded = bool(overrides.get("fsdp", preset.fsdp))
+        est = check_memory(self.teacher_info, math.ceil(self.settings["batch_size"] / gpus), gpus, mem, dtype=dtype,
+                           sharded=sharded)
         print(f"memory check: {est['gib_per_gpu']:.1f} GiB per GPU of {mem:.0f} (gpus={gpus})")
         return est
 

@@ -149,6 +149,9 @@ class DistillConfig:
 
 # Real teachers train with full activation checkpointing: without it Wan2.1-1.3B at 480p x 81
 # frames runs out of memory on an 80 GiB H100 even for a plain fwd+bwd step (BENCHMARKS.md).
+# Wan2.1-1.3B's replicated training state (~50 GiB) fits one 80 GiB GPU, so it keeps the fused
+# tangent; the 14B and Cosmos-Predict2 (2B: ~76 GB replicated) shard with FSDP2, which needs the
+# tangent from a separate JVP pass.
 PRESETS: dict[str, dict] = {
     "wan2.1-1.3b": dict(P_mean=0.7, P_std=1.6, tangent_warmup_steps=1000, student_update_freq=5,
                         lr_student=2e-6, lr_fake=4e-7, guidance=5.0, dmd_time="rf_shift", dmd_shift=5.0,
@@ -157,11 +160,11 @@ PRESETS: dict[str, dict] = {
     "wan2.1-14b": dict(P_mean=1.5, P_std=1.6, tangent_warmup_steps=200, student_update_freq=10,
                        lr_student=1e-6, lr_fake=1e-7, guidance=5.0, dmd_time="rf_shift", dmd_shift=5.0,
                        batch_size=64, iterations=10_000, dtype="bfloat16",
-                       activation_checkpointing="full"),
+                       activation_checkpointing="full", fsdp=True, fused_tangent=False),
     "cosmos-predict2": dict(P_mean=-0.8, P_std=1.6, tangent_warmup_steps=0, student_update_freq=5,
                             lr_student=1e-6, lr_fake=2e-7, guidance=4.5, dmd_time="lognormal",
                             dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16",
-                            activation_checkpointing="full"),
+                            activation_checkpointing="full", fsdp=True, fused_tangent=False),
     # The embedded toy teacher: same algorithm, learning rates and lengths for minutes on a CPU.
     "embedded": dict(P_mean=0.0, P_std=1.6, tangent_warmup_steps=20, student_update_freq=2,
                      lr_student=1e-4, lr_fake=1e-4, guidance=4.0, dmd_time="rf_shift", dmd_shift=2.0,

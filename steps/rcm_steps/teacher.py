@@ -179,7 +179,7 @@ def describe_teacher(name: str, options: Optional[Mapping[str, Any]] = None) -> 
 
 
 def check_memory(info: Mapping[str, Any], batch: int, gpus: int, gpu_memory_gib: float,
-                 dtype: str = "bfloat16", context_parallel: int = 1) -> Dict[str, Any]:
+                 dtype: str = "bfloat16", context_parallel: int = 1, sharded: bool = False) -> Dict[str, Any]:
     """Estimated GPU memory of distilling the real teacher ``info`` (from :func:`describe_teacher`).
 
     Raises MemoryError (with the estimate and settings that would fit) when it does not fit.
@@ -190,7 +190,8 @@ def check_memory(info: Mapping[str, Any], batch: int, gpus: int, gpu_memory_gib:
         raise ValueError(f"teacher {info.get('name')!r} is not a real teacher: no memory estimate")
     return estimate_memory(dict(info["transformer_config"]), batch=max(1, int(batch)), frames=int(info["frames"]),
                            height=int(info["height"]), width=int(info["width"]), dtype=dtype, gpus=int(gpus),
-                           context_parallel=context_parallel, gpu_memory_gib=float(gpu_memory_gib))
+                           context_parallel=context_parallel, gpu_memory_gib=float(gpu_memory_gib),
+                           sharded=sharded)
 
 
 @torch.no_grad()
