@@ -22,10 +22,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir, fsdp):
+def _worker(rank, world, port, out_dir, fsdp, device="cpu"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
     try:
         from rcm_core.config import DistillConfig
         from rcm_core.teachers import get_teacher
@@ -35,7 +38,7 @@ def _worker(rank, world, port, out_dir, fsdp):
         cfg = DistillConfig.preset("embedded", method="rcm", dtype="float64", tangent_warmup_steps=0,
                                    student_update_freq=2, activation_checkpointing="full", fsdp=fsdp,
                                    fused_tangent=False)
-        tr = RCMTrainer(teacher, cfg)
+        tr = RCMTrainer(teacher, cfg, device=device)
         assert tr.sharded == fsdp
         g = torch.Generator().manual_seed(10 + rank)
         batch = {"latents": torch.randn(2, *teacher.latent_shape, generator=g),
@@ -45,7 +48,7 @@ def _worker(rank, world, port, out_dir, fsdp):
         tr.save_checkpoint(ckpt)                                    # collective under FSDP; rank 0 writes
         sd = copy.deepcopy(tr.state_dict())                       # state_dict() holds live tensors
         dist.barrier()
-        tr2 = RCMTrainer(teacher, cfg)
+        tr2 = RCMTrainer(teacher, cfg, device=device)
         tr2.load_checkpoint(ckpt)
         nxt = tr.train_step(batch)["loss"], tr2.train_step(batch)["loss"]
         if rank == 0:
@@ -55,15 +58,23 @@ def _worker(rank, world, port, out_dir, fsdp):
         dist.destroy_process_group()
 
 
-def _run(out_dir, fsdp):
-    mp.start_processes(_worker, args=(2, _free_port(), str(out_dir), fsdp), nprocs=2, join=True,
+def _run(out_dir, fsdp, device="cpu"):
+    mp.start_processes(_worker, args=(2, _free_port(), str(out_dir), fsdp, device), nprocs=2, join=True,
                        start_method="spawn")
-    return torch.load(os.path.join(out_dir, f"res_{fsdp}.pt"), weights_only=False)
+    return torch.load(os.path.join(out_dir, f"res_{fsdp}.pt"), weights_only=False, map_location="cpu")
 
 
 def test_fsdp_matches_data_parallel_and_resumes(tmp_path):
-    ref = _run(tmp_path, False)
-    got = _run(tmp_path, True)
+    _compare(_run(tmp_path, True), _run(tmp_path, False))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_fsdp_matches_data_parallel_on_two_gpus_nccl(tmp_path):
+    _compare(_run(tmp_path, True, "cuda"), _run(tmp_path, False, "cuda"))
+
+
+def _compare(got, ref):
     assert [m["kind"] for m in got["ms"]] == ["student", "critic", "student"]
     for a, b in zip(got["ms"], ref["ms"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-9)
