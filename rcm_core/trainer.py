@@ -16,6 +16,7 @@ noise (seeded by rank).
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import math
 import time
@@ -88,6 +89,22 @@ def _grad_norm(params) -> float:
     return math.sqrt(total)
 
 
+def _jvp(f, primals, tangents):
+    """(f(primals), J_f tangents) by forward-mode AD with dual tensors (``torch.autograd.forward_ad``).
+
+    Used under no_grad for the separate tangent pass. Unlike ``torch.func.jvp`` the network sees
+    plain (dual) tensors, so FSDP's parameter all-gathers work inside it, and the attention op
+    gets O and dO from one fused pass.
+    """
+    from torch.autograd import forward_ad as fwAD
+    with fwAD.dual_level():
+        out = f(*[fwAD.make_dual(p, d) for p, d in zip(primals, tangents)])
+        y, j = fwAD.unpack_dual(out)
+    if j is None:
+        raise RuntimeError("the student's output carries no tangent: is an input detached inside the network?")
+    return y, j
+
+
 def _check_batch(batch: dict, latent_shape: Optional[tuple]) -> tuple:
     for key in ("latents", "cond", "uncond"):
         if key not in batch:
@@ -150,9 +167,17 @@ class RCMTrainer:
             self.ema = PowerEMA(self.student.net, self.cfg.ema_sigma_rel)
         self.step = 0
         rank, _ = _world()
-        self.gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1000 + rank)
+        self.rank = rank
+        self.gen = torch.Generator(device=self.device)
+        self._reseed()
 
     # ---- helpers ---------------------------------------------------------------------
+    def _reseed(self) -> None:
+        """The step's randomness is a function of (seed, rank, step): a resumed run, on any number of
+        ranks, draws exactly what the uninterrupted one would, and ranks never share noise."""
+        key = hashlib.sha256(f"rcm:{self.cfg.seed}:{self.rank}:{self.step}".encode()).digest()
+        self.gen.manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
+
     def _amp(self):
         if self._autocast_dtype is None:
             return nullcontext()
@@ -195,9 +220,9 @@ class RCMTrainer:
         dx = expand_like(cs, x_t) * F_T
         with torch.no_grad(), self._amp():
             if self.cfg.time_derivative == "jvp":
-                return torch.func.jvp(lambda x, tt: self.student(x, tt, cond), (x_t, t), (dx, cs))
+                return _jvp(lambda x, tt: self.student(x, tt, cond), (x_t, t), (dx, cs))
             h = self.cfg.fd_step                                   # semi-continuous
-            F_minus, J_x = torch.func.jvp(lambda x: self.student(x, t, cond), (x_t,), (dx,))
+            F_minus, J_x = _jvp(lambda x: self.student(x, t, cond), (x_t,), (dx,))
             F_h = self.student(x_t, t + h, cond)
             return F_minus, J_x + expand_like(cs, x_t) * (F_h - F_minus) / h
 
@@ -208,14 +233,10 @@ class RCMTrainer:
         (cos t sin t F_T, cos t sin t) are pushed through it, so F_theta^- and J cost
         one tangent pass on top of the forward the loss needs anyway.
         """
-        from torch.autograd import forward_ad as fwAD
         cs = torch.cos(t) * torch.sin(t)
         dx = expand_like(cs, x_t) * F_T
-        with fwAD.dual_level(), self._amp():
-            out = self.student(fwAD.make_dual(x_t, dx), fwAD.make_dual(t, cs), cond)
-            F_theta, J = fwAD.unpack_dual(out)
-        if J is None:
-            raise RuntimeError("the student's output carries no tangent: is the time input detached inside the network?")
+        with self._amp():
+            F_theta, J = _jvp(lambda x, tt: self.student(x, tt, cond), (x_t, t), (dx, cs))
         return F_theta, F_theta.detach(), J.detach()
 
     # ---- the two updates ----------------------------------------------------------------
@@ -300,6 +321,7 @@ class RCMTrainer:
         x0, cond, uncond = _check_batch(batch, self.latent_shape)
         x0 = x0.to(self.device, torch.float64)
         cond, uncond = cond.to(self.device), uncond.to(self.device)
+        self._reseed()
         t0 = time.perf_counter()
         m = self.student_step(x0, cond, uncond) if self.is_student_step() else self.critic_step(x0, cond, uncond)
         if self.device.type == "cuda":
@@ -358,7 +380,6 @@ class RCMTrainer:
                     "sigma_rel": self.ema.sigma_rel},
             "opt_student": self._optim_sd(self.student.net, self.opt_student),
             "opt_fake": self._optim_sd(self.fake.net, self.opt_fake) if self.opt_fake is not None else None,
-            "rng": self.gen.get_state(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -381,8 +402,8 @@ class RCMTrainer:
                 self.opt_fake.load_state_dict(sd["opt_fake"])
             self.ema.load_state_dict(sd["ema"])
             self.opt_student.load_state_dict(sd["opt_student"])
-        self.gen.set_state(sd["rng"])
         self.step = int(sd["step"])
+        self._reseed()
 
     def save_checkpoint(self, url: str, storage_options: Optional[dict] = None) -> None:
         """Write the whole training state; the file appears only once complete.

@@ -45,7 +45,9 @@ def _worker(rank, world, port, out_dir, fsdp, device="cpu"):
                  "cond": torch.randn(2, 16, 64, generator=g), "uncond": torch.zeros(1, 16, 64)}
         ms = [tr.train_step(batch) for _ in range(3)]               # student, critic, student
         ckpt = os.path.join(out_dir, f"ckpt_{fsdp}.pt")
-        tr.save_checkpoint(ckpt)                                    # collective under FSDP; rank 0 writes
+        if fsdp or rank == 0:                                       # as distill: collective under FSDP
+            tr.save_checkpoint(ckpt)
+        dist.barrier()
         sd = copy.deepcopy(tr.state_dict())                       # state_dict() holds live tensors
         dist.barrier()
         tr2 = RCMTrainer(teacher, cfg, device=device)
