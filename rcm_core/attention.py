@@ -13,6 +13,12 @@ Triton kernel (``rcm_kernels``) computes O, dO and the log-sum-exp in one pass;
 elsewhere the exact maths below runs, chunked over queries so that only a
 (chunk x Nk) block of scores exists at a time.
 
+Two forward-mode entries: under ``torch.func.jvp`` torch calls ``forward`` and then
+the ``jvp`` rule (O computed twice); when q/k/v are ``torch.autograd.forward_ad``
+dual tensors (the trainer's tangent passes) :func:`attention` unpacks them itself
+and :class:`_AttentionWithTangent` gets O and dO from one pass, keeping O
+differentiable in reverse mode for the fused sCM step.
+
 Layouts: ``"bhnd"`` (batch, heads, tokens, dim) or ``"bnhd"`` (batch, tokens,
 heads, dim), the layout transformer blocks produce after the QKV projection.
 The op keeps no global state: it only sees its arguments, so tangents arriving
