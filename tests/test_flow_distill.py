@@ -5,35 +5,14 @@ import subprocess
 import sys
 import time
 
-import pytest
 # Import torch.export before Metaflow: reading Metaflow artifacts loads metaflow._vendor.typing_extensions,
 # which re-patches typing so that torch.export's generics (TypeVar defaults) fail to import later on
 # (seen when mlflow.pyfunc.load_model runs after Runner in the same process).
 import torch.export  # noqa: F401
 
 from pipeline_fixtures import *  # noqa: F401,F403
+from pipeline_fixtures import FLOW, run_flow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOW = os.path.join(ROOT, "flows", "distill_flow.py")
-
-
-def _runner_env(tmp):
-    return {"METAFLOW_USER": "tester", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1",
-            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp / "mf"), "GX_ANALYTICS_ENABLED": "false",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-
-
-def _run(tmp, **params):
-    from metaflow import Runner
-
-    env = _runner_env(tmp)
-    os.environ.update(env)
-    params.setdefault("storage_root", str(tmp / "store"))
-    with Runner(FLOW, show_output=False, env=env, cwd=str(tmp)).run(
-            profile="smoke", mlflow_tracking_uri=env["MLFLOW_TRACKING_URI"], **params) as running:
-        run = running.run
-        tasks_err = "".join(t.stderr or "" for st in run for t in st) if run is not None else ""
-        return run, running.stdout, running.stderr + tasks_err
 
 
 def test_smoke_flow_end_to_end(tmp_path):
@@ -41,7 +20,7 @@ def test_smoke_flow_end_to_end(tmp_path):
     import pandas as pd
 
     t0 = time.perf_counter()
-    run, out, err = _run(tmp_path, fault_at_step=1)
+    run, out, err = run_flow(tmp_path, fault_at_step=1)
     elapsed = time.perf_counter() - t0
     assert run is not None and run.successful, err[-3000:]
     print(f"smoke flow wall time: {elapsed:.1f}s")
@@ -84,7 +63,7 @@ def test_flow_stops_at_the_prompt_gate(tmp_path, s3_bucket):
     bucket = url[len("s3://"):]
     s3 = boto3.client("s3", endpoint_url=opts["endpoint_url"], region_name="us-east-1")
     s3.put_object(Bucket=bucket, Key="bad.txt", Body=b"a 1 drifting up\n\n a 1  drifting up\nhi\n")
-    run, out, err = _run(tmp_path, prompts=f"{url}/bad.txt", storage_root=f"{url}/root")
+    run, out, err = run_flow(tmp_path, prompts=f"{url}/bad.txt", storage_root=f"{url}/root")
     assert run is not None and not run.successful
     steps = {s.id for s in run}
     assert "cache_teacher" not in steps and "distill" not in steps
@@ -94,7 +73,7 @@ def test_flow_stops_at_the_prompt_gate(tmp_path, s3_bucket):
 
 
 def test_unknown_teacher_lists_known_ones(tmp_path):
-    run, out, err = _run(tmp_path, teacher="no-such-teacher")
+    run, out, err = run_flow(tmp_path, teacher="no-such-teacher")
     assert not run.successful and "known teachers: " in err and "embedded" in err
 
 

@@ -5,7 +5,6 @@ checkpoints stop the flow at ``start`` naming the culprit, the weight-free check
 used by ``start`` agrees with the loaded teacher, and the GPU memory check fails early.
 """
 import json
-import os
 import shutil
 import time
 
@@ -13,27 +12,11 @@ import pytest
 import torch.export  # noqa: F401  (before Metaflow: see tests/test_flow_distill.py)
 
 from pipeline_fixtures import *  # noqa: F401,F403
+from pipeline_fixtures import run_flow
 from real_fixtures import *  # noqa: F401,F403
 from real_fixtures import SMALL
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOW = os.path.join(ROOT, "flows", "distill_flow.py")
 TINY = dict(frames=5, height=8, width=8, text_len=8)          # latents (4, 3, 4, 4) with the tiny VAE
-
-
-def _run(tmp, **params):
-    from metaflow import Runner
-
-    env = {"METAFLOW_USER": "tester", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1",
-           "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp / "mf"), "GX_ANALYTICS_ENABLED": "false",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    os.environ.update(env)
-    params.setdefault("storage_root", str(tmp / "store"))
-    with Runner(FLOW, show_output=False, env=env, cwd=str(tmp)).run(
-            profile="smoke", mlflow_tracking_uri=env["MLFLOW_TRACKING_URI"], **params) as running:
-        run = running.run
-        tasks_err = "".join(t.stderr or "" for st in run for t in st) if run is not None else ""
-        return run, running.stdout, running.stderr + tasks_err
 
 
 def test_flow_end_to_end_with_tiny_wan_dir(wan_dir, tmp_path):
@@ -45,7 +28,7 @@ def test_flow_end_to_end_with_tiny_wan_dir(wan_dir, tmp_path):
     from rcm_steps.cache import load_cache
 
     t0 = time.perf_counter()
-    run, out, err = _run(tmp_path, teacher=str(wan_dir), **TINY)
+    run, out, err = run_flow(tmp_path, teacher=str(wan_dir), **TINY)
     elapsed = time.perf_counter() - t0
     assert run is not None and run.successful, err[-4000:]
     print(f"tiny-wan flow wall time: {elapsed:.1f}s")
@@ -102,7 +85,7 @@ def test_flow_rejects_bad_checkpoint_at_start(wan_dir, tmp_path):
     cfg = json.loads((bad / "transformer" / "config.json").read_text())
     cfg["ffn_dim"] = 48                                           # config no longer matches the weights
     (bad / "transformer" / "config.json").write_text(json.dumps(cfg))
-    run, out, err = _run(tmp_path, teacher=str(bad), **TINY)
+    run, out, err = run_flow(tmp_path, teacher=str(bad), **TINY)
     assert run is not None and not run.successful
     assert {s.id for s in run} == {"start"}
     assert f"{bad / 'transformer'}: weights do not match transformer/config.json" in err
