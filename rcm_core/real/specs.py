@@ -75,46 +75,40 @@ _WAN_COMMON = dict(patch_size=[1, 2, 2], attention_head_dim=128, in_channels=16,
 _COSMOS_COMMON = dict(in_channels=16, out_channels=16, attention_head_dim=128, mlp_ratio=4.0, text_embed_dim=1024,
                       adaln_lora_dim=256, max_size=[128, 240, 240], patch_size=[1, 2, 2], concat_padding_mask=True)
 
-SPECS = {
-    "wan2.1-1.3b": RealTeacherSpec(
-        name="wan2.1-1.3b", family="wan", hf_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+
+def _wan(size: str, heads: int, ffn_dim: int, layers: int) -> RealTeacherSpec:
+    """Wan2.1 text-to-video at 480p x 81 frames: everything but the transformer's size is shared."""
+    return RealTeacherSpec(
+        name=f"wan2.1-{size}", family="wan", hf_id=f"Wan-AI/Wan2.1-T2V-{size.upper()}-Diffusers",
         transformer_class="WanTransformer3DModel",
-        transformer_config=dict(_WAN_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+        transformer_config=dict(_WAN_COMMON, num_attention_heads=heads, ffn_dim=ffn_dim, num_layers=layers),
         text_encoder_class="UMT5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
         param_kind="rf", timestep_scale=1000.0, guidance=5.0, negative_prompt=WAN_NEGATIVE_PROMPT,
-        sample_steps=50, shift=5.0, solver="unipc", preset="wan2.1-1.3b", task="t2v",
-        frames=81, height=480, width=832),
-    "wan2.1-14b": RealTeacherSpec(
-        name="wan2.1-14b", family="wan", hf_id="Wan-AI/Wan2.1-T2V-14B-Diffusers",
-        transformer_class="WanTransformer3DModel",
-        transformer_config=dict(_WAN_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
-        text_encoder_class="UMT5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
-        param_kind="rf", timestep_scale=1000.0, guidance=5.0, negative_prompt=WAN_NEGATIVE_PROMPT,
-        sample_steps=50, shift=5.0, solver="unipc", preset="wan2.1-14b", task="t2v",
-        frames=81, height=480, width=832),
-    "cosmos-predict2-2b": RealTeacherSpec(
-        name="cosmos-predict2-2b", family="cosmos", hf_id="nvidia/Cosmos-Predict2-2B-Text2Image",
+        sample_steps=50, shift=5.0, solver="unipc", preset=f"wan2.1-{size}", task="t2v",
+        frames=81, height=480, width=832)
+
+
+def _cosmos(size: str, heads: int, layers: int) -> RealTeacherSpec:
+    """Cosmos-Predict2 text-to-image at 768 x 1360: everything but the transformer's size is shared."""
+    return RealTeacherSpec(
+        name=f"cosmos-predict2-{size}", family="cosmos", hf_id=f"nvidia/Cosmos-Predict2-{size.upper()}-Text2Image",
         transformer_class="CosmosTransformer3DModel",
-        transformer_config=dict(_COSMOS_COMMON, num_attention_heads=16, num_layers=28, rope_scale=[1.0, 4.0, 4.0],
-                                extra_pos_embed_type=None),
+        transformer_config=dict(_COSMOS_COMMON, num_attention_heads=heads, num_layers=layers,
+                                rope_scale=[1.0, 4.0, 4.0], extra_pos_embed_type=None),
         text_encoder_class="T5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
         param_kind="rf", timestep_scale=1.0, guidance=4.5, negative_prompt=COSMOS_NEGATIVE_PROMPT,
         sample_steps=35, shift=1.0, solver="euler", preset="cosmos-predict2", task="t2i",
         frames=1, height=768, width=1360,
         notes={"guidance_convention": "project CFG uncond + w (cond - uncond); diffusers' Cosmos2 pipeline uses "
-                                      "cond + g (cond - uncond), i.e. w = g + 1"}),
-    "cosmos-predict2-14b": RealTeacherSpec(
-        name="cosmos-predict2-14b", family="cosmos", hf_id="nvidia/Cosmos-Predict2-14B-Text2Image",
-        transformer_class="CosmosTransformer3DModel",
-        transformer_config=dict(_COSMOS_COMMON, num_attention_heads=40, num_layers=36, rope_scale=[1.0, 4.0, 4.0],
-                                extra_pos_embed_type=None),
-        text_encoder_class="T5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
-        param_kind="rf", timestep_scale=1.0, guidance=4.5, negative_prompt=COSMOS_NEGATIVE_PROMPT,
-        sample_steps=35, shift=1.0, solver="euler", preset="cosmos-predict2", task="t2i",
-        frames=1, height=768, width=1360,
-        notes={"guidance_convention": "project CFG uncond + w (cond - uncond); diffusers' Cosmos2 pipeline uses "
-                                      "cond + g (cond - uncond), i.e. w = g + 1"}),
-}
+                                      "cond + g (cond - uncond), i.e. w = g + 1"})
+
+
+SPECS = {spec.name: spec for spec in (
+    _wan("1.3b", heads=12, ffn_dim=8960, layers=30),
+    _wan("14b", heads=40, ffn_dim=13824, layers=40),
+    _cosmos("2b", heads=16, layers=28),
+    _cosmos("14b", heads=40, layers=36),
+)}
 
 # Architecture numbers compared between a checkpoint's transformer/config.json and a spec
 # (others, e.g. rope details, are taken from the checkpoint as is).
