@@ -130,12 +130,9 @@ class RCMDistillFlow(FlowSpec):
             return None
         from rcm_core.config import DistillConfig
 
-        overrides = json.loads(self.distill_config or "{}")
-        preset = DistillConfig.preset(self.teacher_info["preset"])
-        dtype = overrides.get("dtype") or preset.dtype
-        sharded = bool(overrides.get("fsdp", preset.fsdp))
-        est = check_memory(self.teacher_info, math.ceil(self.settings["batch_size"] / gpus), gpus, mem, dtype=dtype,
-                           sharded=sharded)
+        cfg = DistillConfig.preset(self.teacher_info["preset"]).replace(**json.loads(self.distill_config or "{}"))
+        est = check_memory(self.teacher_info, math.ceil(self.settings["batch_size"] / gpus), gpus, mem,
+                           dtype=cfg.dtype, sharded=cfg.fsdp)
         print(f"memory check: {est['gib_per_gpu']:.1f} GiB per GPU of {mem:.0f} (gpus={gpus})")
         return est
 

@@ -214,10 +214,15 @@ class RCMTrainer:
         noise = torch.randn((b, *shape), generator=self.gen, device=self.device, dtype=torch.float64)
         return student_rollout(self.student, cond, noise, n, t_hat, c.rollout_t_max, self.gen, keep_graph)
 
+    @staticmethod
+    def _ode_tangents(x_t, t, F_T):
+        """Tangents (dx, dt) = (cos t sin t F_T, cos t sin t): d/dt along the teacher's PF-ODE, scaled."""
+        cs = torch.cos(t) * torch.sin(t)
+        return expand_like(cs, x_t) * F_T, cs
+
     def tangent(self, x_t, t, F_T, cond):
         """F_theta^-(x_t, t) and J = cos t sin t dF_theta/dt along the teacher's PF-ODE (no grad)."""
-        cs = torch.cos(t) * torch.sin(t)
-        dx = expand_like(cs, x_t) * F_T
+        dx, cs = self._ode_tangents(x_t, t, F_T)
         with torch.no_grad(), self._amp():
             if self.cfg.time_derivative == "jvp":
                 return _jvp(lambda x, tt: self.student(x, tt, cond), (x_t, t), (dx, cs))
@@ -233,8 +238,7 @@ class RCMTrainer:
         (cos t sin t F_T, cos t sin t) are pushed through it, so F_theta^- and J cost
         one tangent pass on top of the forward the loss needs anyway.
         """
-        cs = torch.cos(t) * torch.sin(t)
-        dx = expand_like(cs, x_t) * F_T
+        dx, cs = self._ode_tangents(x_t, t, F_T)
         with self._amp():
             F_theta, J = _jvp(lambda x, tt: self.student(x, tt, cond), (x_t, t), (dx, cs))
         return F_theta, F_theta.detach(), J.detach()
