@@ -34,7 +34,9 @@ DEFAULT_TRACKING = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path
 PROFILES = {
     "smoke": dict(max_train=4, max_eval=2, min_prompts=4, samples_per_prompt=1, teacher_steps=2, shard_size=2,
                   iterations=2, batch_size=2, ckpt_every=1, eval_seeds=2, eval_teacher_steps=2, real_clips=32,
-                  gates={"min_digit_acc": 0.0, "min_diversity_rel": 0.0}),
+                  gates={"min_digit_acc": 0.0, "min_diversity_rel": 0.0},
+                  # warm-ups must fit the run (DistillConfig checks it): a 2-step run warms up for 1 step
+                  config={"tangent_warmup_steps": 1, "lr_warmup_steps": 1}),
     "default": dict(max_train=None, max_eval=8, min_prompts=16, samples_per_prompt=1, teacher_steps=12,
                     shard_size=64, iterations=150, batch_size=16, ckpt_every=50, eval_seeds=3,
                     eval_teacher_steps=12, real_clips=256, gates={}),
@@ -130,7 +132,7 @@ class RCMDistillFlow(FlowSpec):
             return None
         from rcm_core.config import DistillConfig
 
-        cfg = DistillConfig.preset(self.teacher_info["preset"]).replace(**json.loads(self.distill_config or "{}"))
+        cfg = DistillConfig.preset(self.teacher_info["preset"]).replace(**self.settings["config"])
         est = check_memory(self.teacher_info, math.ceil(self.settings["batch_size"] / gpus), gpus, mem,
                            dtype=cfg.dtype, sharded=cfg.fsdp)
         print(f"memory check: {est['gib_per_gpu']:.1f} GiB per GPU of {mem:.0f} (gpus={gpus})")
@@ -165,11 +167,16 @@ class RCMDistillFlow(FlowSpec):
         if self.batch_size:
             s["batch_size"] = self.batch_size
         s["gates"] = {**s["gates"], **json.loads(self.gates or "{}")}
+        # DistillConfig overrides: the profile's, then the user's --distill_config
+        s["config"] = {**s.get("config", {}), **json.loads(self.distill_config or "{}")}
         self.settings = s
         self.teacher_options = teacher_options(self.teacher, self.frames, self.height, self.width, self.text_len,
                                                self.teacher_dtype)
         # real teachers: checkpoint files, configs, tensor shapes and resolution are checked here, weights unread
         self.teacher_info = describe_teacher(self.teacher, self.teacher_options)
+        from rcm_steps.distill import build_config   # a bad DistillConfig fails here, naming the field
+        build_config(self.teacher_info["preset"], self.method, s["iterations"], s["batch_size"], self.seed,
+                     s["config"])
         self.memory_estimate = self._memory_check(check_memory, on_k8s)
         self._storage().check_writable()
         client = self._mlflow()
@@ -282,7 +289,7 @@ class RCMDistillFlow(FlowSpec):
         args = ["--teacher", self.teacher, "--teacher-options", json.dumps(self.teacher_options),
                 "--cache", self.cache_url, "--out", self.distill_url,
                 "--method", self.method, "--iterations", s["iterations"], "--batch-size", s["batch_size"],
-                "--seed", self.seed, "--config", self.distill_config, "--ckpt-every", s["ckpt_every"],
+                "--seed", self.seed, "--config", json.dumps(s["config"]), "--ckpt-every", s["ckpt_every"],
                 "--mlflow-run-id", self.mlflow_run_id]
         env = {"MLFLOW_TRACKING_URI": self.mlflow_tracking_uri}
         if self.fault_at_step and current.retry_count == 0:

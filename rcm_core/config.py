@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 METHODS = ("rcm", "scm", "dmd", "dcm")
 
@@ -22,11 +22,13 @@ class DistillConfig:
     P_mean: float = 0.7
     P_std: float = 1.6
     tangent_warmup_steps: int = 1000     # H
-    warmup_scales_jvp: bool = True       # r multiplies (cos sin x_t + J), as in sCM; False: only cos sin x_t
+    # False (reference): r scales only the sin terms of g, J stays whole; True: r also scales J
+    warmup_scales_jvp: bool = False
     tangent_norm_c: float = 0.1
     loss_scale: float = 100.0            # sCM
     loss_scale_dmd: float = 1.0
-    guidance: float = 5.0                # teacher CFG distilled into the student
+    # teacher CFG weight distilled into the student; None: the teacher's own (Teacher.guidance)
+    guidance: Optional[float] = None
     # time derivative: "jvp" (forward-mode AD) or "semi_continuous" (t-part by finite difference)
     time_derivative: str = "jvp"
     fd_step: float = 1e-4
@@ -58,6 +60,8 @@ class DistillConfig:
     lr_fake: float = 4e-7
     betas: tuple = (0.0, 0.999)
     weight_decay: float = 0.01
+    # linear learning-rate warm-up over each network's own first updates (reference: 100, from 1e-6)
+    lr_warmup_steps: int = 100
     ema_sigma_rel: float = 0.05
     batch_size: int = 256
     iterations: int = 10_000
@@ -125,10 +129,17 @@ class DistillConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"DistillConfig.{name} must be > 0, got {getattr(self, name)}")
         nonneg = ("tangent_warmup_steps", "loss_scale", "loss_scale_dmd", "lr_student", "lr_fake",
-                  "weight_decay", "iterations", "ema_sigma_rel")
+                  "weight_decay", "iterations", "ema_sigma_rel", "lr_warmup_steps")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.guidance is not None and (isinstance(self.guidance, bool) or self.guidance < 0):
+            raise ValueError(f"DistillConfig.guidance must be >= 0 (1 = no CFG) or None (the teacher's), "
+                             f"got {self.guidance}")
+        for name in ("tangent_warmup_steps", "lr_warmup_steps"):
+            if self.iterations > 0 and getattr(self, name) > self.iterations:
+                raise ValueError(f"DistillConfig.{name}={getattr(self, name)} is longer than the run "
+                                 f"(iterations={self.iterations}); shorten the warm-up or train longer")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"DistillConfig.betas must be two numbers in [0, 1), got {self.betas}")
         for name in ("mid_t", "rollout_fixed_times"):
@@ -147,28 +158,77 @@ class DistillConfig:
         return self.method in ("rcm", "scm", "dcm") and self.loss_scale > 0
 
 
-# Real teachers train with full activation checkpointing: without it Wan2.1-1.3B at 480p x 81
-# frames runs out of memory on an 80 GiB H100 even for a plain fwd+bwd step (BENCHMARKS.md).
-# Wan2.1-1.3B's replicated training state (~50 GiB) fits one 80 GiB GPU, so it keeps the fused
-# tangent; the 14B and Cosmos-Predict2 (2B: ~76 GB replicated) shard with FSDP2, which needs the
-# tangent from a separate JVP pass.
+# Two families of presets for each Wan2.1 size:
+#   "wan2.1-1.3b", "wan2.1-14b", "cosmos-predict2": the paper's values (arXiv 2510.08431; rcm-algorithm.md
+#       sections 2-6);
+#   "wan2.1-1.3b-nvlabs", "wan2.1-14b-nvlabs": the values the public release ships (NVlabs/rcm,
+#       rcm/configs/experiments/rcm/wan2pt1_t2v.py, called EXP below, and its defaults), with the source
+#       of each value in PRESET_SOURCES.
+# The teacher's CFG weight is not part of a preset: it comes from the teacher (Teacher.guidance: Wan 5.0,
+# Cosmos 4.5) unless DistillConfig.guidance overrides it.
+# Project settings (not from either source): dtype, activation checkpointing and FSDP. Real teachers
+# train with full activation checkpointing: without it Wan2.1-1.3B at 480p x 81 frames runs out of
+# memory on an 80 GiB H100 even for a plain fwd+bwd step (BENCHMARKS.md). Wan2.1-1.3B's replicated
+# training state (~50 GiB) fits one 80 GiB GPU, so it keeps the fused tangent; the 14B and
+# Cosmos-Predict2 (2B: ~76 GB replicated) shard with FSDP2, which needs the tangent from a separate
+# JVP pass.
+_WAN_13B_PAPER = dict(P_mean=0.7, P_std=1.6, tangent_warmup_steps=1000, student_update_freq=5,
+                      lr_student=2e-6, lr_fake=4e-7, dmd_time="rf_shift", dmd_shift=5.0, sigma_max=80.0,
+                      mid_t=(1.3, 1.0, 0.6), ema_sigma_rel=0.05, batch_size=256, iterations=10_000,
+                      dtype="bfloat16", activation_checkpointing="full")
+_WAN_14B_PAPER = dict(_WAN_13B_PAPER, P_mean=1.5, tangent_warmup_steps=200, student_update_freq=10,
+                      lr_student=1e-6, lr_fake=1e-7, batch_size=64, fsdp=True, fused_tangent=False)
 PRESETS: dict[str, dict] = {
-    "wan2.1-1.3b": dict(P_mean=0.7, P_std=1.6, tangent_warmup_steps=1000, student_update_freq=5,
-                        lr_student=2e-6, lr_fake=4e-7, guidance=5.0, dmd_time="rf_shift", dmd_shift=5.0,
-                        batch_size=256, iterations=10_000, dtype="bfloat16",
-                        activation_checkpointing="full"),
-    "wan2.1-14b": dict(P_mean=1.5, P_std=1.6, tangent_warmup_steps=200, student_update_freq=10,
-                       lr_student=1e-6, lr_fake=1e-7, guidance=5.0, dmd_time="rf_shift", dmd_shift=5.0,
-                       batch_size=64, iterations=10_000, dtype="bfloat16",
-                       activation_checkpointing="full", fsdp=True, fused_tangent=False),
+    "wan2.1-1.3b": _WAN_13B_PAPER,
+    "wan2.1-14b": _WAN_14B_PAPER,
+    "wan2.1-1.3b-nvlabs": dict(_WAN_13B_PAPER, ema_sigma_rel=0.10, mid_t=(1.5, 1.4, 1.0), lr_warmup_steps=100),
+    "wan2.1-14b-nvlabs": dict(_WAN_14B_PAPER, tangent_warmup_steps=0, sigma_max=200.0, ema_sigma_rel=0.10,
+                              mid_t=(1.5, 1.4, 1.0), lr_warmup_steps=100),
     "cosmos-predict2": dict(P_mean=-0.8, P_std=1.6, tangent_warmup_steps=0, student_update_freq=5,
-                            lr_student=1e-6, lr_fake=2e-7, guidance=4.5, dmd_time="lognormal",
+                            lr_student=1e-6, lr_fake=2e-7, dmd_time="lognormal",
                             dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16",
                             activation_checkpointing="full", fsdp=True, fused_tangent=False),
     # The embedded toy teacher: same algorithm, learning rates and lengths for minutes on a CPU.
     "embedded": dict(P_mean=0.0, P_std=1.6, tangent_warmup_steps=20, student_update_freq=2,
-                     lr_student=1e-4, lr_fake=1e-4, guidance=4.0, dmd_time="rf_shift", dmd_shift=2.0,
+                     lr_student=1e-4, lr_fake=1e-4, dmd_time="rf_shift", dmd_shift=2.0, lr_warmup_steps=10,
                      batch_size=32, iterations=400, ema_sigma_rel=0.05, dtype="float32"),
 }
 PRESETS["cosmos-predict2-2b"] = PRESETS["cosmos-predict2"]
 PRESETS["cosmos-predict2-14b"] = PRESETS["cosmos-predict2"]
+
+_EXP = "NVlabs/rcm rcm/configs/experiments/rcm/wan2pt1_t2v.py"
+_RELEASE_COMMON = {
+    "loss_scale": f"{_EXP}: model.config.loss_scale=100.0",
+    "loss_scale_dmd": f"{_EXP}: model.config.loss_scale_dmd=1.0",
+    "P_mean": f"{_EXP}: p_G=LogNormal(p_mean=0.7 | 1.5 for 14B, p_std=1.6)",
+    "P_std": f"{_EXP}: p_G=LogNormal(p_std=1.6)",
+    "dmd_time": f"{_EXP}: p_D=UniformShift(shift=5.0)",
+    "dmd_shift": f"{_EXP}: p_D=UniformShift(shift=5.0)",
+    "rollout_max_steps": f"{_EXP}: max_simulation_steps_fake=4",
+    "rollout_fixed_times": "rcm/models/t2v_model_distill_rcm.py: dmd_fix_timesteps=False (times drawn from p_D)",
+    "betas": f"{_EXP}: optimizer betas=(0.0, 0.999)",
+    "weight_decay": f"{_EXP}: optimizer weight_decay=0.01",
+    "ema_sigma_rel": "rcm/configs/defaults/ema.py: PowerEMAConfig(rate=0.10)",
+    "mid_t": "rcm/models/t2v_model_distill_rcm.py: backward_timesteps=[1.5, 1.4, 1.0]; "
+             "rcm/inference/wan2pt1_t2v_rcm_infer.py: mid_t=[1.5, 1.4, 1.0]",
+    "lr_warmup_steps": "rcm/configs/defaults/scheduler.py: LambdaLinearScheduler(warm_up_steps=[100], "
+                       "f_start=[1e-6], f_max=f_min=[1.0])",
+    "tangent_norm_c": "rcm/models/t2v_model_distill_rcm.py: g / (||g|| + 0.1)",
+}
+# Where each value of the release presets comes from (file: key=value in NVlabs/rcm).
+PRESET_SOURCES: dict[str, dict[str, str]] = {
+    "wan2.1-1.3b-nvlabs": dict(_RELEASE_COMMON, **{
+        "lr_student": f"{_EXP}: WAN2PT1_1PT3B optimizer.lr=2e-6",
+        "lr_fake": f"{_EXP}: WAN2PT1_1PT3B optimizer_fake_score.lr=4e-7",
+        "student_update_freq": f"{_EXP}: WAN2PT1_1PT3B student_update_freq=5",
+        "tangent_warmup_steps": f"{_EXP}: WAN2PT1_1PT3B tangent_warmup=1000",
+        "sigma_max": f"{_EXP}: WAN2PT1_1PT3B sigma_max=80",
+    }),
+    "wan2.1-14b-nvlabs": dict(_RELEASE_COMMON, **{
+        "lr_student": f"{_EXP}: WAN2PT1_14B optimizer.lr=1e-6",
+        "lr_fake": f"{_EXP}: WAN2PT1_14B optimizer_fake_score.lr=1e-7",
+        "student_update_freq": f"{_EXP}: WAN2PT1_14B student_update_freq=10",
+        "tangent_warmup_steps": f"{_EXP}: WAN2PT1_14B tangent_warmup=0",
+        "sigma_max": f"{_EXP}: WAN2PT1_14B sigma_max=200",
+    }),
+}

@@ -48,19 +48,28 @@ class TrigFlowDenoiser(nn.Module):
     """F(x_t, t, cond) and f(x_t, t, cond) of a wrapped network, in TrigFlow time."""
 
     def __init__(self, net: nn.Module, param: Parameterization | str = "rf",
-                 call: Optional[Callable] = None):
+                 call: Optional[Callable] = None, dtype: Optional[torch.dtype] = None):
+        """``dtype``: the dtype the network is called in; None: that of most of its weights."""
         super().__init__()
         self.net = net
         self.param = Parameterization(param) if isinstance(param, str) else param
         self.call = call or default_call
+        self._dtype = dtype
 
     @property
     def dtype(self) -> torch.dtype:
-        """The network's compute dtype: that of most of its weights (diffusers keeps a few in fp32)."""
-        count: dict = {}
-        for p in self.net.parameters():
-            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
-        return max(count, key=count.get) if count else torch.float32
+        """The network's compute dtype: the one given, else that of most of its floating-point weights
+        (diffusers keeps a few in fp32), else of its buffers, else float32."""
+        if self._dtype is not None:
+            return self._dtype
+        for tensors in (self.net.parameters(), self.net.buffers()):
+            count: dict = {}
+            for p in tensors:
+                if p.is_floating_point():
+                    count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+            if count:
+                return max(count, key=count.get)
+        return torch.float32
 
     def _net(self, x, timestep, cond):
         dt = self.dtype

@@ -1,12 +1,17 @@
 """Time distributions and losses of rCM (rcm-algorithm.md sections 2-5).
 
 Each formula is one function named as in the note. Shapes: per-sample times
-are (B,); tensors are (B, ...). Reductions: sCM sums over non-batch dims (g is
-normalised to unit norm); DMD and the critic average over non-batch dims.
+are (B,); tensors are (B, ...). Reductions as the reference (NVlabs/rcm,
+``rcm/models/t2v_model_distill_rcm.py``): every loss is a squared norm SUMMED over
+the sample's elements; the batch reduction is the mean (the reference sums over
+the batch, a factor common to all three losses). The caller applies the scales
+(loss_scale = 100 for sCM, loss_scale_dmd = 1 for DMD). DMD and the critic take a
+per-sample finite mask: masked samples contribute zero loss and zero gradient.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -14,7 +19,7 @@ from .trigflow import expand_like
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 # ---- time distributions ---------------------------------------------------------
@@ -39,12 +44,13 @@ def tangent_warmup_ratio(step: int, warmup_steps: int) -> float:
 
 # ---- sCM -------------------------------------------------------------------------
 
-def scm_target(F_minus, F_teacher, J, x_t, t, r: float, *, warmup_scales_jvp: bool = True):
-    """g = -cos t sqrt(1 - r^2 sin^2 t) (F^- - F_T) - r cos t sin t x_t - r' J.
+def scm_target(F_minus, F_teacher, J, x_t, t, r: float, *, warmup_scales_jvp: bool = False):
+    """g = -cos t sqrt(1 - r^2 sin^2 t) (F^- - F_T) - (r cos t sin t x_t + r' J).
 
-    ``J = cos t sin t dF/dt`` along the teacher's PF-ODE. With
-    ``warmup_scales_jvp`` (sCM's tangent warm-up) r' = r, else r' = 1 as the
-    note writes it; the two agree once r = 1. At r = 1, g = cos t * df/dt.
+    ``J = cos t sin t dF/dt`` along the teacher's PF-ODE. By default r' = 1: the
+    tangent warm-up ratio r scales only the ``sin`` terms and J stays whole, as the
+    reference does. ``warmup_scales_jvp=True`` is the variant that also scales J
+    (r' = r); the two agree once r = 1, where g = cos t * df/dt.
     """
     tb = expand_like(t, x_t)
     cos, sin = torch.cos(tb), torch.sin(tb)
@@ -81,23 +87,40 @@ def scm_loss(F_theta: torch.Tensor, F_minus: torch.Tensor, g: torch.Tensor, batc
 
 # ---- DMD and critic -----------------------------------------------------------------
 
-def dmd_loss(G: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor, clip: float = 1e-5) -> torch.Tensor:
-    """|| G - sg(G - (x0_fake - x0_real) / weight) ||^2 with weight = mean|G - x0_real|.
+def _masked_mean(per_sample: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over the batch of per-sample losses, masked samples counting as zero.
 
-    The gradient w.r.t. G is 2 (x0_fake - x0_real) / weight / numel: a descent
-    step moves G toward the teacher's (real) denoising and away from the fake's.
+    Masked samples are dropped by indexing (not by ``where``), so their gradient is
+    exactly zero even when their loss is NaN.
     """
+    if mask is None:
+        return per_sample.mean()
+    return per_sample[mask].sum() / per_sample.shape[0]
+
+
+def dmd_loss(G: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor, clip: float = 1e-5,
+             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """|| G - sg(G - (x0_fake - x0_real) / w) ||^2 summed per sample, w = mean|G - x0_real| (float64).
+
+    The per-sample gradient w.r.t. G is 2 (x0_fake - x0_real) / w: a descent step
+    moves G toward the teacher's (real) denoising and away from the fake's. Summed
+    over elements like :func:`scm_loss` (a mean would make DMD numel times weaker).
+    ``mask`` (B,) keeps the finite samples; the others contribute zero.
+    """
+    G64 = G.to(torch.float64)
     with torch.no_grad():
-        weight = _flat((G - x0_real).abs()).mean(1).clamp_min(clip)
-        grad = (x0_fake - x0_real) / expand_like(weight, G)
-        target = (G - grad).detach()
-    return _flat((G - target) ** 2).mean(1).mean()
+        diff = (x0_fake.to(torch.float64) - x0_real.to(torch.float64))
+        weight = _flat((G64 - x0_real.to(torch.float64)).abs()).mean(1).clamp_min(clip)
+        target = (G64 - diff / expand_like(weight, G64)).detach()
+    return _masked_mean(_flat((G64 - target) ** 2).sum(1), mask)
 
 
-def critic_loss(G: torch.Tensor, x0_fake: torch.Tensor, t_D: torch.Tensor) -> torch.Tensor:
-    """|| G - f_fake(x_D, t_D) ||^2 / sin^2 t_D: flow matching of the fake score on student samples."""
-    w = 1 / torch.sin(t_D) ** 2
-    return (_flat((G - x0_fake) ** 2).mean(1) * w).mean()
+def critic_loss(G: torch.Tensor, x0_fake: torch.Tensor, t_D: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """|| G - f_fake(x_D, t_D) ||^2 / sin^2 t_D summed per sample: flow matching of the fake score."""
+    w = 1 / torch.sin(t_D.to(torch.float64)) ** 2
+    per_sample = _flat((G.to(torch.float64) - x0_fake.to(torch.float64)) ** 2).sum(1) * w
+    return _masked_mean(per_sample, mask)
 
 
 def dcm_loss(x0_theta: torch.Tensor, x0_target: torch.Tensor, delta: float) -> torch.Tensor:
@@ -108,6 +131,35 @@ def dcm_loss(x0_theta: torch.Tensor, x0_target: torch.Tensor, delta: float) -> t
 def student_update(step: int, warmup_steps: int, freq: int) -> bool:
     """Student step when step < H or (step - H) mod K == 0; critic step otherwise."""
     return step < warmup_steps or (step - warmup_steps) % freq == 0
+
+
+def student_updates_before(step: int, warmup_steps: int, freq: int) -> int:
+    """The student's own update count before ``step``: step if step < H, else H + (step - H) // K.
+
+    The reference's "effective iteration"; at a student step it is that update's index.
+    """
+    return step if step < warmup_steps else warmup_steps + (step - warmup_steps) // freq
+
+
+def critic_updates_before(step: int, warmup_steps: int, freq: int) -> int:
+    """The critic's own update index at a critic ``step``: step - (student updates up to it) - 1."""
+    return step - student_updates_before(step, warmup_steps, freq) - 1
+
+
+def rollout_steps(updates: int, max_steps: int) -> int:
+    """Rollout length n = e mod N_max + 1 from a network's own update count e (every n in turn)."""
+    return updates % max_steps + 1
+
+
+def lr_warmup_factor(updates: int, warmup: int, start: float = 1e-6) -> float:
+    """Linear learning-rate warm-up over a network's first ``warmup`` updates (0-based ``updates``).
+
+    f = start + (1 - start) * updates / warmup, then 1: the reference's LambdaLinearScheduler
+    (warm_up_steps 100, f_start 1e-6, f_max = f_min = 1). ``warmup = 0``: no warm-up.
+    """
+    if warmup <= 0 or updates >= warmup:
+        return 1.0
+    return start + (1.0 - start) * updates / warmup
 
 
 def ema_exponent(sigma_rel: float) -> float:

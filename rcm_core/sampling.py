@@ -75,9 +75,12 @@ def rf_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_teacher(teacher: TrigFlowDenoiser, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
-                   steps: int = 50, guidance: float = 5.0, shift: float = 5.0, solver: str = "euler",
+                   *, guidance: float, shift: float, steps: int = 50, solver: str = "euler",
                    progress: bool = False) -> torch.Tensor:
     """Integrate the teacher's probability-flow ODE in RF time with CFG; returns x0.
+
+    ``guidance`` and ``shift`` have no defaults: pass the teacher's own (``Teacher.guidance``,
+    ``Teacher.shift``), so turning CFG off is one setting, not three.
 
     Euler: x_{s'} = x_s + (s' - s) v with v = eps_hat - x0_hat from the guided
     prediction. UniPC: diffusers' ``UniPCMultistepScheduler`` (flow sigmas, the

@@ -30,8 +30,9 @@ from .config import DistillConfig
 from .denoiser import TrigFlowDenoiser, guided
 from .ema import PowerEMA
 from .parallel import ParallelConfig, is_sharded, parallelize
-from .losses import (critic_loss, dcm_loss, dmd_loss, nan_mask, normalize_tangent, sample_t_lognormal,
-                     sample_t_shifted_rf, scm_loss, scm_target, student_update, tangent_warmup_ratio)
+from .losses import (critic_loss, critic_updates_before, dcm_loss, dmd_loss, lr_warmup_factor, nan_mask,
+                     normalize_tangent, rollout_steps, sample_t_lognormal, sample_t_shifted_rf, scm_loss, scm_target,
+                     student_update, student_updates_before, tangent_warmup_ratio)
 from .sampling import sample_student, student_rollout
 from .trigflow import expand_like, noisy_sample
 
@@ -89,6 +90,36 @@ def _grad_norm(params) -> float:
     return math.sqrt(total)
 
 
+def _zero_nonfinite_grads(params) -> int:
+    """Replace non-finite gradient entries by zero (as the reference does before every step); returns
+    how many there were (summed over ranks for sharded gradients)."""
+    count = 0
+    sharded = None
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+        bad = (~torch.isfinite(g)).sum()
+        if _is_dtensor(p.grad):
+            sharded = bad if sharded is None else sharded + bad
+        else:
+            count += int(bad)
+        torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    if sharded is not None:
+        dist.all_reduce(sharded)
+        count += int(sharded)
+    return count
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """True on every rank if ``flag`` is True on any (so all ranks skip a step together)."""
+    if _world()[1] == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def _jvp(f, primals, tangents):
     """(f(primals), J_f tangents) by forward-mode AD with dual tensors (``torch.autograd.forward_ad``).
 
@@ -123,6 +154,25 @@ def _check_batch(batch: dict, latent_shape: Optional[tuple]) -> tuple:
 
 
 class RCMTrainer:
+    """rCM distillation of ``teacher`` (student, fake score, EMA, optimisers, schedule).
+
+    Arguments:
+        teacher: a :class:`rcm_core.teachers.Teacher` or anything with ``net`` (nn.Module), ``param``
+            (:class:`Parameterization`), optionally ``call`` (``call(net, x, timestep, cond)``),
+            ``guidance`` (its CFG weight) and ``latent_shape`` (needed by :meth:`generate`).
+        config: the :class:`DistillConfig`; ``config.guidance`` overrides ``teacher.guidance`` when set
+            (the one place to switch CFG off: guidance 1.0), ``config.dtype`` is the compute dtype.
+        device: where the networks live.
+        log_fn: called as ``log_fn(step, metrics)`` after every step.
+        student_net / fake_net: networks to start the student / fake score from instead of copies of
+            ``teacher.net`` (same call signature).
+        student_param: the :class:`Parameterization` of ``student_net`` AND ``fake_net`` when it differs
+            from the teacher's (e.g. a student that predicts F directly).
+
+    Attributes: ``student``, ``fake`` and ``teacher`` (:class:`TrigFlowDenoiser` wrappers; ``.net`` is the
+    network), ``ema`` (:class:`PowerEMA`), ``opt_student`` / ``opt_fake``, ``step``, ``guidance``.
+    """
+
     def __init__(self, teacher, config: DistillConfig, device: str | torch.device = "cpu",
                  log_fn: Optional[Callable[[int, dict], None]] = None,
                  student_net: Optional[torch.nn.Module] = None, fake_net: Optional[torch.nn.Module] = None,
@@ -132,6 +182,9 @@ class RCMTrainer:
         self.log_fn = log_fn
         self.latent_shape = getattr(teacher, "latent_shape", None)
         param, call = teacher.param, getattr(teacher, "call", None)
+        # one source of truth for CFG: the config's when set, else the teacher's (1.0 = no guidance)
+        self.guidance = float(self.cfg.guidance if self.cfg.guidance is not None
+                              else getattr(teacher, "guidance", None) or 1.0)
         net_dtype = torch.float32 if self.cfg.dtype in ("bfloat16", "float16") else _DTYPES[self.cfg.dtype]
         self._autocast_dtype = _DTYPES[self.cfg.dtype] if self.cfg.dtype in ("bfloat16", "float16") else None
 
@@ -141,12 +194,15 @@ class RCMTrainer:
             # trainable copies keep fp32 master weights under autocast; a frozen bf16/fp16 teacher
             # stays as loaded (half the memory; diffusers keeps its norms/time embedding in fp32)
             net = copy.deepcopy(src)
-            net = net.to(self.device) if not trainable and self._autocast_dtype is not None and \
-                _is_low_precision(net) else net.to(self.device, net_dtype)
+            keep = not trainable and self._autocast_dtype is not None and _is_low_precision(net)
+            net = net.to(self.device) if keep else net.to(self.device, net_dtype)
             if trainable:
                 net = parallelize(net, pcfg)
             p = (student_param or param) if trainable else param
-            return TrigFlowDenoiser(net.train(trainable).requires_grad_(trainable), p, call)
+            # the compute dtype is the config's (also for a network without parameters); a frozen
+            # low-precision teacher computes in the dtype of most of its weights
+            return TrigFlowDenoiser(net.train(trainable).requires_grad_(trainable), p, call,
+                                    dtype=None if keep else net_dtype)
 
         # Student and fake score start from the teacher's weights unless given other networks
         # (of the same parameterisation and call signature).
@@ -165,6 +221,7 @@ class RCMTrainer:
                                 copy_module=False)
         else:
             self.ema = PowerEMA(self.student.net, self.cfg.ema_sigma_rel)
+        self._net_dtype = net_dtype
         self.step = 0
         rank, _ = _world()
         self.rank = rank
@@ -200,11 +257,32 @@ class RCMTrainer:
             return sample_t_shifted_rf(n, c.dmd_shift, generator=self.gen, device=self.device)
         return sample_t_lognormal(n, c.dmd_P_mean, c.dmd_P_std, generator=self.gen, device=self.device)
 
+    def updates_before(self, step: Optional[int] = None) -> int:
+        """The own update count (0-based index of this update) of the network trained at ``step``.
+
+        Student: step before the warm-up H, then H + (step - H) // K; critic: step - that - 1. The
+        rollout length and the learning-rate warm-up follow each network's own count, as the
+        reference does, so both networks see every rollout length whatever K is.
+        """
+        step = self.step if step is None else step
+        if not self.cfg.uses_dmd:
+            return step
+        h, k = self.warmup_steps, self.cfg.student_update_freq
+        if self.is_student_step(step):
+            return student_updates_before(step, h, k)
+        return critic_updates_before(step, h, k)
+
+    def rollout_steps(self, step: Optional[int] = None) -> int:
+        """Rollout length n of the update at ``step``: cycled over each network's own updates, or random."""
+        c = self.cfg
+        if c.rollout_cycle:
+            return rollout_steps(self.updates_before(step), c.rollout_max_steps)
+        return int(torch.randint(1, c.rollout_max_steps + 1, (1,), generator=self.gen, device=self.device))
+
     def rollout(self, cond: torch.Tensor, shape: tuple, keep_graph: bool):
         """Student backward simulation from pure noise of per-sample ``shape``."""
         c = self.cfg
-        n = (self.step % c.rollout_max_steps) + 1 if c.rollout_cycle else \
-            int(torch.randint(1, c.rollout_max_steps + 1, (1,), generator=self.gen, device=self.device))
+        n = self.rollout_steps()
         b = cond.shape[0]
         if c.rollout_fixed_times:
             fixed = list(c.rollout_fixed_times) + [c.rollout_fixed_times[-1]] * c.rollout_max_steps
@@ -212,6 +290,7 @@ class RCMTrainer:
         else:
             t_hat = [self.sample_t_D(b) for _ in range(n)]
         noise = torch.randn((b, *shape), generator=self.gen, device=self.device, dtype=torch.float64)
+        self.last_rollout_steps = n
         return student_rollout(self.student, cond, noise, n, t_hat, c.rollout_t_max, self.gen, keep_graph)
 
     @staticmethod
@@ -244,84 +323,143 @@ class RCMTrainer:
         return F_theta, F_theta.detach(), J.detach()
 
     # ---- the two updates ----------------------------------------------------------------
-    def student_step(self, x0, cond, uncond) -> dict:
+    def _scm_term(self, x0, cond, uncond, m: dict):
+        """sCM (or discrete CM) loss of the student; returns (loss, finite-sample mask)."""
         c, b = self.cfg, x0.shape[0]
-        m = {"kind": "student"}
-        loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        if c.uses_consistency:
-            t = sample_t_lognormal(b, c.P_mean, c.P_std, generator=self.gen, device=self.device)
-            x_t = noisy_sample(x0, self._randn(x0), t)
+        t = sample_t_lognormal(b, c.P_mean, c.P_std, generator=self.gen, device=self.device)
+        x_t = noisy_sample(x0, self._randn(x0), t)
+        with torch.no_grad(), self._amp():
+            F_T = guided(self.teacher, x_t, t, cond, uncond, self.guidance)
+        if c.method == "dcm":
+            t_prev = (t - c.dcm_delta).clamp_min(1e-4)
+            dt = expand_like(t - t_prev, x_t)
+            x_prev = torch.cos(dt) * x_t - torch.sin(dt) * F_T         # teacher DDIM step in TrigFlow
             with torch.no_grad(), self._amp():
-                F_T = guided(self.teacher, x_t, t, cond, uncond, c.guidance)
-            if c.method == "dcm":
-                t_prev = (t - c.dcm_delta).clamp_min(1e-4)
-                dt = expand_like(t - t_prev, x_t)
-                x_prev = torch.cos(dt) * x_t - torch.sin(dt) * F_T         # teacher DDIM step in TrigFlow
-                with torch.no_grad(), self._amp():
-                    target = self.student.x0(x_prev, t_prev, cond)
-                mask = nan_mask(target)
-                with self._amp():
-                    x0_theta = self.student.x0(x_t[mask], t[mask], cond[mask])
-                l_cm = dcm_loss(x0_theta, target[mask], c.dcm_delta) * mask.sum() / b
-            else:
-                fused = c.fused_tangent and c.time_derivative == "jvp"
-                if fused:
-                    F_theta, F_minus, J = self.student_with_tangent(x_t, t, F_T, cond)
-                else:
-                    F_minus, J = self.tangent(x_t, t, F_T, cond)
-                r = tangent_warmup_ratio(self.step, c.tangent_warmup_steps)
-                g = normalize_tangent(scm_target(F_minus, F_T, J, x_t, t, r,
-                                                 warmup_scales_jvp=c.warmup_scales_jvp), c.tangent_norm_c)
-                mask = nan_mask(g, F_minus)
-                if not fused or not bool(mask.all()):     # (re)compute on the finite samples only
-                    with self._amp():
-                        F_theta = self.student(x_t[mask], t[mask], cond[mask])
-                l_cm = scm_loss(F_theta, F_minus[mask], g[mask], b)
-                m["tangent_ratio"] = r
-                m["g_norm"] = float(torch.linalg.vector_norm(g[mask].reshape(int(mask.sum()), -1), dim=1).mean()) \
-                    if mask.any() else float("nan")
+                target = self.student.x0(x_prev, t_prev, cond)
+            mask = nan_mask(target)
+            sel = mask if bool(mask.any()) else torch.ones_like(mask)   # keep a graph on every rank
+            with self._amp():
+                x0_theta = self.student.x0(x_t[sel], t[sel], cond[sel])
+            keep = mask[sel]
+            if not bool(keep.any()):
+                return x0_theta[keep].sum(), mask                      # zero loss, graph kept
+            return dcm_loss(x0_theta[keep], target[sel][keep], c.dcm_delta) * keep.sum() / b, mask
+        fused = c.fused_tangent and c.time_derivative == "jvp"
+        if fused:
+            F_theta, F_minus, J = self.student_with_tangent(x_t, t, F_T, cond)
+        else:
+            F_minus, J = self.tangent(x_t, t, F_T, cond)
+        r = tangent_warmup_ratio(self.step, c.tangent_warmup_steps)
+        g = normalize_tangent(scm_target(F_minus, F_T, J, x_t, t, r, warmup_scales_jvp=c.warmup_scales_jvp),
+                              c.tangent_norm_c)
+        mask = nan_mask(g, F_minus)
+        # the loss's graph covers the finite samples only (a NaN sample would poison the weight grads);
+        # with none finite, the full batch keeps a graph (zero loss) so every rank runs its backward
+        sel = mask if bool(mask.any()) else torch.ones_like(mask)
+        if not fused or not bool(sel.all()):
+            with self._amp():
+                F_theta = self.student(x_t[sel], t[sel], cond[sel])
+        keep = mask[sel]
+        l_cm = scm_loss(F_theta[keep], F_minus[sel][keep], g[sel][keep], b)
+        m["tangent_ratio"] = r
+        m["g_norm"] = float(torch.linalg.vector_norm(g[mask].reshape(int(mask.sum()), -1), dim=1).mean()) \
+            if mask.any() else float("nan")
+        return l_cm, mask
+
+    def _dmd_term(self, cond, uncond, shape, b: int):
+        """DMD loss of the student's rollout; returns (loss, finite-sample mask)."""
+        with self._amp():
+            G, _ = self.rollout(cond, shape, keep_graph=True)
+        t_D = self.sample_t_D(b)
+        x_D = noisy_sample(G.detach(), self._randn(G), t_D)
+        with torch.no_grad(), self._amp():
+            x0_fake = self.fake.x0(x_D, t_D, cond)
+            x0_real = guided(self.teacher, x_D, t_D, cond, uncond, self.guidance, want="x0")
+        mask = nan_mask(G.detach(), x0_fake, x0_real)
+        return dmd_loss(G, x0_fake, x0_real, mask=mask), mask
+
+    def _set_lr(self, opt, base_lr: float) -> float:
+        lr = base_lr * lr_warmup_factor(self.updates_before(), self.cfg.lr_warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _finish(self, opt, params, losses: dict, masks: dict, m: dict, name: str) -> bool:
+        """Sanitise gradients and step ``opt`` unless a loss is non-finite for the whole batch.
+
+        Returns whether the step was taken. Skipped steps leave weights, optimiser state and the
+        EMA untouched (decided on all ranks together).
+        """
+        bad = any(not bool(mk.any()) for mk in masks.values()) or \
+            any(not math.isfinite(float(v.detach())) for v in losses.values())
+        _allreduce_grads(params)
+        m["grad_nonfinite"] = _zero_nonfinite_grads(params)
+        m[f"grad_norm_{name}"] = _grad_norm(params)
+        skip = _any_rank(bad, self.device)
+        m["skipped"] = int(skip)
+        if skip:
+            opt.zero_grad(set_to_none=True)
+            return False
+        opt.step()
+        return True
+
+    def student_step(self, x0, cond, uncond) -> dict:
+        """One student update. The sCM and the DMD terms are back-propagated one after the other into
+        the same gradients (two backward passes, one optimiser step), as the reference does, so their
+        graphs never coexist in memory."""
+        c, b = self.cfg, x0.shape[0]
+        m = {"kind": "student", "lr_student": self._set_lr(self.opt_student, c.lr_student)}
+        losses, masks, total = {}, {}, 0.0
+        self.opt_student.zero_grad(set_to_none=True)
+        if c.uses_consistency:
+            l_cm, mask = self._scm_term(x0, cond, uncond, m)
             m["nan_masked"] = int(b - mask.sum())
             m["loss_cm"] = float(l_cm.detach())
-            loss = loss + c.loss_scale * l_cm
+            losses["cm"], masks["cm"] = l_cm, mask
+            if l_cm.requires_grad:
+                (c.loss_scale * l_cm).backward()
+            total += c.loss_scale * float(l_cm.detach())
+            del l_cm
         if c.uses_dmd and self.step >= self.warmup_steps:
-            with self._amp():
-                G, _ = self.rollout(cond, x0.shape[1:], keep_graph=True)
-            t_D = self.sample_t_D(b)
-            x_D = noisy_sample(G, self._randn(G), t_D)
-            with torch.no_grad(), self._amp():
-                x0_fake = self.fake.x0(x_D.detach(), t_D, cond)
-                x0_real = guided(self.teacher, x_D.detach(), t_D, cond, uncond, c.guidance, want="x0")
-            l_dmd = dmd_loss(G, x0_fake, x0_real)
+            l_dmd, mask = self._dmd_term(cond, uncond, x0.shape[1:], b)
+            m["rollout_steps"] = self.last_rollout_steps
+            m["dmd_nan_masked"] = int(b - mask.sum())
             m["loss_dmd"] = float(l_dmd.detach())
-            loss = loss + c.loss_scale_dmd * l_dmd
-        self.opt_student.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
+            losses["dmd"], masks["dmd"] = l_dmd, mask
+            if l_dmd.requires_grad:
+                (c.loss_scale_dmd * l_dmd).backward()
+            total += c.loss_scale_dmd * float(l_dmd.detach())
+            del l_dmd
         params = list(self.student.parameters())
-        _allreduce_grads(params)
-        m["grad_norm_student"] = _grad_norm(params)
-        self.opt_student.step()
-        self.ema.update(self.student.net)
-        m["loss"] = float(loss.detach())
+        if self._finish(self.opt_student, params, losses, masks, m, "student"):
+            self.ema.update(self.student.net)
+        m["loss"] = total
         return m
 
     def critic_step(self, x0, cond, uncond) -> dict:
         b = x0.shape[0]
+        m = {"kind": "critic", "lr_fake": self._set_lr(self.opt_fake, self.cfg.lr_fake)}
         with torch.no_grad(), self._amp():
             G, _ = self.rollout(cond, x0.shape[1:], keep_graph=False)
+        m["rollout_steps"] = self.last_rollout_steps
         t_D = self.sample_t_D(b)
         x_D = noisy_sample(G, self._randn(G), t_D)
-        with self._amp():
-            l_fake = critic_loss(G, self.fake.x0(x_D, t_D, cond), t_D)
         self.opt_fake.zero_grad(set_to_none=True)
+        with self._amp():
+            x0_fake = self.fake.x0(x_D, t_D, cond)
+        mask = nan_mask(G, x0_fake.detach())
+        l_fake = critic_loss(G, x0_fake, t_D, mask=mask)
         l_fake.backward()
-        params = list(self.fake.parameters())
-        _allreduce_grads(params)
-        gn = _grad_norm(params)
-        self.opt_fake.step()
-        return {"kind": "critic", "loss_fake": float(l_fake.detach()), "grad_norm_fake": gn, "loss": float(l_fake.detach())}
+        del x0_fake
+        m["critic_nan_masked"] = int(b - mask.sum())
+        m["loss_fake"] = m["loss"] = float(l_fake.detach())
+        self._finish(self.opt_fake, list(self.fake.parameters()), {"fake": l_fake}, {"fake": mask}, m, "fake")
+        return m
 
     def train_step(self, batch: dict) -> dict:
+        """One update of the student or the critic (by the schedule), on ``batch`` = dict(latents, cond,
+        uncond). Returns its metrics; a step whose loss is non-finite for the whole batch is skipped
+        (``skipped`` = 1) without touching the weights, the optimiser state or the EMA."""
         x0, cond, uncond = _check_batch(batch, self.latent_shape)
         x0 = x0.to(self.device, torch.float64)
         cond, uncond = cond.to(self.device), uncond.to(self.device)
@@ -333,7 +471,7 @@ class RCMTrainer:
         m["step"] = self.step
         m["step_time_s"] = time.perf_counter() - t0
         m["samples_per_s"] = x0.shape[0] / m["step_time_s"]
-        if not math.isfinite(m["loss"]):
+        if not math.isfinite(m["loss"]) or m.get("skipped"):
             m["nonfinite_loss"] = 1
         self.step += 1
         if self.log_fn is not None:
@@ -346,7 +484,7 @@ class RCMTrainer:
         return self.ema.module
 
     def ema_denoiser(self) -> TrigFlowDenoiser:
-        return TrigFlowDenoiser(self.ema.module, self.student.param, self.student.call)
+        return TrigFlowDenoiser(self.ema.module, self.student.param, self.student.call, dtype=self.student.dtype)
 
     @torch.no_grad()
     def generate(self, cond: torch.Tensor, steps: int = 4, seed: int = 0) -> torch.Tensor:

@@ -60,7 +60,7 @@ def test_guidance_changes_the_teacher_and_unknown_solver_is_rejected():
     x = sample_teacher(den, c, u, eps, steps=20, guidance=3.0, shift=1.0)
     assert torch.allclose(x, torch.full_like(x, 3.0), atol=1e-9)              # u + 3 (c - u)
     with pytest.raises(ValueError, match="unknown teacher solver 'heun'"):
-        sample_teacher(den, c, u, eps, solver="heun")
+        sample_teacher(den, c, u, eps, guidance=3.0, shift=1.0, solver="heun")
 
 
 class ExactStudent(torch.nn.Module):

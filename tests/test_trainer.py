@@ -148,7 +148,9 @@ def test_presets_have_the_papers_values():
         (0.7, 1000, 5, 2e-6, 4e-7)
     assert (w14.P_mean, w14.tangent_warmup_steps, w14.student_update_freq, w14.lr_student, w14.lr_fake,
             w14.batch_size) == (1.5, 200, 10, 1e-6, 1e-7, 64)
-    assert (cos.P_mean, cos.tangent_warmup_steps, cos.guidance, cos.dmd_time) == (-0.8, 0, 4.5, "lognormal")
+    assert (cos.P_mean, cos.tangent_warmup_steps, cos.dmd_time) == (-0.8, 0, "lognormal")
     for c in (w13, w14, cos):
         assert c.betas == (0.0, 0.999) and c.weight_decay == 0.01 and c.ema_sigma_rel == 0.05
         assert c.loss_scale == 100 and c.loss_scale_dmd == 1 and c.tangent_norm_c == 0.1
+        assert c.guidance is None                   # CFG comes from the teacher (Wan 5.0, Cosmos 4.5)
+        assert c.warmup_scales_jvp is False         # the reference's tangent warm-up
