@@ -141,16 +141,14 @@ class RCMDistillFlow(FlowSpec):
     # ------------------------------------------------------------------ steps
     @step
     def start(self):
-        from rcm_steps.teacher import (check_memory, describe_teacher, is_known_teacher, known_teachers,
-                                       teacher_label, teacher_options)
+        from rcm_steps.teacher import (check_memory, check_teacher_name, describe_teacher, teacher_label,
+                                       teacher_options)
 
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
         if self.method not in ("rcm", "scm", "dmd", "dcm"):
             raise ValueError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
-        if not is_known_teacher(self.teacher):
-            raise ValueError(f"unknown teacher {self.teacher!r}; known teachers: {', '.join(known_teachers())} "
-                             "(or a directory in diffusers layout)")
+        check_teacher_name(self.teacher)      # unknown names list the known ones; a bad directory says what it lacks
         on_k8s = self.execution.get("target", "local") == "kubernetes"
         if on_k8s and "://" not in self.storage_root:
             raise ValueError(f"storage_root {self.storage_root!r} is a local path, but execution target is "
@@ -171,7 +169,7 @@ class RCMDistillFlow(FlowSpec):
         s["config"] = {**s.get("config", {}), **json.loads(self.distill_config or "{}")}
         self.settings = s
         self.teacher_options = teacher_options(self.teacher, self.frames, self.height, self.width, self.text_len,
-                                               self.teacher_dtype)
+                                               self.teacher_dtype, device=None if on_k8s else "auto")
         # real teachers: checkpoint files, configs, tensor shapes and resolution are checked here, weights unread
         self.teacher_info = describe_teacher(self.teacher, self.teacher_options)
         from rcm_steps.distill import build_config   # a bad DistillConfig fails here, naming the field

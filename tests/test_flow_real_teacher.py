@@ -34,10 +34,10 @@ def test_flow_end_to_end_with_tiny_wan_dir(wan_dir, tmp_path):
     print(f"tiny-wan flow wall time: {elapsed:.1f}s")
     d = run.data
     info = d.teacher_info
-    assert info["name"] == "wan2.1-1.3b" and info["real"] and info["solver"] == "unipc"
+    assert info["name"] == "tiny-wan" and info["preset"] == "wan2.1-1.3b" and info["real"] and info["solver"] == "unipc"
     assert info["latent_shape"] == [4, 3, 4, 4] and d.teacher_options == TINY
     assert d.memory_estimate is None                             # CPU run: the GPU estimate is skipped
-    assert d.distill_result["steps"] == 2 and d.distill_result["teacher"] == "wan2.1-1.3b"
+    assert d.distill_result["steps"] == 2 and d.distill_result["teacher"] == "tiny-wan"
 
     # the cache holds the real text encoder's embeddings, its negative-prompt embedding, and latents
     # synthesised by the teacher's own sampler (UniPC, CFG) from the shard's seeded noise

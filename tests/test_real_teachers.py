@@ -156,15 +156,17 @@ def test_load_by_path_detects_architecture_and_installs_attention(wan_dir, cosmo
     te = get_teacher(str(wan_dir))                                    # --teacher <dir>
     from rcm_steps.teacher import UnknownTeacherError, is_known_teacher, load_teacher
     assert is_known_teacher(str(wan_dir)) and not is_known_teacher(str(wan_dir / "transformer"))
-    assert load_teacher(str(wan_dir)).name == "wan2.1-1.3b"           # the pipeline's resolver takes paths too
-    with pytest.raises(UnknownTeacherError, match="or a directory in diffusers layout"):
+    assert load_teacher(str(wan_dir)).name == "tiny-wan"              # the pipeline's resolver takes paths too
+    with pytest.raises(UnknownTeacherError, match="has no model_index.json.*pass the checkpoint's top directory"):
         load_teacher(str(wan_dir / "transformer"))
-    assert te.name == "wan2.1-1.3b" and te.preset == "wan2.1-1.3b" and te.guidance == 5.0
+    # a custom size: named after its directory, the family's sampler, the preset of the nearest known size
+    assert te.name == "tiny-wan" and te.preset == "wan2.1-1.3b" and te.guidance == 5.0
+    assert te.meta["size"] == "custom" and te.meta["preset_reason"].startswith("custom wan size")
     assert isinstance(te.net, diffusers.WanTransformer3DModel) and uses_rcm_attention(te.net)
     assert te.latent_shape == (4, 41, 240, 416)                        # 81 x 480 x 832 with the tiny VAE (x2)
     assert te.negative_prompt == WAN_NEGATIVE_PROMPT and len(te.version) == 12
     tc = load_teacher_from_path(cosmos_dir, **SMALL | {"frames": 1})
-    assert tc.name == "cosmos-predict2-2b" and tc.preset == "cosmos-predict2" and tc.latent_shape == (4, 1, 4, 4)
+    assert tc.name == "tiny-cosmos" and tc.preset == "cosmos-predict2" and tc.latent_shape == (4, 1, 4, 4)
     assert uses_rcm_attention(tc.net) and tc.param.timestep_scale == 1.0
     emb = tc.encode_text(["a red cat", "the blue sky"])
     assert emb.shape == (2, 8, TEXT_DIM) and (emb[0, 4:] == 0).all() and emb[0, :4].abs().sum() > 0

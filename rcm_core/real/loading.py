@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
@@ -32,7 +33,8 @@ from .specs import CHECKED_KEYS, FAMILY_OF_CLASS, SPECS, RealTeacherSpec, spec_f
 __all__ = ["RealTeacherError", "resolve_weights", "check_layout", "load_real_teacher", "load_teacher_from_path",
            "inspect_real_teacher", "inspect_teacher_path",
            "is_diffusers_dir", "RealTextEncoder", "LatentCodec", "check_resolution", "latent_shape_for",
-           "diffusers_rf_call", "cosmos_call"]
+           "diffusers_rf_call", "cosmos_call", "read_safetensors_header", "check_weights", "teacher_dir_label",
+           "small_size", "cpu_default_size"]
 
 LAYOUT_HELP = ("model_index.json; transformer/{config.json, diffusion_pytorch_model.safetensors (or sharded "
                "*.safetensors + .index.json)}; text_encoder/{config.json, model.safetensors (or sharded)}; "
@@ -105,15 +107,19 @@ def _has_weights(folder: Path, stem: str) -> bool:
     return any(folder.glob(f"{stem}*.safetensors")) or any(folder.glob(f"{stem}*.bin"))
 
 
-def check_layout(root: Path) -> dict:
-    """Check files and configs of a diffusers-layout directory; returns the configs."""
+def check_layout(root: Path, transformer_weights: bool = True) -> dict:
+    """Check files and configs of a diffusers-layout directory; returns the configs.
+
+    ``transformer_weights=False``: the transformer folder needs only its config.json (a model
+    version's sampling bundle, whose transformer weights are the student's).
+    """
     root = Path(root)
     index = _read_json(root / "model_index.json", "pipeline index")
     cfg = {"model_index": index}
     for sub, stem in (("transformer", "diffusion_pytorch_model"), ("text_encoder", "model"),
                       ("vae", "diffusion_pytorch_model")):
         cfg[sub] = _read_json(root / sub / "config.json", f"{sub} config")
-        if not _has_weights(root / sub, stem):
+        if (sub != "transformer" or transformer_weights) and not _has_weights(root / sub, stem):
             raise RealTeacherError(f"missing weights in {root / sub}: expected {stem}.safetensors (or sharded "
                                    f"{stem}-0000x-of-0000y.safetensors with {stem}.safetensors.index.json)")
     tok = root / "tokenizer"
@@ -147,31 +153,153 @@ def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def _check_transformer_weights(cls, tcfg: dict, folder: Path) -> None:
-    """Compare the checkpoint's tensor names and shapes with the config's model, before loading."""
-    from safetensors import safe_open
+# ---- weights: safetensors headers of every component, names and shapes against the configs -----
 
-    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
-    if not files:
-        return   # .bin checkpoints: rely on diffusers' own checks
-    with torch.device("meta"):
-        model = cls.from_config({k: v for k, v in tcfg.items() if not k.startswith("_")})
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                found[k] = tuple(sf.get_slice(k).get_shape())
-    missing = sorted(set(expected) - set(found))
-    mism = [f"{k}: checkpoint {found[k]} vs config {expected[k]}" for k in sorted(set(expected) & set(found))
-            if found[k] != expected[k]]
-    if missing or mism:
-        msg = [f"{folder}: weights do not match transformer/config.json"]
-        if mism:
-            msg.append(f"{len(mism)} shape mismatches, e.g. " + "; ".join(mism[:3]))
+# bytes per element of the safetensors dtypes (sub-byte / unknown dtypes are not size-checked)
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+             "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+_RECOPY = "copy the file again (an interrupted download or copy leaves a truncated file)"
+
+# (folder, weight-file stem) of every component whose weights are read
+_COMPONENTS = (("transformer", "diffusion_pytorch_model"), ("text_encoder", "model"), ("vae", "diffusion_pytorch_model"))
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict:
+    """``{tensor name: (dtype, shape)}`` from a safetensors file's header, reading only the header.
+
+    Checks what the format fixes - header length, JSON, dtypes, offsets contiguous and matching
+    each tensor's size, the file exactly as long as the header says - and raises
+    :class:`RealTeacherError` naming the file and the problem (a truncated copy, most often).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 0:
+                raise RealTeacherError(f"{path}: {size} bytes, too short for a safetensors file (truncated or "
+                                       f"empty): {_RECOPY}")
+            if n > size - 8:
+                raise RealTeacherError(f"{path}: truncated: the header alone should be {n} bytes, the file has "
+                                       f"{size}: {_RECOPY}")
+            if n > 100 * 2 ** 20:
+                raise RealTeacherError(f"{path}: not a safetensors file (header length field {n})")
+            raw = f.read(n)
+    except OSError as e:
+        raise RealTeacherError(f"{path}: cannot read: {e}") from e
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RealTeacherError(f"{path}: corrupt safetensors header (not valid JSON: {e}); {_RECOPY}") from None
+    out, spans = {}, []
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (lo, hi) = e["dtype"], [int(x) for x in e["shape"]], e["data_offsets"]
+            lo, hi = int(lo), int(hi)
+        except (KeyError, TypeError, ValueError):
+            raise RealTeacherError(f"{path}: corrupt safetensors header: entry {name!r} is {e!r}") from None
+        numel = math.prod(shape)
+        if dtype in _ST_BYTES and hi - lo != numel * _ST_BYTES[dtype]:
+            raise RealTeacherError(f"{path}: corrupt safetensors header: tensor {name!r} {dtype} {shape} needs "
+                                   f"{numel * _ST_BYTES[dtype]} bytes, its offsets span {hi - lo}")
+        out[name] = (dtype, tuple(shape))
+        spans.append((lo, hi, name))
+    spans.sort()
+    pos = 0
+    for lo, hi, name in spans:
+        if lo != pos:
+            raise RealTeacherError(f"{path}: corrupt safetensors header: tensor {name!r} starts at data byte {lo}, "
+                                   f"expected {pos} (gap or overlap)")
+        pos = hi
+    expected = 8 + n + pos
+    if size < expected:
+        raise RealTeacherError(f"{path}: truncated: {size} bytes, its header says the tensor data ends at byte "
+                               f"{expected} ({expected - size} bytes missing): {_RECOPY}")
+    if size > expected:
+        raise RealTeacherError(f"{path}: {size - expected} unexpected bytes after the last tensor (the header says "
+                               f"the file ends at byte {expected}): corrupt or not what the header describes; "
+                               f"{_RECOPY}")
+    return out
+
+
+def _weight_files(folder: Path, stem: str) -> list:
+    """The safetensors files of a component: those its ``<stem>.safetensors.index.json`` lists, else all."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        wm = _read_json(index, "sharded checkpoint index").get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise RealTeacherError(f"{index}: no weight_map (a sharded checkpoint index lists tensor -> file)")
+        files = sorted({folder / f for f in wm.values()})
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
-            msg.append(f"{len(missing)} tensors missing, e.g. " + ", ".join(missing[:3]))
-        raise RealTeacherError(". ".join(msg))
+            raise RealTeacherError(f"{index} lists {len(missing)} shard(s) missing from {folder}: "
+                                   f"{', '.join(missing[:5])}; copy them too")
+        return files
+    return sorted(folder.glob(f"{stem}*.safetensors"))
+
+
+def _expected_state(component: str, spec: RealTeacherSpec, cfg: dict, root: Path):
+    """Tensor names -> shapes of the component built from its config on the meta device, and tied-name groups."""
+    import diffusers
+    import transformers
+
+    conf = {k: v for k, v in cfg[component].items() if not k.startswith("_")}
+    with torch.device("meta"):
+        if component == "text_encoder":
+            ecls = getattr(transformers, spec.text_encoder_class)
+            model = ecls(ecls.config_class.from_dict(cfg[component]))
+        else:
+            cls = getattr(diffusers, spec.transformer_class if component == "transformer" else spec.vae_class)
+            model = cls.from_config(conf)
+    shapes, groups = {}, {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(
+            remove_duplicate=False)):
+        groups.setdefault(id(t), []).append(name)
+    persistent = model.state_dict()
+    for name, t in persistent.items():
+        shapes[name] = tuple(t.shape)
+    alias = {n: g for g in groups.values() for n in g}
+    return shapes, alias
+
+
+def check_weights(spec: RealTeacherSpec, root: Path, cfg: dict) -> dict:
+    """Read every safetensors header of the transformer, text encoder and VAE; compare names and shapes.
+
+    Nothing but headers is read. Any failure raises :class:`RealTeacherError` naming the file
+    (truncated, corrupt header, missing shard) or the component folder (tensor missing or of
+    another shape than its ``config.json`` says). Returns ``{component: number of tensors}``.
+    """
+    out = {}
+    for sub, stem in _COMPONENTS:
+        folder = root / sub
+        files = _weight_files(folder, stem)
+        if not files:      # .bin checkpoints: diffusers / transformers check them when loading
+            continue
+        found = {}
+        for f in files:
+            found.update({k: v[1] for k, v in read_safetensors_header(f).items()})
+        try:
+            expected, alias = _expected_state(sub, spec, cfg, root)
+        except Exception as e:  # noqa: BLE001 - a config the class cannot build from
+            raise RealTeacherError(f"{folder / 'config.json'}: cannot build the {sub} from this config: "
+                                   f"{type(e).__name__}: {e}") from e
+        missing = sorted(k for k in expected if k not in found and not any(a in found for a in alias.get(k, [k])))
+        mism = [f"{k}: checkpoint {found[k]} vs config {expected[k]}" for k in sorted(set(expected) & set(found))
+                if found[k] != expected[k]]
+        if missing or mism:
+            msg = [f"{folder}: weights do not match {sub}/config.json"]
+            if mism:
+                msg.append(f"{len(mism)} shape mismatches, e.g. " + "; ".join(mism[:3]))
+            if missing:
+                msg.append(f"{len(missing)} tensors missing, e.g. " + ", ".join(missing[:3]))
+            raise RealTeacherError(". ".join(msg) + f" (files: {', '.join(f.name for f in files)})")
+        out[sub] = len(found)
+    return out
 
 
 # ---- calling the transformers --------------------------------------------------------
@@ -338,11 +466,11 @@ def _load(what: str, root: Path, fn):
         raise RealTeacherError(f"could not load the {what} from {root / what}: {type(e).__name__}: {e}") from e
 
 
-def _prepare(name_or_spec, weights, strict_config, frames, height, width):
+def _prepare(name_or_spec, weights, strict_config, frames, height, width, transformer_weights=True):
     """Locate and check a checkpoint (files, configs, resolution) without loading weights."""
     spec = SPECS[name_or_spec] if isinstance(name_or_spec, str) else name_or_spec
     root = resolve_weights(spec, weights)
-    cfg = check_layout(root)
+    cfg = check_layout(root, transformer_weights=transformer_weights)
     if strict_config:
         _check_spec_config(spec, cfg, root)
     elif cfg["transformer"].get("_class_name") != spec.transformer_class:
@@ -357,25 +485,59 @@ def _prepare(name_or_spec, weights, strict_config, frames, height, width):
     return spec, root, cfg, (frames, height, width), latent_shape
 
 
+def small_size(vae_config: dict, transformer_config: dict, video: bool = True) -> tuple:
+    """A small valid (frames, height, width): 2 latent frames (1 frame for images) and 4 x 4 patches.
+
+    For CPU runs without a size given (Wan2.1's VAE: 5 x 64 x 64 pixels -> latents 2 x 8 x 8).
+    """
+    td = vae_config.get("temperal_downsample", [False, True, True])
+    t_vae, s_vae = 2 ** sum(bool(x) for x in td), 2 ** len(td)
+    p = list(transformer_config.get("patch_size", [1, 2, 2])) + [2, 2]
+    frames = t_vae * int(p[0]) + 1 if video else 1
+    return frames, 4 * s_vae * int(p[1]), 4 * s_vae * int(p[2])
+
+
+def cpu_default_size(name_or_path: str | os.PathLike) -> dict:
+    """The small size :func:`small_size` of a real teacher (name or directory) and its own default size."""
+    spec, root = _locate(name_or_path)
+    vae_cfg = _read_json(root / "vae" / "config.json", "vae config")
+    tcfg = _read_json(root / "transformer" / "config.json", "transformer config")
+    f, h, w = small_size(vae_cfg, tcfg, video=spec.is_video)
+    return {"frames": f, "height": h, "width": w, "default": (spec.frames, spec.height, spec.width),
+            "name": spec.name}
+
+
+def _locate(name_or_path) -> tuple:
+    if isinstance(name_or_path, str) and name_or_path in SPECS:
+        spec = SPECS[name_or_path]
+        return spec, resolve_weights(spec)
+    return _spec_of_path(name_or_path), Path(name_or_path)
+
+
 def inspect_real_teacher(name_or_spec: str | RealTeacherSpec, *, weights: Optional[str | os.PathLike] = None,
                          frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
                          text_len: Optional[int] = None, strict_config: bool = True, **_ignored) -> dict:
     """What :func:`load_real_teacher` would load, checked but without reading any weights.
 
-    Runs the same checks as the loader up to the weights (layout, configs, tensor names and
-    shapes of the transformer checkpoint, resolution) and returns the teacher's description:
+    Runs the same checks as the loader up to the weights (layout, configs, every safetensors
+    header of the transformer, text encoder and VAE with tensor names and shapes against their
+    configs, the tokenizer, resolution) and returns the teacher's description:
     name, version, latent shape, sampler defaults, preset and the transformer config
     (with ``_class_name``, usable by :func:`rcm_core.real.memory.estimate_memory`).
     """
-    import diffusers
+    import transformers
 
     spec, root, cfg, (frames, height, width), latent_shape = _prepare(name_or_spec, weights, strict_config,
                                                                       frames, height, width)
-    _check_transformer_weights(getattr(diffusers, spec.transformer_class), cfg["transformer"], root / "transformer")
+    tensors = check_weights(spec, root, cfg)
+    _load("tokenizer", root, lambda: transformers.AutoTokenizer.from_pretrained(root / "tokenizer"))
     return {"name": spec.name, "version": _version(root), "latent_shape": [int(x) for x in latent_shape],
             "steps": spec.sample_steps, "shift": spec.shift, "guidance": spec.guidance, "solver": spec.solver,
             "preset": spec.preset, "root": str(root), "family": spec.family, "task": spec.task,
             "frames": frames, "height": height, "width": width, "text_len": int(text_len or spec.text_len),
+            "label": teacher_dir_label(root), "size": spec.notes.get("size", "known"),
+            "preset_reason": spec.notes.get("preset_reason", f"known teacher {spec.name}"),
+            "pipeline": cfg["model_index"].get("_class_name"), "tensors": tensors,
             "transformer_config": dict(cfg["transformer"])}
 
 
@@ -387,8 +549,13 @@ def inspect_teacher_path(path: str | os.PathLike, **kw) -> dict:
 def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.device = "cpu", *,
                       weights: Optional[str | os.PathLike] = None, dtype: torch.dtype = torch.bfloat16,
                       frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
-                      text_len: Optional[int] = None, strict_config: bool = True) -> Teacher:
+                      text_len: Optional[int] = None, strict_config: bool = True,
+                      transformer_state: Optional[dict] = None) -> Teacher:
     """A :class:`Teacher` for a registered real teacher (``wan2.1-1.3b`` ...) from local weights.
+
+    ``transformer_state``: build the transformer from ``transformer/config.json`` and load these
+    weights (a distilled student's) instead of the checkpoint's, which then need not be there
+    (a registered model version carries the text encoder, tokenizer, VAE and configs only).
 
     ``strict_config`` checks the transformer's architecture numbers against the spec (off for
     ``--teacher <path>``, where the spec is detected from the checkpoint). The project attention
@@ -398,12 +565,17 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
     import transformers
 
     spec, root, cfg, (frames, height, width), latent_shape = _prepare(name_or_spec, weights, strict_config,
-                                                                      frames, height, width)
+                                                                      frames, height, width,
+                                                                      transformer_weights=transformer_state is None)
     tcfg = cfg["transformer"]
 
     tcls = getattr(diffusers, spec.transformer_class)
-    _check_transformer_weights(tcls, tcfg, root / "transformer")
-    net = _load("transformer", root, lambda: tcls.from_pretrained(root, subfolder="transformer", torch_dtype=dtype))
+    check_weights(spec, root, cfg)
+    if transformer_state is None:
+        net = _load("transformer", root,
+                    lambda: tcls.from_pretrained(root, subfolder="transformer", torch_dtype=dtype))
+    else:
+        net = _load("transformer", root, lambda: _from_state(tcls, tcfg, transformer_state, dtype))
     install_rcm_attention(net)
     net = net.to(device).eval().requires_grad_(False)
 
@@ -424,16 +596,83 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
         guidance=spec.guidance, sample_steps=spec.sample_steps, shift=spec.shift, solver=spec.solver,
         preset=spec.preset, call=call,
         meta={"root": str(root), "hf_id": spec.hf_id, "family": spec.family, "task": spec.task,
+              "label": teacher_dir_label(root), "size": spec.notes.get("size", "known"),
               "frames": frames, "height": height, "width": width, "fps": spec.fps, "text_len": text.max_length,
               "transformer_config": {k: v for k, v in tcfg.items() if not k.startswith("_")},
               "codec": codec, "text_encoder": text, **spec.notes})
 
 
+def _from_state(cls, tcfg: dict, state: dict, dtype):
+    """The transformer built from its config (parameters allocated empty) with ``state`` loaded."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # pragma: no cover - diffusers' [torch] extra installs accelerate
+        init_empty_weights = None
+    conf = {k: v for k, v in tcfg.items() if not k.startswith("_")}
+    if init_empty_weights is not None:
+        with init_empty_weights(include_buffers=False):
+            net = cls.from_config(conf)
+        res = net.load_state_dict(state, strict=True, assign=True)
+    else:
+        net = cls.from_config(conf)
+        res = net.load_state_dict(state, strict=True)
+    del res
+    return net.to(dtype)
+
+
+def teacher_dir_label(path: str | os.PathLike) -> str:
+    """A short name for a teacher directory: ``_name_or_path`` of its model_index.json, the repository
+    name of a Hugging Face cache snapshot (``models--Org--Repo/snapshots/<hash>``), else the folder name."""
+    root = Path(path)
+    base = ""
+    try:
+        idx = json.loads((root / "model_index.json").read_text())
+        base = str(idx.get("_name_or_path") or "").rstrip("/").split("/")[-1]
+    except (OSError, ValueError, AttributeError):
+        pass
+    if not base:
+        parts = Path(os.path.abspath(root)).parts
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            base = parts[-3].split("--")[-1]
+        else:
+            base = parts[-1] if parts else ""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "teacher"
+
+
+def missing_index_help(root: Path) -> str:
+    """Why ``root`` is not a teacher directory (it has no model_index.json) and what to pass instead."""
+    root = Path(root)
+    if not root.exists():
+        return f"teacher directory {root} does not exist"
+    if not root.is_dir():
+        return f"teacher {root} is a file, not a directory in diffusers layout"
+    head = f"teacher directory {root} has no model_index.json, so it is not a checkpoint in diffusers layout"
+    cfg = root / "config.json"
+    hint = ""
+    if cfg.is_file():
+        try:
+            cls = json.loads(cfg.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            cls = None
+        if cls in FAMILY_OF_CLASS or any(root.glob("diffusion_pytorch_model*")):
+            hint = (f" It looks like a component folder ({cls or 'weights'}): pass the checkpoint's top directory, "
+                    f"{root.parent}, which holds model_index.json.")
+    elif any(root.glob("*.pth")) or any(root.glob("*.pt")):
+        hint = (" It holds .pth/.pt files: the original (non-diffusers) release. Download the -Diffusers repository "
+                "instead, e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir ...`.")
+    elif (root / "transformer").is_dir():
+        hint = (" It has transformer/ but no model_index.json: copy model_index.json from the same Hugging Face "
+                "repository (it names the pipeline and its components).")
+    return head + "." + hint + f" Expected: {LAYOUT_HELP}."
+
+
 def _spec_of_path(path: str | os.PathLike) -> RealTeacherSpec:
     root = Path(path)
-    tcfg = _read_json(root / "transformer" / "config.json", "transformer config") \
-        if (root / "model_index.json").is_file() else _read_json(root / "model_index.json", "pipeline index")
-    spec = spec_for_config(tcfg)
+    if not (root / "model_index.json").is_file():
+        raise RealTeacherError(missing_index_help(root))
+    _read_json(root / "model_index.json", "pipeline index")
+    tcfg = _read_json(root / "transformer" / "config.json", "transformer config")
+    spec = spec_for_config(tcfg, name=teacher_dir_label(root))
     if spec is None:
         raise RealTeacherError(f"{root / 'transformer' / 'config.json'}: _class_name {tcfg.get('_class_name')!r} is "
                                f"not a supported teacher architecture; supported: {sorted(FAMILY_OF_CLASS)}")

@@ -18,6 +18,7 @@ Parameterisations (derived from diffusers 0.42 pipelines, see tests):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -122,12 +123,62 @@ CHECKED_KEYS = {
 FAMILY_OF_CLASS = {"WanTransformer3DModel": "wan", "CosmosTransformer3DModel": "cosmos"}
 
 
-def spec_for_config(transformer_config: dict) -> Optional[RealTeacherSpec]:
-    """The spec whose family matches the config's class, the size chosen by hidden width."""
+def _hidden(cfg: dict) -> int:
+    return int(cfg.get("num_attention_heads", 0)) * int(cfg.get("attention_head_dim", 0))
+
+
+def transformer_params(family: str, cfg: dict) -> int:
+    """Approximate transformer parameter count from the architecture config (no weights, no diffusers).
+
+    Per block: self- and cross-attention (4 d^2 each) plus the MLP (2 d ffn); close enough (a few %)
+    to place a checkpoint among the known sizes.
+    """
+    d, layers = _hidden(cfg), int(cfg.get("num_layers", 0))
+    ffn = int(cfg.get("ffn_dim", 0)) if family == "wan" else int(float(cfg.get("mlp_ratio", 4.0)) * d)
+    return layers * (8 * d * d + 2 * d * ffn)
+
+
+def matching_spec(transformer_config: dict) -> Optional[RealTeacherSpec]:
+    """The known spec whose architecture numbers (:data:`CHECKED_KEYS`) the config matches exactly, else None."""
     family = FAMILY_OF_CLASS.get(transformer_config.get("_class_name", ""))
     if family is None:
         return None
-    hidden = int(transformer_config.get("num_attention_heads", 0)) * int(transformer_config.get("attention_head_dim", 0))
-    big = hidden >= 4096
-    return SPECS[{("wan", False): "wan2.1-1.3b", ("wan", True): "wan2.1-14b",
-                  ("cosmos", False): "cosmos-predict2-2b", ("cosmos", True): "cosmos-predict2-14b"}[(family, big)]]
+    for spec in SPECS.values():
+        if spec.family == family and all(
+                _as_list(transformer_config.get(k)) == _as_list(spec.transformer_config[k])
+                for k in CHECKED_KEYS[family] if k in spec.transformer_config):
+            return spec
+    return None
+
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def spec_for_config(transformer_config: dict, name: Optional[str] = None) -> Optional[RealTeacherSpec]:
+    """The spec of a checkpoint, from its ``transformer/config.json`` (None: not a supported class).
+
+    The family comes from ``_class_name``. A config that matches a known teacher's architecture
+    numbers exactly (:func:`matching_spec`) is that teacher. Any other size is a custom teacher of
+    the family, named ``name`` (the directory's label; default ``<family>-custom``): its sampler
+    settings are the family's, and its DistillConfig preset that of the known size nearest in
+    parameter count (computed from the config; ``notes["preset_reason"]`` says so).
+    """
+    from dataclasses import replace
+
+    family = FAMILY_OF_CLASS.get(transformer_config.get("_class_name", ""))
+    if family is None:
+        return None
+    known = matching_spec(transformer_config)
+    if known is not None:
+        return known
+    n = transformer_params(family, transformer_config)
+    ranked = sorted((abs(math.log(max(n, 1) / transformer_params(family, s.transformer_config))), s.name)
+                    for s in SPECS.values() if s.family == family)
+    nearest = SPECS[ranked[0][1]]
+    arch = {k: transformer_config.get(k) for k in CHECKED_KEYS[family] if k in transformer_config}
+    reason = (f"custom {family} size (~{n / 1e6:.3g}M transformer parameters from config.json, no known "
+              f"{family} teacher has this architecture): DistillConfig preset {nearest.preset!r} of the "
+              f"nearest known size, {nearest.name}")
+    return replace(nearest, name=name or f"{family}-custom", hf_id="", transformer_config=arch,
+                   notes={**nearest.notes, "size": "custom", "preset_reason": reason})

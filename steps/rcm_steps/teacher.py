@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-__all__ = ["UnknownTeacherError", "known_teachers", "is_known_teacher", "is_real_teacher", "load_teacher",
+__all__ = ["UnknownTeacherError", "TeacherDirectoryError", "known_teachers", "is_known_teacher", "is_real_teacher",
+           "check_teacher_name", "load_teacher", "cpu_size_notice",
            "teacher_denoiser", "teacher_info", "describe_teacher", "teacher_options", "teacher_label",
            "check_memory", "encode", "negative_embedding", "sampler_defaults", "pick_device", "REAL_OPTIONS"]
 
@@ -22,6 +23,10 @@ REAL_OPTIONS = ("frames", "height", "width", "text_len", "dtype")
 
 class UnknownTeacherError(ValueError):
     pass
+
+
+class TeacherDirectoryError(UnknownTeacherError):
+    """``--teacher <path>``: the path is not a checkpoint in diffusers layout (missing, or no model_index.json)."""
 
 
 def known_teachers() -> List[str]:
@@ -48,19 +53,47 @@ def is_real_teacher(name: str) -> bool:
     return name in SPECS
 
 
+def _looks_like_path(name: str) -> bool:
+    return isinstance(name, str) and ":" not in name and (
+        os.path.exists(name) or "/" in name or os.sep in name or name.startswith(("~", ".")))
+
+
+def check_teacher_name(name: str) -> None:
+    """Raise a clear error unless ``name`` is a registered teacher, a diffusers directory or ``module:factory``.
+
+    A path that is not a diffusers-layout directory (missing, or without model_index.json) raises
+    :class:`TeacherDirectoryError` saying what the directory lacks and what to pass instead.
+    """
+    if is_known_teacher(name):
+        return
+    if _looks_like_path(name):
+        from rcm_core.real.loading import missing_index_help
+
+        raise TeacherDirectoryError(missing_index_help(os.path.expanduser(name)))
+    raise UnknownTeacherError(f"unknown teacher {name!r}; known teachers: {', '.join(known_teachers())} "
+                              "(or a directory in diffusers layout)")
+
+
 def teacher_label(name: str) -> str:
-    """Short name for experiment / model names: the folder name for ``--teacher <dir>``."""
+    """Short name for experiment / model names: for ``--teacher <dir>``, ``_name_or_path`` of its
+    model_index.json, the repository of a Hugging Face cache snapshot, else the folder name."""
     from rcm_core.teachers import _is_diffusers_dir
 
     if _is_diffusers_dir(name):
-        return os.path.basename(os.path.normpath(str(name))) or "teacher"
+        from rcm_core.real.loading import teacher_dir_label
+
+        return teacher_dir_label(name)
     return name
 
 
 def teacher_options(name: str, frames: int = 0, height: int = 0, width: int = 0, text_len: int = 0,
-                    dtype: str = "") -> Dict[str, Any]:
+                    dtype: str = "", device: Optional[str] = None) -> Dict[str, Any]:
     """Options of a real teacher from flow parameters (0 / "" = the teacher's default); {} if none.
 
+    ``device``: where the run will compute ("auto": a GPU if this machine has one). On the CPU,
+    a real teacher's frames/height/width that are not given become a small valid size
+    (:func:`rcm_core.real.loading.small_size`) instead of the teacher's own (e.g. 81 x 480 x 832),
+    with a notice; ``None`` keeps the teacher's defaults (when the computing machine is another one).
     Raises ValueError when options are given for a teacher that takes none (embedded, custom).
     """
     opts = {k: v for k, v in dict(frames=frames, height=height, width=width, text_len=text_len,
@@ -70,7 +103,27 @@ def teacher_options(name: str, frames: int = 0, height: int = 0, width: int = 0,
                          "(Wan2.1 / Cosmos-Predict2 by name or a diffusers directory)")
     if "dtype" in opts and opts["dtype"] not in ("float32", "bfloat16", "float16", "float64"):
         raise ValueError(f"teacher dtype {opts['dtype']!r}; known: float32, bfloat16, float16, float64")
+    if device is not None and pick_device(device) == "cpu" and is_real_teacher(name):
+        missing = [k for k in ("frames", "height", "width") if k not in opts]
+        if missing:
+            small = cpu_default_size_of(name)
+            opts.update({k: small[k] for k in missing})
+            print(cpu_size_notice(name, small, missing), flush=True)
     return opts
+
+
+def cpu_default_size_of(name: str) -> Dict[str, Any]:
+    from rcm_core.real.loading import cpu_default_size
+
+    return cpu_default_size(os.path.expanduser(name))
+
+
+def cpu_size_notice(name: str, small: Mapping[str, Any], defaulted) -> str:
+    f, h, w = small["default"]
+    return (f"notice: teacher {small.get('name', name)}: no {'/'.join('--' + k for k in defaulted)} given and no GPU "
+            f"here: using the small CPU size {small['frames']} x {small['height']} x {small['width']} "
+            f"(frames x height x width) instead of the teacher's default {f} x {h} x {w}; pass --frames/--height/"
+            f"--width to choose")
 
 
 def _real_kwargs(options: Optional[Mapping[str, Any]], device) -> Dict[str, Any]:
@@ -99,6 +152,8 @@ def load_teacher(name: str, device: str = "cpu", options: Optional[Mapping[str, 
         if _is_diffusers_dir(name):
             return load_teacher_from_path(name, device=device, **kw)
         return load_real_teacher(name, device=device, **kw)
+    if not is_known_teacher(name) and _looks_like_path(name):
+        check_teacher_name(name)                          # raises TeacherDirectoryError, saying what is missing
     if options:
         raise ValueError(f"teacher {name!r} takes no options, got {dict(options)}")
     if ":" in name:
