@@ -8,6 +8,11 @@
   then the pointer ``ckpt/latest.json`` last. A rerun with the same ``--out`` (e.g.
   a Metaflow retry) resumes from the latest checkpoint.
 * At the end rank 0 writes ``student_ema.safetensors`` and ``result.json``.
+* A failure prints a short ``rCM: distill worker (rank r) failed: ...`` block first (see
+  :mod:`rcm_steps.errors`); the launcher passes it on to the flow step.
+
+The flow keys ``--out`` on the *origin* run of a chain of ``resume``s, so a resumed run finds
+the checkpoints of the run it resumes (not only a ``@retry`` inside one run).
 """
 from __future__ import annotations
 
@@ -124,6 +129,16 @@ def _latest(out: Storage) -> Optional[Dict[str, Any]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as e:
+        from .errors import report
+
+        report(e, f"distill worker (rank {os.environ.get('RANK', '0')})")
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
     from rcm_core.trainer import RCMTrainer
 
     from .cache import load_cache
