@@ -28,6 +28,7 @@ import torch
 from ..denoiser import Parameterization
 from ..teachers import Teacher
 from .attention import install_rcm_attention
+from .time_embedding import install_fp32_time_embedding
 from .specs import CHECKED_KEYS, FAMILY_OF_CLASS, SPECS, RealTeacherSpec, spec_for_config
 
 __all__ = ["RealTeacherError", "resolve_weights", "check_layout", "load_real_teacher", "load_teacher_from_path",
@@ -577,6 +578,7 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
     else:
         net = _load("transformer", root, lambda: _from_state(tcls, tcfg, transformer_state, dtype))
     install_rcm_attention(net)
+    install_fp32_time_embedding(net)      # as the reference rCM (survives the deep copies too)
     net = net.to(device).eval().requires_grad_(False)
 
     ecls = getattr(transformers, spec.text_encoder_class)
