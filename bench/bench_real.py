@@ -120,6 +120,7 @@ def main(argv=None) -> dict:
                     help="VAE decode variants: fp32, bf16, bf16-cl3d (channels_last_3d), bf16-cl3d-compile, ...")
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (checks the script)")
     ap.add_argument("--out", default="bench/results/real.json")
+    ap.add_argument("--label", default="", help="recorded in the JSON (e.g. the code version measured)")
     a = ap.parse_args(argv)
 
     from rcm_core.config import DistillConfig
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
     meta = {"teacher": a.teacher, "weights": "random", "params": n_params, "latent_shape": [C, T, H, W],
             "tokens": tokens, "pixels": [a.frames, a.height, a.width], "batch": 1, "dtype": "bfloat16 (autocast, fp32 master weights)",
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "label": a.label}
     try:
         import triton
         meta["triton"] = triton.__version__
@@ -192,10 +193,16 @@ def main(argv=None) -> dict:
     if "rcm" in phases:
         tr = RCMTrainer(teacher, DistillConfig.preset(teacher.preset, method="rcm", activation_checkpointing=a.rcm_ac,
                                                       **base), device=dev)
-        b.run(f"rCM student step (sCM + DMD, rollout 1-4) [AC {a.rcm_ac}]", step_fn(tr, 10),
-              repeats=max(a.repeats, 4), kind="rcm", ac=a.rcm_ac)
-        b.run(f"critic step (rollout 1-4, fake-score fwd+bwd) [AC {a.rcm_ac}]", step_fn(tr, 11),
-              repeats=max(a.repeats, 4), kind="critic", ac=a.rcm_ac)
+        # The rollout length n is fixed per row so that trees of different versions compare: the current
+        # trainer cycles n over each network's own updates (H = 0, K = 2: student step s has n = s/2 % 4 + 1),
+        # the version before 2026-11-26 used n = s % 4 + 1 of the shared step (only n = 1, 3 for students).
+        own_counts = hasattr(tr, "updates_before")
+        for n in (1, 3):
+            step = 2 * (n - 1) if own_counts else n - 1
+            b.run(f"rCM student step (sCM + DMD, rollout {n}) [AC {a.rcm_ac}]", step_fn(tr, step),
+                  repeats=a.repeats, kind="rcm", rollout=n, ac=a.rcm_ac)
+        b.run(f"critic step (rollout from step 11, fake-score fwd+bwd) [AC {a.rcm_ac}]", step_fn(tr, 11),
+              repeats=a.repeats, kind="critic", ac=a.rcm_ac)
         del tr
         gc.collect()
 

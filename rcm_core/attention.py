@@ -285,7 +285,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
     q: (B, H, Nq, Dqk) or (B, Nq, H, Dqk) per ``layout``; k: same with Nk;
     v: same with Nk and Dv. Returns the output in the input layout.
+
+    Under autocast, q, k and v are cast to the autocast dtype first, as PyTorch's SDPA does (a
+    processor may hand over fp32 q/k from a norm and a bf16 v from a linear layer).
     """
+    dev = q.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and q.is_floating_point():
+        adt = torch.get_autocast_dtype(dev)
+        q, k, v = (x.to(adt) if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x for x in (q, k, v))
     check_attention_inputs(q, k, v, layout)
     s = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if not math.isfinite(s):

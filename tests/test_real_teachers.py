@@ -271,7 +271,8 @@ def test_memory_estimate_raises_with_settings_that_fit():
 def test_trainer_two_steps_on_tiny_wan(wan_dir, method):
     te = load_teacher_from_path(wan_dir, **SMALL)
     cfg = DistillConfig.preset(te.preset, method=method, dtype="float32", tangent_warmup_steps=0,
-                               student_update_freq=2, batch_size=2, iterations=2, lr_student=1e-3, lr_fake=1e-3)
+                               student_update_freq=2, batch_size=2, iterations=2, lr_student=1e-3, lr_fake=1e-3,
+                               lr_warmup_steps=0)
     tr = RCMTrainer(te, cfg)
     assert uses_rcm_attention(tr.student.net) and (tr.fake is None or uses_rcm_attention(tr.fake.net))
     cond = te.encode_text(["a red cat runs", "a dog on the beach"])
@@ -282,3 +283,17 @@ def test_trainer_two_steps_on_tiny_wan(wan_dir, method):
         assert all(math.isfinite(v) for v in m.values() if isinstance(v, float)), m
     assert ms[0]["kind"] == "student" and (method == "scm" or ms[1]["kind"] == "critic")
     assert any((a - b).abs().max() > 0 for a, b in zip(before, tr.student.parameters()))
+
+
+@pytest.mark.parametrize("which", ["wan", "cosmos"])
+def test_bf16_autocast_step_with_project_attention(wan_dir, cosmos_dir, which):
+    """Under bf16 autocast the project attention gets q/k and v in one dtype (Cosmos' q/k norms return
+    fp32 while v is bf16; the stock SDPA casts them itself): a bf16 training step runs on both."""
+    te = load_teacher_from_path(wan_dir if which == "wan" else cosmos_dir, **(SMALL if which == "wan" else SMALL | {"frames": 1}))
+    cfg = DistillConfig.preset(te.preset, method="scm", dtype="bfloat16", tangent_warmup_steps=0, batch_size=1,
+                               iterations=1, lr_warmup_steps=0, activation_checkpointing="none")
+    tr = RCMTrainer(te, cfg)
+    batch = dict(latents=torch.randn(1, *te.latent_shape), cond=te.encode_text(["a red cat runs"]),
+                 uncond=te.negative_embedding())
+    m = tr.train_step(batch)
+    assert m["skipped"] == 0 and math.isfinite(m["loss_cm"]) and m["nan_masked"] == 0
