@@ -12,6 +12,12 @@ rerun with the same inputs finds the same folder: shards already listed in the
 manifest are skipped (idempotent, resumable after a crash), and each shard's noise
 is seeded by its index, so a resumed cache equals an uninterrupted one.
 
+Self-repair: every listed shard is verified (sha256, decodes, shapes) before it is
+skipped; one that does not match, or whose file is gone, is recomputed - bit-identical,
+since its noise depends on its index only - with a line on stderr, and counted
+(``CacheResult.repaired``, ``stats["repaired_shards"]``). A manifest written for another
+request (other spec in the same folder) is an error naming the differing fields.
+
 A second Great Expectations gate checks the latents (finite, per-sample std within
 bounds, expected count). Reading (:func:`load_cache`) verifies checksums and shapes.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -56,6 +63,7 @@ class CacheResult:
     seconds: float
     report: Optional[GateReport] = None
     stats: Dict[str, float] = field(default_factory=dict)
+    repaired: Dict[str, str] = field(default_factory=dict)   # shard -> what was wrong with it (recomputed)
 
 
 def _spec(teacher_info: Dict[str, Any], prompts: List[str], cfg: CacheConfig) -> Dict[str, Any]:
@@ -97,14 +105,15 @@ def cache_teacher(teacher, prompts: List[str], storage: Storage, cfg: CacheConfi
     shards = ShardSet.open(loc, spec=spec)
     shards.manifest.setdefault("extra", {})["prompts"] = list(prompts)
     lshape = tuple(info["latent_shape"])
-
-    if not shards.has("uncond"):
-        shards.write("uncond", {"uncond": T.negative_embedding(teacher)},
-                     meta={"negative_prompt": getattr(teacher, "negative_prompt", ""), "aux": True})
     total = len(prompts) * cfg.samples_per_prompt
     # sample i -> prompt i // samples_per_prompt (prompt-major)
     n_shards = math.ceil(total / cfg.shard_size)
-    todo = [k for k in range(n_shards) if not shards.has(f"shard-{k:05d}")]
+    repaired = _damaged(shards, ["uncond"] + [f"shard-{k:05d}" for k in range(n_shards)])
+
+    if "uncond" in repaired or "uncond" not in shards.shards:
+        shards.write("uncond", {"uncond": T.negative_embedding(teacher)},
+                     meta={"negative_prompt": getattr(teacher, "negative_prompt", ""), "aux": True})
+    todo = [k for k in range(n_shards) if f"shard-{k:05d}" not in shards.shards or f"shard-{k:05d}" in repaired]
     uncond = shards.read("uncond")["uncond"]
     computed = 0
     disable = progress is False or (progress is None and os.environ.get("TQDM_DISABLE") == "1")
@@ -138,12 +147,30 @@ def cache_teacher(teacher, prompts: List[str], storage: Storage, cfg: CacheConfi
     bar.close()
     result = CacheResult(url=loc.url(), manifest_url=shards.url, data_hash=shards.content_hash(),
                          total=int(shards.manifest.get("total_count", 0)), computed_shards=computed,
-                         skipped_shards=n_shards - len(todo), seconds=time.perf_counter() - t0)
+                         skipped_shards=n_shards - len(todo), seconds=time.perf_counter() - t0,
+                         repaired=repaired, stats={"repaired_shards": len(repaired)})
     if stop_after_shards is None:
         data = load_cache(loc.url(), storage_options=storage.storage_options, expect_latent_shape=lshape)
         result.report = validate_latents(data.latents, expected_count=total, cfg=cfg, docs_dir=docs_dir)
-        result.stats = {"latent_mean": float(data.latents.mean()), "latent_std": float(data.latents.std())}
+        result.stats.update(latent_mean=float(data.latents.mean()), latent_std=float(data.latents.std()))
     return result
+
+
+def _damaged(shards: ShardSet, names: List[str]) -> Dict[str, str]:
+    """Listed shards that fail verification (missing file, checksum, decoding, shapes) -> the reason.
+
+    Each is reported on stderr; the caller recomputes them.
+    """
+    out = {}
+    for n in names:
+        if n not in shards.shards:
+            continue                                  # never written: computed as usual, not a repair
+        problem = shards.verify(n)
+        if problem is not None:
+            out[n] = problem
+            print(f"cache: {n} is {problem}; recomputing it (shard noise is seeded by its index: the same bytes)",
+                  file=sys.stderr, flush=True)
+    return out
 
 
 def latent_table(latents: torch.Tensor):
@@ -201,12 +228,18 @@ def load_cache(url: str, storage_options: Optional[Dict[str, Any]] = None,
                          f"({len(missing)} of {expected_n} shards); rerun the cache step")
     mine = names[rank::world] if world > 1 and len(names) >= world else names
     lat, cond, pidx = [], [], []
-    for n in mine:
-        t = shards.read(n, expect_shapes={"latents": [None, *lshape]})
-        lat.append(t["latents"])
-        cond.append(t["cond"])
-        pidx.append(t["prompt_idx"])
-    uncond = shards.read("uncond")["uncond"]
+    try:
+        for n in mine:
+            t = shards.read(n, expect_shapes={"latents": [None, *lshape]})
+            lat.append(t["latents"])
+            cond.append(t["cond"])
+            pidx.append(t["prompt_idx"])
+        uncond = shards.read("uncond")["uncond"]
+    except ShardError as e:
+        if e.fix:
+            raise
+        raise ShardError(str(e), fix="rerun the cache step (a new run or `resume`): it verifies every shard and "
+                                     "recomputes those that do not match, bit-identically") from None
     c = torch.cat(cond)
     if uncond.shape[1:] != c.shape[1:]:
         raise ShardError(f"cache {shards.url}: uncond embedding shape {list(uncond.shape)} does not match "

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 __all__ = [
     "StorageError", "ShardError", "Storage", "storage_options_from_env",
     "sha256_bytes", "tensors_to_bytes", "tensors_from_bytes",
-    "ShardSet", "SHARD_MANIFEST",
+    "ShardSet", "SHARD_MANIFEST", "spec_diff",
 ]
 
 SHARD_MANIFEST = "manifest.json"
@@ -38,7 +38,14 @@ class StorageError(RuntimeError):
 
 
 class ShardError(RuntimeError):
-    """A shard or a manifest is missing, corrupt or inconsistent."""
+    """A shard or a manifest is missing, corrupt or inconsistent; ``fix`` says what to do about it."""
+
+    fix = ""
+
+    def __init__(self, message: str = "", *, fix: Optional[str] = None):
+        super().__init__(message)
+        if fix:
+            self.fix = fix
 
 
 def storage_options_from_env() -> Dict[str, Any]:
@@ -225,11 +232,20 @@ class ShardSet:
     @classmethod
     def open(cls, storage: Storage, spec: Optional[Dict[str, Any]] = None) -> "ShardSet":
         if storage.exists(SHARD_MANIFEST):
-            manifest = storage.read_json(SHARD_MANIFEST)
+            try:
+                manifest = storage.read_json(SHARD_MANIFEST)
+            except ShardError as e:
+                raise ShardError(f"{e}", fix=f"the shards under {storage.url()} cannot be trusted without their "
+                                            "manifest: delete that folder (it is recomputed)") from None
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", {}), dict):
+                raise ShardError(f"manifest {storage.url(SHARD_MANIFEST)} is not a shard manifest "
+                                 f"(format {manifest.get('format') if isinstance(manifest, dict) else None!r})")
             if spec is not None and manifest.get("spec") != spec:
                 raise ShardError(
-                    f"manifest {storage.url(SHARD_MANIFEST)} was written for a different spec: "
-                    f"{manifest.get('spec')} != {spec}")
+                    f"manifest {storage.url(SHARD_MANIFEST)} does not match this request: "
+                    + spec_diff(manifest.get("spec"), spec, "manifest", "request"),
+                    fix="the folder name is the hash of the request, so its manifest was changed or written by "
+                        "other code: move the folder away (keep it if you need it); the next run recomputes it")
             return cls(storage, manifest.get("spec", {}), manifest)
         if spec is None:
             raise ShardError(f"no shard manifest at {storage.url(SHARD_MANIFEST)}")
@@ -271,6 +287,28 @@ class ShardSet:
         self.manifest["total_count"] = sum(int(e.get("count", 0)) for e in self.shards.values()
                                             if not e.get("aux"))
         self.storage.write_json(SHARD_MANIFEST, self.manifest)
+
+    def verify(self, name: str) -> Optional[str]:
+        """None when shard ``name`` is listed, present, matches its checksum and decodes; else what is wrong."""
+        entry = self.shards.get(name)
+        if entry is None:
+            return "not listed in the manifest"
+        try:
+            data = self.storage.read_bytes(entry["file"])
+        except FileNotFoundError:
+            return f"missing: {self.storage.url(entry['file'])}"
+        digest = sha256_bytes(data)
+        if digest != entry.get("sha256"):
+            return (f"corrupt: sha256 of {self.storage.url(entry['file'])} is {digest[:12]}..., manifest says "
+                    f"{str(entry.get('sha256'))[:12]}... ({len(data)} bytes, manifest says {entry.get('bytes')})")
+        try:
+            tensors = tensors_from_bytes(data)
+        except Exception as e:  # noqa: BLE001
+            return f"cannot be decoded: {e}"
+        for k, shape in entry.get("shapes", {}).items():
+            if k not in tensors or list(tensors[k].shape) != list(shape):
+                return f"tensor {k!r} is {list(tensors[k].shape) if k in tensors else 'absent'}, manifest says {shape}"
+        return None
 
     def read(self, name: str, expect_shapes: Optional[Mapping[str, Sequence[Optional[int]]]] = None) -> Dict[str, Any]:
         """Read a shard, verifying presence, checksum, shapes and dtypes."""
@@ -315,6 +353,21 @@ class ShardSet:
         for k in sorted(self.manifest.get("extra", {})):
             h.update(f"{k}:{json.dumps(self.manifest['extra'][k], sort_keys=True)}".encode())
         return h.hexdigest()
+
+
+def spec_diff(a: Any, b: Any, a_name: str = "a", b_name: str = "b", limit: int = 8) -> str:
+    """Readable differences of two spec dicts: ``field 'seed': manifest 0, request 1; ...``."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return f"{a_name} {a!r}, {b_name} {b!r}"
+    diffs = [f"field {k!r}: {a_name} {_short(a.get(k, '(absent)'))}, {b_name} {_short(b.get(k, '(absent)'))}"
+             for k in sorted(set(a) | set(b)) if a.get(k, object()) != b.get(k, object())]
+    more = f"; and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+def _short(v: Any, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
 
 
 def spec_hash(spec: Mapping[str, Any], n: int = 16) -> str:
