@@ -92,6 +92,11 @@ class RCMDistillFlow(FlowSpec):
     profile = Parameter("profile", default="default", help="smoke | default")
     prompts = Parameter("prompts", default="embedded", help="'embedded', a path/URL (.txt/.csv/.parquet)")
     prompt_column = Parameter("prompt_column", default="", help="column of a CSV/parquet prompt source")
+    max_prompt_chars = Parameter("max_prompt_chars", default=0, type=int,
+                                 help="prompt length limit in characters; 0: the teacher's (embedded: 200; real "
+                                      "teachers: none, their limit is the text encoder's, --text_len tokens)")
+    long_prompts = Parameter("long_prompts", default="truncate",
+                             help="prompts over a limit: truncate (at a word / whole token) | drop")
     gates = Parameter("gates", default="{}", help='JSON evaluation gates, e.g. {"min_digit_acc": 0.5}')
     distill_config = Parameter("distill_config", default="{}", help="JSON DistillConfig overrides")
     fault_at_step = Parameter("fault_at_step", default=0, type=int,
@@ -209,18 +214,19 @@ class RCMDistillFlow(FlowSpec):
     def curate(self):
         from metaflow.cards import Markdown, Table
 
-        from rcm_steps.curate import CurateConfig, curate_prompts, load_prompts, validate_prompts
+        from rcm_steps.curate import CurateConfig, curate_prompts, load_prompts, prompt_limits, validate_prompts
         from rcm_steps.validation import DataValidationError, collect_html
 
         s = self.settings
+        limits, tokenizer = prompt_limits(self.teacher_info, self.max_prompt_chars, self.long_prompts)
         cfg = CurateConfig(seed=self.seed, min_prompts=s["min_prompts"], max_train=s["max_train"],
-                           max_eval=s["max_eval"])
+                           max_eval=s["max_eval"], **limits)
         raw = load_prompts(self.prompts, column=self.prompt_column or None)
-        res = curate_prompts(raw, cfg)
+        res = curate_prompts(raw, cfg, tokenizer=tokenizer)
         st = self._storage()
         docs_key = f"{self._run_prefix()}/curate/data_docs"
         with tempfile.TemporaryDirectory() as d:
-            report = validate_prompts(res.train, res.eval, cfg, docs_dir=d, raise_on_failure=False)
+            report = validate_prompts(res.train, res.eval, cfg, docs_dir=d, raise_on_failure=False, stats=res.stats)
             self.data_docs_url = st.upload_dir(d, docs_key)
             self.data_docs_html = collect_html(d)
         self.data_docs_page = f"{self.data_docs_url}/{report.docs_page}"

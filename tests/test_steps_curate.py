@@ -12,9 +12,9 @@ PROMPTS = [f"a {d} drifting {w}" for d in range(5) for w in ("up", "down", "left
 
 def test_normalise_dedupe_split_deterministic(tmp_path):
     raw = ["  a 1   drifting up ", "A 1 drifting UP", "", None, "x", "a 2 drifting down"] + ["z" * 300]
-    res = curate_prompts(raw, CurateConfig(min_prompts=1, eval_fraction=0.5))
+    res = curate_prompts(raw, CurateConfig(min_prompts=1, eval_fraction=0.5, long_prompts="drop"))
     assert res.stats == {"raw": 7, "empty": 2, "duplicate": 1, "too_short": 1, "too_long": 1,
-                         "kept": 2, "train": 1, "eval": 1}
+                         "too_many_tokens": 0, "truncated": 0, "kept": 2, "train": 1, "eval": 1}
     assert sorted(res.train + res.eval) == ["a 1 drifting up", "a 2 drifting down"]
     a = curate_prompts(PROMPTS, CurateConfig())
     b = curate_prompts(list(reversed(PROMPTS)), CurateConfig())

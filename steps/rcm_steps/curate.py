@@ -4,11 +4,20 @@ Sources: ``"embedded"`` (the embedded teacher's prompt set), a local path or any
 fsspec URL to a text file (one prompt per line), a ``.parquet`` or ``.csv`` file
 (``column``, default ``"prompt"``, else the only/first string column).
 
+Length limits: ``max_chars`` characters (default 200; 0/None: none) and, for real teachers,
+``max_tokens`` tokens of the teacher's own tokenizer (the text encoder's limit, ``text_len``).
+A longer prompt is truncated (``long_prompts="truncate"``, the default: at a word boundary for
+characters, at the last whole token for tokens) or dropped (``"drop"``); the counts of each are
+in the stats (``truncated``, ``too_long``, ``too_many_tokens``). Duplicates are removed after
+truncation (two prompts that only differed past the limit are the same prompt to the teacher).
+
 The split is deterministic and independent of input order: prompts are ranked by
 ``sha256(seed|prompt)`` and the first ``ceil(eval_fraction * n)`` are the eval set.
 The Great Expectations gate (non-null, unique, length bounds, expected counts,
 split labels) then runs on the curated table; a failure raises
-:class:`~rcm_steps.validation.DataValidationError` naming the failed expectations.
+:class:`~rcm_steps.validation.DataValidationError` naming the failed expectations and, for
+count failures, why prompts were removed, with the count per reason (e.g. "kept 1 of 9 raw
+prompts; removed: 6 duplicate, 2 too long (over 200 characters)").
 """
 from __future__ import annotations
 
@@ -21,7 +30,9 @@ from .validation import DataValidationError, GateReport, run_gate
 
 __all__ = ["PromptSourceError", "CurateConfig", "CurateResult", "load_prompts", "normalise",
            "curate_prompts", "split_prompts", "prompt_expectations", "validate_prompts",
-           "DataValidationError"]
+           "DataValidationError", "TokenLimiter", "removal_summary", "prompt_limits", "LONG_PROMPTS"]
+
+LONG_PROMPTS = ("truncate", "drop")
 
 
 class PromptSourceError(ValueError):
@@ -31,7 +42,9 @@ class PromptSourceError(ValueError):
 @dataclass
 class CurateConfig:
     min_chars: int = 3
-    max_chars: int = 200
+    max_chars: Optional[int] = 200    # 0 / None: no character limit
+    max_tokens: Optional[int] = None  # needs a TokenLimiter (real teachers: the text encoder's limit)
+    long_prompts: str = "truncate"    # over a limit: "truncate" | "drop"
     eval_fraction: float = 0.2
     seed: int = 0
     min_prompts: int = 8          # after curation (train + eval)
@@ -40,12 +53,90 @@ class CurateConfig:
     max_train: Optional[int] = None  # cap (smoke runs); applied after the split
     max_eval: Optional[int] = None
 
+    def __post_init__(self):
+        if self.long_prompts not in LONG_PROMPTS:
+            raise ValueError(f"long_prompts={self.long_prompts!r}; known: {', '.join(LONG_PROMPTS)}")
+        for k in ("max_chars", "max_tokens"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"CurateConfig.{k} must be a whole number >= 0 (0: no limit), got {v!r}")
+        if self.max_chars and self.max_chars < self.min_chars:
+            raise ValueError(f"CurateConfig.max_chars={self.max_chars} is below min_chars={self.min_chars}")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CurateConfig":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"CurateConfig: unknown keys {sorted(unknown)}")
         return cls(**d)
+
+
+class TokenLimiter:
+    """Counts and truncates prompts with a Hugging Face tokenizer, as the text encoder will see them.
+
+    ``count`` includes the special tokens the encoder adds (e.g. ``</s>``); ``truncate`` keeps
+    the longest prefix of whole tokens that fits, cut in the original text (offsets), so the
+    kept prompt reads as written.
+    """
+
+    def __init__(self, tokenizer, name: str = "tokenizer"):
+        self.tokenizer, self.name = tokenizer, name
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        specials = self.count(text) - len(self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+        keep = max(0, max_tokens - specials)
+        while keep > 0:
+            try:
+                enc = self.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
+                cut = text[: enc["offset_mapping"][keep - 1][1]].rstrip()
+            except (NotImplementedError, KeyError, TypeError, ValueError):   # slow tokenizers: no offsets
+                ids = self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+                cut = self.tokenizer.decode(ids[:keep], skip_special_tokens=True).strip()
+            if self.count(cut) <= max_tokens:
+                return cut
+            keep -= 1                                   # re-tokenising the cut text gave more tokens
+        return ""
+
+
+def prompt_limits(teacher_info: Mapping[str, Any], max_prompt_chars: int = 0,
+                  long_prompts: str = "truncate") -> tuple:
+    """CurateConfig length settings and the TokenLimiter (or None) for a teacher (:func:`describe_teacher`).
+
+    Real teachers: ``max_tokens`` is the text encoder's limit (``text_len``), counted with the teacher's
+    own tokenizer, and no character limit unless ``max_prompt_chars`` > 0. Others: ``max_prompt_chars``
+    or 200 characters. ``long_prompts``: ``truncate`` (default) or ``drop``.
+    """
+    if long_prompts not in LONG_PROMPTS:
+        raise ValueError(f"--long_prompts {long_prompts!r}; known: {', '.join(LONG_PROMPTS)}")
+    if isinstance(max_prompt_chars, bool) or not isinstance(max_prompt_chars, int) or max_prompt_chars < 0:
+        raise ValueError(f"--max_prompt_chars must be a whole number >= 0 (0: the teacher's default), "
+                         f"got {max_prompt_chars!r}")
+    real = bool(teacher_info.get("real"))
+    limits = {"long_prompts": long_prompts,
+              "max_chars": max_prompt_chars or (None if real else CurateConfig.max_chars)}
+    if not real:
+        return limits, None
+    import os
+
+    from transformers import AutoTokenizer
+
+    path = os.path.join(str(teacher_info["root"]), "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - name the folder (start already loaded it once)
+        raise PromptSourceError(f"cannot load the teacher's tokenizer from {path}: {type(e).__name__}: {e}") from e
+    limits["max_tokens"] = int(teacher_info["text_len"])
+    return limits, TokenLimiter(tok, name=path)
+
+
+def _truncate_chars(q: str, n: int) -> str:
+    cut = q[:n]
+    if len(q) > n and not q[n].isspace() and " " in cut:
+        cut = cut[: cut.rindex(" ")]                    # end at a word boundary
+    return cut.rstrip()
 
 
 @dataclass
@@ -142,8 +233,13 @@ def split_prompts(prompts: List[str], eval_fraction: float, seed: int):
     return [p for p in prompts if p not in eval_set], [p for p in prompts if p in eval_set]
 
 
-def curate_prompts(raw: List[Any], cfg: CurateConfig) -> CurateResult:
-    stats = {"raw": len(raw), "empty": 0, "duplicate": 0, "too_short": 0, "too_long": 0}
+def curate_prompts(raw: List[Any], cfg: CurateConfig, tokenizer: Optional[TokenLimiter] = None) -> CurateResult:
+    """Normalise, apply the length limits (truncate or drop), deduplicate, split. See the module doc."""
+    if cfg.max_tokens and tokenizer is None:
+        raise ValueError("CurateConfig.max_tokens needs a tokenizer (rcm_steps.curate.TokenLimiter)")
+    stats = {"raw": len(raw), "empty": 0, "too_short": 0, "too_long": 0, "too_many_tokens": 0, "truncated": 0,
+             "duplicate": 0}
+    drop = cfg.long_prompts == "drop"
     seen, kept = set(), []
     for p in raw:
         q = normalise(p)
@@ -153,13 +249,25 @@ def curate_prompts(raw: List[Any], cfg: CurateConfig) -> CurateResult:
         if len(q) < cfg.min_chars:
             stats["too_short"] += 1
             continue
-        if len(q) > cfg.max_chars:
-            stats["too_long"] += 1
+        cut = False
+        if cfg.max_chars and len(q) > cfg.max_chars:
+            if drop:
+                stats["too_long"] += 1
+                continue
+            q, cut = _truncate_chars(q, cfg.max_chars), True
+        if cfg.max_tokens and tokenizer.count(q) > cfg.max_tokens:
+            if drop:
+                stats["too_many_tokens"] += 1
+                continue
+            q, cut = tokenizer.truncate(q, cfg.max_tokens), True
+        if cut and len(q) < cfg.min_chars:
+            stats["too_short"] += 1
             continue
         key = q.casefold()
         if key in seen:
             stats["duplicate"] += 1
             continue
+        stats["truncated"] += cut
         seen.add(key)
         kept.append(q)
     train, ev = split_prompts(kept, cfg.eval_fraction, cfg.seed)
@@ -171,12 +279,33 @@ def curate_prompts(raw: List[Any], cfg: CurateConfig) -> CurateResult:
     return CurateResult(train=train, eval=ev, stats=stats)
 
 
+_REASONS = (("empty", "empty"), ("too_short", "too short (under {min_chars} characters)"),
+            ("too_long", "too long (over {max_chars} characters)"),
+            ("too_many_tokens", "too long (over {max_tokens} tokens)"), ("duplicate", "duplicate"))
+
+
+def removal_summary(stats: Mapping[str, int], cfg: CurateConfig) -> str:
+    """``kept 1 of 9 raw prompts; removed: 6 duplicate, 2 too long (over 200 characters)`` (+ truncations)."""
+    if "raw" not in stats:
+        return ""
+    removed = [f"{stats[k]} {text.format(**vars(cfg))}" for k, text in _REASONS if stats.get(k)]
+    out = f"kept {stats.get('kept', 0)} of {stats['raw']} raw prompts; " + (
+        f"removed: {', '.join(removed)}" if removed else "none removed")
+    if stats.get("truncated"):
+        lim = [f"{cfg.max_chars} characters" if cfg.max_chars else "", f"{cfg.max_tokens} tokens" if cfg.max_tokens
+               else ""]
+        out += f"; {stats['truncated']} truncated to the limit ({' / '.join(x for x in lim if x)})"
+    if "train" in stats:
+        out += f"; split: {stats['train']} train, {stats['eval']} eval"
+    return out
+
+
 def prompt_expectations(cfg: CurateConfig):
     return [
         ("ExpectColumnValuesToNotBeNull", {"column": "prompt"}),
         ("ExpectColumnValuesToBeUnique", {"column": "prompt"}),
         ("ExpectColumnValueLengthsToBeBetween", {"column": "prompt", "min_value": cfg.min_chars,
-                                                 "max_value": cfg.max_chars}),
+                                                 **({"max_value": cfg.max_chars} if cfg.max_chars else {})}),
         ("ExpectTableRowCountToBeBetween", {"min_value": cfg.min_prompts, "max_value": cfg.max_prompts}),
         ("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": ["train", "eval"]}),
         ("ExpectColumnDistinctValuesToEqualSet", {"column": "split", "value_set": ["train", "eval"]}),
@@ -194,18 +323,21 @@ def prompt_table(train: List[Any], ev: List[Any]):
 
 
 def validate_prompts(train: List[Any], ev: List[Any], cfg: CurateConfig,
-                     docs_dir: Optional[str] = None, raise_on_failure: bool = True) -> GateReport:
+                     docs_dir: Optional[str] = None, raise_on_failure: bool = True,
+                     stats: Optional[Mapping[str, int]] = None) -> GateReport:
+    """The prompt gate; with the curation ``stats``, count failures say why prompts were removed."""
     return run_gate("prompts", prompt_table(train, ev), prompt_expectations(cfg), docs_dir=docs_dir,
-                    raise_on_failure=raise_on_failure)
+                    raise_on_failure=raise_on_failure,
+                    context=removal_summary(stats, cfg) if stats else None)
 
 
 def curate(source: str, cfg: CurateConfig, column: Optional[str] = None,
-           docs_dir: Optional[str] = None) -> CurateResult:
+           docs_dir: Optional[str] = None, tokenizer: Optional[TokenLimiter] = None) -> CurateResult:
     """Load, clean, split and gate. Raises PromptSourceError / DataValidationError."""
     raw = load_prompts(source, column=column)
-    res = curate_prompts(raw, cfg)
+    res = curate_prompts(raw, cfg, tokenizer=tokenizer)
     res.source = source
-    res.report = validate_prompts(res.train, res.eval, cfg, docs_dir=docs_dir)
+    res.report = validate_prompts(res.train, res.eval, cfg, docs_dir=docs_dir, stats=res.stats)
     return res
 
 

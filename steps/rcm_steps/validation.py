@@ -30,6 +30,7 @@ class GateReport:
     results: List[Dict[str, Any]] = field(default_factory=list)
     docs_dir: Optional[str] = None
     docs_page: Optional[str] = None  # path of the validation page, relative to docs_dir
+    context: Optional[str] = None    # why rows are missing (e.g. prompts removed per reason), for count failures
 
     @property
     def failed(self) -> List[Dict[str, Any]]:
@@ -45,8 +46,18 @@ class GateReport:
                 detail.append(f"observed {r['observed_value']!r}")
             if r.get("unexpected_count"):
                 detail.append(f"{r['unexpected_count']} unexpected, e.g. {r.get('unexpected_sample')!r}")
+            if self.context and _is_count(r):
+                detail.append(self.context)
             lines.append(f"  - {r['type']}{col} {extra}: {'; '.join(detail) or 'failed'}")
         return "\n".join(lines)
+
+
+# expectations on how many rows there are (their failures are explained by the report's context)
+_COUNT_COLUMNS = ("eval_count", "split")
+
+
+def _is_count(r: Dict[str, Any]) -> bool:
+    return "row_count" in r["type"] or r["kwargs"].get("column") in _COUNT_COLUMNS
 
 
 def _quiet() -> None:
@@ -57,8 +68,12 @@ def _quiet() -> None:
 
 
 def run_gate(name: str, df, expectations: Sequence[ExpectationSpec], docs_dir: Optional[str] = None,
-             raise_on_failure: bool = True) -> GateReport:
-    """Validate ``df`` against ``expectations``; Data Docs go to ``docs_dir`` if given."""
+             raise_on_failure: bool = True, context: Optional[str] = None) -> GateReport:
+    """Validate ``df`` against ``expectations``; Data Docs go to ``docs_dir`` if given.
+
+    ``context`` (e.g. how many rows were removed for which reason) is added to the failure
+    lines of count expectations, in the report and in the raised error.
+    """
     _quiet()
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -103,7 +118,7 @@ def run_gate(name: str, df, expectations: Sequence[ExpectationSpec], docs_dir: O
                 "unexpected_count": r.get("unexpected_count"),
                 "unexpected_sample": _plain((r.get("partial_unexpected_list") or [])[:3]),
             })
-    report = GateReport(name=name, success=bool(res.success), results=results, docs_dir=docs_dir)
+    report = GateReport(name=name, success=bool(res.success), results=results, docs_dir=docs_dir, context=context)
     if docs_dir:
         pages = []
         for base, _d, files in os.walk(os.path.join(docs_dir, "validations")):
