@@ -337,6 +337,7 @@ class RCMDistillFlow(FlowSpec):
                          seed=self.seed)
         res = evaluate(teacher, student, self.eval_prompts, cfg, sigma_max=dcfg.sigma_max, mid_t=dcfg.mid_t)
         self.eval_metrics = res.metrics
+        self.eval_settings = res.settings          # champion compares only versions evaluated alike
         self.gate_result = check_gates(res.metrics, s["gates"], steps=self.student_steps)
         png = clip_grid_png(res.clips, res.prompts)
         digits = uses_digit_metrics(teacher)
@@ -395,7 +396,8 @@ class RCMDistillFlow(FlowSpec):
         # smoke runs (tiny eval set, gates off) never compete with real runs for "champion"
         name = model_name_for(teacher_label(self.teacher)) + ("-smoke" if self.profile == "smoke" else "")
         r = register_student(weights, meta, self.mlflow_run_id, lineage, self.eval_metrics,
-                             self.gate_result["passed"], model_name=name)
+                             self.gate_result["passed"], model_name=name, eval_settings=self.eval_settings,
+                             gates=self.gate_result["gates"])
         del metrics
         self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
         self.champion, self.champion_reason = r.champion, r.reason
