@@ -36,7 +36,7 @@ from . import digit_classifier as dc
 from . import teacher as T
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate", "student_denoiser", "clip_grid_png", "clips_gif", "clips_mp4",
-           "as_clips", "pooled_features", "uses_digit_metrics", "check_gates", "DEFAULT_GATES"]
+           "as_clips", "pooled_features", "uses_digit_metrics", "check_gates", "DEFAULT_GATES", "eval_settings"]
 
 DEFAULT_GATES = {"min_digit_acc": 0.2, "max_fd_data": 1e9, "min_diversity_rel": 0.05}
 
@@ -57,6 +57,25 @@ class EvalResult:
     metrics: Dict[str, float]
     clips: Dict[str, torch.Tensor] = field(default_factory=dict)   # model -> (P, S, C, T, H, W)
     prompts: List[str] = field(default_factory=list)
+    # what the metrics depend on besides the student (see eval_settings): only versions evaluated with
+    # equal settings are compared for "champion"
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+
+def eval_settings(teacher_info: Dict[str, Any], prompts: Sequence[str], cfg: "EvalConfig",
+                  digits: bool) -> Dict[str, Any]:
+    """Everything the evaluation metrics depend on except the student: eval prompts (hash), seeds, noise seed,
+    teacher sampler steps, the teacher (name, version, latent shape, sampler, text length, dtype) and the
+    metric family. Recorded on the model version (tag ``eval_settings``)."""
+    import hashlib
+
+    t = {k: teacher_info[k] for k in ("name", "version", "latent_shape", "guidance", "shift", "solver", "text_len",
+                                      "dtype") if k in teacher_info}
+    return {"prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+            "n_prompts": len(prompts), "seeds": int(cfg.seeds), "seed": int(cfg.seed),
+            "teacher_steps": int(cfg.teacher_steps or teacher_info["steps"]),
+            "metrics": "digits" if digits else "teacher-relative",
+            **({"real_clips": int(cfg.real_clips)} if digits else {}), "teacher": t}
 
 
 def student_denoiser(teacher, ema_state: Dict[str, torch.Tensor]):
@@ -176,7 +195,8 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
             metrics[f"{m}/speedup"] = (models["teacher"]["sec_per_sample"] / models[m]["sec_per_sample"]
                                        if models[m]["sec_per_sample"] > 0 else float("nan"))
     clips = {m: v["clips"].reshape(P, S, *v["clips"].shape[1:]) for m, v in models.items()}
-    return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts))
+    return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts),
+                      settings=eval_settings(info, prompts, cfg, digits))
 
 
 def _digit_metrics(models, prompts, S, cfg, metrics) -> None:

@@ -7,9 +7,24 @@
 * One registered model per teacher (``rcm-student-<teacher>``); each flow run adds a
   version, created with its lineage tags in the same call (flow/run id, teacher
   name and version, data manifest hash, method, metrics).
-* Alias ``candidate`` always; ``champion`` only if the evaluation gates pass and the
-  version beats the current champion on ``score`` (student 4-step digit accuracy,
-  then lower ``fd_data``).
+* Alias ``candidate`` always; ``champion`` when the evaluation gates pass and the version
+  beats the current champion under the teacher kind's declared policy (:data:`POLICIES`):
+
+  - embedded teacher: higher ``digit_acc``, then lower ``fd_data``;
+  - every other teacher (Wan2.1, Cosmos-Predict2, custom): lower ``fd_teacher``, then lower
+    ``latent_rmse_teacher``, with ``diversity_rel >= min_diversity_rel`` as a gate;
+
+  all at the registered number of student steps (``meta["default_steps"]``, the flow's
+  ``--student_steps``). Versions are compared only when they were evaluated with the same
+  settings (tag ``eval_settings``, a hash of :func:`rcm_steps.evaluate.eval_settings` plus the
+  steps and the policy; ``eval_settings.json`` holds them): otherwise the decision says which
+  settings differ, and :func:`set_champion` promotes explicitly. Every decision is the tag
+  ``champion_decision``; promotions are appended to the registered model's tag
+  ``champion.history``, which :func:`rollback_champion` walks back::
+
+      python -m rcm_steps.register rollback --model rcm-student-embedded [--to 3] [--reason "..."]
+      python -m rcm_steps.register promote --model rcm-student-embedded --version 5 [--force]
+
 * Nothing half-registered: if anything fails after the version exists (tags,
   aliases), the version is deleted again and the error re-raised.
 """
@@ -25,7 +40,9 @@ from typing import Any, Dict, List, Optional
 
 import mlflow.pyfunc
 
-__all__ = ["RCMStudentModel", "model_name_for", "register_student", "RegistrationResult", "score_of"]
+__all__ = ["RCMStudentModel", "model_name_for", "register_student", "RegistrationResult", "score_of",
+           "ChampionPolicy", "POLICIES", "policy_for", "settings_hash", "set_champion", "rollback_champion",
+           "ChampionError"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,19 +118,71 @@ class RegistrationResult:
     model_uri: str
 
 
-def score_of(metrics: Dict[str, Any]) -> tuple:
-    acc = float(metrics.get("student_4/digit_acc", float("nan")))
-    fd = float(metrics.get("student_4/fd_data", float("nan")))
-    return (-1.0 if math.isnan(acc) else acc, -(1e18 if math.isnan(fd) else fd))
+class ChampionError(ValueError):
+    """A champion change that cannot be made (unknown version, gates failed, no earlier champion)."""
 
 
-def _champion_metrics(client, name: str) -> Optional[Dict[str, float]]:
-    try:
-        mv = client.get_model_version_by_alias(name, "champion")
-    except Exception:  # noqa: BLE001 - no model / no alias yet
-        return None
+@dataclass(frozen=True)
+class ChampionPolicy:
+    """Which version is better, per teacher kind: metrics compared in order, then gates.
+
+    ``keys``: (metric, "max" | "min") compared lexicographically at ``student_<steps>/``;
+    ``gates``: (metric, gate name, default) meaning metric >= gates[gate name].
+    """
+
+    name: str
+    keys: tuple
+    gates: tuple = ()
+
+    def describe(self, steps: int) -> str:
+        order = ", then ".join(f"{'higher' if d == 'max' else 'lower'} student_{steps}/{k}" for k, d in self.keys)
+        gates = "; ".join(f"gate student_{steps}/{k} >= {g}" for k, g, _ in self.gates)
+        return f"{self.name}: {order}" + (f"; {gates}" if gates else "")
+
+
+POLICIES = {
+    "embedded": ChampionPolicy("embedded", (("digit_acc", "max"), ("fd_data", "min"))),
+    "teacher-relative": ChampionPolicy("teacher-relative", (("fd_teacher", "min"), ("latent_rmse_teacher", "min")),
+                                       (("diversity_rel", "min_diversity_rel", 0.05),)),
+}
+
+
+def policy_for(teacher: str) -> ChampionPolicy:
+    """The embedded teacher's clips have a digit classifier; every other teacher is judged relative to itself."""
+    return POLICIES["embedded" if teacher == "embedded" else "teacher-relative"]
+
+
+def _as_tag(v: float) -> float:
+    return float(f"{float(v):.6g}")          # what the version's metric tags hold: compare like with like
+
+
+def score_of(metrics: Dict[str, Any], policy: Optional[ChampionPolicy] = None, steps: int = 4) -> tuple:
+    """The policy's key metrics at ``student_<steps>/`` as a tuple where larger is better (NaN if missing)."""
+    policy = policy or POLICIES["embedded"]
+    out = []
+    for k, d in policy.keys:
+        v = metrics.get(f"student_{steps}/{k}")
+        v = float("nan") if v is None else _as_tag(v)
+        out.append(v if d == "max" else -v)
+    return tuple(out)
+
+
+def _beats(a: tuple, b: tuple) -> bool:
+    for x, y in zip(a, b):
+        if x != y:
+            return x > y
+    return False
+
+
+def settings_hash(settings: Dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _tag_metrics(tags: Dict[str, str]) -> Dict[str, float]:
     out = {}
-    for k, v in (mv.tags or {}).items():
+    for k, v in (tags or {}).items():
         if k.startswith("metric."):
             try:
                 out[k[len("metric."):]] = float(v)
@@ -122,11 +191,138 @@ def _champion_metrics(client, name: str) -> Optional[Dict[str, float]]:
     return out
 
 
+def _champion(client, name: str):
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except Exception:  # noqa: BLE001 - no model / no alias yet
+        return None
+
+
+def _decide(policy: ChampionPolicy, steps: int, metrics: Dict[str, Any], gates_passed: bool,
+            gates: Dict[str, float], settings: Dict[str, Any], current) -> tuple:
+    """(promote?, reason) for a new version against the current champion model version (or None)."""
+    if not gates_passed:
+        return False, "evaluation gates failed"
+    score = score_of(metrics, policy, steps)
+    missing = [f"student_{steps}/{k}" for (k, _), v in zip(policy.keys, score) if math.isnan(v)]
+    if missing:
+        return False, f"not eligible under policy {policy.name}: {', '.join(missing)} missing or NaN"
+    for k, gate, default in policy.gates:
+        v, lim = metrics.get(f"student_{steps}/{k}"), float(gates.get(gate, default))
+        if v is None or math.isnan(float(v)) or float(v) < lim:
+            return False, f"gate failed under policy {policy.name}: student_{steps}/{k} {v} < {gate} {lim}"
+    if current is None:
+        return True, "first version that passes the gates"
+    tags = current.tags or {}
+    if tags.get("eval_settings") != settings_hash(settings):
+        try:
+            theirs = json.loads(tags.get("eval_settings.json", "null"))
+        except ValueError:
+            theirs = None
+        from .storage import spec_diff
+
+        return False, (f"not comparable with champion v{current.version}: evaluated with other settings ("
+                       + spec_diff(_flat(theirs), _flat(settings), "champion", "this version")
+                       + "); promote explicitly with `python -m rcm_steps.register promote` if it should win")
+    theirs = score_of(_tag_metrics(tags), policy, steps)
+    if _beats(score, theirs):
+        return True, f"beats champion v{current.version} under {policy.describe(steps)}: {score} > {theirs}"
+    return False, f"does not beat champion v{current.version} under {policy.describe(steps)}: {score} <= {theirs}"
+
+
+def _flat(d: Any, prefix: str = "") -> Any:
+    if not isinstance(d, dict):
+        return {} if d is None else {"settings": d}
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _history(client, name: str) -> List[str]:
+    tags = client.get_registered_model(name).tags or {}
+    return [v for v in tags.get("champion.history", "").split(",") if v]
+
+
+def _promote(client, name: str, version: str, reason: str, history: Optional[List[str]] = None) -> None:
+    """Point ``champion`` at ``version``; the history gets it appended (or is replaced by ``history``)."""
+    client.set_registered_model_alias(name, "champion", version)
+    hist = (_history(client, name) + [str(version)]) if history is None else list(history)
+    client.set_registered_model_tag(name, "champion.history", ",".join(hist[-200:]))
+    client.set_model_version_tag(name, version, "champion_decision", reason)
+
+
+def _version_or_error(client, name: str, version: str):
+    try:
+        return client.get_model_version(name, version)
+    except Exception as e:  # noqa: BLE001
+        raise ChampionError(f"model {name!r} has no version {version}: {e}") from None
+
+
+def set_champion(name: str, version: str | int, reason: str = "", force: bool = False) -> str:
+    """Point ``champion`` at ``version`` explicitly (recorded in its ``champion_decision`` and the history).
+
+    Refuses a version whose evaluation gates failed unless ``force``. Returns the previous champion
+    version ('' if none).
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    version = str(version)
+    mv = _version_or_error(client, name, version)
+    if (mv.tags or {}).get("gates_passed") == "False" and not force:
+        raise ChampionError(f"{name} v{version} failed its evaluation gates "
+                            f"({(mv.tags or {}).get('champion_decision', '')}); pass force=True (--force) to make "
+                            "it champion anyway")
+    cur = _champion(client, name)
+    prev = str(cur.version) if cur is not None else ""
+    _promote(client, name, version, f"set explicitly (was v{prev or '-'})" + (f": {reason}" if reason else ""))
+    return prev
+
+
+def rollback_champion(name: str, to_version: str | int | None = None, reason: str = "") -> str:
+    """Move ``champion`` back: to the champion before the current one (``champion.history``), or ``to_version``.
+
+    The history is a stack: rolling back drops the entries after the version rolled back to, so a
+    second rollback goes one further back. Versions deleted since are skipped. Returns the version
+    that is champion now.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    cur = _champion(client, name)
+    current = str(cur.version) if cur is not None else None
+    hist = _history(client, name)
+    while hist and hist[-1] == current:
+        hist.pop()
+    if to_version is None:
+        existing = {str(v.version) for v in client.search_model_versions(f"name='{name}'")}
+        while hist and hist[-1] not in existing:
+            hist.pop()
+        if not hist:
+            raise ChampionError(f"{name}: no earlier champion to roll back to (history: "
+                                f"{','.join(_history(client, name)) or 'empty'})")
+        to_version = hist[-1]
+    to_version = str(to_version)
+    _version_or_error(client, name, to_version)
+    new_hist = hist[: len(hist) - hist[::-1].index(to_version)] if to_version in hist else hist + [to_version]
+    _promote(client, name, to_version, f"rollback from v{current or '-'}" + (f": {reason}" if reason else ""),
+             history=new_hist)
+    return to_version
+
+
 def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str, lineage: Dict[str, str],
                      metrics: Dict[str, float], gates_passed: bool, model_name: Optional[str] = None,
-                     fail_after_version: bool = False) -> RegistrationResult:
+                     fail_after_version: bool = False, eval_settings: Optional[Dict[str, Any]] = None,
+                     gates: Optional[Dict[str, float]] = None) -> RegistrationResult:
     """Log the pyfunc model into ``run_id`` and register it (see module doc).
 
+    ``eval_settings``: what the metrics were computed with (:func:`rcm_steps.evaluate.eval_settings`);
+    only versions with equal settings are compared for ``champion``. ``gates``: thresholds of the
+    policy's gates (``min_diversity_rel``; defaults as :data:`rcm_steps.evaluate.DEFAULT_GATES`).
     ``fail_after_version`` injects a failure after the version exists (tests of rollback).
     """
     import mlflow
@@ -134,6 +330,9 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
 
     client = MlflowClient()
     name = model_name or model_name_for(meta["teacher"])
+    steps = int(meta.get("default_steps", 4))
+    policy = policy_for(meta["teacher"])
+    settings = {**(eval_settings or {}), "student_steps": steps, "policy": policy.name}
     with tempfile.TemporaryDirectory() as d:
         wpath, mpath = os.path.join(d, "student_ema.safetensors"), os.path.join(d, "meta.json")
         with open(wpath, "wb") as f:
@@ -154,26 +353,26 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
         client.create_registered_model(name, description=f"rCM students distilled from teacher {meta['teacher']}")
     tags = {**{k: str(v) for k, v in lineage.items()},
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))},
-            "gates_passed": str(bool(gates_passed))}
-    mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags)
+            "gates_passed": str(bool(gates_passed)), "student_steps": str(steps),
+            "eval_settings": settings_hash(settings), "eval_settings.json": json.dumps(settings, sort_keys=True)[:4900],
+            "champion_policy": policy.describe(steps)}
+    # model_id links the version to the logged model (an MLflow server rejects a models:/ source without it)
+    mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
+                                     model_id=getattr(info, "model_id", None))
     try:
         if fail_after_version:
             raise RuntimeError("injected failure after the model version was created")
         client.set_registered_model_alias(name, "candidate", mv.version)
         aliases = ["candidate"]
-        current = _champion_metrics(client, name)
-        if not gates_passed:
-            champion, reason = False, "evaluation gates failed"
-        elif current is None:
-            champion, reason = True, "first version that passes the gates"
-        elif score_of(metrics) > score_of(current):
-            champion, reason = True, f"beats champion: {score_of(metrics)} > {score_of(current)}"
-        else:
-            champion, reason = False, f"does not beat champion: {score_of(metrics)} <= {score_of(current)}"
+        from .evaluate import DEFAULT_GATES
+
+        champion, reason = _decide(policy, steps, metrics, gates_passed, {**DEFAULT_GATES, **(gates or {})},
+                                   settings, _champion(client, name))
         if champion:
-            client.set_registered_model_alias(name, "champion", mv.version)
+            _promote(client, name, str(mv.version), reason)
             aliases.append("champion")
-        client.set_model_version_tag(name, mv.version, "champion_decision", reason)
+        else:
+            client.set_model_version_tag(name, mv.version, "champion_decision", reason)
     except BaseException:
         try:
             client.delete_model_version(name, mv.version)
@@ -181,3 +380,40 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
             raise
     return RegistrationResult(name=name, version=str(mv.version), aliases=aliases, champion=champion,
                               reason=reason, model_uri=f"models:/{name}/{mv.version}")
+
+
+def main(argv=None) -> int:
+    """``python -m rcm_steps.register promote|rollback --model NAME ...`` (uses MLFLOW_TRACKING_URI)."""
+    import argparse
+
+    p = argparse.ArgumentParser("rcm_steps.register", description="move the champion alias of a registered student")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("promote", help="make a version champion")
+    pr.add_argument("--model", required=True)
+    pr.add_argument("--version", required=True)
+    pr.add_argument("--force", action="store_true", help="even if its evaluation gates failed")
+    pr.add_argument("--reason", default="")
+    rb = sub.add_parser("rollback", help="champion back to the previous one (or --to VERSION)")
+    rb.add_argument("--model", required=True)
+    rb.add_argument("--to", default=None)
+    rb.add_argument("--reason", default="")
+    for q in (pr, rb):
+        q.add_argument("--tracking-uri", default=None)
+    a = p.parse_args(argv)
+    if a.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(a.tracking_uri)
+    if a.cmd == "promote":
+        prev = set_champion(a.model, a.version, reason=a.reason, force=a.force)
+        print(f"{a.model}: champion v{a.version} (was v{prev or '-'})")
+    else:
+        now = rollback_champion(a.model, a.to, reason=a.reason)
+        print(f"{a.model}: champion rolled back to v{now}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
