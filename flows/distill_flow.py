@@ -338,7 +338,6 @@ class RCMDistillFlow(FlowSpec):
         res = evaluate(teacher, student, self.eval_prompts, cfg, sigma_max=dcfg.sigma_max, mid_t=dcfg.mid_t)
         self.eval_metrics = res.metrics
         self.eval_settings = res.settings          # champion compares only versions evaluated alike
-        self.eval_settings = res.settings          # champion compares only versions evaluated alike
         self.gate_result = check_gates(res.metrics, s["gates"], steps=self.student_steps)
         png = clip_grid_png(res.clips, res.prompts)
         digits = uses_digit_metrics(teacher)
