@@ -97,6 +97,10 @@ class RCMDistillFlow(FlowSpec):
                                       "teachers: none, their limit is the text encoder's, --text_len tokens)")
     long_prompts = Parameter("long_prompts", default="truncate",
                              help="prompts over a limit: truncate (at a word / whole token) | drop")
+    model_components = Parameter("model_components", default="reference",
+                                 help="real teachers: how the registered model carries the text encoder, tokenizer, "
+                                      "VAE and configs: reference (sha256 into <storage_root>/components) | copy "
+                                      "(in the model version's artifacts)")
     gates = Parameter("gates", default="{}", help='JSON evaluation gates, e.g. {"min_digit_acc": 0.5}')
     distill_config = Parameter("distill_config", default="{}", help="JSON DistillConfig overrides")
     fault_at_step = Parameter("fault_at_step", default=0, type=int,
@@ -154,6 +158,8 @@ class RCMDistillFlow(FlowSpec):
         if self.method not in ("rcm", "scm", "dmd", "dcm"):
             raise ValueError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
         check_teacher_name(self.teacher)      # unknown names list the known ones; a bad directory says what it lacks
+        from rcm_steps.register import check_components_mode
+        check_components_mode(self.model_components)
         on_k8s = self.execution.get("target", "local") == "kubernetes"
         if on_k8s and "://" not in self.storage_root:
             raise ValueError(f"storage_root {self.storage_root!r} is a local path, but execution target is "
@@ -397,7 +403,8 @@ class RCMDistillFlow(FlowSpec):
         name = model_name_for(teacher_label(self.teacher)) + ("-smoke" if self.profile == "smoke" else "")
         r = register_student(weights, meta, self.mlflow_run_id, lineage, self.eval_metrics,
                              self.gate_result["passed"], model_name=name, eval_settings=self.eval_settings,
-                             gates=self.gate_result["gates"])
+                             gates=self.gate_result["gates"], components=self.model_components,
+                             component_store=self._storage().url("components"))
         del metrics
         self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
         self.champion, self.champion_reason = r.champion, r.reason

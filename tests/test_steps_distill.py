@@ -12,7 +12,8 @@ from rcm_steps.launcher import run_torchrun, TorchrunError
 from rcm_steps.storage import Storage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = json.dumps({"tangent_warmup_steps": 2, "student_update_freq": 2, "lr_student": 1e-3, "lr_fake": 1e-3,
+TINY = json.dumps({"tangent_warmup_steps": 2, "lr_warmup_steps": 1, "student_update_freq": 2,
+                   "lr_student": 1e-3, "lr_fake": 1e-3,
                    "guidance": 2.0})
 
 
