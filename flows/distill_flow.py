@@ -18,6 +18,12 @@ Then:
     python -m rcm_steps.generate --model models:/rcm-student-embedded@champion --prompt "a 3 drifting up" --out x.gif
 
 The steps are thin glue over plain functions in ``rcm_steps`` (tested without Metaflow).
+Every step carries ``@step_guard`` (rcm_steps.step_guard): a failure prints a short ``rCM: ...``
+message (culprit and fix) above the traceback and ends the MLflow run FAILED, SIGTERM/SIGINT end
+it KILLED, and the next attempt or a ``resume`` reopens it. ``resume`` continues distillation from
+the last checkpoint of the origin run (the distill folder is keyed on the first run of a chain of
+resumes) and keeps logging to the same MLflow run:
+    python flows/distill_flow.py resume [--origin-run-id <run id>]
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import os
 import tempfile
 
 from metaflow import (Config, FlowMutator, FlowSpec, Parameter, card, current, parallel, retry, step)
+from rcm_steps.errors import ConfigError
+from rcm_steps.step_guard import step_guard
 
 PROJECT_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DEFAULT_TRACKING = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(PROJECT_ROOT, 'mlflow.db')}"
@@ -122,6 +130,10 @@ class RCMDistillFlow(FlowSpec):
     def _run_prefix(self):
         return f"runs/{current.flow_name}/{current.run_id}"
 
+    def _distill_prefix(self):
+        """Distill outputs live under the first run of a chain of resumes, so ``resume`` finds its checkpoints."""
+        return f"runs/{current.flow_name}/{getattr(self, 'storage_run_id', None) or current.run_id}"
+
     def _memory_check(self, check_memory, on_k8s):
         """Real teachers on GPUs: fail before any work when distillation will not fit (MemoryError names
         settings that would). The estimate is for GPUs: skipped on CPU runs."""
@@ -148,27 +160,28 @@ class RCMDistillFlow(FlowSpec):
         return est
 
     # ------------------------------------------------------------------ steps
+    @step_guard
     @step
     def start(self):
         from rcm_steps.teacher import (check_memory, check_teacher_name, describe_teacher, teacher_label,
                                        teacher_options)
 
         if self.profile not in PROFILES:
-            raise ValueError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
+            raise ConfigError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
         if self.method not in ("rcm", "scm", "dmd", "dcm"):
-            raise ValueError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
+            raise ConfigError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
         check_teacher_name(self.teacher)      # unknown names list the known ones; a bad directory says what it lacks
         from rcm_steps.register import check_components_mode
         check_components_mode(self.model_components)
         on_k8s = self.execution.get("target", "local") == "kubernetes"
         if on_k8s and "://" not in self.storage_root:
-            raise ValueError(f"storage_root {self.storage_root!r} is a local path, but execution target is "
+            raise ConfigError(f"storage_root {self.storage_root!r} is a local path, but execution target is "
                              "kubernetes: pass a shared URL such as s3://bucket/rcm")
         if on_k8s and self.mlflow_tracking_uri.startswith("sqlite:"):
-            raise ValueError(f"mlflow_tracking_uri {self.mlflow_tracking_uri!r} is a local sqlite file, but "
+            raise ConfigError(f"mlflow_tracking_uri {self.mlflow_tracking_uri!r} is a local sqlite file, but "
                              "execution target is kubernetes: pass an MLflow server URL")
         if self.nodes < 1:
-            raise ValueError(f"nodes must be >= 1, got {self.nodes}")
+            raise ConfigError(f"nodes must be >= 1, got {self.nodes}")
         self.nproc = self.procs_per_node or (int(self.execution.get("gpus_per_node", 8)) if on_k8s else 1)
         s = dict(PROFILES[self.profile])
         if self.iterations:
@@ -184,10 +197,13 @@ class RCMDistillFlow(FlowSpec):
         # real teachers: checkpoint files, configs, tensor shapes and resolution are checked here, weights unread
         self.teacher_info = describe_teacher(self.teacher, self.teacher_options)
         from rcm_steps.distill import build_config   # a bad DistillConfig fails here, naming the field
-        build_config(self.teacher_info["preset"], self.method, s["iterations"], s["batch_size"], self.seed,
-                     s["config"])
+        build_config(self.teacher_info.get("preset") or self.teacher, self.method, s["iterations"],
+                     s["batch_size"], self.seed, s["config"])
         self.memory_estimate = self._memory_check(check_memory, on_k8s)
         self._storage().check_writable()
+        # resume clones this artifact, so every run of a chain of resumes keeps the first run's id (a resume
+        # that re-runs start takes its origin's); the distill checkpoints are stored under it
+        self.storage_run_id = str(current.origin_run_id or current.run_id)
         client = self._mlflow()
         exp_name = f"rcm-distill-{teacher_label(self.teacher)}"
         exp = client.get_experiment_by_name(exp_name)
@@ -201,6 +217,8 @@ class RCMDistillFlow(FlowSpec):
             exp_id = exp.experiment_id
         run = client.create_run(exp_id, run_name=f"{current.flow_name}-{current.run_id}", tags={
             "metaflow.flow": current.flow_name, "metaflow.run_id": str(current.run_id),
+            "metaflow.run_ids": str(current.run_id), "rcm.storage_run_id": self.storage_run_id,
+            **({"metaflow.origin_run_id": str(current.origin_run_id)} if current.origin_run_id else {}),
             "teacher": self.teacher, "teacher_version": self.teacher_info["version"],
             "method": self.method, "profile": self.profile})
         self.mlflow_run_id = run.info.run_id
@@ -216,6 +234,7 @@ class RCMDistillFlow(FlowSpec):
         self.next(self.curate)
 
     @card
+    @step_guard
     @step
     def curate(self):
         from metaflow.cards import Markdown, Table
@@ -244,7 +263,8 @@ class RCMDistillFlow(FlowSpec):
                                     str(r.get("observed_value") or r.get("unexpected_sample") or "")]
                                    for r in report.results], headers=["expectation", "kwargs", "result", "observed"]))
         if not report.success:
-            raise DataValidationError(f"prompt gate failed {len(report.failed)} expectation(s):\n"
+            raise DataValidationError(f"prompt gate failed on --prompts {self.prompts!r}: "
+                                      f"{len(report.failed)} expectation(s) not met:\n"
                                       f"{report.describe_failures()}\nData Docs: {self.data_docs_page}", report)
         self.train_prompts, self.eval_prompts = res.train, res.eval
         self.curate_stats, self.prompts_hash = res.stats, res.prompts_hash
@@ -253,6 +273,7 @@ class RCMDistillFlow(FlowSpec):
 
     @card
     @retry(times=1)
+    @step_guard
     @step
     def cache_teacher(self):
         import torch
@@ -289,12 +310,13 @@ class RCMDistillFlow(FlowSpec):
 
     @parallel
     @retry(times=1)
+    @step_guard
     @step
     def distill(self):
         from rcm_steps.launcher import port_for, run_torchrun
 
         st = self._storage()
-        self.distill_url = st.url(f"{self._run_prefix()}/distill")
+        self.distill_url = st.url(f"{self._distill_prefix()}/distill")   # a resumed run continues its origin's
         s = self.settings
         args = ["--teacher", self.teacher, "--teacher-options", json.dumps(self.teacher_options),
                 "--cache", self.cache_url, "--out", self.distill_url,
@@ -311,10 +333,11 @@ class RCMDistillFlow(FlowSpec):
                      node_rank=current.parallel.node_index, master_addr=current.parallel.main_ip,
                      master_port=port_for(f"{current.run_id}/{current.retry_count}"),
                      nproc_per_node=self.nproc)
-        self.distill_result = st.read_json(f"{self._run_prefix()}/distill/result.json")
+        self.distill_result = st.read_json(f"{self._distill_prefix()}/distill/result.json")
         self.next(self.evaluate)
 
     @card
+    @step_guard
     @step
     def evaluate(self, inputs):
         import torch
@@ -329,7 +352,7 @@ class RCMDistillFlow(FlowSpec):
 
         first = inputs[0]
         for k in ("settings", "teacher_info", "teacher_options", "memory_estimate", "mlflow_run_id", "eval_prompts", "train_prompts", "cache_url",
-                  "data_hash", "distill_url", "distill_result", "prompts_hash", "data_docs_page",
+                  "data_hash", "distill_url", "distill_result", "storage_run_id", "prompts_hash", "data_docs_page",
                   "latent_docs_page", "cache_summary", "curate_stats", "data_docs_html", "data_docs_url"):
             setattr(self, k, getattr(first, k))
         self.distill_attempts = max(i.attempt for i in inputs) + 1
@@ -378,6 +401,7 @@ class RCMDistillFlow(FlowSpec):
                                          "`sample_mp4`" if mp4 else f"MP4: {mp4_note}"))
         self.next(self.register)
 
+    @step_guard
     @step
     def register(self):
         from rcm_steps.register import model_name_for, register_student
@@ -396,7 +420,9 @@ class RCMDistillFlow(FlowSpec):
                    "metaflow.pathspec": current.pathspec, "teacher": self.teacher,
                    "teacher_version": self.teacher_info["version"], "data_hash": self.data_hash,
                    "prompts_hash": self.prompts_hash, "method": self.method, "mlflow_run_id": self.mlflow_run_id,
-                   "cache_url": self.cache_url, "distill_url": self.distill_url, "profile": self.profile}
+                   "cache_url": self.cache_url, "distill_url": self.distill_url, "profile": self.profile,
+                   "rcm.storage_run_id": getattr(self, "storage_run_id", None) or str(current.run_id),
+                   **({"metaflow.origin_run_id": str(current.origin_run_id)} if current.origin_run_id else {})}
         metrics = {k: v for k, v in self.eval_metrics.items() if k.startswith(f"student_{self.student_steps}/")
                    or k.startswith("teacher/")}
         # smoke runs (tiny eval set, gates off) never compete with real runs for "champion"
@@ -411,6 +437,7 @@ class RCMDistillFlow(FlowSpec):
         print(f"registered {r.name} v{r.version} aliases={r.aliases}: {r.reason}")
         self.next(self.end)
 
+    @step_guard
     @step
     def end(self):
         self._mlflow().set_terminated(self.mlflow_run_id, "FINISHED")
@@ -435,4 +462,7 @@ def _fmt(v):
 
 
 if __name__ == "__main__":
+    from rcm_steps.step_guard import sigterm_as_interrupt
+
+    sigterm_as_interrupt()      # SIGTERM stops the run like Ctrl-C: tasks end their MLflow run KILLED, logs flushed
     RCMDistillFlow()

@@ -53,7 +53,7 @@ FIXES = {
                         "the message lists the missing/mismatched files and the download command",
     "PromptSourceError": "check --prompts (a readable path/URL: .txt one prompt per line, .csv/.parquet with "
                          "--prompt_column naming the text column)",
-    "DataValidationError": "fix the prompts the failed expectations name (the Data Docs page lists each one) or "
+    "DataValidationError": "correct the prompts the failed expectations name (the Data Docs page lists each one) or "
                            "point --prompts at another source",
     "StorageError": "check --storage_root and its credentials (AWS_* / RCM_STORAGE_OPTIONS for s3:// URLs)",
     "ShardError": "the teacher cache is damaged: delete the cache folder the message names; the next run "
