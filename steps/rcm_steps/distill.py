@@ -203,6 +203,8 @@ def _run(args: argparse.Namespace) -> int:
             if step % args.log_every == 0 or step == cfg.iterations:
                 log.flush()
         if step % args.ckpt_every == 0 or step == cfg.iterations:
+            if rank == 0:       # metrics first: a checkpointed step's metrics are in MLflow whenever a kill comes
+                log.flush()
             if trainer.sharded:                      # FSDP: every rank helps gather the state; rank 0 writes
                 _save(trainer, out, step, write=rank == 0)
             elif rank == 0:
