@@ -21,21 +21,41 @@ __all__ = ["moto_server", "s3_bucket", "pipeline_env"]
 FLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flows", "distill_flow.py")
 
 
+def flow_env(tmp):
+    """Environment of a flow run in ``tmp``: Metaflow datastore and sqlite MLflow under it, quiet, 1 thread."""
+    return {"METAFLOW_USER": "tester", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1",
+            "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp / "mf"), "GX_ANALYTICS_ENABLED": "false",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+
+
+def _finished(running):
+    run = running.run
+    tasks_err = "".join(t.stderr or "" for st in run for t in st) if run is not None else ""
+    return run, running.stdout, running.stderr + tasks_err
+
+
 def run_flow(tmp, **params):
     """Run the DAG through metaflow.Runner (smoke profile unless given) in ``tmp``; returns (run, stdout, stderr)."""
     from metaflow import Runner
 
-    env = {"METAFLOW_USER": "tester", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1",
-           "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp / "mf"), "GX_ANALYTICS_ENABLED": "false",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    env = flow_env(tmp)
     os.environ.update(env)
     params.setdefault("storage_root", str(tmp / "store"))
     params.setdefault("profile", "smoke")
     with Runner(FLOW, show_output=False, env=env, cwd=str(tmp)).run(
             mlflow_tracking_uri=env["MLFLOW_TRACKING_URI"], **params) as running:
-        run = running.run
-        tasks_err = "".join(t.stderr or "" for st in run for t in st) if run is not None else ""
-        return run, running.stdout, running.stderr + tasks_err
+        return _finished(running)
+
+
+def resume_flow(tmp, origin_run_id, **kw):
+    """``resume`` the run ``origin_run_id`` (made by run_flow or the CLI in ``tmp``); returns (run, stdout, stderr)."""
+    from metaflow import Runner
+
+    env = flow_env(tmp)
+    os.environ.update(env)
+    with Runner(FLOW, show_output=False, env=env, cwd=str(tmp)).resume(origin_run_id=str(origin_run_id),
+                                                                       **kw) as running:
+        return _finished(running)
 
 
 @pytest.fixture(scope="session")
