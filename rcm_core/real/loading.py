@@ -162,7 +162,8 @@ _ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 _RECOPY = "copy the file again (an interrupted download or copy leaves a truncated file)"
 
 # (folder, weight-file stem) of every component whose weights are read
-_COMPONENTS = (("transformer", "diffusion_pytorch_model"), ("text_encoder", "model"), ("vae", "diffusion_pytorch_model"))
+_COMPONENTS = (("transformer", "diffusion_pytorch_model"), ("text_encoder", "model"),
+               ("vae", "diffusion_pytorch_model"))
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict:

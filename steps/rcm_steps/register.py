@@ -25,6 +25,16 @@
       python -m rcm_steps.register rollback --model rcm-student-embedded [--to 3] [--reason "..."]
       python -m rcm_steps.register promote --model rcm-student-embedded --version 5 [--force]
 
+* Self-contained versions: besides the student's weights, a real teacher's version carries
+  what sampling needs - ``model_index.json``, ``transformer/config.json``, the text encoder,
+  tokenizer and VAE - either as references by sha256 into a content store (``components=
+  "reference"``, the default: stored once under ``<storage root>/components``, fetched into
+  ``$RCM_COMPONENT_CACHE`` (default ``~/.cache/rcm/components``) on load and verified) or as
+  copies in the version's artifacts (``components="copy"``). Loading never reads the training
+  machine's teacher directory; a missing component raises :class:`MissingComponentError`
+  naming it, where it looked and what to do (``RCM_COMPONENT_STORE`` when the store moved,
+  ``RCM_TEACHER_DIR`` to use a local copy of the teacher, or re-register with ``copy``).
+  The embedded teacher ships inside the package code the version carries.
 * Nothing half-registered: if anything fails after the version exists (tags,
   aliases), the version is deleted again and the error re-raised.
 """
@@ -42,9 +52,168 @@ import mlflow.pyfunc
 
 __all__ = ["RCMStudentModel", "model_name_for", "register_student", "RegistrationResult", "score_of",
            "ChampionPolicy", "POLICIES", "policy_for", "settings_hash", "set_champion", "rollback_champion",
-           "ChampionError"]
+           "ChampionError", "MissingComponentError", "bundle_teacher", "materialize_bundle", "COMPONENT_MODES",
+           "check_components_mode"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+COMPONENT_MODES = ("reference", "copy")
+
+
+class MissingComponentError(RuntimeError):
+    """A model version cannot be loaded: a teacher component it needs is not available here."""
+
+    fix = ("make the component store reachable (RCM_COMPONENT_STORE=<url> if it moved; S3 credentials and "
+           "RCM_STORAGE_OPTIONS), or set RCM_TEACHER_DIR to a local copy of the teacher directory, or re-register "
+           "the model with --model_components copy")
+
+    def __init__(self, message: str, fix: Optional[str] = None):
+        super().__init__(message)
+        if fix:
+            self.fix = fix
+
+
+def check_components_mode(mode: str) -> None:
+    if mode not in COMPONENT_MODES:
+        raise ValueError(f"--model_components {mode!r}; known: reference (sha256 references into the content store "
+                         f"under the storage root), copy (files in the model version's artifacts)")
+
+
+def _component_files(root) -> Dict[str, str]:
+    """Relative path -> local path of everything sampling needs besides the student's weights."""
+    from pathlib import Path
+
+    root = Path(root)
+    files = {"model_index.json": root / "model_index.json",
+             "transformer/config.json": root / "transformer" / "config.json"}
+    for sub in ("text_encoder", "tokenizer", "vae"):
+        for f in sorted((root / sub).rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                files[f"{sub}/{f.relative_to(root / sub).as_posix()}"] = f
+    return {k: str(v) for k, v in files.items()}
+
+
+def _component_name(rel: str) -> str:
+    return {"model_index.json": "pipeline index", "transformer/config.json": "transformer config"}.get(
+        rel, rel.split("/", 1)[0])
+
+
+def bundle_teacher(meta: Dict[str, Any], mode: str, store_url: Optional[str], workdir: str) -> tuple:
+    """(extra pyfunc artifacts, bundle description for meta.json) of a real teacher; ({}, None) for others.
+
+    ``reference``: every file goes into the content store at ``store_url`` (once; sha256-addressed);
+    ``copy``: the files are copied under ``workdir/teacher`` for the version's artifacts.
+    """
+    import shutil
+
+    from .storage import ContentStore, Storage, sha256_file
+    from .teacher import is_real_teacher
+
+    check_components_mode(mode)
+    if not is_real_teacher(meta["teacher"]):
+        return {}, None
+    from rcm_core.real.loading import _locate, check_layout
+
+    spec, root = _locate(os.path.expanduser(meta["teacher"]))
+    check_layout(root)
+    files = _component_files(root)
+    entries = {rel: {"sha256": sha256_file(p), "bytes": os.path.getsize(p)} for rel, p in files.items()}
+    bundle = {"format": "rcm-teacher-bundle/1", "mode": mode, "name": spec.name, "files": entries,
+              "registered_from": str(root)}
+    if mode == "copy":
+        dst = os.path.join(workdir, "teacher")
+        for rel, p in files.items():
+            os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+            shutil.copyfile(p, os.path.join(dst, rel))
+        return {"teacher": dst}, bundle
+    if not store_url:
+        raise ValueError("model components by reference need a content store URL (component_store, e.g. "
+                         "<storage root>/components); or pass components='copy'")
+    store = ContentStore(Storage(store_url))
+    for rel, p in files.items():
+        store.put(p, entries[rel]["sha256"])
+    bundle["store"] = store.storage.url()
+    return {}, bundle
+
+
+def _cache_dir() -> str:
+    return os.path.expanduser(os.environ.get("RCM_COMPONENT_CACHE") or "~/.cache/rcm/components")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    import shutil
+
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.exists(dst):
+        os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def materialize_bundle(bundle: Dict[str, Any], artifacts: Dict[str, str]) -> str:
+    """A local teacher directory (diffusers layout, no transformer weights) for a version's bundle.
+
+    ``copy``: the version's own artifact (each file checked). ``reference``: files from the local cache,
+    else ``$RCM_TEACHER_DIR`` (a local copy of the teacher, hash-checked), else the content store
+    (``$RCM_COMPONENT_STORE`` first, then the one recorded at registration), verified by sha256.
+    Raises :class:`MissingComponentError` naming every missing component and where it looked.
+    """
+    from .storage import ContentStore, Storage, sha256_file
+
+    files = bundle["files"]
+    if bundle["mode"] == "copy":
+        root = artifacts.get("teacher")
+        bad = [rel for rel, e in files.items()
+               if root is None or not os.path.isfile(os.path.join(root, rel))
+               or os.path.getsize(os.path.join(root, rel)) != e["bytes"]]
+        if bad:
+            raise MissingComponentError(
+                f"the model version's artifact 'teacher' lacks {len(bad)} file(s) it was registered with: "
+                + ", ".join(f"{_component_name(r)} ({r})" for r in bad[:5]),
+                fix="download the model version again (an interrupted download leaves files out); if the "
+                    "artifact store lost them, re-register the model")
+        return root
+    cache = _cache_dir()
+    bundle_id = settings_hash(files)
+    broot = os.path.join(cache, "bundles", bundle_id)
+    stores = list(dict.fromkeys(u for u in (os.environ.get("RCM_COMPONENT_STORE"), bundle.get("store")) if u))
+    local = os.environ.get("RCM_TEACHER_DIR")
+    missing = []
+    for rel, e in files.items():
+        obj = os.path.join(cache, "objects", e["sha256"])
+        tried = []
+        if not (os.path.isfile(obj) and os.path.getsize(obj) == e["bytes"]):
+            cand = os.path.join(local, rel) if local else None
+            if cand and os.path.isfile(cand) and sha256_file(cand) == e["sha256"]:
+                _link_or_copy(cand, obj)
+            else:
+                if cand:
+                    tried.append(f"RCM_TEACHER_DIR {cand}: " + ("other content" if os.path.isfile(cand) else "absent"))
+                for url in stores:
+                    try:
+                        ContentStore(Storage(url)).get(e["sha256"], obj)
+                        break
+                    except Exception as ex:  # noqa: BLE001 - every store tried, each reason reported
+                        tried.append(f"{url}: {type(ex).__name__}: {ex}")
+                else:
+                    missing.append((rel, e, tried))
+                    continue
+        dst = os.path.join(broot, rel)
+        if not (os.path.isfile(dst) and os.path.getsize(dst) == e["bytes"]):
+            _link_or_copy(obj, dst)
+    if missing:
+        lines = [f"  - {_component_name(rel)}: {rel} (sha256 {e['sha256'][:16]}..., {e['bytes']} bytes); tried "
+                 + ("; ".join(t) if t else "no store (none recorded, RCM_COMPONENT_STORE unset)")
+                 for rel, e, t in missing[:8]]
+        more = f"\n  ... and {len(missing) - 8} more" if len(missing) > 8 else ""
+        comps = sorted({_component_name(r) for r, _, _ in missing})
+        raise MissingComponentError(
+            f"cannot load the model: teacher component(s) {', '.join(comps)} not found (local cache "
+            f"{os.path.join(cache, 'objects')}):\n" + "\n".join(lines) + more)
+    return broot
 
 
 def model_name_for(teacher: str) -> str:
@@ -63,16 +232,48 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
 
         with open(context.artifacts["meta"]) as f:
             self.meta = json.load(f)
-        self.teacher = T.load_teacher(self.meta["teacher"], device="cpu", options=self.meta.get("teacher_options"))
-        got = str(getattr(self.teacher, "version", "unknown"))
-        if got != self.meta["teacher_version"]:
-            import warnings
+        ema = load_file(context.artifacts["weights"])
+        bundle = self.meta.get("teacher_bundle")
+        if bundle:      # self-contained: components from the version (copy) or the content store (reference)
+            from rcm_core.denoiser import TrigFlowDenoiser
+            from rcm_core.real.loading import load_real_teacher
+            from rcm_core.real.specs import spec_for_config
 
-            warnings.warn(f"student was distilled from teacher {self.meta['teacher']} version "
-                          f"{self.meta['teacher_version']}, loaded version {got}")
-        self.student = student_denoiser(self.teacher, load_file(context.artifacts["weights"]))
-        self.uncond = T.negative_embedding(self.teacher)
+            root = materialize_bundle(bundle, dict(context.artifacts))
+            with open(os.path.join(root, "transformer", "config.json")) as f:
+                spec = spec_for_config(json.load(f), name=bundle["name"])
+            kw = T._real_kwargs(self.meta.get("teacher_options"), "cpu")
+            self.teacher = load_real_teacher(spec, "cpu", weights=root, strict_config=False,
+                                             transformer_state=ema, **kw)
+            self.student = TrigFlowDenoiser(self.teacher.net.float().eval().requires_grad_(False),
+                                            self.teacher.param, self.teacher.call)
+        else:
+            self.teacher = self._legacy_teacher(T)
+            got = str(getattr(self.teacher, "version", "unknown"))
+            if got != self.meta["teacher_version"]:
+                import warnings
+
+                warnings.warn(f"student was distilled from teacher {self.meta['teacher']} version "
+                              f"{self.meta['teacher_version']}, loaded version {got}")
+            self.student = student_denoiser(self.teacher, ema)
         self._torch = torch
+
+    def _legacy_teacher(self, T):
+        """Embedded / custom teachers, and real-teacher versions registered before components were bundled."""
+        name = self.meta["teacher"]
+        real = T.is_real_teacher(name) or T._looks_like_path(name)
+        if real and os.environ.get("RCM_TEACHER_DIR"):
+            name = os.environ["RCM_TEACHER_DIR"]
+        try:
+            return T.load_teacher(name, device="cpu", options=self.meta.get("teacher_options"))
+        except Exception as e:  # noqa: BLE001 - say what the version needs
+            if not real:
+                raise
+            raise MissingComponentError(
+                f"this model version carries no teacher components (registered before they were bundled) and "
+                f"loads the teacher from {self.meta['teacher']!r}, which failed here: {e}",
+                fix=f"copy the teacher directory to {self.meta['teacher']} on this machine, or set RCM_TEACHER_DIR to "
+                    "where it is now; a new flow run registers a self-contained version") from e
 
     def _rows(self, model_input) -> List[Dict[str, Any]]:
         import pandas as pd
@@ -317,13 +518,17 @@ def rollback_champion(name: str, to_version: str | int | None = None, reason: st
 def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str, lineage: Dict[str, str],
                      metrics: Dict[str, float], gates_passed: bool, model_name: Optional[str] = None,
                      fail_after_version: bool = False, eval_settings: Optional[Dict[str, Any]] = None,
-                     gates: Optional[Dict[str, float]] = None) -> RegistrationResult:
+                     gates: Optional[Dict[str, float]] = None, components: str = "reference",
+                     component_store: Optional[str] = None) -> RegistrationResult:
     """Log the pyfunc model into ``run_id`` and register it (see module doc).
 
     ``eval_settings``: what the metrics were computed with (:func:`rcm_steps.evaluate.eval_settings`);
     only versions with equal settings are compared for ``champion``. ``gates``: thresholds of the
     policy's gates (``min_diversity_rel``; defaults as :data:`rcm_steps.evaluate.DEFAULT_GATES`).
-    ``fail_after_version`` injects a failure after the version exists (tests of rollback).
+    ``components``: how a real teacher's text encoder, tokenizer, VAE and configs travel with the version
+    (``reference``: sha256 references into the content store ``component_store``, e.g. ``<storage
+    root>/components``; ``copy``: in the version's artifacts). ``fail_after_version`` injects a failure
+    after the version exists (tests of rollback).
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -334,6 +539,8 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
     policy = policy_for(meta["teacher"])
     settings = {**(eval_settings or {}), "student_steps": steps, "policy": policy.name}
     with tempfile.TemporaryDirectory() as d:
+        extra, bundle = bundle_teacher(meta, components, component_store, d)
+        meta = {**meta, **({"teacher_bundle": bundle} if bundle else {})}
         wpath, mpath = os.path.join(d, "student_ema.safetensors"), os.path.join(d, "meta.json")
         with open(wpath, "wb") as f:
             f.write(ema_weights_bytes)
@@ -344,7 +551,7 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             info = mlflow.pyfunc.log_model(
                 name="student", python_model=RCMStudentModel(),
-                artifacts={"weights": wpath, "meta": mpath},
+                artifacts={"weights": wpath, "meta": mpath, **extra},
                 code_paths=[_HERE, os.path.dirname(os.path.abspath(rcm_core.__file__))],
                 pip_requirements=["torch", "numpy", "pandas", "safetensors", "mlflow"])
     try:
@@ -355,7 +562,9 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))},
             "gates_passed": str(bool(gates_passed)), "student_steps": str(steps),
             "eval_settings": settings_hash(settings), "eval_settings.json": json.dumps(settings, sort_keys=True)[:4900],
-            "champion_policy": policy.describe(steps)}
+            "champion_policy": policy.describe(steps),
+            "teacher_components": (f"{bundle['mode']}: {len(bundle['files'])} files" + (
+                f" in {bundle['store']}" if bundle.get("store") else " in the artifacts")) if bundle else "in code"}
     # model_id links the version to the logged model (an MLflow server rejects a models:/ source without it)
     mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
                                      model_id=getattr(info, "model_id", None))

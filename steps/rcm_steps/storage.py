@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 __all__ = [
     "StorageError", "ShardError", "Storage", "storage_options_from_env",
     "sha256_bytes", "tensors_to_bytes", "tensors_from_bytes",
-    "ShardSet", "SHARD_MANIFEST", "spec_diff",
+    "ShardSet", "SHARD_MANIFEST", "spec_diff", "ContentStore", "sha256_file",
 ]
 
 SHARD_MANIFEST = "manifest.json"
@@ -207,6 +207,34 @@ class Storage:
                     self.write_bytes(f"{key}/{rel}", fh.read())
         return self.url(key)
 
+    def put_file(self, local_path: str, key: str) -> str:
+        """Upload a local file (any size, streamed) atomically under ``key``; returns its URL."""
+        target = self.path(key)
+        try:
+            if self.is_object_store:
+                self.fs.put_file(local_path, target)        # multipart; the object appears when complete
+            else:
+                parent = posixpath.dirname(target)
+                self.fs.makedirs(parent, exist_ok=True)
+                tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}")
+                self.fs.put_file(local_path, tmp)
+                self.fs.mv(tmp, target)
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap("upload", key, e) from e
+        return self.url(key)
+
+    def get_file(self, key: str, local_path: str) -> None:
+        """Download ``key`` to ``local_path`` (streamed; a temporary name until complete)."""
+        os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+        tmp = f"{local_path}.tmp-{uuid.uuid4().hex}"
+        try:
+            self.fs.get_file(self.path(key), tmp)
+            os.replace(tmp, local_path)
+        except Exception as e:  # noqa: BLE001
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise self._wrap("download", key, e) from e
+
     def check_writable(self) -> None:
         """Fail early, naming the root, when it cannot be written."""
         key = f".rcm-write-check-{uuid.uuid4().hex}"
@@ -353,6 +381,48 @@ class ShardSet:
         for k in sorted(self.manifest.get("extra", {})):
             h.update(f"{k}:{json.dumps(self.manifest['extra'][k], sort_keys=True)}".encode())
         return h.hexdigest()
+
+
+def sha256_file(path: str, chunk: int = 16 * 2 ** 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ContentStore:
+    """Files addressed by their sha256 under ``<root>/sha256/<aa>/<hash>`` (any fsspec URL).
+
+    Stored once however many model versions refer to them; readers verify the hash.
+    """
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    @staticmethod
+    def key(digest: str) -> str:
+        return f"sha256/{digest[:2]}/{digest}"
+
+    def url(self, digest: str) -> str:
+        return self.storage.url(self.key(digest))
+
+    def put(self, local_path: str, digest: Optional[str] = None) -> str:
+        """Store a local file (skipped when already there); returns its sha256."""
+        digest = digest or sha256_file(local_path)
+        if not self.storage.exists(self.key(digest)):
+            self.storage.put_file(local_path, self.key(digest))
+        return digest
+
+    def get(self, digest: str, local_path: str) -> None:
+        """Fetch ``digest`` to ``local_path``, verifying the hash (FileNotFoundError when absent)."""
+        if not self.storage.exists(self.key(digest)):
+            raise FileNotFoundError(f"{self.url(digest)} does not exist")
+        self.storage.get_file(self.key(digest), local_path)
+        got = sha256_file(local_path)
+        if got != digest:
+            os.remove(local_path)
+            raise ShardError(f"{self.url(digest)} is corrupt: its sha256 is {got[:12]}..., expected {digest[:12]}...")
 
 
 def spec_diff(a: Any, b: Any, a_name: str = "a", b_name: str = "b", limit: int = 8) -> str:
