@@ -43,6 +43,9 @@ class DistillConfig:
     # FSDP2: shard the student's, fake score's and EMA's transformer blocks (weights, grads, AdamW
     # states) over all ranks; needs fused_tangent=False
     fsdp: bool = False
+    # FSDP: 0 = shard over all ranks; else HSDP: shard within groups of this many ranks (e.g. the GPUs
+    # of one node), replicate across groups (the reference's fsdp_shard_size)
+    fsdp_shard_size: int = 0
     dcm_delta: float = 0.05              # step of the discrete-time CM baseline (TrigFlow time)
     # DMD / critic time distribution p_D
     dmd_time: str = "rf_shift"           # rf_shift (Wan) | lognormal (Cosmos)
@@ -129,7 +132,7 @@ class DistillConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"DistillConfig.{name} must be > 0, got {getattr(self, name)}")
         nonneg = ("tangent_warmup_steps", "loss_scale", "loss_scale_dmd", "lr_student", "lr_fake",
-                  "weight_decay", "iterations", "ema_sigma_rel", "lr_warmup_steps")
+                  "weight_decay", "iterations", "ema_sigma_rel", "lr_warmup_steps", "fsdp_shard_size")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")

@@ -8,10 +8,13 @@ Cosmos-Predict2, the embedded VideoDiT); the network's code is not touched.
 * Activation checkpointing: a checkpointed block (``"full"``: all; ``"selective"``: every
   ``ac_every``-th) is wrapped by torch's ``checkpoint_wrapper`` (state-dict keys unchanged),
   keeps only its inputs, and recomputes its activations in the backward.
-* FSDP2 (``fsdp=True`` with torch.distributed initialised): each block is ``fully_shard``-ed
-  over all ranks (parameters, gradients and AdamW states sharded; reduce-scatter of
-  gradients). The small rest (patch/time/text embeddings, head) stays replicated; the trainer
-  all-reduces its gradients.
+* FSDP2 (``fsdp=True`` with torch.distributed initialised), as torchtitan applies it: each block
+  is ``fully_shard``-ed, then the root (patch/time/text embeddings, head), so every parameter is
+  a DTensor and one optimiser steps them all (CUDA AdamW's foreach path refuses a mix of plain
+  tensors and DTensors). Mixed precision: ``param_dtype`` (e.g. bf16) for the all-gathered
+  parameters and compute, gradients reduced in fp32. ``shard_size`` < world size gives HSDP:
+  a 2-D mesh (replicate across groups, shard within a group of ``shard_size`` ranks, e.g. one
+  node).
 
 Forward-mode tangents: the fused sCM step pushes ``forward_ad`` tangents through the student
 while recording its graph. PyTorch's checkpoint cannot do that (the tangent ops save tensors
@@ -37,7 +40,7 @@ from torch.autograd import forward_ad as fwAD
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ParallelConfig", "parallelize", "transformer_blocks", "is_sharded"]
+__all__ = ["ParallelConfig", "parallelize", "transformer_blocks", "is_sharded", "fsdp_mesh"]
 
 _AC_MODES = ("none", "full", "selective")
 
@@ -46,7 +49,9 @@ _AC_MODES = ("none", "full", "selective")
 class ParallelConfig:
     activation_checkpointing: str = "none"      # none | full | selective
     ac_every: int = 2                           # selective: checkpoint blocks 0, k, 2k, ...
-    fsdp: bool = False                          # shard blocks over all ranks (FSDP2)
+    fsdp: bool = False                          # shard blocks and root over the ranks (FSDP2)
+    shard_size: int = 0                         # FSDP: 0 = shard over all ranks; else HSDP groups of this size
+    param_dtype: str = ""                       # FSDP mixed precision: "" = keep; "bfloat16" | "float16"
 
     def __post_init__(self):
         if self.activation_checkpointing not in _AC_MODES:
@@ -54,6 +59,10 @@ class ParallelConfig:
                              f"known: {_AC_MODES}")
         if self.ac_every < 1:
             raise ValueError(f"ParallelConfig.ac_every must be >= 1, got {self.ac_every}")
+        if self.shard_size < 0:
+            raise ValueError(f"ParallelConfig.shard_size must be >= 0, got {self.shard_size}")
+        if self.param_dtype not in ("", "bfloat16", "float16", "float32", "float64"):
+            raise ValueError(f"ParallelConfig.param_dtype={self.param_dtype!r}")
 
     def checkpointed(self, i: int) -> bool:
         return self.activation_checkpointing == "full" or (
@@ -134,25 +143,45 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def fsdp_mesh(device_type: str, shard_size: int = 0):
+    """1-D mesh over all ranks, or a 2-D ("replicate", "shard") mesh for HSDP with ``shard_size``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    world = dist.get_world_size()
+    if shard_size in (0, world):
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    if world % shard_size:
+        raise ValueError(f"FSDP shard_size={shard_size} does not divide the {world} ranks")
+    return init_device_mesh(device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
     """Apply ``cfg`` to ``model`` in place and return it.
 
-    ``fsdp`` needs torch.distributed initialised (``mesh``: a 1-D DeviceMesh over the data-
-    parallel ranks; default: all ranks on the model's device type); with one rank it is a no-op.
+    ``fsdp`` needs torch.distributed initialised (``mesh``: a DeviceMesh over the data-parallel
+    ranks; default: :func:`fsdp_mesh` of ``cfg.shard_size``); with one rank it is a no-op.
     """
     if cfg.activation_checkpointing == "none" and not cfg.fsdp:
         return model
     blocks = transformer_blocks(model)
     shard = cfg.fsdp and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if shard and mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-        dev = next(model.parameters()).device.type
-        mesh = init_device_mesh(dev, (dist.get_world_size(),))
+    kw = {}
+    if shard:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        if mesh is None:
+            mesh = fsdp_mesh(next(model.parameters()).device.type, cfg.shard_size)
+        kw = {"mesh": mesh}
+        if cfg.param_dtype:
+            # inputs keep their dtype (autocast does the compute casts): a bf16 cast of the timestep
+            # (up to 1000, bf16 steps of 4 there) would ruin the time embedding and its tangent
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.param_dtype),
+                                                   reduce_dtype=torch.float32, cast_forward_inputs=False)
     for i, block in enumerate(blocks):
         if isinstance(block, CheckpointWrapper):
             continue
         if shard:
-            fully_shard(block, mesh=mesh, reshard_after_forward=True)
+            fully_shard(block, reshard_after_forward=True, **kw)
         if cfg.checkpointed(i):
             blocks[i] = checkpoint_wrapper(block, checkpoint_fn=_checkpoint_block)
+    if shard and not isinstance(model, FSDPModule):
+        fully_shard(model, reshard_after_forward=True, **kw)    # the root last: every parameter a DTensor
     return model

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .config import DistillConfig
 from .denoiser import TrigFlowDenoiser, guided
 from .ema import PowerEMA
-from .parallel import ParallelConfig, is_sharded, parallelize
+from .parallel import ParallelConfig, fsdp_mesh, is_sharded, parallelize
 from .losses import (critic_loss, critic_updates_before, dcm_loss, dmd_loss, lr_warmup_factor, nan_mask,
                      normalize_tangent, rollout_steps, sample_t_lognormal, sample_t_shifted_rf, scm_loss, scm_target,
                      student_update, student_updates_before, tangent_warmup_ratio)
@@ -188,7 +188,12 @@ class RCMTrainer:
         net_dtype = torch.float32 if self.cfg.dtype in ("bfloat16", "float16") else _DTYPES[self.cfg.dtype]
         self._autocast_dtype = _DTYPES[self.cfg.dtype] if self.cfg.dtype in ("bfloat16", "float16") else None
 
-        pcfg = ParallelConfig(self.cfg.activation_checkpointing, self.cfg.ac_every, self.cfg.fsdp)
+        fsdp_mp = self.cfg.dtype if self.cfg.fsdp and self.cfg.dtype in ("bfloat16", "float16") else ""
+        pcfg = ParallelConfig(self.cfg.activation_checkpointing, self.cfg.ac_every, self.cfg.fsdp,
+                              shard_size=self.cfg.fsdp_shard_size, param_dtype=fsdp_mp)
+        mesh = None
+        if self.cfg.fsdp and _world()[1] > 1:          # one mesh for student, fake score and EMA
+            mesh = fsdp_mesh(self.device.type, self.cfg.fsdp_shard_size)
 
         def clone(src, trainable: bool):
             # trainable copies keep fp32 master weights under autocast; a frozen bf16/fp16 teacher
@@ -197,7 +202,7 @@ class RCMTrainer:
             keep = not trainable and self._autocast_dtype is not None and _is_low_precision(net)
             net = net.to(self.device) if keep else net.to(self.device, net_dtype)
             if trainable:
-                net = parallelize(net, pcfg)
+                net = parallelize(net, pcfg, mesh)
             p = (student_param or param) if trainable else param
             # the compute dtype is the config's (also for a network without parameters); a frozen
             # low-precision teacher computes in the dtype of most of its weights
@@ -217,7 +222,7 @@ class RCMTrainer:
         self.sharded = is_sharded(self.student.net)
         if self.sharded:   # the EMA is sharded like the student (a deep copy of an FSDP module is not)
             ema_net = copy.deepcopy(student_net if student_net is not None else teacher.net).to(self.device, net_dtype)
-            self.ema = PowerEMA(parallelize(ema_net, ParallelConfig(fsdp=True)), self.cfg.ema_sigma_rel,
+            self.ema = PowerEMA(parallelize(ema_net, ParallelConfig(fsdp=True), mesh), self.cfg.ema_sigma_rel,
                                 copy_module=False)
         else:
             self.ema = PowerEMA(self.student.net, self.cfg.ema_sigma_rel)

@@ -123,7 +123,7 @@ class FakeTeacher:
             def __init__(self):
                 super().__init__()
                 self.inner = inner
-                self.gain = torch.nn.Parameter(torch.ones(()))
+                self.gain = torch.nn.Parameter(torch.ones(1))   # FSDP2 shards no 0-d parameters
                 self.proj = torch.nn.Linear(8, 1)
                 torch.nn.init.zeros_(self.proj.weight)
                 torch.nn.init.zeros_(self.proj.bias)
