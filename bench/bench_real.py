@@ -39,6 +39,10 @@ def build_teacher(name: str, frames: int, height: int, width: int, device, tiny:
     from rcm_core.denoiser import Parameterization
     from rcm_core.real import SPECS, diffusers_rf_call, install_rcm_attention
     from rcm_core.teachers import Teacher
+    try:                                      # as the loader does (absent in trees before 2026-11-26)
+        from rcm_core.real import install_fp32_time_embedding
+    except ImportError:
+        install_fp32_time_embedding = None
 
     spec = SPECS[name]
     cfg = dict(spec.transformer_config)
@@ -53,6 +57,8 @@ def build_teacher(name: str, frames: int, height: int, width: int, device, tiny:
             p.data = p.data.to(torch.bfloat16)
     net = net.eval().requires_grad_(False)
     install_rcm_attention(net)
+    if install_fp32_time_embedding is not None:
+        install_fp32_time_embedding(net)
     lat = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
     return Teacher(name=f"{name}-random", version="random", net=net, param=Parameterization("rf", 1000.0),
                    encode_text=None, decode=None, latent_shape=lat, guidance=spec.guidance,

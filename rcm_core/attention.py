@@ -275,8 +275,11 @@ def _dual_parts(*xs):
     parts = [fwAD.unpack_dual(x) for x in xs]
     if all(p.tangent is None for p in parts):
         return None
+    # a tangent in the primal's dtype: some ops' forward-AD rules return a wider tangent (e.g. rms_norm
+    # with bf16 input and weight, as under FSDP's bf16 parameters, gives a bf16 primal, fp32 tangent)
     return ([p.primal for p in parts],
-            [torch.zeros_like(p.primal) if p.tangent is None else p.tangent.detach() for p in parts])
+            [torch.zeros_like(p.primal) if p.tangent is None else p.tangent.detach().to(p.primal.dtype)
+             for p in parts])
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
