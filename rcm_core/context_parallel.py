@@ -361,29 +361,24 @@ def seq_to_heads(x: Tensors, group=None, *, layout: str = "bnhd", check: Optiona
     reverse mode (backward: :func:`heads_to_seq` of the gradient) and forward mode (dual
     inputs give dual outputs; tangents move in the same collective).
     """
-    _check_layout(layout, "seq_to_heads")
-    xs, single = _as_list(x)
-    _, size = cp_world(group)
-    if size == 1:
-        return x
-    xs = [_to_bnhd(t, layout) for t in xs]
-    _check_seq_to_heads(xs, [f"x[{i}]" if not single else "x" for i in range(len(xs))], group, size, check,
-                        "seq_to_heads")
-    outs = [_to_bnhd(o, layout) for o in _with_tangents(_AllToAll, (group, "s2h"), xs)]
-    return outs[0] if single else outs
+    return _all_to_all(x, group, layout, check, "seq_to_heads", "s2h", _check_seq_to_heads)
 
 
 def heads_to_seq(x: Tensors, group=None, *, layout: str = "bnhd", check: Optional[bool] = None):
     """Inverse of :func:`seq_to_heads`: [B, N, H/P, D] -> [B, N/P, H, D] (or the "bhnd" forms)."""
-    _check_layout(layout, "heads_to_seq")
+    return _all_to_all(x, group, layout, check, "heads_to_seq", "h2s", _check_heads_to_seq)
+
+
+def _all_to_all(x: Tensors, group, layout: str, check, what: str, direction: str, checker):
+    """The body of :func:`seq_to_heads` / :func:`heads_to_seq` (``direction`` "s2h" / "h2s")."""
+    _check_layout(layout, what)
     xs, single = _as_list(x)
     _, size = cp_world(group)
     if size == 1:
         return x
     xs = [_to_bnhd(t, layout) for t in xs]
-    _check_heads_to_seq(xs, [f"x[{i}]" if not single else "x" for i in range(len(xs))], group, size, check,
-                        "heads_to_seq")
-    outs = [_to_bnhd(o, layout) for o in _with_tangents(_AllToAll, (group, "h2s"), xs)]
+    checker(xs, [f"x[{i}]" if not single else "x" for i in range(len(xs))], group, size, check, what)
+    outs = [_to_bnhd(o, layout) for o in _with_tangents(_AllToAll, (group, direction), xs)]
     return outs[0] if single else outs
 
 
