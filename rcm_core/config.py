@@ -67,6 +67,9 @@ class DistillConfig:
     lr_warmup_steps: int = 100
     ema_sigma_rel: float = 0.05
     batch_size: int = 256
+    # gradient accumulation: each rank processes its rows in micro-batches of this many samples (0: all at
+    # once); results do not depend on it (nor on the GPU count) for a given global batch
+    micro_batch: int = 0
     iterations: int = 10_000
     # few-step sampling of the student
     sigma_max: float = 80.0
@@ -132,7 +135,7 @@ class DistillConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"DistillConfig.{name} must be > 0, got {getattr(self, name)}")
         nonneg = ("tangent_warmup_steps", "loss_scale", "loss_scale_dmd", "lr_student", "lr_fake",
-                  "weight_decay", "iterations", "ema_sigma_rel", "lr_warmup_steps", "fsdp_shard_size")
+                  "weight_decay", "iterations", "ema_sigma_rel", "lr_warmup_steps", "fsdp_shard_size", "micro_batch")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")

@@ -24,17 +24,26 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 # ---- time distributions ---------------------------------------------------------
 
+def t_lognormal(z: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor:
+    """p_G (and Cosmos' p_D) from standard normals z: sigma = exp(P_mean + P_std z), t = arctan(sigma)."""
+    return torch.atan(torch.exp(P_mean + P_std * z))
+
+
+def t_shifted_rf(u: torch.Tensor, shift: float, eps: float = 1e-4) -> torch.Tensor:
+    """p_D for Wan from uniforms u: s = shift u / (1 + (shift - 1) u), t = arctan(s / (1 - s))."""
+    u = u.clamp(eps, 1 - eps)
+    s = shift * u / (1 + (shift - 1) * u)
+    return torch.atan2(s, 1 - s)
+
+
 def sample_t_lognormal(n: int, P_mean: float, P_std: float, *, generator=None, device="cpu") -> torch.Tensor:
     """p_G (and Cosmos' p_D): sigma = exp(N(P_mean, P_std^2)), t = arctan(sigma)."""
-    z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
-    return torch.atan(torch.exp(P_mean + P_std * z))
+    return t_lognormal(torch.randn(n, generator=generator, device=device, dtype=torch.float64), P_mean, P_std)
 
 
 def sample_t_shifted_rf(n: int, shift: float, *, generator=None, device="cpu", eps: float = 1e-4) -> torch.Tensor:
     """p_D for Wan: u ~ U(0,1), s = shift u / (1 + (shift - 1) u), t = arctan(s / (1 - s))."""
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64).clamp(eps, 1 - eps)
-    s = shift * u / (1 + (shift - 1) * u)
-    return torch.atan2(s, 1 - s)
+    return t_shifted_rf(torch.rand(n, generator=generator, device=device, dtype=torch.float64), shift, eps)
 
 
 def tangent_warmup_ratio(step: int, warmup_steps: int) -> float:

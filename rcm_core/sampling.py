@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -45,12 +45,14 @@ def sample_student(student: TrigFlowDenoiser, cond: torch.Tensor, noise: torch.T
 
 def student_rollout(student: TrigFlowDenoiser, cond: torch.Tensor, noise: torch.Tensor, n_steps: int,
                     t_hat: Sequence[torch.Tensor], t_max: float = math.pi / 2,
-                    generator: Optional[torch.Generator] = None, keep_graph: bool = True):
+                    generator: Optional[torch.Generator] = None, keep_graph: bool = True,
+                    randn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
     """Backward simulation of the student (section 3.1).
 
     Starts at t_1 = t_max, x = eps; t_k = min(t_hat_k, t_{k-1}) per sample; at each
-    time x0 = f(x, t_k), then renoise to t_{k+1} with fresh noise. Only the last
-    step keeps the autograd graph (if ``keep_graph``). Returns (G, t_last).
+    time x0 = f(x, t_k), then renoise to t_{k+1} with fresh noise (``randn(x)`` if given,
+    else from ``generator``). Only the last step keeps the autograd graph (if
+    ``keep_graph``). Returns (G, t_last).
     """
     x = noise.to(torch.float64)
     t = _full(t_max, x)
@@ -61,7 +63,8 @@ def student_rollout(student: TrigFlowDenoiser, cond: torch.Tensor, noise: torch.
         if last:
             return x0, t
         t_next = torch.minimum(t_hat[k].to(t), t)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        eps = randn(x) if randn is not None else \
+            torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = noisy_sample(x0.detach(), eps, t_next)
         t = t_next
     raise ValueError(f"rollout needs n_steps >= 1, got {n_steps}")

@@ -16,7 +16,6 @@ noise (seeded by rank).
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import math
 import time
@@ -31,8 +30,9 @@ from .denoiser import TrigFlowDenoiser, guided
 from .ema import PowerEMA
 from .parallel import ParallelConfig, fsdp_mesh, is_sharded, parallelize
 from .losses import (critic_loss, critic_updates_before, dcm_loss, dmd_loss, lr_warmup_factor, nan_mask,
-                     normalize_tangent, rollout_steps, sample_t_lognormal, sample_t_shifted_rf, scm_loss, scm_target,
-                     student_update, student_updates_before, tangent_warmup_ratio)
+                     normalize_tangent, rollout_steps, scm_loss, scm_target, student_update, student_updates_before,
+                     t_lognormal, t_shifted_rf, tangent_warmup_ratio)
+from .rng import SampleRNG, stream_seed
 from .sampling import sample_student, student_rollout
 from .trigflow import expand_like, noisy_sample
 
@@ -235,18 +235,21 @@ class RCMTrainer:
 
     # ---- helpers ---------------------------------------------------------------------
     def _reseed(self) -> None:
-        """The step's randomness is a function of (seed, rank, step): a resumed run, on any number of
-        ranks, draws exactly what the uninterrupted one would, and ranks never share noise."""
-        key = hashlib.sha256(f"rcm:{self.cfg.seed}:{self.rank}:{self.step}".encode()).digest()
-        self.gen.manual_seed(int.from_bytes(key[:8], "little") & ((1 << 63) - 1))
+        """The step-level stream (a random rollout length: the same on every rank) is a function of
+        (seed, step); each sample's draws come from :class:`SampleRNG` streams of (seed, step, global
+        sample index). A resumed run, on any number of ranks and with any micro-batch size, draws
+        exactly what the uninterrupted one would, and no two samples share noise."""
+        self.gen.manual_seed(stream_seed(self.cfg.seed, "step", self.step))
 
     def _amp(self):
         if self._autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._autocast_dtype)
 
-    def _randn(self, like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=self.gen, device=self.device, dtype=torch.float64)
+    def _sample_rng(self, b: int, offset: Optional[int]) -> SampleRNG:
+        """Streams of this rank's ``b`` samples: global indices offset .. offset + b - 1 (default rank * b)."""
+        offset = self.rank * b if offset is None else offset
+        return SampleRNG(self.cfg.seed, self.step, range(offset, offset + b), self.device)
 
     @property
     def warmup_steps(self) -> int:
@@ -256,11 +259,12 @@ class RCMTrainer:
         step = self.step if step is None else step
         return not self.cfg.uses_dmd or student_update(step, self.warmup_steps, self.cfg.student_update_freq)
 
-    def sample_t_D(self, n: int) -> torch.Tensor:
+    def sample_t_D(self, rng: SampleRNG) -> torch.Tensor:
+        """t_D ~ p_D, one per sample of ``rng``."""
         c = self.cfg
         if c.dmd_time == "rf_shift":
-            return sample_t_shifted_rf(n, c.dmd_shift, generator=self.gen, device=self.device)
-        return sample_t_lognormal(n, c.dmd_P_mean, c.dmd_P_std, generator=self.gen, device=self.device)
+            return t_shifted_rf(rng.rand(), c.dmd_shift)
+        return t_lognormal(rng.randn(), c.dmd_P_mean, c.dmd_P_std)
 
     def updates_before(self, step: Optional[int] = None) -> int:
         """The own update count (0-based index of this update) of the network trained at ``step``.
@@ -284,19 +288,18 @@ class RCMTrainer:
             return rollout_steps(self.updates_before(step), c.rollout_max_steps)
         return int(torch.randint(1, c.rollout_max_steps + 1, (1,), generator=self.gen, device=self.device))
 
-    def rollout(self, cond: torch.Tensor, shape: tuple, keep_graph: bool):
-        """Student backward simulation from pure noise of per-sample ``shape``."""
+    def rollout(self, cond: torch.Tensor, shape: tuple, keep_graph: bool, rng: SampleRNG, n: int):
+        """Student backward simulation of ``n`` steps from pure noise of per-sample ``shape``."""
         c = self.cfg
-        n = self.rollout_steps()
         b = cond.shape[0]
         if c.rollout_fixed_times:
             fixed = list(c.rollout_fixed_times) + [c.rollout_fixed_times[-1]] * c.rollout_max_steps
             t_hat = [torch.full((b,), fixed[k], dtype=torch.float64, device=self.device) for k in range(n)]
         else:
-            t_hat = [self.sample_t_D(b) for _ in range(n)]
-        noise = torch.randn((b, *shape), generator=self.gen, device=self.device, dtype=torch.float64)
-        self.last_rollout_steps = n
-        return student_rollout(self.student, cond, noise, n, t_hat, c.rollout_t_max, self.gen, keep_graph)
+            t_hat = [self.sample_t_D(rng) for _ in range(n)]
+        noise = rng.randn(shape)
+        return student_rollout(self.student, cond, noise, n, t_hat, c.rollout_t_max, keep_graph=keep_graph,
+                               randn=lambda x: rng.randn(x.shape[1:]))
 
     @staticmethod
     def _ode_tangents(x_t, t, F_T):
@@ -328,11 +331,12 @@ class RCMTrainer:
         return F_theta, F_theta.detach(), J.detach()
 
     # ---- the two updates ----------------------------------------------------------------
-    def _scm_term(self, x0, cond, uncond, m: dict):
-        """sCM (or discrete CM) loss of the student; returns (loss, finite-sample mask)."""
-        c, b = self.cfg, x0.shape[0]
-        t = sample_t_lognormal(b, c.P_mean, c.P_std, generator=self.gen, device=self.device)
-        x_t = noisy_sample(x0, self._randn(x0), t)
+    def _scm_term(self, x0, cond, uncond, m: dict, rng: SampleRNG, b: int):
+        """sCM (or discrete CM) loss of the student on this (micro-)batch, normalised by the rank's batch
+        ``b``; returns (loss, finite-sample mask)."""
+        c = self.cfg
+        t = t_lognormal(rng.randn(), c.P_mean, c.P_std)
+        x_t = noisy_sample(x0, rng.randn(x0.shape[1:]), t)
         with torch.no_grad(), self._amp():
             F_T = guided(self.teacher, x_t, t, cond, uncond, self.guidance)
         if c.method == "dcm":
@@ -367,16 +371,16 @@ class RCMTrainer:
         keep = mask[sel]
         l_cm = scm_loss(F_theta[keep], F_minus[sel][keep], g[sel][keep], b)
         m["tangent_ratio"] = r
-        m["g_norm"] = float(torch.linalg.vector_norm(g[mask].reshape(int(mask.sum()), -1), dim=1).mean()) \
-            if mask.any() else float("nan")
+        m.setdefault("_g_norms", []).append(
+            torch.linalg.vector_norm(g[mask].flatten(1), dim=1).detach())
         return l_cm, mask
 
-    def _dmd_term(self, cond, uncond, shape, b: int):
-        """DMD loss of the student's rollout; returns (loss, finite-sample mask)."""
+    def _dmd_term(self, cond, uncond, shape, rng: SampleRNG, n: int):
+        """DMD loss of the student's ``n``-step rollout (mean over this micro-batch); returns (loss, mask)."""
         with self._amp():
-            G, _ = self.rollout(cond, shape, keep_graph=True)
-        t_D = self.sample_t_D(b)
-        x_D = noisy_sample(G.detach(), self._randn(G), t_D)
+            G, _ = self.rollout(cond, shape, keep_graph=True, rng=rng, n=n)
+        t_D = self.sample_t_D(rng)
+        x_D = noisy_sample(G.detach(), rng.randn(shape), t_D)
         with torch.no_grad(), self._amp():
             x0_fake = self.fake.x0(x_D, t_D, cond)
             x0_real = guided(self.teacher, x_D, t_D, cond, uncond, self.guidance, want="x0")
@@ -396,7 +400,7 @@ class RCMTrainer:
         EMA untouched (decided on all ranks together).
         """
         bad = any(not bool(mk.any()) for mk in masks.values()) or \
-            any(not math.isfinite(float(v.detach())) for v in losses.values())
+            any(not math.isfinite(float(v)) for v in losses.values())
         _allreduce_grads(params)
         m["grad_nonfinite"] = _zero_nonfinite_grads(params)
         m[f"grad_norm_{name}"] = _grad_norm(params)
@@ -408,69 +412,103 @@ class RCMTrainer:
         opt.step()
         return True
 
-    def student_step(self, x0, cond, uncond) -> dict:
+    def _chunks(self, b: int):
+        """(start, stop) of the micro-batches of a rank's batch of ``b`` (one chunk without accumulation)."""
+        mb = self.cfg.micro_batch or b
+        return [(i, min(i + mb, b)) for i in range(0, b, mb)]
+
+    @staticmethod
+    def _per_sample_uncond(uncond, b: int):
+        return uncond.expand(b, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
+
+    def student_step(self, x0, cond, uncond, rng: Optional[SampleRNG] = None) -> dict:
         """One student update. The sCM and the DMD terms are back-propagated one after the other into
         the same gradients (two backward passes, one optimiser step), as the reference does, so their
-        graphs never coexist in memory."""
+        graphs never coexist in memory; with ``micro_batch`` each micro-batch does both, gradients
+        accumulating (the losses are means over the rank's whole batch)."""
         c, b = self.cfg, x0.shape[0]
+        rng = rng if rng is not None else self._sample_rng(b, None)
         m = {"kind": "student", "lr_student": self._set_lr(self.opt_student, c.lr_student)}
-        losses, masks, total = {}, {}, 0.0
+        uncond = self._per_sample_uncond(uncond, b)
         self.opt_student.zero_grad(set_to_none=True)
-        if c.uses_consistency:
-            l_cm, mask = self._scm_term(x0, cond, uncond, m)
-            m["nan_masked"] = int(b - mask.sum())
-            m["loss_cm"] = float(l_cm.detach())
-            losses["cm"], masks["cm"] = l_cm, mask
-            if l_cm.requires_grad:
-                (c.loss_scale * l_cm).backward()
-            total += c.loss_scale * float(l_cm.detach())
-            del l_cm
-        if c.uses_dmd and self.step >= self.warmup_steps:
-            l_dmd, mask = self._dmd_term(cond, uncond, x0.shape[1:], b)
-            m["rollout_steps"] = self.last_rollout_steps
-            m["dmd_nan_masked"] = int(b - mask.sum())
-            m["loss_dmd"] = float(l_dmd.detach())
-            losses["dmd"], masks["dmd"] = l_dmd, mask
-            if l_dmd.requires_grad:
-                (c.loss_scale_dmd * l_dmd).backward()
-            total += c.loss_scale_dmd * float(l_dmd.detach())
-            del l_dmd
+        losses, masks = {}, {}
+        dmd = c.uses_dmd and self.step >= self.warmup_steps
+        n = self.rollout_steps() if dmd else 0
+        for i, j in self._chunks(b):
+            r = rng.subset(i, j)
+            if c.uses_consistency:
+                l_cm, mask = self._scm_term(x0[i:j], cond[i:j], uncond[i:j], m, r, b)
+                losses["cm"] = losses.get("cm", 0.0) + float(l_cm.detach())
+                masks.setdefault("cm", []).append(mask)
+                if l_cm.requires_grad:
+                    (c.loss_scale * l_cm).backward()
+                del l_cm
+            if dmd:
+                l_dmd, mask = self._dmd_term(cond[i:j], uncond[i:j], x0.shape[1:], r, n)
+                losses["dmd"] = losses.get("dmd", 0.0) + float(l_dmd.detach()) * (j - i) / b
+                masks.setdefault("dmd", []).append(mask)
+                if l_dmd.requires_grad:
+                    (c.loss_scale_dmd * l_dmd * ((j - i) / b)).backward()
+                del l_dmd
+        masks = {k: torch.cat(v) for k, v in masks.items()}
+        if "cm" in losses:
+            m["nan_masked"] = int(b - masks["cm"].sum())
+            m["loss_cm"] = losses["cm"]
+            gns = m.pop("_g_norms", None)
+            if gns is not None:
+                gn = torch.cat(gns)
+                m["g_norm"] = float(gn.mean()) if gn.numel() else float("nan")
+        if dmd:
+            m["rollout_steps"] = n
+            m["dmd_nan_masked"] = int(b - masks["dmd"].sum())
+            m["loss_dmd"] = losses["dmd"]
         params = list(self.student.parameters())
         if self._finish(self.opt_student, params, losses, masks, m, "student"):
             self.ema.update(self.student.net)
-        m["loss"] = total
+        m["loss"] = c.loss_scale * losses.get("cm", 0.0) + c.loss_scale_dmd * losses.get("dmd", 0.0)
         return m
 
-    def critic_step(self, x0, cond, uncond) -> dict:
+    def critic_step(self, x0, cond, uncond, rng: Optional[SampleRNG] = None) -> dict:
         b = x0.shape[0]
-        m = {"kind": "critic", "lr_fake": self._set_lr(self.opt_fake, self.cfg.lr_fake)}
-        with torch.no_grad(), self._amp():
-            G, _ = self.rollout(cond, x0.shape[1:], keep_graph=False)
-        m["rollout_steps"] = self.last_rollout_steps
-        t_D = self.sample_t_D(b)
-        x_D = noisy_sample(G, self._randn(G), t_D)
+        rng = rng if rng is not None else self._sample_rng(b, None)
+        n = self.rollout_steps()
+        m = {"kind": "critic", "lr_fake": self._set_lr(self.opt_fake, self.cfg.lr_fake), "rollout_steps": n}
         self.opt_fake.zero_grad(set_to_none=True)
-        with self._amp():
-            x0_fake = self.fake.x0(x_D, t_D, cond)
-        mask = nan_mask(G, x0_fake.detach())
-        l_fake = critic_loss(G, x0_fake, t_D, mask=mask)
-        l_fake.backward()
-        del x0_fake
+        total, masks = 0.0, []
+        for i, j in self._chunks(b):
+            r = rng.subset(i, j)
+            with torch.no_grad(), self._amp():
+                G, _ = self.rollout(cond[i:j], x0.shape[1:], keep_graph=False, rng=r, n=n)
+            t_D = self.sample_t_D(r)
+            x_D = noisy_sample(G, r.randn(x0.shape[1:]), t_D)
+            with self._amp():
+                x0_fake = self.fake.x0(x_D, t_D, cond[i:j])
+            mask = nan_mask(G, x0_fake.detach())
+            l_fake = critic_loss(G, x0_fake, t_D, mask=mask) * ((j - i) / b)
+            l_fake.backward()
+            total += float(l_fake.detach())
+            masks.append(mask)
+            del x0_fake, l_fake
+        mask = torch.cat(masks)
         m["critic_nan_masked"] = int(b - mask.sum())
-        m["loss_fake"] = m["loss"] = float(l_fake.detach())
-        self._finish(self.opt_fake, list(self.fake.parameters()), {"fake": l_fake}, {"fake": mask}, m, "fake")
+        m["loss_fake"] = m["loss"] = total
+        self._finish(self.opt_fake, list(self.fake.parameters()), {"fake": total}, {"fake": mask}, m, "fake")
         return m
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict, sample_offset: Optional[int] = None) -> dict:
         """One update of the student or the critic (by the schedule), on ``batch`` = dict(latents, cond,
-        uncond). Returns its metrics; a step whose loss is non-finite for the whole batch is skipped
-        (``skipped`` = 1) without touching the weights, the optimiser state or the EMA."""
+        uncond): this rank's rows of the global batch, global sample indices ``sample_offset`` ..
+        (default rank * rows), which key each sample's random draws. Returns its metrics; a step whose
+        loss is non-finite for the whole batch is skipped (``skipped`` = 1) without touching the
+        weights, the optimiser state or the EMA."""
         x0, cond, uncond = _check_batch(batch, self.latent_shape)
         x0 = x0.to(self.device, torch.float64)
         cond, uncond = cond.to(self.device), uncond.to(self.device)
         self._reseed()
+        rng = self._sample_rng(x0.shape[0], sample_offset)
         t0 = time.perf_counter()
-        m = self.student_step(x0, cond, uncond) if self.is_student_step() else self.critic_step(x0, cond, uncond)
+        step_fn = self.student_step if self.is_student_step() else self.critic_step
+        m = step_fn(x0, cond, uncond, rng)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         m["step"] = self.step
