@@ -56,7 +56,13 @@ class ExecutionTarget(FlowMutator):
 
     Always: ``@resources(gpu=gpus_per_node)`` on distill (ignored by local runs, becomes
     ``nvidia.com/gpu`` on Kubernetes/Argo). With target "kubernetes": ``@kubernetes``
-    on every step (a static @kubernetes would break local runs).
+    on every step (a static @kubernetes would break local runs); distill also gets the config's
+    ``shared_memory_mb`` (/dev/shm for NCCL), ``node_selector`` and ``tolerations`` (the overlays of
+    infra/k8s set them), every step its ``secrets`` (Kubernetes Secrets as environment: credentials).
+    Retraining (infra/k8s, README "Operate it"): ``schedule`` (a cron string, or hourly/daily/weekly)
+    adds ``@schedule`` (an Argo CronWorkflow), ``trigger_on_new_teacher`` adds ``@trigger`` on the
+    ``rcm.new_teacher`` event (an Argo Events Sensor; payload fields -> parameters as
+    rcm_steps.watch.EVENT_PARAMETERS), ``project`` adds ``@project`` (namespaced deployments).
     """
 
     def pre_mutate(self, mutable_flow):
@@ -67,19 +73,41 @@ class ExecutionTarget(FlowMutator):
                 s.add_decorator("resources", deco_kwargs={"gpu": gpus, "cpu": int(ex.get("cpu_per_node", 32)),
                                                           "memory": int(ex.get("memory_mb_per_node", 256000))})
             if ex.get("target", "local") == "kubernetes":
-                kw = {k: ex[k] for k in ("image", "namespace", "service_account") if ex.get(k)}
+                kw = {k: ex[k] for k in ("image", "namespace", "service_account", "secrets") if ex.get(k)}
                 if name == "distill":
                     kw["gpu"] = gpus
+                    kw.update({k: ex[k] for k in ("node_selector", "tolerations") if ex.get(k)})
+                    if ex.get("shared_memory_mb"):
+                        kw["shared_memory"] = int(ex["shared_memory_mb"])
                 s.add_decorator("kubernetes", deco_kwargs=kw)
+        sched = ex.get("schedule")
+        if sched:
+            kw = {sched: True} if sched in ("hourly", "daily", "weekly") else {"cron": sched}
+            if ex.get("timezone"):
+                kw["timezone"] = ex["timezone"]
+            mutable_flow.add_decorator("schedule", deco_kwargs=kw)
+        if ex.get("trigger_on_new_teacher"):
+            from rcm_steps.watch import EVENT_NAME, EVENT_PARAMETERS
+
+            mutable_flow.add_decorator("trigger", deco_kwargs={"event": {
+                "name": EVENT_NAME, "parameters": {param: field for field, param in EVENT_PARAMETERS.items()}}})
+        if ex.get("project"):
+            mutable_flow.add_decorator("project", deco_kwargs={"name": ex["project"]})
 
 
 @ExecutionTarget
 class RCMDistillFlow(FlowSpec):
     execution = Config("execution", default_value={"target": "local", "gpus_per_node": 8},
-                       help='{"target": "local"|"kubernetes", "gpus_per_node": 8, "image": ..., "namespace": ...}')
+                       help='{"target": "local"|"kubernetes", "gpus_per_node": 8, "image": ..., "namespace": ..., '
+                            '"schedule": "0 3 * * 0", "trigger_on_new_teacher": true, "project": ..., '
+                            '"shared_memory_mb": ..., "node_selector": {...}, "tolerations": [...], "secrets": [...]}')
 
     teacher = Parameter("teacher", default="embedded",
                         help="teacher name (rcm_core.teachers) or a directory in diffusers layout")
+    teacher_revision = Parameter("teacher_revision", default="",
+                                 help="the teacher version (content hash / revision; rcm.new_teacher events set it); "
+                                      "empty: computed for a directory, the teacher's version otherwise")
+    teacher_source = Parameter("teacher_source", default="", help="where the teacher was found (events set it)")
     frames = Parameter("frames", default=0, type=int, help="real teachers: pixel frames; 0: the teacher's default")
     height = Parameter("height", default=0, type=int, help="real teachers: pixel height; 0: the teacher's default")
     width = Parameter("width", default=0, type=int, help="real teachers: pixel width; 0: the teacher's default")
@@ -170,6 +198,12 @@ class RCMDistillFlow(FlowSpec):
             raise ConfigError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
         if self.method not in ("rcm", "scm", "dmd", "dcm"):
             raise ConfigError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
+        from rcm_steps.services import check_services
+        from rcm_steps.watch import check_event_env
+
+        check_event_env(os.environ)          # a new-teacher event without a teacher location stops here
+        # an unreachable MLflow server / S3 endpoint, or a wrong credential, fails here in seconds, naming it
+        self.services = check_services(self.mlflow_tracking_uri, self.storage_root)
         check_teacher_name(self.teacher)      # unknown names list the known ones; a bad directory says what it lacks
         from rcm_steps.register import check_components_mode
         check_components_mode(self.model_components)
@@ -196,6 +230,8 @@ class RCMDistillFlow(FlowSpec):
                                                self.teacher_dtype, device=None if on_k8s else "auto")
         # real teachers: checkpoint files, configs, tensor shapes and resolution are checked here, weights unread
         self.teacher_info = describe_teacher(self.teacher, self.teacher_options)
+        self.teacher_lineage = _teacher_lineage(self.teacher, self.teacher_info, self.teacher_revision,
+                                                self.teacher_source)
         from rcm_steps.distill import build_config   # a bad DistillConfig fails here, naming the field
         build_config(self.teacher_info.get("preset") or self.teacher, self.method, s["iterations"],
                      s["batch_size"], self.seed, s["config"])
@@ -220,7 +256,7 @@ class RCMDistillFlow(FlowSpec):
             "metaflow.run_ids": str(current.run_id), "rcm.storage_run_id": self.storage_run_id,
             **({"metaflow.origin_run_id": str(current.origin_run_id)} if current.origin_run_id else {}),
             "teacher": self.teacher, "teacher_version": self.teacher_info["version"],
-            "method": self.method, "profile": self.profile})
+            "method": self.method, "profile": self.profile, **self.teacher_lineage})
         self.mlflow_run_id = run.info.run_id
         params = {"teacher": self.teacher, "teacher_options": json.dumps(self.teacher_options),
                   "method": self.method, "nodes": self.nodes,
@@ -351,7 +387,7 @@ class RCMDistillFlow(FlowSpec):
         from rcm_steps.teacher import load_teacher
 
         first = inputs[0]
-        for k in ("settings", "teacher_info", "teacher_options", "memory_estimate", "mlflow_run_id", "eval_prompts", "train_prompts", "cache_url",
+        for k in ("settings", "teacher_info", "teacher_lineage", "teacher_options", "memory_estimate", "mlflow_run_id", "eval_prompts", "train_prompts", "cache_url",
                   "data_hash", "distill_url", "distill_result", "storage_run_id", "prompts_hash", "data_docs_page",
                   "latent_docs_page", "cache_summary", "curate_stats", "data_docs_html", "data_docs_url"):
             setattr(self, k, getattr(first, k))
@@ -422,6 +458,7 @@ class RCMDistillFlow(FlowSpec):
                    "prompts_hash": self.prompts_hash, "method": self.method, "mlflow_run_id": self.mlflow_run_id,
                    "cache_url": self.cache_url, "distill_url": self.distill_url, "profile": self.profile,
                    "rcm.storage_run_id": getattr(self, "storage_run_id", None) or str(current.run_id),
+                   **getattr(self, "teacher_lineage", {}),
                    **({"metaflow.origin_run_id": str(current.origin_run_id)} if current.origin_run_id else {})}
         metrics = {k: v for k, v in self.eval_metrics.items() if k.startswith(f"student_{self.student_steps}/")
                    or k.startswith("teacher/")}
@@ -433,6 +470,8 @@ class RCMDistillFlow(FlowSpec):
                              component_store=self._storage().url("components"))
         del metrics
         self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
+        _describe_version(r, self.teacher, getattr(self, "teacher_lineage", {}), self.method, self.student_steps,
+                          self.eval_metrics, current.pathspec)
         self.champion, self.champion_reason = r.champion, r.reason
         print(f"registered {r.name} v{r.version} aliases={r.aliases}: {r.reason}")
         self.next(self.end)
@@ -444,6 +483,34 @@ class RCMDistillFlow(FlowSpec):
         k = "digit_acc" if f"student_{self.student_steps}/digit_acc" in self.eval_metrics else "fd_teacher"
         print(f"done: model {self.model_name} v{self.model_version} {self.model_aliases}; "
               f"student_{self.student_steps} {k}={self.eval_metrics.get(f'student_{self.student_steps}/{k}')}")
+
+
+def _describe_version(r, teacher, lineage, method, steps, metrics, pathspec):
+    """The model version's description (MLflow UI): what it is, where it came from, student vs teacher."""
+    from mlflow.tracking import MlflowClient
+
+    keys = sorted({k.split("/", 1)[1] for k in metrics if k.startswith(f"student_{steps}/")})
+    rows = [f"| {k} | {_fmt(metrics.get(f'student_{steps}/{k}'))} | {_fmt(metrics.get(f'teacher/{k}'))} |"
+            for k in keys]
+    text = (f"rCM student ({method}, {steps} steps) distilled from teacher `{teacher}` "
+            f"(revision `{lineage.get('teacher_revision', '?')}`, location `{lineage.get('teacher_location', '?')}`) "
+            f"by Metaflow `{pathspec}`. Aliases: {', '.join(r.aliases)} ({r.reason}).\n\n"
+            f"| metric | student_{steps} | teacher (baseline) |\n|---|---|---|\n" + "\n".join(rows))
+    MlflowClient().update_model_version(r.name, r.version, description=text[:5000])
+
+
+def _teacher_lineage(teacher, info, revision, source):
+    """Tags naming the teacher version a run distils (MLflow run and model version): which student came from
+    which teacher. The revision is the event's, else computed (rcm_steps.watch.teacher_revision)."""
+    loc = teacher
+    if os.path.isdir(os.path.expanduser(teacher)):
+        loc = os.path.abspath(os.path.expanduser(teacher))
+        if not revision:
+            from rcm_steps.watch import teacher_revision
+
+            revision = teacher_revision(loc)
+    return {"teacher_location": loc, "teacher_revision": revision or f"version:{info['version']}",
+            "teacher_source": source or "manual"}
 
 
 def _metrics(d):
