@@ -216,7 +216,7 @@ class RCMDistillFlow(FlowSpec):
                              "execution target is kubernetes: pass an MLflow server URL")
         if self.nodes < 1:
             raise ConfigError(f"nodes must be >= 1, got {self.nodes}")
-        self.nproc = self.procs_per_node or (int(self.execution.get("gpus_per_node", 8)) if on_k8s else 1)
+        self.nproc = self.procs_per_node or (max(1, int(self.execution.get("gpus_per_node", 8))) if on_k8s else 1)
         s = dict(PROFILES[self.profile])
         if self.iterations:
             s["iterations"] = self.iterations
