@@ -353,7 +353,11 @@ def export_student(student_state, teacher_dir, out_dir, *, sigma_max: float = 80
             "scheduler": {"class": "RCMScheduler", "module": SCHEDULER_ENTRY[0], "sigma_max": float(sigma_max),
                           "mid_t": [float(t) for t in mid_t], "num_inference_steps": int(steps),
                           "prediction_type": kind.prediction_type, "timestep_scale": kind.timestep_scale,
-                          "init_noise_sigma": sched.init_noise_sigma},
+                          "init_noise_sigma": sched.init_noise_sigma,
+                          # the pipeline's own start (WanPipeline: randn; Cosmos2: randn * 80, its fixed sigma_max)
+                          # relative to the sampler's
+                          "pipeline_start_ratio": (1.0 if kind.prediction_type == "flow" else 80.0)
+                          / sched.init_noise_sigma},
             "guidance_scale": 1.0, "distilled_guidance": None if guidance is None else float(guidance),
             "teacher": {"name": teacher, "label": label, "dir": str(root.resolve()),
                         "hf_id": spec.hf_id if spec is not None else None, "pipeline_class": kind.pipeline_class},
@@ -361,7 +365,11 @@ def export_student(student_state, teacher_dir, out_dir, *, sigma_max: float = 80
                                                                    ).replace("torch.", ""),
             "single_file": sf_name, "single_file_format": kind.single_file_format if sf_name else None}
     (out / "rcm_export.json").write_text(json.dumps(info, indent=1) + "\n")
-    (out / "README.md").write_text(model_card(info, **dict(card or {}), export_path=".") + "\n")
+    front = ["---", "library_name: diffusers", f"pipeline_tag: {'text-to-video' if kind.task == 't2v' else 'text-to-image'}",
+             "tags: [rcm, consistency-distillation, few-step]"] + (
+        [f"base_model: {spec.hf_id}"] if spec is not None else []) + ["---", ""]
+    (out / "README.md").write_text("\n".join(front) + model_card(info, **{"export_path": f"path/to/{out.name}",
+                                                                      **dict(card or {})}) + "\n")
     return ExportResult(path=str(out), pipeline_class=kind.pipeline_class,
                         single_file=str(out / sf_name) if sf_name else None, components=components, info=info)
 
@@ -479,9 +487,9 @@ def model_card(info: Mapping[str, Any], *, lineage: Optional[Mapping[str, Any]] 
             "reproduces the sampler (arbitrary mid times, float64 renoising from the pipeline's generator). "
             "`import rcm_core.scheduler` before `from_pretrained`, or pass `scheduler=RCMScheduler.from_pretrained("
             "path, subfolder=\"scheduler\")`.",
-            f"- exact start: `latents=rcm_core.export.initial_latents(pipe, noise)` (the pipeline's own noise is "
-            f"{1 / s['init_noise_sigma']:.4g}x the sampler's start); renoising draws from "
-            "`pipe.scheduler.set_noise_generator(g)` (else the global RNG)."]
+            f"- exact sampler: pass `latents=rcm_core.export.initial_latents(pipe, noise)` (the start x_t0 = noise in "
+            f"the pipeline's latent space; the pipeline's own initial noise is "
+            f"{s.get('pipeline_start_ratio', 1 / s['init_noise_sigma']):.5g}x that); the renoising noise comes from `pipe.scheduler.set_noise_generator(g)` (else the global RNG)."]
     load_mlflow = ["## Load", "MLflow (GPU with bf16 and the fused attention kernel when there is one, else CPU):",
                    "```python", "import mlflow, pandas as pd",
                    f"model = mlflow.pyfunc.load_model({model_uri or 'models:/<name>@champion'!r})",

@@ -19,6 +19,12 @@ and on pooled latents (``fd_teacher_latent``), the RMS latent distance to the te
 sample from the same noise (``latent_rmse_teacher``), diversity on pooled pixels, NFE, seconds
 per sample and speedup. Clips are decoded with the teacher's VAE (``teacher.decode``); for the
 media (grid PNG, GIF, MP4) they are kept as thumbnails (at most 64 px high, 33 frames).
+
+On a machine with a GPU a real teacher's latents are decoded with the fast decode of
+:mod:`rcm_core.real.fast_vae` (a bf16, channels-last copy of the VAE on the GPU, cuDNN autotuned;
+:func:`decode_latents`), the same decode the registered model serves with; the eval settings then
+record ``decode`` (so versions evaluated with the fp32 CPU decode are not compared with them).
+``RCM_FAST_DECODE=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ from . import digit_classifier as dc
 from . import teacher as T
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate", "student_denoiser", "clip_grid_png", "clips_gif", "clips_mp4",
-           "as_clips", "pooled_features", "uses_digit_metrics", "check_gates", "DEFAULT_GATES", "eval_settings"]
+           "as_clips", "pooled_features", "uses_digit_metrics", "check_gates", "DEFAULT_GATES", "eval_settings",
+           "decode_latents", "fast_decode_device", "FAST_DECODE"]
 
 DEFAULT_GATES = {"min_digit_acc": 0.2, "max_fd_data": 1e9, "min_diversity_rel": 0.05}
 
@@ -76,6 +83,45 @@ def eval_settings(teacher_info: Dict[str, Any], prompts: Sequence[str], cfg: "Ev
             "teacher_steps": int(cfg.teacher_steps or teacher_info["steps"]),
             "metrics": "digits" if digits else "teacher-relative",
             **({"real_clips": int(cfg.real_clips)} if digits else {}), "teacher": t}
+
+
+FAST_DECODE = "fast_vae bf16 channels_last (cuda)"
+
+
+def fast_decode_device(teacher) -> Optional[torch.device]:
+    """The GPU a real teacher's latents are decoded on with :mod:`rcm_core.real.fast_vae`, or None (no GPU,
+    no VAE codec - the embedded teacher - or ``RCM_FAST_DECODE=0``): then ``teacher.decode`` as is."""
+    import os
+
+    codec = (getattr(teacher, "meta", None) or {}).get("codec")
+    if codec is None or not hasattr(codec, "vae") or os.environ.get("RCM_FAST_DECODE", "1") == "0":
+        return None
+    if not torch.cuda.is_available():
+        return None
+    dev = next(codec.vae.parameters()).device
+    return dev if dev.type == "cuda" else torch.device("cuda")
+
+
+@torch.no_grad()
+def decode_latents(teacher, latents: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Latents -> pixels in [0, 1] on the CPU: the fast decode on a GPU (see the module doc), else
+    ``teacher.decode``. The prepared VAE is made once per teacher (``inplace``: convert the teacher's own
+    VAE instead of a copy, for a serving process that decodes only this way)."""
+    dev = fast_decode_device(teacher)
+    if dev is None:
+        return T.decode(teacher, latents)
+    from rcm_core.real import fast_vae
+
+    codec = teacher.meta["codec"]
+    vae = getattr(codec, "_rcm_fast_vae", None)
+    if vae is None:
+        vae = fast_vae.prepare_vae_for_decode(codec.vae, dtype=torch.bfloat16, channels_last=True,
+                                              inplace=inplace).to(dev)
+        codec._rcm_fast_vae = vae
+    raw = latents.to(torch.float64).cpu() * codec.std + codec.mean
+    x = fast_vae.decode(vae, raw.to(dev))
+    x = ((x + 1) / 2).clamp(0, 1)
+    return (x if codec.video else x[:, :, 0]).float().cpu()
 
 
 def student_denoiser(teacher, ema_state: Dict[str, torch.Tensor]):
@@ -154,12 +200,12 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
         secs = time.perf_counter() - t0
         lat = torch.cat(outs).float()
         if digits:
-            clips = as_clips(T.decode(teacher, lat))
+            clips = as_clips(decode_latents(teacher, lat))
             models[name] = {"clips": clips, "feats": dc.clip_features(clips)}
         else:   # decode in small batches; keep pooled features and media thumbnails, not full-size videos
             thumbs, feats = [], []
             for j in range(0, lat.shape[0], decode_batch):
-                px = as_clips(T.decode(teacher, lat[j:j + decode_batch]))
+                px = as_clips(decode_latents(teacher, lat[j:j + decode_batch]))
                 feats.append(pooled_features(px))
                 thumbs.append(_thumbs(px))
             models[name] = {"clips": torch.cat(thumbs), "feats": np.concatenate(feats),
@@ -195,8 +241,10 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
             metrics[f"{m}/speedup"] = (models["teacher"]["sec_per_sample"] / models[m]["sec_per_sample"]
                                        if models[m]["sec_per_sample"] > 0 else float("nan"))
     clips = {m: v["clips"].reshape(P, S, *v["clips"].shape[1:]) for m, v in models.items()}
-    return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts),
-                      settings=eval_settings(info, prompts, cfg, digits))
+    settings = eval_settings(info, prompts, cfg, digits)
+    if fast_decode_device(teacher) is not None:
+        settings["decode"] = FAST_DECODE
+    return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts), settings=settings)
 
 
 def _digit_metrics(models, prompts, S, cfg, metrics) -> None:

@@ -37,6 +37,17 @@
   The embedded teacher ships inside the package code the version carries.
 * Nothing half-registered: if anything fails after the version exists (tags,
   aliases), the version is deleted again and the error re-raised.
+* Diffusers export: a real teacher's version also carries the student as a diffusers pipeline
+  directory (artifact ``diffusers``, :func:`rcm_core.export.export_student`: the teacher's pipeline
+  class, the distilled transformer, ``RCMScheduler``, a single-file bf16 transformer for
+  ComfyUI-style loaders, README.md) whose text encoder, tokenizer and VAE are the version's
+  components (by reference or in ``teacher/``); :func:`load_diffusers_pipeline` assembles it. The
+  transformer weights live there only (the pyfunc reads them from it). The version's description is
+  its model card: teacher lineage, steps, guidance, evaluation table, sample grid, how to load it.
+  A teacher whose pipeline class the exporter does not know is refused before any version exists.
+* Serving: ``mlflow.pyfunc.load_model`` runs on the GPU when there is one (bf16 weights, the
+  project attention with its fused kernel, the fast VAE decode) and on the CPU (float32) otherwise;
+  ``RCM_DEVICE`` / ``RCM_DTYPE`` override.
 """
 from __future__ import annotations
 
@@ -53,7 +64,7 @@ import mlflow.pyfunc
 __all__ = ["RCMStudentModel", "model_name_for", "register_student", "RegistrationResult", "score_of",
            "ChampionPolicy", "POLICIES", "policy_for", "settings_hash", "set_champion", "rollback_champion",
            "ChampionError", "MissingComponentError", "bundle_teacher", "materialize_bundle", "COMPONENT_MODES",
-           "check_components_mode"]
+           "check_components_mode", "load_diffusers_pipeline", "serving_device", "student_card"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -225,14 +236,14 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         import torch
-        from safetensors.torch import load_file
 
         from rcm_steps import teacher as T
         from rcm_steps.evaluate import student_denoiser
 
         with open(context.artifacts["meta"]) as f:
             self.meta = json.load(f)
-        ema = load_file(context.artifacts["weights"])
+        self.device, dtype = serving_device()
+        ema = _student_weights(dict(context.artifacts))
         bundle = self.meta.get("teacher_bundle")
         if bundle:      # self-contained: components from the version (copy) or the content store (reference)
             from rcm_core.denoiser import TrigFlowDenoiser
@@ -242,11 +253,13 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
             root = materialize_bundle(bundle, dict(context.artifacts))
             with open(os.path.join(root, "transformer", "config.json")) as f:
                 spec = spec_for_config(json.load(f), name=bundle["name"])
-            kw = T._real_kwargs(self.meta.get("teacher_options"), "cpu")
-            self.teacher = load_real_teacher(spec, "cpu", weights=root, strict_config=False,
+            kw = T._real_kwargs(self.meta.get("teacher_options"), self.device)
+            kw["dtype"] = dtype         # serving precision: bf16 on a GPU, float32 on the CPU
+            self.teacher = load_real_teacher(spec, self.device, weights=root, strict_config=False,
                                              transformer_state=ema, **kw)
-            self.student = TrigFlowDenoiser(self.teacher.net.float().eval().requires_grad_(False),
-                                            self.teacher.param, self.teacher.call)
+            net = self.teacher.net.eval().requires_grad_(False)
+            self.student = TrigFlowDenoiser(net if dtype != torch.float32 else net.float(), self.teacher.param,
+                                            self.teacher.call)
         else:
             self.teacher = self._legacy_teacher(T)
             got = str(getattr(self.teacher, "version", "unknown"))
@@ -255,7 +268,7 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
 
                 warnings.warn(f"student was distilled from teacher {self.meta['teacher']} version "
                               f"{self.meta['teacher_version']}, loaded version {got}")
-            self.student = student_denoiser(self.teacher, ema)
+            self.student = student_denoiser(self.teacher, ema).to(self.device)
         self._torch = torch
 
     def _legacy_teacher(self, T):
@@ -265,7 +278,7 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
         if real and os.environ.get("RCM_TEACHER_DIR"):
             name = os.environ["RCM_TEACHER_DIR"]
         try:
-            return T.load_teacher(name, device="cpu", options=self.meta.get("teacher_options"))
+            return T.load_teacher(name, device=self.device, options=self.meta.get("teacher_options"))
         except Exception as e:  # noqa: BLE001 - say what the version needs
             if not real:
                 raise
@@ -294,19 +307,167 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
 
         from rcm_steps import teacher as T
 
+        from rcm_steps.evaluate import decode_latents
+
         torch = self._torch
         params = params or {}
+        dev = torch.device(getattr(self, "device", "cpu"))
         outs = []
         for r in self._rows(model_input):
             steps = int(r.get("steps") or params.get("steps") or self.meta["default_steps"])
             seed = int(r.get("seed") if r.get("seed") is not None else params.get("seed", 0))
-            cond = T.encode(self.teacher, [str(r["prompt"])])
-            g = torch.Generator().manual_seed(seed)
-            noise = torch.randn((1, *self.meta["latent_shape"]), generator=g, dtype=torch.float64)
+            cond = T.encode(self.teacher, [str(r["prompt"])]).to(dev)
+            # the noise comes from a generator on the serving device: a seed gives other clips on a GPU
+            g = torch.Generator(device=dev).manual_seed(seed)
+            noise = torch.randn((1, *self.meta["latent_shape"]), generator=g, dtype=torch.float64, device=dev)
             lat = sample_student(self.student, cond, noise, steps=steps, sigma_max=self.meta["sigma_max"],
                                  mid_t=tuple(self.meta["mid_t"]), generator=g)
-            outs.append(T.decode(self.teacher, lat.float()).numpy())
+            outs.append(decode_latents(self.teacher, lat.float(), inplace=True).numpy())
         return np.concatenate(outs).astype(np.float32)
+
+
+def serving_device() -> tuple:
+    """(device, dtype) a loaded model serves on: the GPU in bf16 when there is one, else the CPU in float32
+    (``RCM_DEVICE`` = cpu | cuda | cuda:N and ``RCM_DTYPE`` = bfloat16 | float16 | float32 override)."""
+    import torch
+
+    dev = os.environ.get("RCM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    want = os.environ.get("RCM_DTYPE") or ("bfloat16" if torch.device(dev).type == "cuda" else "float32")
+    if want not in ("bfloat16", "float16", "float32", "float64"):
+        raise ValueError(f"RCM_DTYPE={want!r}; known: bfloat16, float16, float32, float64")
+    return dev, getattr(torch, want)
+
+
+def _student_weights(artifacts: Dict[str, str]) -> Dict[str, Any]:
+    """The EMA student's state dict: the ``weights`` artifact, else (real teachers) the diffusers export's
+    transformer (every safetensors shard of ``diffusers/transformer``)."""
+    from safetensors.torch import load_file
+
+    if "weights" in artifacts:
+        return load_file(artifacts["weights"])
+    folder = os.path.join(artifacts.get("diffusers", ""), "transformer")
+    files = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.endswith(".safetensors"))
+    if not files:
+        raise MissingComponentError(f"the model version has no student weights: no 'weights' artifact and no "
+                                    f"safetensors in {folder}",
+                                    fix="download the model version again; if the artifact store lost them, "
+                                        "re-register the model")
+    state: Dict[str, Any] = {}
+    for f in files:
+        state.update(load_file(os.path.join(folder, f)))
+    return state
+
+
+def _guidance(meta: Dict[str, Any], run_id: Optional[str], spec) -> Optional[float]:
+    """The CFG weight distilled into the student: meta's, the distill run's ``guidance`` param, else the teacher's."""
+    if meta.get("guidance") is not None:
+        return float(meta["guidance"])
+    if run_id:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            v = MlflowClient().get_run(run_id).data.params.get("guidance")
+            if v not in (None, "", "None"):
+                return float(v)
+        except Exception:  # noqa: BLE001 - no run params: fall back to the teacher's
+            pass
+    return float(spec.guidance) if spec is not None else None
+
+
+def _run_grid(run_id: Optional[str]) -> Optional[bytes]:
+    """The evaluate step's sample grid (run artifact ``eval/samples_grid.png``), if the run has one."""
+    if not run_id:
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        if not any(a.path == "eval/samples_grid.png" for a in client.list_artifacts(run_id, "eval")):
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            with open(client.download_artifacts(run_id, "eval/samples_grid.png", d), "rb") as f:
+                return f.read()
+    except Exception:  # noqa: BLE001 - the card goes without a grid
+        return None
+
+
+def _export_real(weights: bytes, meta: Dict[str, Any], bundle: Dict[str, Any], run_id: str, lineage: Dict[str, str],
+                 metrics: Dict[str, float], workdir: str, grid: Optional[bytes]) -> tuple:
+    """The diffusers export of a real teacher's student under ``workdir/diffusers`` (components by reference to
+    the version's bundle); returns (export dir, export info, README card fields)."""
+    import torch
+    from rcm_core.export import export_student
+    from rcm_core.real.loading import _locate
+
+    spec, root = _locate(os.path.expanduser(meta["teacher"]))
+    guidance = _guidance(meta, run_id, spec)
+    out = os.path.join(workdir, "diffusers")
+    lin = _card_lineage(meta, lineage, bundle)
+    card = {"lineage": lin, "metrics": metrics, "grid": "samples_grid.png" if grid else None}
+    where = ({"bundle": "teacher/ artifact of this model version"} if bundle["mode"] == "copy"
+             else {"bundle": f"content store {bundle.get('store')} (sha256)"})
+    res = export_student(weights, root, out, sigma_max=float(meta["sigma_max"]), mid_t=list(meta["mid_t"]),
+                         steps=int(meta.get("default_steps", 4)), components="reference",
+                         teacher_name=spec.name, guidance=guidance, single_file_dtype=torch.bfloat16,
+                         name=meta.get("model_name") or model_name_for(meta["teacher"]),
+                         card=card, component_source={**where, "mode": bundle["mode"],
+                                                      "files": len(bundle["files"])})
+    if grid:
+        with open(os.path.join(out, "samples_grid.png"), "wb") as f:
+            f.write(grid)
+    return out, {**res.info, "fps": int(getattr(spec, "fps", 16))}, card
+
+
+def _card_lineage(meta: Dict[str, Any], lineage: Dict[str, str], bundle: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    keys = ("teacher_version", "metaflow.flow", "metaflow.run_id", "mlflow_run_id", "method", "data_hash",
+            "prompts_hash", "profile", "cache_url", "distill_url", "metaflow.pathspec")
+    out = {"teacher version": meta.get("teacher_version"), "registered from": (bundle or {}).get("registered_from")}
+    out.update({k: lineage.get(k) for k in keys if k != "teacher_version" and lineage.get(k)})
+    return out
+
+
+def student_card(name: str, version: str, info: Dict[str, Any], card: Dict[str, Any], max_chars: int = 5000) -> str:
+    """The model version's description: :func:`rcm_core.export.model_card` with the registry's load code."""
+    from rcm_core.export import model_card
+
+    steps = info["scheduler"]["num_inference_steps"]
+    out_attr = "frames" if info["pipeline_class"] == "WanPipeline" else "images"
+    extra = ("From the registry as a diffusers pipeline (components fetched and hash-checked):\n```python\n"
+             "from rcm_steps.register import load_diffusers_pipeline\n"
+             f"pipe = load_diffusers_pipeline(\"models:/{name}/{version}\")   # GPU bf16 when there is one\n"
+             f"out = pipe(\"...\", num_inference_steps={steps}, guidance_scale=1.0).{out_attr}[0]\n```\n"
+             "Artifacts: `diffusers/` (this pipeline, README.md, single file), `meta.json`"
+             + (", `teacher/`" if info.get("components", {}).get("registry", {}).get("mode") == "copy" else ""))
+    return model_card(info, lineage=card.get("lineage"), metrics=card.get("metrics"),
+                      grid="artifact:diffusers/samples_grid.png" if card.get("grid") else None,
+                      model_uri=f"models:/{name}/{version}", export_path="<artifacts>/diffusers", version=version,
+                      extra=extra, max_chars=max_chars)
+
+
+def load_diffusers_pipeline(model_uri: str, device: Optional[str] = None, dtype=None, dst: Optional[str] = None):
+    """A registered real-teacher version as its diffusers pipeline (with ``RCMScheduler``).
+
+    Downloads the version's artifacts (into ``dst`` or a temporary folder), fetches its text encoder,
+    tokenizer and VAE as the pyfunc does (content store / ``RCM_TEACHER_DIR`` / ``teacher/`` artifact,
+    hash-checked) and loads the ``diffusers`` export with them. ``device``/``dtype``: default as
+    :func:`serving_device` (GPU bf16 when there is one). Run it with ``guidance_scale=1.0``.
+    """
+    import mlflow
+    from rcm_core.export import load_pipeline
+
+    root = mlflow.artifacts.download_artifacts(model_uri, dst_path=dst or tempfile.mkdtemp(prefix="rcm-model-"))
+    arts = os.path.join(root, "artifacts")
+    export_dir = os.path.join(arts, "diffusers")
+    if not os.path.isdir(export_dir):
+        raise MissingComponentError(f"{model_uri} has no diffusers export (artifact 'diffusers'): registered "
+                                    "before exports existed, or not a real teacher's student",
+                                    fix="re-register the model (a new flow run exports it)")
+    with open(os.path.join(arts, "meta.json")) as f:
+        meta = json.load(f)
+    artifacts = {k: os.path.join(arts, k) for k in os.listdir(arts)}
+    components = materialize_bundle(meta["teacher_bundle"], artifacts)
+    dev, dt = serving_device()
+    return load_pipeline(export_dir, components_dir=components, torch_dtype=dtype or dt, device=device or dev)
 
 
 @dataclass
@@ -519,7 +680,7 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
                      metrics: Dict[str, float], gates_passed: bool, model_name: Optional[str] = None,
                      fail_after_version: bool = False, eval_settings: Optional[Dict[str, Any]] = None,
                      gates: Optional[Dict[str, float]] = None, components: str = "reference",
-                     component_store: Optional[str] = None) -> RegistrationResult:
+                     component_store: Optional[str] = None, sample_grid: Optional[bytes] = None) -> RegistrationResult:
     """Log the pyfunc model into ``run_id`` and register it (see module doc).
 
     ``eval_settings``: what the metrics were computed with (:func:`rcm_steps.evaluate.eval_settings`);
@@ -528,7 +689,10 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
     ``components``: how a real teacher's text encoder, tokenizer, VAE and configs travel with the version
     (``reference``: sha256 references into the content store ``component_store``, e.g. ``<storage
     root>/components``; ``copy``: in the version's artifacts). ``fail_after_version`` injects a failure
-    after the version exists (tests of rollback).
+    after the version exists (tests of rollback). ``sample_grid``: PNG for the model card (default: the
+    run's ``eval/samples_grid.png``). A real teacher's student is exported for diffusers (artifact
+    ``diffusers``; the description is its model card); :class:`rcm_core.export.ExportError` before any
+    version exists when it cannot be.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -538,22 +702,37 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
     steps = int(meta.get("default_steps", 4))
     policy = policy_for(meta["teacher"])
     settings = {**(eval_settings or {}), "student_steps": steps, "policy": policy.name}
+    export_info = card = None
     with tempfile.TemporaryDirectory() as d:
         extra, bundle = bundle_teacher(meta, components, component_store, d)
         meta = {**meta, **({"teacher_bundle": bundle} if bundle else {})}
         wpath, mpath = os.path.join(d, "student_ema.safetensors"), os.path.join(d, "meta.json")
-        with open(wpath, "wb") as f:
-            f.write(ema_weights_bytes)
+        if bundle:      # real teacher: the diffusers export holds the transformer (read by the pyfunc too)
+            export_dir, export_info, card = _export_real(ema_weights_bytes, {**meta, "model_name": name}, bundle,
+                                                         run_id, lineage, metrics,
+                                                         d, sample_grid if sample_grid is not None
+                                                         else _run_grid(run_id))
+            meta["diffusers_export"] = {"artifact": "diffusers", "pipeline_class": export_info["pipeline_class"],
+                                        "single_file": export_info["single_file"]}
+            meta.setdefault("fps", export_info["fps"])
+            extra = {**extra, "diffusers": export_dir}
+            weights_art = {}
+        else:
+            with open(wpath, "wb") as f:
+                f.write(ema_weights_bytes)
+            weights_art = {"weights": wpath}
         with open(mpath, "w") as f:
             json.dump(meta, f, indent=1)
         import rcm_core
 
+        reqs = ["torch", "numpy", "pandas", "safetensors", "mlflow"] + (
+            ["diffusers", "transformers", "accelerate", "sentencepiece"] if bundle else [])
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             info = mlflow.pyfunc.log_model(
                 name="student", python_model=RCMStudentModel(),
-                artifacts={"weights": wpath, "meta": mpath, **extra},
+                artifacts={**weights_art, "meta": mpath, **extra},
                 code_paths=[_HERE, os.path.dirname(os.path.abspath(rcm_core.__file__))],
-                pip_requirements=["torch", "numpy", "pandas", "safetensors", "mlflow"])
+                pip_requirements=reqs)
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001
@@ -571,6 +750,9 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
     try:
         if fail_after_version:
             raise RuntimeError("injected failure after the model version was created")
+        if export_info is not None:
+            client.update_model_version(name, mv.version, description=student_card(name, str(mv.version),
+                                                                                    export_info, card))
         client.set_registered_model_alias(name, "candidate", mv.version)
         aliases = ["candidate"]
         from .evaluate import DEFAULT_GATES
