@@ -292,6 +292,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     Under autocast, q, k and v are cast to the autocast dtype first, as PyTorch's SDPA does (a
     processor may hand over fp32 q/k from a norm and a bf16 v from a linear layer).
     """
+    from .context_parallel import _STATE
+    group = getattr(_STATE, "group", None)
+    if group is not None:                # self-attention of a context-parallel network: Ulysses
+        from .context_parallel import ulysses_attention
+        _STATE.group = None              # the local attention inside runs on full sequences
+        try:
+            return ulysses_attention(q, k, v, group, layout=layout, scale=scale)
+        finally:
+            _STATE.group = group
     dev = q.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and q.is_floating_point():
         adt = torch.get_autocast_dtype(dev)

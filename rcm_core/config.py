@@ -46,6 +46,9 @@ class DistillConfig:
     # FSDP: 0 = shard over all ranks; else HSDP: shard within groups of this many ranks (e.g. the GPUs
     # of one node), replicate across groups (the reference's fsdp_shard_size)
     fsdp_shard_size: int = 0
+    # Ulysses context parallelism: each sample's token sequence split over this many ranks (consecutive
+    # ranks form a group; the world is data-parallel x cp); must divide the head and token counts
+    context_parallel: int = 1
     dcm_delta: float = 0.05              # step of the discrete-time CM baseline (TrigFlow time)
     # DMD / critic time distribution p_D
     dmd_time: str = "rf_shift"           # rf_shift (Wan) | lognormal (Cosmos)
@@ -129,7 +132,7 @@ class DistillConfig:
                     continue
                 if not math.isfinite(x):
                     raise ValueError(f"DistillConfig.{f.name} must be finite, got {v}")
-        positive = ("P_std", "tangent_norm_c", "dmd_shift", "dmd_P_std", "rollout_max_steps", "student_update_freq",
+        positive = ("context_parallel", "P_std", "tangent_norm_c", "dmd_shift", "dmd_P_std", "rollout_max_steps", "student_update_freq",
                     "batch_size", "sigma_max", "fd_step", "dcm_delta")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -65,6 +65,25 @@ def _allreduce_grads(params) -> None:
         g.copy_(r)
 
 
+def _heads(net: torch.nn.Module, cfg) -> int:
+    from .context_parallel import CP_PLANS, plan_for
+    plan = plan_for(net)
+    if plan is None:
+        raise ValueError(f"DistillConfig.context_parallel={cfg.context_parallel}: no context-parallel plan for "
+                         f"{type(net).__name__}; supported: {sorted(CP_PLANS)}")
+    return plan.heads(net)
+
+
+def _tokens(net: torch.nn.Module, latent_shape) -> int:
+    """Tokens per sample: the latent grid over the patch size (1 when unknown: not checked here)."""
+    if latent_shape is None:
+        return 1
+    patch = getattr(getattr(net, "config", None), "patch_size", None) or getattr(getattr(net, "cfg", None), "patch", None)
+    if patch is None:
+        return 1
+    return math.prod(n // p for n, p in zip(latent_shape[1:], patch))
+
+
 def _is_low_precision(net: torch.nn.Module) -> bool:
     return any(p.dtype in (torch.bfloat16, torch.float16) for p in net.parameters())
 
@@ -179,6 +198,15 @@ class RCMTrainer:
                  student_param=None):
         self.cfg = config.validate()
         self.device = torch.device(device)
+        rank, world = _world()
+        # context parallel: consecutive ranks share a sample; the data-parallel index keys its randomness
+        self.cp_group, self.dp_rank, self.dp_size = None, rank, world
+        if self.cfg.context_parallel > 1:
+            from .context_parallel import check_context_parallel, cp_groups
+            check_context_parallel(self.cfg.context_parallel, world=world, heads=_heads(teacher.net, self.cfg),
+                                   tokens=_tokens(teacher.net, getattr(teacher, "latent_shape", None)),
+                                   where="DistillConfig.context_parallel")
+            self.cp_group, self.dp_rank, self.dp_size = cp_groups(self.cfg.context_parallel)
         self.log_fn = log_fn
         self.latent_shape = getattr(teacher, "latent_shape", None)
         param, call = teacher.param, getattr(teacher, "call", None)
@@ -226,9 +254,16 @@ class RCMTrainer:
                                 copy_module=False)
         else:
             self.ema = PowerEMA(self.student.net, self.cfg.ema_sigma_rel)
+        if self.cp_group is not None:        # the EMA (a copy made above) stays whole: sampling is local
+            from .context_parallel import apply_context_parallel
+            for den in (self.teacher, self.student, self.fake):
+                if den is not None:
+                    apply_context_parallel(den.net, self.cp_group)
+        # CP ranks hold their own tokens' share of each gradient: the loss is scaled by cp so that the
+        # average over all ranks (FSDP, or the replicated all-reduce) is the data-parallel mean
+        self._bwd_scale = float(self.cfg.context_parallel)
         self._net_dtype = net_dtype
         self.step = 0
-        rank, _ = _world()
         self.rank = rank
         self.gen = torch.Generator(device=self.device)
         self._reseed()
@@ -248,7 +283,7 @@ class RCMTrainer:
 
     def _sample_rng(self, b: int, offset: Optional[int]) -> SampleRNG:
         """Streams of this rank's ``b`` samples: global indices offset .. offset + b - 1 (default rank * b)."""
-        offset = self.rank * b if offset is None else offset
+        offset = self.dp_rank * b if offset is None else offset
         return SampleRNG(self.cfg.seed, self.step, range(offset, offset + b), self.device)
 
     @property
@@ -441,14 +476,14 @@ class RCMTrainer:
                 losses["cm"] = losses.get("cm", 0.0) + float(l_cm.detach())
                 masks.setdefault("cm", []).append(mask)
                 if l_cm.requires_grad:
-                    (c.loss_scale * l_cm).backward()
+                    (c.loss_scale * self._bwd_scale * l_cm).backward()
                 del l_cm
             if dmd:
                 l_dmd, mask = self._dmd_term(cond[i:j], uncond[i:j], x0.shape[1:], r, n)
                 losses["dmd"] = losses.get("dmd", 0.0) + float(l_dmd.detach()) * (j - i) / b
                 masks.setdefault("dmd", []).append(mask)
                 if l_dmd.requires_grad:
-                    (c.loss_scale_dmd * l_dmd * ((j - i) / b)).backward()
+                    (c.loss_scale_dmd * self._bwd_scale * l_dmd * ((j - i) / b)).backward()
                 del l_dmd
         masks = {k: torch.cat(v) for k, v in masks.items()}
         if "cm" in losses:
@@ -485,7 +520,7 @@ class RCMTrainer:
                 x0_fake = self.fake.x0(x_D, t_D, cond[i:j])
             mask = nan_mask(G, x0_fake.detach())
             l_fake = critic_loss(G, x0_fake, t_D, mask=mask) * ((j - i) / b)
-            l_fake.backward()
+            (self._bwd_scale * l_fake).backward()
             total += float(l_fake.detach())
             masks.append(mask)
             del x0_fake, l_fake

@@ -158,8 +158,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"distill: CPU run, DistillConfig.dtype {cfg.dtype} -> float32 (pass --config "
                   f"'{{\"dtype\": \"{cfg.dtype}\"}}' to keep it)", flush=True)
         cfg = cfg.replace(dtype="float32")
-    per_rank = max(1, cfg.batch_size // world)
-    data = load_cache(args.cache, expect_latent_shape=tuple(teacher.latent_shape), rank=rank, world=world)
+    # context parallel: the ranks of one cp group share their samples (data-parallel index rank // cp)
+    cp = cfg.context_parallel
+    dp_rank, dp_world = rank // cp, max(1, world // cp)
+    per_rank = max(1, cfg.batch_size // dp_world)
+    data = load_cache(args.cache, expect_latent_shape=tuple(teacher.latent_shape), rank=dp_rank, world=dp_world)
     n = data.latents.shape[0]
     trainer = RCMTrainer(teacher, cfg, device=device)
     latest = _latest(out)
@@ -186,14 +189,14 @@ def _run(args: argparse.Namespace) -> int:
     bar = tqdm(total=cfg.iterations, initial=start, desc="distill", unit="it",
                disable=rank != 0 or os.environ.get("TQDM_DISABLE") == "1")
     while trainer.step < cfg.iterations:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + trainer.step * 7919 + rank)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + trainer.step * 7919 + dp_rank)
         idx = torch.randint(0, n, (per_rank,), generator=g)
         batch = {"latents": data.latents[idx], "cond": data.cond[idx], "uncond": data.uncond}
         m = trainer.train_step(batch)
-        samples += per_rank * world
+        samples += per_rank * dp_world
         nan_total += int(m.get("nan_masked", 0))
         m = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        m["samples_per_s"] = m.get("samples_per_s", 0.0) * world
+        m["samples_per_s"] = m.get("samples_per_s", 0.0) * dp_world
         m["nan_count_total"] = nan_total
         last = m
         step = trainer.step
