@@ -572,17 +572,66 @@ class RCMTrainer:
                               self.cfg.mid_t, generator=g)
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    # Two formats (rcm_core/checkpoint.py): "dcp", a directory written collectively, each rank its own
+    # shards, loadable on any number of ranks (the default when sharded); "file", one torch.save file of
+    # full tensors (the default otherwise, and the only format before DCP). Loading detects which.
     def _model_sd(self, net) -> dict:
         if not self.sharded:
             return net.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def _optim_sd(self, net, opt) -> dict:
+    def _optim_sd(self, net, opt) -> Optional[dict]:
         if not self.sharded:
             return opt.state_dict()
+        if not opt.state:      # never stepped: get_optimizer_state_dict would create a state (a zero-lr step)
+            return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _ckpt_parts(self) -> dict:
+        """What a checkpoint holds: name -> (network, its optimiser or None)."""
+        parts = {"student": (self.student.net, self.opt_student), "ema": (self.ema.module, None)}
+        if self.fake is not None:
+            parts["fake"] = (self.fake.net, self.opt_fake)
+        return parts
+
+    def _dcp_state(self, opt_parts) -> dict:
+        """The tensors of a DCP checkpoint: this rank's shards (DTensors) under FSDP, plain tensors
+        otherwise; canonical FQNs; the optimiser states of ``opt_parts`` (e.g. ``["opt_student"]``)
+        flattened to per-parameter keys so that they reshard."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        sd = {}
+        for name, (net, opt) in self._ckpt_parts().items():
+            sd[name] = get_model_state_dict(net)
+            if opt is not None and f"opt_{name}" in opt_parts:
+                sd[f"opt_{name}"] = get_optimizer_state_dict(net, opt, options=flat)
+        return sd
+
+    def _load_dcp(self, url: str, storage_options: Optional[dict]) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        from .checkpoint import load_dcp, read_meta
+        meta = read_meta(url, storage_options)
+        parts = self._ckpt_parts()
+        saved = sorted(p for p in meta["parts"] if not p.startswith("opt_"))
+        if saved != sorted(parts):
+            raise ValueError(f"checkpoint {url} holds {saved} (method {meta['config'].get('method')!r}); this "
+                             f"trainer has {sorted(parts)} (method {self.cfg.method!r})")
+        state = self._dcp_state([p for p in meta["parts"] if p.startswith("opt_")])
+        load_dcp(state, url, storage_options, collective=self.sharded)
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        for name, (net, opt) in parts.items():
+            set_model_state_dict(net, state[name])
+            if opt is not None and f"opt_{name}" in state:
+                set_optimizer_state_dict(net, opt, state[f"opt_{name}"], options=flat)
+            elif opt is not None:
+                opt.state.clear()                     # saved before its first step
+        self.ema.num_updates = int(meta["ema"]["num_updates"])
+        self.step = int(meta["step"])
+        self._reseed()
 
     def ema_state_dict(self) -> dict:
         """The EMA student's full weights (with FSDP: a collective; the full dict lands on rank 0)."""
@@ -610,26 +659,58 @@ class RCMTrainer:
             full = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.student.net, sd["student"], options=full)
             set_model_state_dict(self.ema.module, sd["ema"]["module"], options=full)
-            set_optimizer_state_dict(self.student.net, self.opt_student, sd["opt_student"], options=full)
             if self.fake is not None:
                 set_model_state_dict(self.fake.net, sd["fake"], options=full)
-                set_optimizer_state_dict(self.fake.net, self.opt_fake, sd["opt_fake"], options=full)
+            for net, opt, osd in ((self.student.net, self.opt_student, sd["opt_student"]),
+                                  (self.fake.net if self.fake is not None else None, self.opt_fake, sd["opt_fake"])):
+                if opt is None:
+                    continue
+                if osd is None or not osd.get("state"):   # saved before its first step
+                    opt.state.clear()
+                else:
+                    set_optimizer_state_dict(net, opt, osd, options=full)
             self.ema.num_updates = int(sd["ema"]["num_updates"])
         else:
             self.student.net.load_state_dict(sd["student"])
             if self.fake is not None:
                 self.fake.net.load_state_dict(sd["fake"])
-                self.opt_fake.load_state_dict(sd["opt_fake"])
+                self._load_optim(self.fake.net, self.opt_fake, sd["opt_fake"])
             self.ema.load_state_dict(sd["ema"])
-            self.opt_student.load_state_dict(sd["opt_student"])
+            self._load_optim(self.student.net, self.opt_student, sd["opt_student"])
         self.step = int(sd["step"])
         self._reseed()
 
-    def save_checkpoint(self, url: str, storage_options: Optional[dict] = None) -> None:
-        """Write the whole training state; the file appears only once complete.
+    @staticmethod
+    def _load_optim(net, opt, osd: Optional[dict]) -> None:
+        """A non-sharded optimiser from ``opt.state_dict()`` (integer keys) or from a sharded run's full
+        state (FQN keys; None: saved before its first step)."""
+        if osd is not None and all(isinstance(i, int) for g in osd["param_groups"] for i in g["params"]):
+            opt.load_state_dict(osd)
+        elif osd is None or not osd.get("state"):
+            opt.state.clear()
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(net, opt, osd, options=StateDictOptions(full_state_dict=True))
 
-        With FSDP every rank must call it (the state is gathered); rank 0 writes.
+    def save_checkpoint(self, url: str, storage_options: Optional[dict] = None, format: str = "auto") -> None:
+        """Write the whole training state to ``url`` (any fsspec URL); it appears only once complete.
+
+        ``format``: ``"auto"`` (``"dcp"`` when sharded, else ``"file"``), ``"dcp"`` (a directory; with FSDP
+        every rank must call it and writes its own shards, nothing is gathered) or ``"file"`` (one file of
+        full tensors; with FSDP every rank must call it, the state is gathered and rank 0 writes).
+        Without FSDP the calling process writes (call it on one rank).
         """
+        from .checkpoint import DCP, FILE, save_dcp
+        fmt = (DCP if self.sharded else FILE) if format == "auto" else format
+        if fmt not in (DCP, FILE):
+            raise ValueError(f"save_checkpoint(format={format!r}); known: 'auto', 'dcp', 'file'")
+        if fmt == DCP:
+            opt_parts = [f"opt_{n}" for n, (_, opt) in self._ckpt_parts().items() if opt is not None and opt.state]
+            meta = {"step": self.step, "config": self.cfg.to_dict(), "sharded": self.sharded,
+                    "ema": {"num_updates": self.ema.num_updates, "sigma_rel": self.ema.sigma_rel},
+                    "parts": sorted(self._ckpt_parts()) + opt_parts}
+            save_dcp(self._dcp_state(opt_parts), url, meta, storage_options, collective=self.sharded)
+            return
         from .io import atomic_write_bytes
         sd = self.state_dict()
         if self.sharded and _world()[0] != 0:
@@ -639,6 +720,13 @@ class RCMTrainer:
         atomic_write_bytes(url, buf.getvalue(), storage_options)
 
     def load_checkpoint(self, url: str, storage_options: Optional[dict] = None) -> None:
+        """Load a checkpoint of either format (detected). A DCP directory loads on any number of ranks
+        (with FSDP every rank calls it, each reads the shards it needs); a single file loads into FSDP
+        too (every rank reads it). An unfinished DCP save raises IncompleteCheckpointError."""
+        from .checkpoint import DCP, detect_format
+        if detect_format(url, storage_options) == DCP:
+            self._load_dcp(url, storage_options)
+            return
         from .io import read_bytes
         sd = torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location=self.device, weights_only=False)
         self.load_state_dict(sd)
