@@ -3,6 +3,7 @@
     torchrun --nproc_per_node N bench/bench_scale.py [--fsdp] [--teacher wan2.1-1.3b]
              [--frames 81 --height 480 --width 832] [--iterations 1] [--out bench/results/scale.json]
 
+``--cp P``: Ulysses context parallelism, the world is dp x P (P consecutive ranks share a sample).
 One rCM iteration = K steps of the schedule after the warm-up (H = 0): one student step
 (sCM + DMD) and K - 1 critic steps, batch 1 per GPU, bf16 autocast, full activation
 checkpointing, random weights of the registered architecture. Replicated: the fused sCM tangent
@@ -35,6 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--fsdp", action="store_true")
+    ap.add_argument("--cp", type=int, default=1, help="context parallel degree (Ulysses; world = dp x cp)")
     ap.add_argument("--K", type=int, default=5, help="student update frequency (the 1.3B preset's 5)")
     ap.add_argument("--iterations", type=int, default=1)
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (gloo; checks the script)")
@@ -52,13 +54,14 @@ def main(argv=None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dev = torch.device(dev_type, torch.cuda.current_device()) if not a.tiny else torch.device("cpu")
     teacher, text_dim = build_teacher(a.teacher, a.frames, a.height, a.width, dev, a.tiny)
-    cfg = DistillConfig.preset(teacher.preset, method="rcm", batch_size=world, dtype="bfloat16",
+    dp = world // a.cp
+    cfg = DistillConfig.preset(teacher.preset, method="rcm", batch_size=dp, dtype="bfloat16", context_parallel=a.cp,
                                tangent_warmup_steps=0, lr_warmup_steps=0, student_update_freq=a.K,
                                activation_checkpointing="full", fsdp=a.fsdp, fused_tangent=not a.fsdp,
                                iterations=10_000)
     tr = RCMTrainer(teacher, cfg, device=dev)
     C, T, H, W = teacher.latent_shape
-    g = torch.Generator(device=dev).manual_seed(rank)
+    g = torch.Generator(device=dev).manual_seed(rank // a.cp)      # cp peers share their sample
     batch = {"latents": torch.randn((1, C, T, H, W), generator=g, device=dev, dtype=torch.float64),
              "cond": torch.randn((1, 512, text_dim), generator=g, device=dev),
              "uncond": torch.randn((1, 512, text_dim), generator=g, device=dev)}
@@ -81,8 +84,8 @@ def main(argv=None) -> None:
     dist.all_gather(peaks, peak)
     if rank == 0:
         s = statistics.median(times)
-        row = {"gpus": world, "mode": "fsdp" if a.fsdp else "replicated", "K": a.K, "s_per_iteration": s,
-               "all_s": times, "samples_per_s": world * a.K / s, "peak_gib_per_rank": [float(p) for p in peaks],
+        row = {"gpus": world, "mode": ("fsdp" if a.fsdp else "replicated") + (f" x cp{a.cp}" if a.cp > 1 else ""),
+               "cp": a.cp, "K": a.K, "s_per_iteration": s, "all_s": times, "samples_per_s": dp * a.K / s, "peak_gib_per_rank": [float(p) for p in peaks],
                "teacher": a.teacher, "latent_shape": [C, T, H, W], "tokens": T * (H // 2) * (W // 2),
                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
