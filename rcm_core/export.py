@@ -363,7 +363,8 @@ def export_student(student_state, teacher_dir, out_dir, *, sigma_max: float = 80
                         "hf_id": spec.hf_id if spec is not None else None, "pipeline_class": kind.pipeline_class},
             "task": kind.task, "components": comp_info, "dtype": str(next(iter(net.state_dict().values())).dtype
                                                                    ).replace("torch.", ""),
-            "single_file": sf_name, "single_file_format": kind.single_file_format if sf_name else None}
+            "single_file": sf_name, "single_file_format": kind.single_file_format if sf_name else None,
+            "single_file_dtype": (str(single_file_dtype).replace("torch.", "") if single_file_dtype else None)}
     (out / "rcm_export.json").write_text(json.dumps(info, indent=1) + "\n")
     front = ["---", "library_name: diffusers", f"pipeline_tag: {'text-to-video' if kind.task == 't2v' else 'text-to-image'}",
              "tags: [rcm, consistency-distillation, few-step]"] + (
@@ -411,14 +412,26 @@ def load_pipeline(export_dir, components_dir=None, torch_dtype: Optional[torch.d
                               f"{where.get('source', '?')})")
         lib, cname = index[c]
         ccls = getattr(importlib.import_module(lib), cname)
-        kwc = {"torch_dtype": torch_dtype} if torch_dtype is not None and c != "tokenizer" else {}
+        kwc = {_dtype_kw(lib): torch_dtype} if torch_dtype is not None and c != "tokenizer" else {}
         extra[c] = ccls.from_pretrained(str(src), **kwc)
     scheduler = RCMScheduler.from_pretrained(str(root), subfolder="scheduler")
     kwargs = {"scheduler": scheduler, **extra, **kw}
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        kwargs[_dtype_kw("diffusers")] = torch_dtype
     pipe = cls.from_pretrained(str(root), **kwargs)
     return pipe.to(device) if device is not None else pipe
+
+
+def _dtype_kw(library: str) -> str:
+    """``dtype`` where the library takes it (diffusers >= 0.42, transformers >= 5), else ``torch_dtype``."""
+    import importlib
+
+    try:
+        major, minor = (int(x) for x in importlib.import_module(library).__version__.split(".")[:2])
+    except (ImportError, ValueError, AttributeError):
+        return "torch_dtype"
+    new = (major, minor) >= ((0, 42) if library == "diffusers" else (5, 0) if library == "transformers" else (99, 0))
+    return "dtype" if new else "torch_dtype"
 
 
 def initial_latents(pipe, noise: torch.Tensor) -> torch.Tensor:
@@ -466,10 +479,11 @@ def eval_table(metrics: Mapping[str, Any]) -> str:
 def model_card(info: Mapping[str, Any], *, lineage: Optional[Mapping[str, Any]] = None,
                metrics: Optional[Mapping[str, Any]] = None, grid: Optional[str] = None,
                model_uri: Optional[str] = None, export_path: str = "<export dir>", version: Optional[str] = None,
-               max_chars: Optional[int] = None, extra: str = "") -> str:
+               max_chars: Optional[int] = None, extra: str = "", diffusers_load: Optional[Sequence[str]] = None) -> str:
     """The model card (markdown) of an export: teacher lineage, sampler, guidance, evaluation table,
     sample grid, how to load it. Used for the export's README.md and a model version's description;
-    ``max_chars`` drops the less essential parts first (the lineage tail, then the table) to fit."""
+    ``max_chars`` drops the less essential parts first (the lineage tail, then the table) to fit;
+    ``diffusers_load``: lines replacing the default "load with diffusers" block."""
     s, t, comps = info["scheduler"], info["teacher"], info.get("components", {})
     pipe = info["pipeline_class"]
     g = info.get("distilled_guidance")
@@ -508,17 +522,22 @@ def model_card(info: Mapping[str, Any], *, lineage: Optional[Mapping[str, Any]] 
     out_attr = "frames" if pipe == "WanPipeline" else "images"
     load_diff += [f"out = pipe(\"...\", num_inference_steps={s['num_inference_steps']}, guidance_scale=1.0)."
                   f"{out_attr}[0]", "```"]
+    if diffusers_load is not None:
+        load_diff = list(diffusers_load)
     files = ["## Files", f"- `transformer/`: the distilled (EMA) {info['transformer_class']} ({info.get('dtype')})",
              "- `scheduler/`: RCMScheduler config (sigma_max, mid_t, num_inference_steps)"]
     if info.get("single_file"):
-        files.append(f"- `{info['single_file']}`: the transformer as one safetensors file ("
+        files.append(f"- `{info['single_file']}`: the transformer as one safetensors file, "
+                     f"{info.get('single_file_dtype') or info.get('dtype')} ("
                      + ("Wan2.1 original tensor names: ComfyUI, `WanTransformer3DModel.from_single_file`)"
                         if info.get("single_file_format") == "wan-original" else "diffusers tensor names)"))
     files.append("- text encoder, tokenizer, VAE: " + (
         f"the teacher's, copied ({', '.join(comps.get('copied', []))})" if not ref else
         "the teacher's, by reference" + (" (sha256 in the model registry's component bundle)"
                                           if comps.get("registry") else f" ({comps.get('source')})")))
-    lin = ["## Teacher lineage", f"- teacher: {t['name']} ({t.get('label')}), pipeline {t.get('pipeline_class')}"]
+    label = f" ({t['label']})" if t.get("label") and t["label"] != t["name"] else ""
+    lin = ["## Teacher lineage", f"- teacher: {t['name']}{label}, pipeline {t.get('pipeline_class')}"
+           + (f", {t['hf_id']}" if t.get("hf_id") else "")]
     for k, v in (lineage or {}).items():
         if v not in (None, ""):
             lin.append(f"- {k}: {v}")

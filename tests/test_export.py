@@ -325,7 +325,8 @@ def test_registered_version_carries_export_and_model_card(distilled, wan_dir, tm
     uri = f"models:/{NAME}/{r.version}"
     mv = client.get_model_version(NAME, r.version)
     card = mv.description
-    assert len(card) <= 5000
+    assert len(card) <= 5000 and card == r.card
+    assert "registered as: candidate, champion (first version that passes the gates)" in card
     for s in (f"# {NAME} v{r.version}", "rCM few-step student of **tiny-wan**", str(teacher), "## Teacher lineage",
               "metaflow.run_id: 1234", "data_hash: abcdef", "teacher version: v7", "steps: 2 by default",
               "sigma_max 80", "guidance_scale=1.0", "weight 5", "| model |", "| student_2 | 2 |", "1.5",

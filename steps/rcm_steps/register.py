@@ -419,10 +419,13 @@ def _export_real(weights: bytes, meta: Dict[str, Any], bundle: Dict[str, Any], r
 
 
 def _card_lineage(meta: Dict[str, Any], lineage: Dict[str, str], bundle: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    keys = ("teacher_version", "metaflow.flow", "metaflow.run_id", "mlflow_run_id", "method", "data_hash",
-            "prompts_hash", "profile", "cache_url", "distill_url", "metaflow.pathspec")
+    """Lineage lines of the model card: the teacher's version and path first, then the run's lineage tags
+    (the most telling first; the card drops lines from the end when it must fit 5000 characters)."""
+    first = ("teacher_revision", "teacher_location", "metaflow.flow", "metaflow.run_id", "mlflow_run_id", "method",
+             "data_hash", "prompts_hash", "profile")
     out = {"teacher version": meta.get("teacher_version"), "registered from": (bundle or {}).get("registered_from")}
-    out.update({k: lineage.get(k) for k in keys if k != "teacher_version" and lineage.get(k)})
+    out.update({k: lineage[k] for k in first if lineage.get(k)})
+    out.update({k: v for k, v in lineage.items() if k not in out and k not in ("teacher", "teacher_version") and v})
     return out
 
 
@@ -432,16 +435,17 @@ def student_card(name: str, version: str, info: Dict[str, Any], card: Dict[str, 
 
     steps = info["scheduler"]["num_inference_steps"]
     out_attr = "frames" if info["pipeline_class"] == "WanPipeline" else "images"
-    extra = ("From the registry as a diffusers pipeline (components fetched and hash-checked):\n```python\n"
-             "from rcm_steps.register import load_diffusers_pipeline\n"
-             f"pipe = load_diffusers_pipeline(\"models:/{name}/{version}\")   # GPU bf16 when there is one\n"
-             f"out = pipe(\"...\", num_inference_steps={steps}, guidance_scale=1.0).{out_attr}[0]\n```\n"
-             "Artifacts: `diffusers/` (this pipeline, README.md, single file), `meta.json`"
-             + (", `teacher/`" if info.get("components", {}).get("registry", {}).get("mode") == "copy" else ""))
+    load = ["diffusers (the version's text encoder, tokenizer and VAE fetched and hash-checked):", "```python",
+            "from rcm_steps.register import load_diffusers_pipeline",
+            f"pipe = load_diffusers_pipeline(\"models:/{name}/{version}\")   # RCMScheduler; GPU bf16 when there is one",
+            f"out = pipe(\"...\", num_inference_steps={steps}, guidance_scale=1.0).{out_attr}[0]", "```"]
+    extra = ("Artifacts: `diffusers/` (this pipeline without text encoder/tokenizer/VAE, README.md, single file), "
+             "`meta.json`" + (", `teacher/` (text encoder, tokenizer, VAE)"
+                              if info.get("components", {}).get("registry", {}).get("mode") == "copy" else ""))
     return model_card(info, lineage=card.get("lineage"), metrics=card.get("metrics"),
                       grid="artifact:diffusers/samples_grid.png" if card.get("grid") else None,
                       model_uri=f"models:/{name}/{version}", export_path="<artifacts>/diffusers", version=version,
-                      extra=extra, max_chars=max_chars)
+                      extra=extra, max_chars=max_chars, diffusers_load=load)
 
 
 def load_diffusers_pipeline(model_uri: str, device: Optional[str] = None, dtype=None, dst: Optional[str] = None):
@@ -478,6 +482,7 @@ class RegistrationResult:
     champion: bool
     reason: str
     model_uri: str
+    card: Optional[str] = None          # the version's description (model card) when register_student wrote one
 
 
 class ChampionError(ValueError):
@@ -750,9 +755,7 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
     try:
         if fail_after_version:
             raise RuntimeError("injected failure after the model version was created")
-        if export_info is not None:
-            client.update_model_version(name, mv.version, description=student_card(name, str(mv.version),
-                                                                                    export_info, card))
+        card_text = None
         client.set_registered_model_alias(name, "candidate", mv.version)
         aliases = ["candidate"]
         from .evaluate import DEFAULT_GATES
@@ -764,13 +767,18 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
             aliases.append("champion")
         else:
             client.set_model_version_tag(name, mv.version, "champion_decision", reason)
+        if export_info is not None:
+            card = {**card, "lineage": {"registered as": f"{', '.join(aliases)} ({reason}); aliases move later: "
+                                                         "see the champion.history tag", **card["lineage"]}}
+            card_text = student_card(name, str(mv.version), export_info, card)
+            client.update_model_version(name, mv.version, description=card_text)
     except BaseException:
         try:
             client.delete_model_version(name, mv.version)
         finally:
             raise
     return RegistrationResult(name=name, version=str(mv.version), aliases=aliases, champion=champion,
-                              reason=reason, model_uri=f"models:/{name}/{mv.version}")
+                              reason=reason, model_uri=f"models:/{name}/{mv.version}", card=card_text)
 
 
 def main(argv=None) -> int:
