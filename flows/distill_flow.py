@@ -167,8 +167,6 @@ class RCMDistillFlow(FlowSpec):
         settings that would). The estimate is for GPUs: skipped on CPU runs."""
         if not self.teacher_info.get("real"):
             return None
-        import math
-
         import torch
 
         gpus = self.nodes * self.nproc
@@ -181,10 +179,19 @@ class RCMDistillFlow(FlowSpec):
             return None
         from rcm_core.config import DistillConfig
 
+        from rcm_steps.teacher import plan_mesh
+
         cfg = DistillConfig.preset(self.teacher_info["preset"]).replace(**self.settings["config"])
-        est = check_memory(self.teacher_info, math.ceil(self.settings["batch_size"] / gpus), gpus, mem,
-                           dtype=cfg.dtype, sharded=cfg.fsdp)
-        print(f"memory check: {est['gib_per_gpu']:.1f} GiB per GPU of {mem:.0f} (gpus={gpus})")
+        given = self.settings["config"].get("context_parallel")
+        est = plan_mesh(self.teacher_info, self.settings["batch_size"], gpus, mem, dtype=cfg.dtype,
+                        sharded=cfg.fsdp, micro_batch=cfg.micro_batch, context_parallel=given)
+        if given is None and est["context_parallel"] > 1:       # the mesh the memory model picked
+            self.settings = {**self.settings, "config": {**self.settings["config"],
+                                                         "context_parallel": est["context_parallel"]}}
+            print(f"mesh: context_parallel={est['context_parallel']} x data_parallel={est['data_parallel']} "
+                  "(the smallest CP degree that fits; set context_parallel in --distill_config to choose)")
+        print(f"memory check: {est['gib_per_gpu']:.1f} GiB per GPU of {mem:.0f} (gpus={gpus}, "
+              f"context_parallel={est['context_parallel']})")
         return est
 
     # ------------------------------------------------------------------ steps

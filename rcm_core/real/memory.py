@@ -3,19 +3,23 @@
 Model (documented, deliberately simple; calibrate against GPU runs):
 
 * weights: teacher (dtype) + student + fake score (fp32 master + grad + AdamW 2 states = 16 B/param)
-  + EMA (fp32). The trainer today keeps a full replica of all of it on every GPU (data
-  parallel, ``sharded=False``); ``sharded=True`` models FSDP-style sharding over ``gpus`` plus
-  one unsharded block in flight, which is NOT implemented yet and is only reported as advice;
+  + EMA (fp32). Replicated data parallel (``sharded=False``) keeps all of it on every GPU;
+  ``sharded=True`` (FSDP2, ``DistillConfig.fsdp``) shards it over ``gpus`` plus one unsharded
+  block in flight;
 * activations per GPU with block-level activation checkpointing: tokens on this GPU
   (``batch`` samples per context-parallel group, split over ``context_parallel`` GPUs) x hidden x
   bytes x (2 per layer for the checkpoints + ``_BLOCK_FACTOR`` for the block being recomputed);
   the sCM tangent pass of a checkpointed block keeps no activations (``rcm_core.parallel``);
+* context parallel (Ulysses): + the full-sequence q, k, v, o and their tangents for H/cp heads
+  (8 x tokens x hidden / cp);
 * 5 % + 1.5 GiB overhead (allocator, CUDA context, NCCL buffers).
 
 Calibration (BENCHMARKS.md, issue 4): Wan2.1-1.3B, 81 x 480 x 832 (32,760 tokens), batch 1,
 one GPU, full activation checkpointing, the rCM trainer (teacher, student, fake score, EMA,
 two AdamW): measured peak ``max_memory_allocated`` 60.0 GiB (critic step; student step 49.8);
-this model says 64.0 GiB.
+this model says 64.0 GiB. Re-checked 2026-11-26 (bench_scale, rCM iteration incl. the fp32 time
+embedding): replicated 1 GPU 62.1 GiB (model 63.6), FSDP2 over 2 GPUs 36.6 (37.1), over 4 GPUs
+24.7 (24.5), FSDP2 x CP2 on 4 GPUs 21.4 (20.3), x CP4 19.7 (18.7).
 
 ``batch`` is the micro-batch of one data-parallel rank (one context-parallel group of
 ``context_parallel`` GPUs).
@@ -47,6 +51,8 @@ def _need(n_params, layers, hidden, tokens, dtype_b, batch, gpus, cp, sharded=Tr
     weights = states / gpus + n_params / layers * 4 * 3 if sharded else states
     tok_gpu = batch * math.ceil(tokens / cp)
     acts = tok_gpu * hidden * dtype_b * (2 * layers + _BLOCK_FACTOR)
+    if cp > 1:
+        acts += 8 * batch * tokens * hidden * dtype_b / cp
     return (weights + acts) * 1.05 + 1.5 * GiB
 
 
@@ -69,8 +75,6 @@ def estimate_memory(teacher_name_or_config, batch: int, frames: int, height: int
         spec = RealTeacherSpec(**{**base.__dict__, "transformer_config": cfg})
     if gpus < 1 or context_parallel < 1 or gpus % context_parallel:
         raise ValueError(f"gpus ({gpus}) must be a multiple of context_parallel ({context_parallel})")
-    if context_parallel > 1 and not sharded:
-        raise ValueError("context_parallel > 1 needs sharded=True: the trainer has no context parallelism yet")
     cfg = spec.transformer_config
     p = cfg.get("patch_size", [1, 2, 2])
 
@@ -93,8 +97,8 @@ def estimate_memory(teacher_name_or_config, batch: int, frames: int, height: int
     if not out["fits"] and raise_if_too_big:
         fits = []
         if batch > 1 and need_for(b=1) <= limit:
-            fits.append(f"batch=1 per GPU with gpus={gpus}, context_parallel={context_parallel} (a larger global "
-                        "batch then needs gradient accumulation, which the trainer does not do yet)")
+            fits.append(f"batch=1 per GPU with gpus={gpus}, context_parallel={context_parallel} (keep the global "
+                        "batch with gradient accumulation: DistillConfig.micro_batch=1)")
         if spec.is_video:
             for f in (61, 49, 33, 17):
                 if f < frames and need_for(b=1, tok=tokens_for(f, height, width)) <= limit:
@@ -113,12 +117,29 @@ def estimate_memory(teacher_name_or_config, batch: int, frames: int, height: int
         if sharded:
             fits += sharded_fits
         what = "" if sharded else (
-            " The trainer keeps a full replica of the student, fake score, EMA and AdamW states on every GPU "
-            "(data parallel), so more GPUs do not lower this; FSDP sharding / context parallel are not "
-            "implemented yet" + (f" (with them: {'; '.join(sharded_fits)})" if sharded_fits else "") + ".")
+            " Replicated data parallel keeps a full replica of the student, fake score, EMA and AdamW states on "
+            "every GPU, so more GPUs do not lower this; shard with DistillConfig.fsdp=True (and "
+            "context_parallel)" + (f": {'; '.join(sharded_fits)}" if sharded_fits else "") + ".")
         raise MemoryError(
             f"{spec.name}: estimated {need / GiB:.1f} GiB per GPU for batch {batch} of {frames}x{height}x{width} "
             f"({tokens} tokens/sample, {n / 1e9:.2f}B params, {str(dtype).replace('torch.', '')}) with gpus={gpus}, "
             f"context_parallel={context_parallel}; only {gpu_memory_gib:g} GiB per GPU.{what} Settings that would fit: "
             + ("; ".join(fits) if fits else "none of the tried ones: reduce resolution or frames"))
     return out
+
+
+def pick_context_parallel(teacher_name_or_config, batch: int, frames: int, height: int, width: int,
+                          dtype=torch.bfloat16, gpus: int = 1, gpu_memory_gib: float = 80.0,
+                          sharded: bool = True, heads: int | None = None, tokens: int | None = None) -> dict:
+    """The smallest context-parallel degree that fits: divides ``gpus`` (and ``heads``/``tokens`` when
+    given). Returns :func:`estimate_memory`'s dict for it; raises its MemoryError when none fits."""
+    cands = [c for c in range(1, gpus + 1) if gpus % c == 0 and (heads is None or heads % c == 0)
+             and (tokens is None or tokens % c == 0)]
+    for c in cands:
+        est = estimate_memory(teacher_name_or_config, batch, frames, height, width, dtype, gpus=gpus,
+                              context_parallel=c, gpu_memory_gib=gpu_memory_gib, raise_if_too_big=False,
+                              sharded=sharded)
+        if est["fits"]:
+            return est
+    return estimate_memory(teacher_name_or_config, batch, frames, height, width, dtype, gpus=gpus,
+                           context_parallel=cands[-1], gpu_memory_gib=gpu_memory_gib, sharded=sharded)

@@ -249,6 +249,44 @@ def check_memory(info: Mapping[str, Any], batch: int, gpus: int, gpu_memory_gib:
                            sharded=sharded)
 
 
+def plan_mesh(info: Mapping[str, Any], global_batch: int, gpus: int, gpu_memory_gib: float,
+              dtype: str = "bfloat16", sharded: bool = False, micro_batch: int = 0,
+              context_parallel: Optional[int] = None) -> Dict[str, Any]:
+    """The (data-parallel x context-parallel) mesh for a real teacher on ``gpus`` GPUs, from the memory model.
+
+    ``context_parallel`` given: checked as it is. Else the smallest CP degree that fits, dividing the GPU
+    count and the head count (replicated training takes cp = 1: CP only helps with sharded state). The
+    per-rank batch is the micro-batch when gradient accumulation is on, else global_batch / (gpus / cp).
+    Returns :func:`check_memory`'s estimate plus ``context_parallel`` and ``data_parallel``; raises
+    MemoryError (naming settings that would fit) when nothing fits.
+    """
+    import math
+    heads = int(info["transformer_config"]["num_attention_heads"])
+    if context_parallel is not None:
+        cands = [int(context_parallel)]
+    elif not sharded:
+        cands = [1]
+    else:
+        cands = [c for c in range(1, gpus + 1) if gpus % c == 0 and heads % c == 0]
+    for cp in cands:
+        dp = max(1, gpus // cp)
+        per_rank = micro_batch or max(1, math.ceil(global_batch / dp))
+        last = cp == cands[-1]
+        try:
+            est = check_memory(info, per_rank, gpus, gpu_memory_gib, dtype=dtype, context_parallel=cp, sharded=sharded)
+        except MemoryError:
+            if last:
+                raise
+            continue
+        if est["tokens_per_sample"] % cp:
+            if last:
+                raise ValueError(f"context_parallel={cp} does not divide the {est['tokens_per_sample']} tokens per "
+                                 "sample; choose another size or CP degree")
+            continue
+        return {**est, "context_parallel": cp, "data_parallel": dp}
+    raise MemoryError("no context-parallel degree fits")  # pragma: no cover - the loop raises first
+
+
 @torch.no_grad()
 def encode(teacher, prompts: List[str]) -> torch.Tensor:
     return teacher.encode_text(list(prompts)).float().cpu()
