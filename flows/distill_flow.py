@@ -477,8 +477,9 @@ class RCMDistillFlow(FlowSpec):
                              component_store=self._storage().url("components"))
         del metrics
         self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
-        _describe_version(r, self.teacher, getattr(self, "teacher_lineage", {}), self.method, self.student_steps,
-                          self.eval_metrics, current.pathspec)
+        if not getattr(r, "card", None):      # real teachers: the export's model card is the description
+            _describe_version(r, self.teacher, getattr(self, "teacher_lineage", {}), self.method,
+                              self.student_steps, self.eval_metrics, current.pathspec)
         self.champion, self.champion_reason = r.champion, r.reason
         print(f"registered {r.name} v{r.version} aliases={r.aliases}: {r.reason}")
         self.next(self.end)
