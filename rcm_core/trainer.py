@@ -654,21 +654,15 @@ class RCMTrainer:
     def load_state_dict(self, sd: dict) -> None:
         """Inverse of :meth:`state_dict`; with FSDP every rank passes the full state."""
         if self.sharded:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             full = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.student.net, sd["student"], options=full)
             set_model_state_dict(self.ema.module, sd["ema"]["module"], options=full)
             if self.fake is not None:
                 set_model_state_dict(self.fake.net, sd["fake"], options=full)
-            for net, opt, osd in ((self.student.net, self.opt_student, sd["opt_student"]),
-                                  (self.fake.net if self.fake is not None else None, self.opt_fake, sd["opt_fake"])):
-                if opt is None:
-                    continue
-                if osd is None or not osd.get("state"):   # saved before its first step
-                    opt.state.clear()
-                else:
-                    set_optimizer_state_dict(net, opt, osd, options=full)
+            self._load_optim(self.student.net, self.opt_student, sd["opt_student"])
+            if self.fake is not None:
+                self._load_optim(self.fake.net, self.opt_fake, sd["opt_fake"])
             self.ema.num_updates = int(sd["ema"]["num_updates"])
         else:
             self.student.net.load_state_dict(sd["student"])
@@ -680,17 +674,24 @@ class RCMTrainer:
         self.step = int(sd["step"])
         self._reseed()
 
-    @staticmethod
-    def _load_optim(net, opt, osd: Optional[dict]) -> None:
-        """A non-sharded optimiser from ``opt.state_dict()`` (integer keys) or from a sharded run's full
-        state (FQN keys; None: saved before its first step)."""
-        if osd is not None and all(isinstance(i, int) for g in osd["param_groups"] for i in g["params"]):
+    def _load_optim(self, net, opt, osd: Optional[dict]) -> None:
+        """An optimiser from a single-file checkpoint's full state: ``opt.state_dict()`` of a non-sharded
+        run (parameters by index), a sharded run's gathered state (by canonical name), or None (saved
+        before its first step). Either loads into a sharded or a non-sharded trainer."""
+        by_index = osd is not None and all(isinstance(i, int) for g in osd["param_groups"] for i in g["params"])
+        if by_index and not self.sharded:
             opt.load_state_dict(osd)
-        elif osd is None or not osd.get("state"):
+            return
+        if osd is None or not osd.get("state"):
             opt.state.clear()
-        else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(net, opt, osd, options=StateDictOptions(full_state_dict=True))
+            return
+        if by_index:        # indices count the parameters in order, as named_parameters() lists them
+            names = [n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+                     for n, _ in net.named_parameters()]
+            osd = {"state": {names[i]: v for i, v in osd["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(net, opt, osd, options=StateDictOptions(full_state_dict=True))
 
     def save_checkpoint(self, url: str, storage_options: Optional[dict] = None, format: str = "auto") -> None:
         """Write the whole training state to ``url`` (any fsspec URL); it appears only once complete.
