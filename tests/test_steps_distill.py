@@ -88,22 +88,43 @@ class _Residual(__import__("torch").nn.Module):
         return h + self.lin(h)
 
 
-def test_two_processes_fsdp_checkpoint_and_ema_are_full(tmp_path, cache_url):
+def test_fsdp_dcp_checkpoint_of_4_ranks_resumes_on_2_and_ema_is_full(tmp_path, cache_url):
+    """FSDP: each rank writes its shards of a DCP checkpoint (ckpt/step-XXXXXXX.dcp/); a rerun on 2 ranks
+    resumes from the one 4 ranks wrote; the EMA export has the teacher's full names and shapes."""
     import torch
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from rcm_core.checkpoint import MARKER, read_meta
 
     out = str(tmp_path / "out")
     cfg = json.dumps({**json.loads(TINY), "fsdp": True, "fused_tangent": False, "activation_checkpointing": "full"})
-    run_torchrun("rcm_steps.distill", ["--teacher", "test_steps_distill:BlockTeacher", "--cache", cache_url,
-                                       "--out", out, "--iterations", "4", "--batch-size", "4", "--config", cfg,
-                                       "--ckpt-every", "2"], env=_env(tmp_path), nproc_per_node=2)
+    args = ["--teacher", "test_steps_distill:BlockTeacher", "--cache", cache_url, "--out", out, "--batch-size", "4",
+            "--config", cfg, "--ckpt-every", "2"]
+    run_torchrun("rcm_steps.distill", args + ["--iterations", "2"], env=_env(tmp_path), nproc_per_node=4)
+    first = os.path.join(out, "ckpt", "step-0000002.dcp")
+    assert sorted(os.listdir(first)) == [".metadata"] + [f"__{r}_0.distcp" for r in range(4)] + [MARKER]
+    assert read_meta(first)["world_size"] == 4
+    run_torchrun("rcm_steps.distill", args + ["--iterations", "4"], env=_env(tmp_path), nproc_per_node=2)
     res = json.load(open(os.path.join(out, "result.json")))
     assert res["world_size"] == 2 and res["steps"] == 4 and res["config"]["fsdp"] is True
-    ema = load_file(os.path.join(out, "student_ema.safetensors"))
-    ck = torch.load(os.path.join(out, res["checkpoint"]), weights_only=False)
+    assert res["resumed_from"] == 2 and res["start_step"] == 2 and res["checkpoint"] == "ckpt/step-0000004.dcp"
+    ck = os.path.join(out, res["checkpoint"])
+    assert sorted(os.listdir(ck)) == [".metadata", "__0_0.distcp", "__1_0.distcp", MARKER]
+    meta = read_meta(ck)
+    assert meta["step"] == 4 and meta["world_size"] == 2 and meta["config"]["fsdp"] is True
     ref = BlockTeacher().net.state_dict()
-    for sd in (ema, ck["student"], ck["fake"], ck["ema"]["module"]):
-        assert set(sd) == set(ref)                                  # full keys, no FSDP/wrapper prefixes
+    md = FileSystemReader(ck).read_metadata().state_dict_metadata
+    for part in ("student", "fake", "ema"):                       # full names, no FSDP/wrapper prefixes
+        assert {k.split(".", 1)[1] for k in md if k.startswith(part + ".")} == set(ref)
         for k, v in ref.items():
-            assert tuple(sd[k].shape) == tuple(v.shape), k          # gathered, not shards
-    assert ck["step"] == 4 and not torch.equal(ck["student"]["blocks.0.lin.weight"], ref["blocks.0.lin.weight"])
+            assert list(md[f"{part}.{k}"].size) == list(v.shape), k   # global shapes
+    dcp_to_torch_save(ck, str(tmp_path / "one.pt"))                # the documented conversion to one file
+    one = torch.load(tmp_path / "one.pt", weights_only=False)
+    assert not torch.equal(one["student"]["blocks.0.lin.weight"], ref["blocks.0.lin.weight"])
+    ema = load_file(os.path.join(out, "student_ema.safetensors"))
+    assert set(ema) == set(ref)                                   # the teacher's names, gathered (not shards)
+    for k, v in ref.items():
+        assert tuple(ema[k].shape) == tuple(v.shape), k
+    assert torch.equal(ema["blocks.0.lin.weight"], one["ema"]["blocks.0.lin.weight"].float())

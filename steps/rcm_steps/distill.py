@@ -3,11 +3,15 @@
 * Initialises the process group when launched by torchrun (gloo on CPU, NCCL on GPU).
 * Reads and verifies the cache shards through fsspec (each rank its share).
 * Trains with :class:`rcm_core.trainer.RCMTrainer` (gradients averaged across ranks).
-* Rank 0 logs to MLflow (params, per-step losses, grad norms, NaN counts, samples/s)
-  and writes checkpoints under ``--out`` (any fsspec URL): ``ckpt/step-XXXXXXX.pt``,
-  then the pointer ``ckpt/latest.json`` last. A rerun with the same ``--out`` (e.g.
-  a Metaflow retry) resumes from the latest checkpoint.
-* At the end rank 0 writes ``student_ema.safetensors`` and ``result.json``.
+* Rank 0 logs to MLflow (params, per-step losses, grad norms, NaN counts, samples/s).
+* Checkpoints under ``--out`` (any fsspec URL): with FSDP a DCP directory
+  ``ckpt/step-XXXXXXX.dcp/`` that every rank writes its own shards into (nothing gathered;
+  loadable on any number of ranks, see :mod:`rcm_core.checkpoint`), else one file
+  ``ckpt/step-XXXXXXX.pt`` written by rank 0; then the pointer ``ckpt/latest.json``. A rerun with
+  the same ``--out`` (e.g. a Metaflow retry) resumes from the newest *complete* checkpoint of
+  either format (a DCP directory counts once its marker file is in it), on any number of ranks.
+* At the end rank 0 writes ``student_ema.safetensors`` (the EMA student, float32, with exactly the
+  teacher network's state-dict names, e.g. a diffusers transformer's) and ``result.json``.
 * A failure prints a short ``rCM: distill worker (rank r) failed: ...`` block first (see
   :mod:`rcm_steps.errors`); the launcher passes it on to the flow step.
 
@@ -19,9 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -121,10 +126,29 @@ class _MlflowLogger:
             self.buf = []
 
 
+_CKPT_NAME = re.compile(r"^step-(\d{7})\.(pt|dcp)$")
+
+
+def _checkpoints(out: Storage) -> List[Tuple[int, str, bool]]:
+    """(step, key, complete) of the checkpoints under ``ckpt/``, oldest first (either format; a DCP
+    directory is complete once its marker is written, a file once it exists: it is renamed into place)."""
+    from rcm_core.checkpoint import is_complete
+
+    found = []
+    for name in out.list("ckpt"):
+        m = _CKPT_NAME.match(name)
+        if m:
+            key = f"ckpt/{name}"
+            found.append((int(m.group(1)), key, is_complete(out.url(key), out.storage_options)))
+    return sorted(found)
+
+
 def _latest(out: Storage) -> Optional[Dict[str, Any]]:
-    if out.exists("ckpt/latest.json"):
-        return out.read_json("ckpt/latest.json")
-    return None
+    """The newest complete checkpoint, ``{"step", "file"}``; half-written ones are never returned."""
+    done = [(step, key) for step, key, complete in _checkpoints(out) if complete]
+    if not done:
+        return None
+    return {"step": done[-1][0], "file": done[-1][1]}
 
 
 def main(argv=None) -> int:
@@ -208,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
         if step % args.ckpt_every == 0 or step == cfg.iterations:
             if rank == 0:       # metrics first: a checkpointed step's metrics are in MLflow whenever a kill comes
                 log.flush()
-            if trainer.sharded:                      # FSDP: every rank helps gather the state; rank 0 writes
+            if trainer.sharded:                      # FSDP: DCP, every rank writes its shards; rank 0 the rest
                 _save(trainer, out, step, write=rank == 0)
             elif rank == 0:
                 _save(trainer, out, step)
@@ -221,12 +245,13 @@ def _run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t_start
     if world > 1:
         dist.barrier()
-    ema_sd = trainer.ema_state_dict() if trainer.sharded or rank == 0 else None   # FSDP: a collective
-    if rank == 0:
-        from safetensors.torch import save
+    ema_bytes = None
+    if trainer.sharded or rank == 0:      # FSDP: a collective (full tensors gathered one by one to rank 0's CPU)
+        from rcm_core.checkpoint import ema_safetensors
 
-        ema = {k: v.detach().float().cpu().contiguous() for k, v in ema_sd.items()}
-        out.write_bytes("student_ema.safetensors", save(ema))
+        ema_bytes = ema_safetensors(trainer, expected_keys=teacher.net.state_dict().keys())
+    if rank == 0:
+        out.write_bytes("student_ema.safetensors", ema_bytes)
         result = {"steps": trainer.step, "start_step": start, "resumed_from": resumed_from, "world_size": world,
                   "backend": backend, "seconds": seconds,
                   "samples_per_s": samples / seconds if seconds > 0 else None,
@@ -245,14 +270,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _save(trainer, out: Storage, step: int, keep: int = 2, write: bool = True) -> None:
-    name = f"ckpt/step-{step:07d}.pt"
+    """Checkpoint ``step``: a DCP directory when the trainer is sharded (call on every rank), else one
+    file (call on rank 0). ``write`` (rank 0): then the pointer, and keep the newest ``keep`` complete
+    checkpoints, removing older ones, half-written ones and leftovers of killed saves."""
+    name = f"ckpt/step-{step:07d}.{'dcp' if trainer.sharded else 'pt'}"
     trainer.save_checkpoint(out.url(name), out.storage_options)
     if not write:
         return
-    out.write_json("ckpt/latest.json", {"step": step, "file": name})   # pointer last
-    old = sorted(n for n in out.list("ckpt") if n.startswith("step-") and n.endswith(".pt"))[:-keep]
-    for o in old:
-        out.rm(f"ckpt/{o}")
+    out.write_json("ckpt/latest.json", {"step": step, "file": name})   # pointer last (informative)
+    found = _checkpoints(out)
+    done = [key for _, key, complete in found if complete]
+    for _, key, complete in found:
+        if key != name and (not complete or key in done[:-keep]):
+            out.rm(key, recursive=True)
+    for n in out.list("ckpt"):
+        if n.startswith(".tmp-"):
+            out.rm(f"ckpt/{n}", recursive=True)
 
 
 if __name__ == "__main__":
