@@ -41,7 +41,7 @@ class DistillConfig:
     activation_checkpointing: str = "none"
     ac_every: int = 2
     # FSDP2: shard the student's, fake score's and EMA's transformer blocks (weights, grads, AdamW
-    # states) over all ranks; needs fused_tangent=False
+    # states) over all ranks; with fused_tangent it needs activation_checkpointing="full"
     fsdp: bool = False
     # FSDP: 0 = shard over all ranks; else HSDP: shard within groups of this many ranks (e.g. the GPUs
     # of one node), replicate across groups (the reference's fsdp_shard_size)
@@ -116,10 +116,13 @@ class DistillConfig:
                              "known: none, full, selective")
         if self.ac_every < 1:
             raise ValueError(f"DistillConfig.ac_every must be >= 1, got {self.ac_every}")
-        if self.fsdp and self.fused_tangent and self.time_derivative == "jvp":
-            raise ValueError("DistillConfig.fsdp needs fused_tangent=False: FSDP's hooks cannot take forward-AD "
-                             "tangents while the graph is recorded, so the tangent is computed in a separate "
-                             "no-grad JVP pass (2.0x a plain step instead of 1.7x, BENCHMARKS.md)")
+        if self.fsdp and self.fused_tangent and self.time_derivative == "jvp" and \
+                self.activation_checkpointing != "full":
+            raise ValueError("DistillConfig.fsdp with fused_tangent=True needs activation_checkpointing='full': "
+                             "a checkpointed block computes its tangent without recording a graph, which FSDP's "
+                             "hooks accept; an unchecked block would carry forward-AD tangents through FSDP's "
+                             "unshard while recording (it fails). Use activation_checkpointing='full' or "
+                             "fused_tangent=False (a separate no-grad JVP pass)")
         if self.dmd_time not in ("rf_shift", "lognormal"):
             raise ValueError(f"DistillConfig.dmd_time={self.dmd_time!r}; known: rf_shift, lognormal")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
@@ -178,15 +181,14 @@ class DistillConfig:
 # Project settings (not from either source): dtype, activation checkpointing and FSDP. Real teachers
 # train with full activation checkpointing: without it Wan2.1-1.3B at 480p x 81 frames runs out of
 # memory on an 80 GiB H100 even for a plain fwd+bwd step (BENCHMARKS.md). Wan2.1-1.3B's replicated
-# training state (~50 GiB) fits one 80 GiB GPU, so it keeps the fused tangent; the 14B and
-# Cosmos-Predict2 (2B: ~76 GB replicated) shard with FSDP2, which needs the tangent from a separate
-# JVP pass.
+# training state (~50 GiB) fits one 80 GiB GPU; the 14B and Cosmos-Predict2 (2B: ~76 GB replicated)
+# shard with FSDP2. The fused sCM tangent works under FSDP2 when every block is checkpointed.
 _WAN_13B_PAPER = dict(P_mean=0.7, P_std=1.6, tangent_warmup_steps=1000, student_update_freq=5,
                       lr_student=2e-6, lr_fake=4e-7, dmd_time="rf_shift", dmd_shift=5.0, sigma_max=80.0,
                       mid_t=(1.3, 1.0, 0.6), ema_sigma_rel=0.05, batch_size=256, iterations=10_000,
                       dtype="bfloat16", activation_checkpointing="full")
 _WAN_14B_PAPER = dict(_WAN_13B_PAPER, P_mean=1.5, tangent_warmup_steps=200, student_update_freq=10,
-                      lr_student=1e-6, lr_fake=1e-7, batch_size=64, fsdp=True, fused_tangent=False)
+                      lr_student=1e-6, lr_fake=1e-7, batch_size=64, fsdp=True)
 PRESETS: dict[str, dict] = {
     "wan2.1-1.3b": _WAN_13B_PAPER,
     "wan2.1-14b": _WAN_14B_PAPER,
@@ -196,7 +198,7 @@ PRESETS: dict[str, dict] = {
     "cosmos-predict2": dict(P_mean=-0.8, P_std=1.6, tangent_warmup_steps=0, student_update_freq=5,
                             lr_student=1e-6, lr_fake=2e-7, dmd_time="lognormal",
                             dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16",
-                            activation_checkpointing="full", fsdp=True, fused_tangent=False),
+                            activation_checkpointing="full", fsdp=True),
     # The embedded toy teacher: same algorithm, learning rates and lengths for minutes on a CPU.
     "embedded": dict(P_mean=0.0, P_std=1.6, tangent_warmup_steps=20, student_update_freq=2,
                      lr_student=1e-4, lr_fake=1e-4, dmd_time="rf_shift", dmd_shift=2.0, lr_warmup_steps=10,

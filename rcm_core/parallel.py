@@ -22,9 +22,11 @@ that the recomputation does not), so a checkpointed block that sees dual inputs 
 output and tangent without recording a graph, and :class:`_Recompute` re-runs the block's
 primal forward with grad in the backward (under the forward's autocast state; blocks must be
 deterministic: no dropout). FSDP's hooks cannot take dual tensors while a graph is being
-recorded, so with FSDP the trainer computes the tangent in a separate no-grad JVP pass
-(``DistillConfig.fsdp`` requires ``fused_tangent=False``); a sharded block sits inside the
-checkpoint wrapper.
+recorded (an unchecked block fails in FSDP's unshard), but a checkpointed block computes its
+tangent without a graph: so the fused tangent runs under FSDP when every block is checkpointed
+(``activation_checkpointing="full"``; tested against data parallel), else the trainer computes
+the tangent in a separate no-grad JVP pass (``fused_tangent=False``). A sharded block sits
+inside the checkpoint wrapper.
 """
 from __future__ import annotations
 

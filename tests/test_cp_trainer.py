@@ -41,18 +41,21 @@ def _steps(tr, batch):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     sd = get_model_state_dict(tr.student.net, options=opts) if tr.sharded else tr.student.net.state_dict()
-    return ms, {k: v.detach().clone() for k, v in sd.items()}
+    return ms, {k: v.detach().cpu().clone() for k, v in sd.items()}
 
 
-def _worker(rank, world, port, out, cp, fsdp):
+def _worker(rank, world, port, out, cp, fsdp, device="cpu"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    dist.init_process_group("nccl" if device != "cpu" else "gloo", rank=rank, world_size=world)
     try:
         from rcm_core.trainer import RCMTrainer
         dp = world // cp
         te, full = _batch(dp)
-        tr = RCMTrainer(te, _config(context_parallel=cp, fsdp=fsdp, fused_tangent=not fsdp))
+        tr = RCMTrainer(te, _config(context_parallel=cp, fsdp=fsdp, fused_tangent=not fsdp), device=device)
         assert (tr.dp_rank, tr.dp_size) == (rank // cp, dp)
         rows = slice(tr.dp_rank, tr.dp_rank + 1)
         local = {"latents": full["latents"][rows], "cond": full["cond"][rows], "uncond": full["uncond"]}
@@ -63,10 +66,10 @@ def _worker(rank, world, port, out, cp, fsdp):
         dist.destroy_process_group()
 
 
-def _reference(dp):
+def _reference(dp, device="cpu"):
     from rcm_core.trainer import RCMTrainer
     te, full = _batch(dp)
-    return _steps(RCMTrainer(te, _config()), full)
+    return _steps(RCMTrainer(te, _config(), device=device), full)
 
 
 def _compare(got, ref, dp):
@@ -90,6 +93,18 @@ def test_context_parallel_steps_equal_the_single_process_steps(tmp_path, world, 
     mp.start_processes(_worker, args=(world, _free_port(), out, cp, fsdp), nprocs=world, join=True,
                        start_method="spawn")
     _compare(torch.load(out, weights_only=False), _reference(world // cp), world // cp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world,cp,fsdp", [(2, 2, False), (2, 2, True), (4, 2, True)])
+def test_context_parallel_on_gpus_nccl_equals_one_gpu_process(tmp_path, world, cp, fsdp):
+    """The reference runs on one GPU too: CUDA generators draw other numbers than CPU ones."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs (NCCL)")
+    out = str(tmp_path / "r.pt")
+    mp.start_processes(_worker, args=(world, _free_port(), out, cp, fsdp, "cuda"), nprocs=world, join=True,
+                       start_method="spawn")
+    _compare(torch.load(out, weights_only=False), _reference(world // cp, "cuda:0"), world // cp)
 
 
 def test_bad_context_parallel_degrees_fail_before_training():

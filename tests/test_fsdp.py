@@ -22,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64"):
+def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64", fused=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     if device == "cuda":
@@ -37,7 +37,7 @@ def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64"):
         teacher = get_teacher("embedded")
         cfg = DistillConfig.preset("embedded", method="rcm", dtype=dtype, tangent_warmup_steps=0, lr_warmup_steps=0,
                                    student_update_freq=2, activation_checkpointing="full", fsdp=fsdp,
-                                   fused_tangent=False)
+                                   fused_tangent=fused)
         tr = RCMTrainer(teacher, cfg, device=device)
         assert tr.sharded == fsdp
         if fsdp:                                                    # blocks AND root: every parameter a DTensor
@@ -63,14 +63,19 @@ def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64"):
         dist.destroy_process_group()
 
 
-def _run(out_dir, fsdp, device="cpu", dtype="float64"):
-    mp.start_processes(_worker, args=(2, _free_port(), str(out_dir), fsdp, device, dtype), nprocs=2, join=True,
-                       start_method="spawn")
+def _run(out_dir, fsdp, device="cpu", dtype="float64", fused=False):
+    mp.start_processes(_worker, args=(2, _free_port(), str(out_dir), fsdp, device, dtype, fused), nprocs=2,
+                       join=True, start_method="spawn")
     return torch.load(os.path.join(out_dir, f"res_{fsdp}.pt"), weights_only=False, map_location="cpu")
 
 
 def test_fsdp_matches_data_parallel_and_resumes(tmp_path):
     _compare(_run(tmp_path, True), _run(tmp_path, False))
+
+
+def test_fused_tangent_under_fsdp_matches_data_parallel(tmp_path):
+    """With every block checkpointed, the fused sCM tangent runs under FSDP2 (issue 11, part 2)."""
+    _compare(_run(tmp_path, True, fused=True), _run(tmp_path, False, fused=True))
 
 
 @pytest.mark.gpu
@@ -85,6 +90,12 @@ def test_fsdp_bf16_mixed_precision_on_two_gpus_nccl(tmp_path):
     """bf16: FSDP's mixed-precision policy (bf16 params, fp32 reduce) against replicated autocast."""
     _compare(_run(tmp_path, True, "cuda", "bfloat16"), _run(tmp_path, False, "cuda", "bfloat16"), rel=5e-2,
              atol=5e-3, resume_rel=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_fused_tangent_under_fsdp_on_two_gpus_nccl(tmp_path):
+    _compare(_run(tmp_path, True, "cuda", fused=True), _run(tmp_path, False, "cuda", fused=True))
 
 
 def _compare(got, ref, rel=1e-9, atol=1e-10, resume_rel=1e-12):
