@@ -84,6 +84,15 @@ def _tokens(net: torch.nn.Module, latent_shape) -> int:
     return math.prod(n // p for n, p in zip(latent_shape[1:], patch))
 
 
+def _has_blocks(net: torch.nn.Module) -> bool:
+    from .parallel import transformer_blocks
+    try:
+        transformer_blocks(net)
+        return True
+    except ValueError:
+        return False
+
+
 def _is_low_precision(net: torch.nn.Module) -> bool:
     return any(p.dtype in (torch.bfloat16, torch.float16) for p in net.parameters())
 
@@ -231,6 +240,8 @@ class RCMTrainer:
             net = net.to(self.device) if keep else net.to(self.device, net_dtype)
             if trainable:
                 net = parallelize(net, pcfg, mesh)
+            elif self.cfg.fsdp and _has_blocks(net):   # the frozen teacher is sharded too (its forward gathers)
+                net = parallelize(net.requires_grad_(False), ParallelConfig(fsdp=True), mesh)
             p = (student_param or param) if trainable else param
             # the compute dtype is the config's (also for a network without parameters); a frozen
             # low-precision teacher computes in the dtype of most of its weights

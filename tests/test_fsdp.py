@@ -1,10 +1,11 @@
-"""FSDP2 sharding (rcm_core.parallel) against plain data parallel, 2 ranks, real gloo.
+"""FSDP2 sharding (rcm_core.parallel) against plain data parallel, 2 ranks, real gloo (and NCCL: gpu marker).
 
-The same rCM steps (student with the sCM tangent from a no-grad JVP pass + DMD, critic) on the embedded
-teacher in float64 with full activation checkpointing, once with the blocks sharded by
-FSDP2 and once replicated with the trainer's gradient all-reduce: the weights, EMA and
-losses must agree, and a checkpoint written under FSDP (gathered, full tensors) must
-resume to the same next step.
+The same rCM steps (student with the sCM tangent + DMD, critic) on the embedded teacher in float64 with
+full activation checkpointing, once with student, fake score, EMA and frozen teacher sharded by FSDP2
+(blocks and root) and once replicated with the trainer's gradient all-reduce: the weights, EMA and
+losses must agree, and a checkpoint written under FSDP (a sharded DCP directory) must resume to the
+same next step. The tangent comes from a separate no-grad pass, or fused into the student's forward
+(``fused=True``: allowed under FSDP with every block checkpointed).
 """
 import copy
 import os
@@ -43,6 +44,7 @@ def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64", fus
         if fsdp:                                                    # blocks AND root: every parameter a DTensor
             from torch.distributed.tensor import DTensor
             assert all(isinstance(p, DTensor) for p in tr.student.parameters())
+            assert all(isinstance(p, DTensor) for p in tr.teacher.parameters())     # the frozen teacher too
         g = torch.Generator().manual_seed(10 + rank)
         batch = {"latents": torch.randn(2, *teacher.latent_shape, generator=g),
                  "cond": torch.randn(2, 16, 64, generator=g), "uncond": torch.zeros(1, 16, 64)}
