@@ -149,6 +149,15 @@ def _local_4d(xs, names, where) -> Optional[str]:
     return None
 
 
+def _shape_table(xs, group, check, err: Optional[str], where: str):
+    """Every rank's shapes of ``xs`` (raising on all ranks if any found ``err``); None when checks are off."""
+    if not _want_check(check):
+        if err:
+            raise ValueError(err)
+        return None
+    return _all_shapes(group, list(xs), err, where)
+
+
 def _check_seq_to_heads(xs, names, group, size, check, where, err: Optional[str] = None) -> None:
     """Local tokens equal on every rank, heads divisible by cp (xs in bnhd); ``err``: a local error found earlier."""
     err = err or _local_4d(xs, names, where)
@@ -158,11 +167,9 @@ def _check_seq_to_heads(xs, names, group, size, check, where, err: Optional[str]
                 err = (f"{where}: {name} has {x.shape[2]} heads, not divisible by the cp size {size}; "
                        f"Ulysses gives each rank heads/cp heads (choose cp among the divisors of {x.shape[2]})")
                 break
-    if not _want_check(check):
-        if err:
-            raise ValueError(err)
+    table = _shape_table(xs, group, check, err, where)
+    if table is None:
         return
-    table = _all_shapes(group, list(xs), err, where)
     for i, name in enumerate(names):
         shapes = [tbl[i] for tbl in table]
         lens = [s[1] for s in shapes]
@@ -183,11 +190,9 @@ def _check_heads_to_seq(xs, names, group, size, check, where) -> None:
             if x.shape[1] % size:
                 err = (f"{where}: {name} has {x.shape[1]} tokens, not divisible by the cp size {size}")
                 break
-    if not _want_check(check):
-        if err:
-            raise ValueError(err)
+    table = _shape_table(xs, group, check, err, where)
+    if table is None:
         return
-    table = _all_shapes(group, list(xs), err, where)
     for i, name in enumerate(names):
         shapes = [tbl[i] for tbl in table]
         if len(set(shapes)) > 1:
