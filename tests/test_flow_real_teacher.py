@@ -140,7 +140,7 @@ def test_memory_check_fails_early_with_settings_that_fit(wan_dir):
     big = {"name": "wan2.1-14b", "frames": 81, "height": 480, "width": 832,
            "transformer_config": {**SPECS["wan2.1-14b"].transformer_config, "_class_name": "WanTransformer3DModel"}}
     with pytest.raises(MemoryError, match=r"wan2.1-14b: estimated .* GiB per GPU .* gpus=8, context_parallel=1.*"
-                                          r"not implemented yet \(with them: gpus=\d+, context_parallel=\d+"):
+                                          r"full replica.*fsdp=True.*: gpus=\d+, context_parallel=\d+"):
         check_memory(big, batch=1, gpus=8, gpu_memory_gib=80)
 
 

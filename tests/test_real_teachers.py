@@ -302,7 +302,7 @@ def test_bf16_autocast_step_with_project_attention(wan_dir, cosmos_dir, which):
     fp32 while v is bf16; the stock SDPA casts them itself): a bf16 training step runs on both."""
     te = load_teacher_from_path(wan_dir if which == "wan" else cosmos_dir, **(SMALL if which == "wan" else SMALL | {"frames": 1}))
     cfg = DistillConfig.preset(te.preset, method="scm", dtype="bfloat16", tangent_warmup_steps=0, batch_size=1,
-                               iterations=1, lr_warmup_steps=0, activation_checkpointing="none")
+                               iterations=1, lr_warmup_steps=0, activation_checkpointing="none", fsdp=False)
     tr = RCMTrainer(te, cfg)
     batch = dict(latents=torch.randn(1, *te.latent_shape), cond=te.encode_text(["a red cat runs"]),
                  uncond=te.negative_embedding())
