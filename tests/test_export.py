@@ -395,6 +395,7 @@ class safe_open_meta:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_pyfunc_and_evaluate_decode_on_the_gpu(distilled, wan_dir, tmp_path, monkeypatch):
     """On a GPU the pyfunc serves in bf16 with the project attention and the fast VAE decode; evaluate's
     decode is the same fast decode (recorded in the eval settings)."""
