@@ -129,7 +129,7 @@ def _rest(stack, endpoint, **params):
     return r.json()
 
 
-def test_watcher_finds_the_new_teacher_only(scenario):
+def test_watcher_finds_the_new_teacher_only(scenario, stack):
     from rcm_steps.watch import new_teachers, scan
 
     w = scenario["watch_run"].data
@@ -139,9 +139,8 @@ def test_watcher_finds_the_new_teacher_only(scenario):
     ev = scenario["event"]
     assert ev["teacher"] == str(scenario["teachers"] / "new-wan") and ev["teacher_revision"].startswith("sha256:")
     # after the triggered run, nothing is new any more
-    from mlflow.tracking import MlflowClient
-
-    new, skipped = new_teachers(scan(str(scenario["teachers"])), MlflowClient())
+    # the server's client, explicitly: a bare MlflowClient() follows a tracking URI that an earlier test set
+    new, skipped = new_teachers(scan(str(scenario["teachers"])), _client(stack))
     assert new == [] and sorted(s["reason"].split(":")[0] for s in skipped) == ["distilled", "distilled"]
 
 

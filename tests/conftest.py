@@ -1,0 +1,18 @@
+"""Shared test hygiene."""
+import sys
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _reset_mlflow_uris():
+    """Tests point MLflow at their own sqlite store with ``mlflow.set_tracking_uri``: a process-global
+    that outlives the test. Reset it after each test, so the next one follows its environment again
+    (a leaked URI once made a services test look up teachers in another test's registry)."""
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        from mlflow.tracking import _tracking_service, _model_registry
+
+        _tracking_service.utils._tracking_uri = None
+        _model_registry.utils._registry_uri = None
