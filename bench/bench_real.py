@@ -11,6 +11,10 @@ Phases (each writes the JSON as it goes, so a killed run keeps what it measured)
   fused tangent and with a separate JVP pass; for each activation-checkpointing mode in
   ``--ac`` (an out-of-memory is recorded as such).
 * ``rcm``: the rCM student step (sCM + DMD through a 1-4 step rollout) and the critic step.
+* ``primal``: primal-only attention (no tangent) on the project's kernel (``RCM_ATTN_PRIMAL=op``,
+  before issue 15) and on the fastest backend (``auto``: FA3 if installed, else PyTorch's default
+  SDPA): attention alone at this token count, the teacher's CFG-pair forward, the network's
+  forward + backward (the critic's pass), the 4-step student sampling.
 * ``sampling``: the 4-step student vs the teacher's 50-step x 2 (CFG) UniPC sampler, DiT only
   and followed by the Wan VAE decode to 81 x 480 x 832 pixels, for each decode variant in
   ``--vae-variants`` (``rcm_core.real.fast_vae``; error against the fp32 decode recorded).
@@ -111,13 +115,77 @@ class Bench:
         self.out.write_text(json.dumps({**self.meta, "rows": self.rows}, indent=1))
 
 
+def primal_phase(b: Bench, teacher, x0, cond, uncond, dev) -> None:
+    """Rows for primal-only attention on ``RCM_ATTN_PRIMAL=op`` (before) and ``auto`` (after)."""
+    import os
+
+    import torch.nn.functional as F
+    from rcm_core.attention import attention, primal_backend
+    from rcm_core.denoiser import TrigFlowDenoiser
+    from rcm_core.sampling import sample_student
+
+    den = TrigFlowDenoiser(teacher.net, teacher.param, teacher.call)
+    C, T, H, W = teacher.latent_shape
+    n_tok, heads = T * (H // 2) * (W // 2), teacher.net.config.num_attention_heads
+    dh = teacher.net.config.attention_head_dim
+    g = torch.Generator(device=dev).manual_seed(1)
+    q, k, v = (torch.randn(1, heads, n_tok, dh, generator=g, device=dev, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    t1 = torch.full((2,), 1.0, dtype=torch.float64, device=dev)
+    params = [p for p in teacher.net.parameters() if p.dtype == torch.bfloat16]
+
+    def fwd_bwd():                                          # the critic's pass: grads to the weights
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            out = den(x0, t1[:1], cond)
+            torch.autograd.backward(out.float().square().mean(), inputs=params)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+    sdpa_ref = b.run(f"SDPA forward, default backend (B=1, H={heads}, N={n_tok}, D={dh})",
+                     lambda: F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach()), kind="primal_ref")
+    old = os.environ.get("RCM_ATTN_PRIMAL")
+    res = {}
+    try:
+        for choice in ("op", "auto"):
+            os.environ["RCM_ATTN_PRIMAL"] = choice
+            cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else (0, 0)
+            name = primal_backend(dev.type, torch.bfloat16, (dh, dh), cap)
+            tag = dict(kind="primal", choice=choice, backend=name)
+            with torch.no_grad():
+                res[choice, "attn"] = b.run(f"attention forward [{choice}: {name}]", lambda: attention(q, k, v), **tag)
+            res[choice, "attn_bwd"] = b.run(f"attention forward + backward [{choice}: {name}]", lambda: torch.autograd.grad(
+                attention(q, k, v).float().sum(), (q, k, v)), **tag)
+            with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16):
+                res[choice, "teacher"] = b.run(f"teacher forward, CFG pair (batch 2) [{choice}: {name}]",
+                                               lambda: den(torch.cat([x0, x0]), t1, torch.cat([cond, uncond])), **tag)
+            with torch.autocast(dev.type, torch.bfloat16):
+                res[choice, "critic"] = b.run(f"network forward + backward (critic pass) [{choice}: {name}]",
+                                              fwd_bwd, **tag)
+            res[choice, "sampling"] = b.run(f"student 4-step sampling (DiT only) [{choice}: {name}]",
+                                            lambda: sample_student(den, cond, x0, 4), **tag)
+    finally:
+        if old is None:
+            os.environ.pop("RCM_ATTN_PRIMAL", None)
+        else:
+            os.environ["RCM_ATTN_PRIMAL"] = old
+    for what in ("attn", "attn_bwd", "teacher", "critic", "sampling"):
+        before, after = res["op", what]["s"], res["auto", what]["s"]
+        if before and after:
+            b.meta[f"primal_speedup_{what}"] = before / after
+    if sdpa_ref["s"] and res["op", "attn"]["s"]:
+        b.meta["primal_kernel_fwd_x_sdpa"] = res["op", "attn"]["s"] / sdpa_ref["s"]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default="wan2.1-1.3b")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
-    ap.add_argument("--phases", default="steps,rcm,sampling")
+    ap.add_argument("--phases", default="steps,rcm,sampling", help="any of primal,steps,rcm,sampling,vae")
     ap.add_argument("--ac", default="none,full", help="activation checkpointing for the steps phase: none, full, selective:K (every K-th block)")
     ap.add_argument("--rcm-ac", default="full", help="activation checkpointing for the rcm phase")
     ap.add_argument("--repeats", type=int, default=2)
@@ -163,6 +231,9 @@ def main(argv=None) -> dict:
             tr.step = step
             (tr.student_step if tr.is_student_step() else tr.critic_step)(x0, cond, uncond)
         return run
+
+    if "primal" in phases:
+        primal_phase(b, teacher, x0, cond, uncond, dev)
 
     if "steps" in phases:
         for ac in a.ac.split(","):
@@ -270,7 +341,7 @@ def main(argv=None) -> dict:
         if "x_plain_same_ac" in r:
             print(f"  {r['what']:58s} {r['x_plain_same_ac']:5.2f}x plain (same AC), {r['x_fastest_plain']:5.2f}x fastest plain")
     for k, v in b.meta.items():
-        if k.startswith("speedup"):
+        if k.startswith(("speedup", "primal_")):
             print(f"  {k}: {v:.1f}x")
     return b.meta
 

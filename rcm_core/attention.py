@@ -19,6 +19,15 @@ dual tensors (the trainer's tangent passes) :func:`attention` unpacks them itsel
 and :class:`_AttentionWithTangent` gets O and dO from one pass, keeping O
 differentiable in reverse mode for the fused sCM step.
 
+Primal-only calls (no tangent: teacher forwards, the critic's forward and backward, sampling) go
+to the fastest backend available (:func:`primal_backend`): on CUDA, FlashAttention-3
+(``flash_attn_interface``, Hopper, when installed) or PyTorch's SDPA with its default backend
+choice (cuDNN/flash on Hopper); the project's kernel and exact path stay the fallback and
+``RCM_ATTN_PRIMAL=auto|fa3|sdpa|op`` overrides the choice (``op``: this op's own forward and
+backward, i.e. the Triton kernel on CUDA, the exact path elsewhere or with ``RCM_ATTN_BACKEND=exact``). Calls with tangents
+(forward-AD duals, ``torch.func`` transforms) always take the op's own rules above: SDPA's fused
+backends have no forward-AD formula. On the CPU the default stays the exact path.
+
 Layouts: ``"bhnd"`` (batch, heads, tokens, dim) or ``"bnhd"`` (batch, tokens,
 heads, dim), the layout transformer blocks produce after the QKV projection.
 The op keeps no global state: it only sees its arguments, so tangents arriving
@@ -32,7 +41,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attention", "attention_reference", "check_attention_inputs"]
+__all__ = ["attention", "attention_reference", "check_attention_inputs", "primal_backend", "PRIMAL_BACKENDS"]
 
 _LAYOUTS = ("bhnd", "bnhd")
 # Query rows per block of the exact path: bounds the score block to chunk x Nk.
@@ -178,6 +187,53 @@ def _plain(*xs, allowed=()):
     return out
 
 
+# --- primal-only calls: the fastest available backend ------------------------------------
+
+PRIMAL_BACKENDS = ("auto", "fa3", "sdpa", "op")
+
+
+def _fa3():
+    """FlashAttention-3's function (package ``flash_attn_interface``, built from flash-attn's
+    ``hopper/`` folder), or None where it is not installed."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def primal_backend(device_type: str, dtype: torch.dtype, head_dims: tuple, capability: tuple = (0, 0),
+                   choice: Optional[str] = None) -> str:
+    """Which backend runs a primal-only (no tangent) attention call.
+
+    ``choice`` (default: ``$RCM_ATTN_PRIMAL`` or ``"auto"``). ``auto``: on CUDA, FlashAttention-3 for
+    fp16/bf16 with equal q/v head dims <= 256 on compute capability 9.x when installed, else SDPA
+    (PyTorch's own choice among cuDNN, flash, memory-efficient); on other devices ``op`` (this op's
+    exact path: the CPU tests compare it with float64 references). ``fa3`` where it cannot run falls
+    back to ``sdpa``; ``sdpa`` is honoured on any device.
+    """
+    choice = choice or os.environ.get("RCM_ATTN_PRIMAL", "auto")
+    if choice not in PRIMAL_BACKENDS:
+        raise ValueError(f"RCM_ATTN_PRIMAL={choice!r}: expected one of {PRIMAL_BACKENDS}")
+    if device_type != "cuda":
+        return "sdpa" if choice == "sdpa" else "op"
+    if choice in ("auto", "fa3"):
+        ok = (dtype in (torch.float16, torch.bfloat16) and capability[0] == 9 and len(set(head_dims)) == 1
+              and head_dims[0] <= 256 and _fa3() is not None)
+        return "fa3" if ok else "sdpa"
+    return choice
+
+
+def _primal_attention(q, k, v, s, backend: str):
+    """O for (B, H, N, D) q, k, v through ``backend`` ("fa3" or "sdpa"); autograd by the backend."""
+    if backend == "fa3":
+        out = _fa3()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=s)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+    import torch.nn.functional as F
+    return F.scaled_dot_product_attention(q, k, v, scale=s)
+
+
 def _forward_impl(q, k, v, s):
     if _use_kernel(q, v):
         plain = _plain(q, k, v)
@@ -317,5 +373,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         o, do, _ = _AttentionWithTangent.apply(qp, kp, vp, dq, dk, dv, s)
         o = fwAD.make_dual(o, do)
     else:
-        o, _ = _Attention.apply(qb, kb, vb, s)
+        backend = "op"
+        if not any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in (qb, kb, vb)):  # no torch.func
+            cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (0, 0)
+            backend = primal_backend(q.device.type, q.dtype, (q.shape[-1], v.shape[-1]), cap)
+        if backend in ("fa3", "sdpa"):
+            o = _primal_attention(qb, kb, vb, s, backend)
+        else:
+            o, _ = _Attention.apply(qb, kb, vb, s)
     return o if layout == "bhnd" else o.transpose(1, 2)
