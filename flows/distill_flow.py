@@ -237,6 +237,9 @@ class RCMDistillFlow(FlowSpec):
                                                self.teacher_dtype, device=None if on_k8s else "auto")
         # real teachers: checkpoint files, configs, tensor shapes and resolution are checked here, weights unread
         self.teacher_info = describe_teacher(self.teacher, self.teacher_options)
+        if self.teacher_info.get("real"):     # its student must be exportable for diffusers, or register would fail
+            from rcm_steps.register import check_export
+            check_export(self.teacher)
         self.teacher_lineage = _teacher_lineage(self.teacher, self.teacher_info, self.teacher_revision,
                                                 self.teacher_source)
         from rcm_steps.distill import build_config   # a bad DistillConfig fails here, naming the field

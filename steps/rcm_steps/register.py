@@ -418,6 +418,17 @@ def _export_real(weights: bytes, meta: Dict[str, Any], bundle: Dict[str, Any], r
     return out, {**res.info, "fps": int(getattr(spec, "fps", 16))}, card
 
 
+def check_export(teacher: str) -> str:
+    """At ``start``: raise :class:`rcm_core.export.ExportError` (naming the teacher and what is missing) unless
+    a real teacher's student can be exported for diffusers, so a run never trains for a registration that
+    must fail. Returns the pipeline class."""
+    from rcm_core.export import check_exportable
+    from rcm_core.real.loading import _locate
+
+    spec, root = _locate(os.path.expanduser(teacher))
+    return check_exportable(root, spec.name).pipeline_class
+
+
 def _card_lineage(meta: Dict[str, Any], lineage: Dict[str, str], bundle: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """Lineage lines of the model card: the teacher's version and path first, then the run's lineage tags
     (the most telling first; the card drops lines from the end when it must fit 5000 characters)."""
