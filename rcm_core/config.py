@@ -15,6 +15,53 @@ from typing import Any, Mapping, Optional
 METHODS = ("rcm", "scm", "dmd", "dcm")
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA distillation (rcm_core/lora.py): student and fake score are adapters on the one frozen teacher.
+
+    ``target_modules``: module names or name suffixes (peft's rule: a module matches a target when its
+    name is the target or ends with ``"." + target``), e.g. ``("to_q", "to_k", "to_v", "to_out.0")``;
+    ``()`` = every ``nn.Linear`` inside the transformer blocks. ``alpha``: the update is scaled by
+    ``alpha / rank`` (None: alpha = rank, scaling 1). ``dropout`` must be 0: the sCM tangent and
+    activation checkpointing need a deterministic network.
+    """
+    rank: int = 16
+    alpha: Optional[float] = None
+    target_modules: tuple = ()
+    dropout: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown DistillConfig.lora keys: {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "target_modules" in d:
+            tm = d["target_modules"]
+            d["target_modules"] = (tm,) if isinstance(tm, str) else tuple(tm or ())
+        return cls(**d).validate()
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def validate(self) -> "LoRAConfig":
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"DistillConfig.lora.rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                                       or not math.isfinite(self.alpha) or self.alpha <= 0):
+            raise ValueError(f"DistillConfig.lora.alpha must be a finite number > 0 or None, got {self.alpha!r}")
+        if not isinstance(self.target_modules, tuple) or not all(
+                isinstance(t, str) and t for t in self.target_modules):
+            raise ValueError(f"DistillConfig.lora.target_modules must be a tuple of module names, "
+                             f"got {self.target_modules!r}")
+        if self.dropout != 0:
+            raise ValueError(f"DistillConfig.lora.dropout={self.dropout}: only 0 is supported (the sCM tangent and "
+                             "activation checkpointing's recomputation need a deterministic network)")
+        return self
+
+
 @dataclass
 class DistillConfig:
     method: str = "rcm"                  # rcm | scm | dmd | dcm (discrete-time CM)
@@ -79,6 +126,13 @@ class DistillConfig:
     mid_t: tuple = (1.3, 1.0, 0.6)
     seed: int = 0
     dtype: str = "float32"               # float32 | bfloat16 (networks); conversions stay float64
+    # LoRA distillation (LoRAConfig or its dict, e.g. {"rank": 64}): student and fake score are adapters
+    # on the one frozen teacher network; None: full fine-tuning of copies of the teacher
+    lora: Optional[LoRAConfig] = None
+
+    def __post_init__(self):
+        if isinstance(self.lora, Mapping):
+            self.lora = LoRAConfig.from_dict(self.lora)
 
     # ---- construction -------------------------------------------------------
     @classmethod
@@ -127,6 +181,11 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.dmd_time={self.dmd_time!r}; known: rf_shift, lognormal")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"DistillConfig.dtype={self.dtype!r}")
+        if self.lora is not None:
+            if not isinstance(self.lora, LoRAConfig):
+                raise ValueError(f"DistillConfig.lora must be a LoRAConfig, a dict of its fields or None, "
+                                 f"got {type(self.lora).__name__}")
+            self.lora.validate()
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             vals = v if isinstance(v, tuple) else (v,)
@@ -204,6 +263,18 @@ PRESETS: dict[str, dict] = {
                      lr_student=1e-4, lr_fake=1e-4, dmd_time="rf_shift", dmd_shift=2.0, lr_warmup_steps=10,
                      batch_size=32, iterations=400, ema_sigma_rel=0.05, dtype="float32"),
 }
+# Wan2.2: no published rCM recipe (the paper and NVlabs/rcm cover Wan2.1 and Cosmos-Predict2). The presets take
+# the paper's Wan2.1 values of the closest configuration and the project's memory settings:
+#   "wan2.2-ti2v-5b": the Wan2.1-1.3B paper values (time distributions, K=5, warm-up 1000, lr 2e-6 / 4e-7); its
+#       704 x 1280 x 121 latents (31 x 44 x 80 at 16x/4x, 27,280 tokens) are the size of Wan2.1's 480p x 81
+#       (32,760); 5B parameters do not fit one 80 GiB GPU replicated (~190 GB of training state): FSDP2.
+#   "wan2.2-t2v-a14b": each expert is a Wan2.1-14B network: the Wan2.1-14B paper values (P_mean 1.5, K=10,
+#       warm-up 200, lr 1e-6 / 1e-7, batch 64, FSDP2). The student is two experts (rcm_core.denoiser.TimestepExperts,
+#       BENCHMARKS.md "Wan2.2 A14B student: one network or two").
+# The CFG weights (5.0; A14B 4.0 high-noise / 3.0 low-noise expert) and sampler shifts (5.0; 12.0) are the
+# teachers' (rcm_core.real.specs, from Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py and wan_t2v_A14B.py).
+PRESETS["wan2.2-ti2v-5b"] = dict(_WAN_13B_PAPER, fsdp=True)
+PRESETS["wan2.2-t2v-a14b"] = dict(_WAN_14B_PAPER)
 PRESETS["cosmos-predict2-2b"] = PRESETS["cosmos-predict2"]
 PRESETS["cosmos-predict2-14b"] = PRESETS["cosmos-predict2"]
 

@@ -113,14 +113,22 @@ class _Recompute(torch.autograd.Function):
 
 
 def _checkpoint_block(block: nn.Module, *args, **kwargs):
-    """``checkpoint_fn`` of the wrapper: torch's checkpoint, or the tangent-aware one for duals."""
+    """``checkpoint_fn`` of the wrapper: torch's checkpoint, or the tangent-aware one for duals.
+
+    The recomputation in the backward re-selects the LoRA adapter active in the forward
+    (:func:`rcm_core.lora.recompute_context`; student, fake score and teacher share one network)."""
     flat, spec = pytree.tree_flatten((args, kwargs))
     wrapped = any(isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in flat)
     if not torch.is_grad_enabled() or wrapped:        # nothing to save (or inside torch.func): run as is
         return block(*args, **kwargs)
+    from .lora import recompute_context
+    adapter = recompute_context(block)
     parts = [fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else None for x in flat]
     if not any(p is not None and p.tangent is not None for p in parts):
-        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        if adapter is contextlib.nullcontext:
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return checkpoint(block, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), adapter()),
+                          **kwargs)
 
     amp = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")]
 
@@ -129,6 +137,7 @@ def _checkpoint_block(block: nn.Module, *args, **kwargs):
         with contextlib.ExitStack() as stack:
             for d, enabled, dtype in amp:
                 stack.enter_context(torch.autocast(d, dtype=dtype, enabled=enabled))
+            stack.enter_context(adapter())
             return block(*a, **kw)
     with torch.no_grad():                     # output and tangent, no graph
         out = run_flat(*flat)

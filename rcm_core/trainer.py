@@ -249,17 +249,23 @@ class RCMTrainer:
                                     dtype=None if keep else net_dtype)
 
         # Student and fake score start from the teacher's weights unless given other networks
-        # (of the same parameterisation and call signature).
-        self.teacher = clone(teacher.net, False)
-        self.student = clone(student_net if student_net is not None else teacher.net, True)
-        self.fake = clone(fake_net if fake_net is not None else teacher.net, True) if self.cfg.uses_dmd else None
+        # (of the same parameterisation and call signature). LoRA: adapters on one copy of the teacher.
+        if self.cfg.lora is not None:
+            self._build_lora(teacher, param, call, net_dtype, pcfg, mesh, student_net, fake_net, student_param)
+        else:
+            self.teacher = clone(teacher.net, False)
+            self.student = clone(student_net if student_net is not None else teacher.net, True)
+            self.fake = clone(fake_net if fake_net is not None else teacher.net, True) if self.cfg.uses_dmd else None
         betas = tuple(self.cfg.betas)
         self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=self.cfg.lr_student, betas=betas,
                                              weight_decay=self.cfg.weight_decay)
         self.opt_fake = (torch.optim.AdamW(self.fake.parameters(), lr=self.cfg.lr_fake, betas=betas,
                                            weight_decay=self.cfg.weight_decay) if self.fake is not None else None)
         self.sharded = is_sharded(self.student.net)
-        if self.sharded:   # the EMA is sharded like the student (a deep copy of an FSDP module is not)
+        if self.cfg.lora is not None:      # the EMA of the student's adapter, in the shared network's "ema" adapter
+            from .lora import AdapterEMA
+            self.ema = AdapterEMA(self.student.net, self.cfg.ema_sigma_rel)
+        elif self.sharded:   # the EMA is sharded like the student (a deep copy of an FSDP module is not)
             ema_net = copy.deepcopy(student_net if student_net is not None else teacher.net).to(self.device, net_dtype)
             self.ema = PowerEMA(parallelize(ema_net, ParallelConfig(fsdp=True), mesh), self.cfg.ema_sigma_rel,
                                 copy_module=False)
@@ -278,6 +284,35 @@ class RCMTrainer:
         self.rank = rank
         self.gen = torch.Generator(device=self.device)
         self._reseed()
+
+    def _build_lora(self, teacher, param, call, net_dtype, pcfg, mesh, student_net, fake_net, student_param) -> None:
+        """LoRA (``cfg.lora``): ONE copy of the teacher network, frozen, with adapters ``student``, ``fake``
+        (critic; rcm/dmd only) and ``ema``; teacher, student and fake score are views of it that switch
+        the active adapter around each call (rcm_core/lora.py). Activation checkpointing and FSDP2 are
+        applied once, to the shared network (the base sharded once)."""
+        from .lora import (EMA, FAKE, STUDENT, AdapterDenoiser, adapter_parameters, add_adapters, check_same_network,
+                           copy_adapter)
+        for what, other in (("student_net", student_net), ("fake_net", fake_net)):
+            if other is not None:
+                check_same_network(teacher.net, other, what)
+        if student_param is not None and student_param != param:
+            raise ValueError(f"LoRA: student_param={student_param} differs from the teacher's {param}; with "
+                             "DistillConfig.lora the student is the teacher's network (plus an adapter)")
+        net = copy.deepcopy(teacher.net)
+        keep = self._autocast_dtype is not None and _is_low_precision(net)   # a frozen bf16 base stays bf16
+        net = net.to(self.device) if keep else net.to(self.device, net_dtype)
+        net.requires_grad_(False).eval()
+        roles = [STUDENT] + ([FAKE] if self.cfg.uses_dmd else [])
+        # adapters keep fp32 master weights under autocast (as full fine-tuning's trainable copies)
+        self.lora_layers = add_adapters(net, self.cfg.lora, roles + [EMA], seed=self.cfg.seed, dtype=net_dtype)
+        copy_adapter(net, STUDENT, EMA)
+        for _, p in adapter_parameters(net, EMA):
+            p.requires_grad_(False)
+        net = parallelize(net, pcfg, mesh)
+        dt = None if keep else net_dtype
+        self.teacher = AdapterDenoiser(net, param, call, dtype=dt, adapter=None)
+        self.student = AdapterDenoiser(net, param, call, dtype=dt, adapter=STUDENT)
+        self.fake = AdapterDenoiser(net, param, call, dtype=dt, adapter=FAKE) if self.cfg.uses_dmd else None
 
     # ---- helpers ---------------------------------------------------------------------
     def _reseed(self) -> None:
@@ -570,9 +605,19 @@ class RCMTrainer:
     # ---- sampling with the EMA student ------------------------------------------------------
     @property
     def student_ema(self) -> torch.nn.Module:
-        return self.ema.module
+        """The EMA student as a network. LoRA: a standalone copy with the EMA adapter merged into the
+        teacher's weights (the teacher's state-dict names); under FSDP the shared network with the EMA
+        adapter active (:class:`rcm_core.lora.AdapterView`; :meth:`ema_state_dict` gives merged weights)."""
+        if self.cfg.lora is None:
+            return self.ema.module
+        from .lora import EMA, AdapterView, merged_module
+        return AdapterView(self.student.net, EMA) if self.sharded else merged_module(self.student.net, EMA)
 
     def ema_denoiser(self) -> TrigFlowDenoiser:
+        if self.cfg.lora is not None:        # the shared base with the EMA adapter active: no copy
+            from .lora import EMA, AdapterDenoiser
+            return AdapterDenoiser(self.student.net, self.student.param, self.student.call,
+                                   dtype=self.student._dtype, adapter=EMA)
         return TrigFlowDenoiser(self.ema.module, self.student.param, self.student.call, dtype=self.student.dtype)
 
     @torch.no_grad()
@@ -586,7 +631,9 @@ class RCMTrainer:
     # Two formats (rcm_core/checkpoint.py): "dcp", a directory written collectively, each rank its own
     # shards, loadable on any number of ranks (the default when sharded); "file", one torch.save file of
     # full tensors (the default otherwise, and the only format before DCP). Loading detects which.
-    def _model_sd(self, net) -> dict:
+    def _model_sd(self, net, part: Optional[str] = None) -> dict:
+        if self.cfg.lora is not None:
+            return self._adapter_sd(net, part)
         if not self.sharded:
             return net.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -600,9 +647,48 @@ class RCMTrainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         return get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def _adapter_sd(self, net, adapter: str) -> dict:
+        """LoRA: adapter ``adapter``'s weights as full tensors (canonical names; under FSDP each adapter
+        weight is all-gathered: a collective, every rank gets them; the base is never gathered)."""
+        from .lora import adapter_parameters
+        out = {}
+        for n, p in adapter_parameters(net, adapter):
+            out[n] = (p.full_tensor().cpu() if _is_dtensor(p) else p).detach()
+        return out
+
+    def _load_adapter(self, net, adapter: str, sd: dict) -> None:
+        """LoRA: set adapter ``adapter``'s weights from full tensors (names as :meth:`_adapter_sd`)."""
+        from .lora import adapter_parameters
+        params = dict(adapter_parameters(net, adapter))
+        if set(sd) != set(params):
+            missing, extra = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
+            raise ValueError(f"LoRA checkpoint: adapter {adapter!r} does not fit this network: missing {missing[:4]}, "
+                             f"unexpected {extra[:4]} (another LoRAConfig.target_modules?)")
+        with torch.no_grad():
+            for n, p in params.items():
+                v = sd[n]
+                if tuple(v.shape) != tuple(p.shape):
+                    raise ValueError(f"LoRA checkpoint: {n} is {tuple(v.shape)}, this network's {tuple(p.shape)} "
+                                     "(another LoRAConfig.rank?)")
+                if _is_dtensor(p):
+                    from torch.distributed.tensor import distribute_tensor
+                    v = distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements)
+                p.copy_(v)
+
+    def _check_lora(self, saved_cfg: Optional[dict], where: str) -> None:
+        """A checkpoint loads only into a trainer with the same LoRA setting (or both without)."""
+        from .config import LoRAConfig
+        saved = (saved_cfg or {}).get("lora")
+        saved = LoRAConfig.from_dict(saved) if isinstance(saved, dict) else saved
+        if saved != self.cfg.lora:
+            raise ValueError(f"checkpoint {where} was trained with lora={saved}; this trainer has "
+                             f"lora={self.cfg.lora} (LoRA and full checkpoints do not load into each other)")
+
     def _ckpt_parts(self) -> dict:
-        """What a checkpoint holds: name -> (network, its optimiser or None)."""
-        parts = {"student": (self.student.net, self.opt_student), "ema": (self.ema.module, None)}
+        """What a checkpoint holds: name -> (network, its optimiser or None). LoRA: the shared network
+        for each part, of which the part's adapter (named as the part) is saved."""
+        ema_net = self.student.net if self.cfg.lora is not None else self.ema.module
+        parts = {"student": (self.student.net, self.opt_student), "ema": (ema_net, None)}
         if self.fake is not None:
             parts["fake"] = (self.fake.net, self.opt_fake)
         return parts
@@ -617,6 +703,9 @@ class RCMTrainer:
         sd = {}
         for name, (net, opt) in self._ckpt_parts().items():
             sd[name] = get_model_state_dict(net)
+            if self.cfg.lora is not None:               # only this part's adapter (the base is the teacher's)
+                from .lora import select_adapter
+                sd[name] = select_adapter(sd[name], name)
             if opt is not None and f"opt_{name}" in opt_parts:
                 sd[f"opt_{name}"] = get_optimizer_state_dict(net, opt, options=flat)
         return sd
@@ -626,6 +715,7 @@ class RCMTrainer:
                                                              set_optimizer_state_dict)
         from .checkpoint import load_dcp, read_meta
         meta = read_meta(url, storage_options)
+        self._check_lora(meta.get("config"), url)
         parts = self._ckpt_parts()
         saved = sorted(p for p in meta["parts"] if not p.startswith("opt_"))
         if saved != sorted(parts):
@@ -635,7 +725,7 @@ class RCMTrainer:
         load_dcp(state, url, storage_options, collective=self.sharded)
         flat = StateDictOptions(flatten_optimizer_state_dict=True)
         for name, (net, opt) in parts.items():
-            set_model_state_dict(net, state[name])
+            set_model_state_dict(net, state[name], options=StateDictOptions(strict=self.cfg.lora is None))
             if opt is not None and f"opt_{name}" in state:
                 set_optimizer_state_dict(net, opt, state[f"opt_{name}"], options=flat)
             elif opt is not None:
@@ -645,18 +735,37 @@ class RCMTrainer:
         self._reseed()
 
     def ema_state_dict(self) -> dict:
-        """The EMA student's full weights (with FSDP: a collective; the full dict lands on rank 0)."""
-        return self._model_sd(self.ema.module)
+        """The EMA student's full weights (with FSDP: a collective; the full dict lands on rank 0). LoRA: the
+        EMA adapter merged into the teacher's weights, under the teacher's names (see also
+        :func:`rcm_core.checkpoint.lora_safetensors` for the adapter alone)."""
+        if self.cfg.lora is None:
+            return self._model_sd(self.ema.module)
+        from .lora import EMA, merge_state_dict
+        full = self.student.net.state_dict()
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            full = get_model_state_dict(self.student.net, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+        return merge_state_dict(full, EMA, self.cfg.lora.scaling)
+
+    def lora_state_dict(self, adapter: str = "ema") -> dict:
+        """LoRA: one adapter's weights as full tensors (``ema``: the EMA student's; collective under FSDP)."""
+        if self.cfg.lora is None:
+            raise ValueError("lora_state_dict: this trainer does full fine-tuning (DistillConfig.lora is None)")
+        return self._adapter_sd(self.student.net, adapter)
 
     def state_dict(self) -> dict:
         """The whole training state as full (unsharded) tensors; with FSDP call it on every rank
-        (collective): rank 0 gets the state, the other ranks empty parts."""
+        (collective): rank 0 gets the state, the other ranks empty parts. LoRA: the adapters (student,
+        fake, ema) and their optimisers only; the base is the teacher's."""
+        lora = self.cfg.lora is not None
         return {
             "step": self.step,
             "config": self.cfg.to_dict(),
-            "student": self._model_sd(self.student.net),
-            "fake": self._model_sd(self.fake.net) if self.fake is not None else None,
-            "ema": {"module": self.ema_state_dict(), "num_updates": self.ema.num_updates,
+            "student": self._model_sd(self.student.net, "student"),
+            "fake": self._model_sd(self.fake.net, "fake") if self.fake is not None else None,
+            "ema": {"module": self._model_sd(self.student.net, "ema") if lora else self.ema_state_dict(),
+                    "num_updates": self.ema.num_updates,
                     "sigma_rel": self.ema.sigma_rel},
             "opt_student": self._optim_sd(self.student.net, self.opt_student),
             "opt_fake": self._optim_sd(self.fake.net, self.opt_fake) if self.opt_fake is not None else None,
@@ -664,7 +773,15 @@ class RCMTrainer:
 
     def load_state_dict(self, sd: dict) -> None:
         """Inverse of :meth:`state_dict`; with FSDP every rank passes the full state."""
-        if self.sharded:
+        self._check_lora(sd.get("config"), "state dict")
+        if self.cfg.lora is not None:
+            from .lora import adapter_keys
+            for name, (net, opt) in self._ckpt_parts().items():
+                self._load_adapter(net, name, sd["ema"]["module"] if name == "ema" else sd[name])
+                if opt is not None:
+                    self._load_optim(net, opt, sd[f"opt_{name}"], names=adapter_keys(net, name))
+            self.ema.num_updates = int(sd["ema"]["num_updates"])
+        elif self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             full = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.student.net, sd["student"], options=full)
@@ -685,10 +802,11 @@ class RCMTrainer:
         self.step = int(sd["step"])
         self._reseed()
 
-    def _load_optim(self, net, opt, osd: Optional[dict]) -> None:
+    def _load_optim(self, net, opt, osd: Optional[dict], names: Optional[list] = None) -> None:
         """An optimiser from a single-file checkpoint's full state: ``opt.state_dict()`` of a non-sharded
         run (parameters by index), a sharded run's gathered state (by canonical name), or None (saved
-        before its first step). Either loads into a sharded or a non-sharded trainer."""
+        before its first step). Either loads into a sharded or a non-sharded trainer. ``names``: the
+        canonical names of the optimiser's parameters in order (default: all of ``net``'s; LoRA: the adapter's)."""
         by_index = osd is not None and all(isinstance(i, int) for g in osd["param_groups"] for i in g["params"])
         if by_index and not self.sharded:
             opt.load_state_dict(osd)
@@ -697,8 +815,8 @@ class RCMTrainer:
             opt.state.clear()
             return
         if by_index:        # indices count the parameters in order, as named_parameters() lists them
-            names = [n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-                     for n, _ in net.named_parameters()]
+            names = names or [n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+                              for n, _ in net.named_parameters()]
             osd = {"state": {names[i]: v for i, v in osd["state"].items()},
                    "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
