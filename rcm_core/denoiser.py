@@ -20,7 +20,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .trigflow import expand_like, noisy_sample, rf_preconditioning
+import math
+
+from .trigflow import expand_like, noisy_sample, rf_preconditioning, rf_time_from_t
 
 PARAMETERIZATIONS = ("rf", "x0", "F", "eps")
 
@@ -71,9 +73,19 @@ class TrigFlowDenoiser(nn.Module):
                 return max(count, key=count.get)
         return torch.float32
 
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The network's timestep at TrigFlow time ``t`` (float64): ``c_noise`` for "rf", else ``scale * t``."""
+        t = t.to(torch.float64)
+        if self.param.kind == "rf":
+            return rf_preconditioning(t, self.param.timestep_scale)[1]
+        return self.param.timestep_scale * t
+
     def _net(self, x, timestep, cond):
         dt = self.dtype
-        out = self.call(self.net, x.to(dt), timestep.to(torch.float32 if dt != torch.float64 else dt), cond.to(dt))
+        # a network that routes on the timestep (TimestepExperts) gets it in float64, so the switch is decided
+        # on the exact value; each expert is then called with it in its own dtype
+        ts_dt = torch.float64 if dt == torch.float64 or getattr(self.net, "exact_timestep", False) else torch.float32
+        out = self.call(self.net, x.to(dt), timestep.to(ts_dt), cond.to(dt))
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"network {type(self.net).__name__} returned {got}, expected {tuple(x.shape)} "
@@ -111,23 +123,150 @@ class TrigFlowDenoiser(nn.Module):
         return self.x0_and_F(x_t, t, cond)[0]
 
 
+def guidance_weights(denoiser: TrigFlowDenoiser, t: torch.Tensor, w: float):
+    """The CFG weight per sample: ``w``, or, for experts with their own weights (Wan2.2 A14B: the pipeline's
+    ``guidance_scale`` for ``transformer`` and ``guidance_scale_2`` for ``transformer_2``) when ``w`` is the
+    first expert's (the teacher's default), each sample's expert's weight. Any other ``w`` (e.g.
+    ``DistillConfig.guidance``) applies to every expert. Returns a float or a float64 tensor (B,)."""
+    gs = getattr(denoiser.net, "expert_guidance", None)
+    if not gs or float(w) != float(gs[0]) or all(float(g) == float(gs[0]) for g in gs):
+        return w
+    route = denoiser.net.route(denoiser.timestep(t))
+    return torch.tensor([float(g) for g in gs], dtype=torch.float64, device=t.device)[route]
+
+
 def guided(denoiser: TrigFlowDenoiser, x_t, t, cond, uncond, w: float, *, want: str = "F"):
     """Classifier-free guidance: out_uncond + w (out_cond - out_uncond) in one batched call.
 
     ``uncond`` may have batch 1 (the negative-prompt embedding); it is broadcast.
     ``want`` is "F", "x0" or "both". The map from F to x0 is affine, so guiding F
-    and guiding x0 agree.
+    and guiding x0 agree. Experts with their own CFG weights: :func:`guidance_weights`.
     """
     b = x_t.shape[0]
     if uncond.shape[0] == 1 and b > 1:
         uncond = uncond.expand(b, *uncond.shape[1:])
-    if w == 1.0:
+    w = guidance_weights(denoiser, t, w)
+    if not isinstance(w, torch.Tensor) and w == 1.0:
         x0, F = denoiser.x0_and_F(x_t, t, cond)
     else:
         x0s, Fs = denoiser.x0_and_F(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, uncond]))
-        x0 = x0s[b:] + w * (x0s[:b] - x0s[b:])
-        F = Fs[b:] + w * (Fs[:b] - Fs[b:])
+        wb = expand_like(w, x0s[:b]) if isinstance(w, torch.Tensor) else w
+        x0 = x0s[b:] + wb * (x0s[:b] - x0s[b:])
+        F = Fs[b:] + wb * (Fs[:b] - Fs[b:])
     return {"F": F, "x0": x0, "both": (x0, F)}[want]
+
+
+# ---- mixture of experts switched on the timestep (Wan2.2 A14B) -------------------------------------
+
+BOUNDARY_RTOL = 1e-12
+
+
+def expert_boundary_t(boundary_ratio: float) -> float:
+    """TrigFlow time of a Wan2.2 expert switch: WanPipeline uses ``transformer`` (high noise) at scheduler
+    timesteps ``>= boundary_ratio * num_train_timesteps``, i.e. at RF time ``s >= boundary_ratio``; with
+    ``s = sin t / (cos t + sin t)`` that is ``t >= atan2(r, 1 - r)`` (``sigma = tan t >= r / (1 - r)``;
+    0.875 -> arctan 7 = 1.4289)."""
+    r = float(boundary_ratio)
+    if not 0.0 < r < 1.0:
+        raise ValueError(f"boundary_ratio must lie in (0, 1), got {boundary_ratio!r}")
+    return math.atan2(r, 1.0 - r)
+
+
+def high_noise_expert_at(t: torch.Tensor, boundary_ratio: float) -> torch.Tensor:
+    """True where TrigFlow time ``t`` is in the high-noise expert's range (``t >= expert_boundary_t``): the
+    decision WanPipeline takes at the scheduler timestep ``1000 s(t)``. Decided on the RF time in float64 with a
+    relative tolerance of 1e-12, so a scheduler timestep exactly on the boundary (high noise in diffusers) stays
+    there after the round trip timestep -> t -> timestep."""
+    s = rf_time_from_t(t.to(torch.float64))
+    return s >= float(boundary_ratio) * (1 - BOUNDARY_RTOL)
+
+
+class TimestepExperts(nn.Module):
+    """Networks switched on the timestep, as WanPipeline switches Wan2.2 A14B's ``transformer`` (high noise:
+    timestep ``>= boundary_timestep``) and ``transformer_2`` (below). One module, so a teacher, a student and
+    a fake score made of two experts are copied, trained, averaged (EMA) and saved as one network; the
+    state dict holds ``transformer.*`` and ``transformer_2.*``, the pipeline's component names.
+
+    ``forward(hidden_states, timestep, encoder_hidden_states, **kw)`` has the experts' signature; each
+    sample goes to its expert (a batch may mix both), the timestep is compared in float64
+    (:class:`TrigFlowDenoiser` passes it so) and handed to the expert in float32 unless the model computes
+    in float64. ``expert_guidance``: the CFG weight of each expert (:func:`guidance_weights`).
+    """
+
+    exact_timestep = True
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module, boundary_timestep: float,
+                 expert_guidance: Optional[tuple] = None):
+        super().__init__()
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+        self.boundary_timestep = float(boundary_timestep)
+        self.expert_guidance = tuple(float(g) for g in expert_guidance) if expert_guidance else None
+
+    @property
+    def experts(self):
+        return (self.transformer, self.transformer_2)
+
+    @property
+    def config(self):
+        """The experts' (shared) architecture config (patch size, heads...)."""
+        return self.transformer.config
+
+    @property
+    def blocks(self):
+        """Both experts' transformer blocks, for activation checkpointing / FSDP (``rcm_core.parallel``):
+        assigning ``blocks[i]`` replaces the block in its expert."""
+        return _ExpertBlocks(self)
+
+    def route(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Expert index per sample: 0 (``transformer``) where ``timestep >= boundary_timestep``, else 1."""
+        ts = timestep.detach().to(torch.float64)
+        if ts.dim() > 1:
+            ts = ts[:, 0]
+        return (ts < self.boundary_timestep * (1 - BOUNDARY_RTOL)).long()
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict: bool = False, **kw):
+        x, c = hidden_states, encoder_hidden_states
+        dt = x.dtype
+        ts_call = timestep.to(torch.float64 if dt == torch.float64 else torch.float32)
+        route = self.route(timestep)
+
+        def run(k, idx=None):
+            sel = (lambda v: v) if idx is None else (lambda v: v.index_select(0, idx))
+            return self.experts[k](hidden_states=sel(x), timestep=sel(ts_call), encoder_hidden_states=sel(c),
+                                   return_dict=False, **kw)[0]
+
+        first = int(route[0])
+        if bool((route == first).all()):
+            out = run(first)
+        else:
+            idx = [torch.nonzero(route == k).flatten() for k in (0, 1)]
+            outs = torch.cat([run(0, idx[0]), run(1, idx[1])])
+            inv = torch.empty_like(route)
+            inv[torch.cat(idx)] = torch.arange(route.shape[0], device=route.device)
+            out = outs.index_select(0, inv)
+        return (out,)
+
+
+class _ExpertBlocks(nn.ModuleList):
+    """A write-through view of both experts' ``blocks`` (not registered: the parameters stay the experts')."""
+
+    def __init__(self, owner: TimestepExperts):
+        super().__init__()
+        object.__setattr__(self, "_owner_ref", owner)
+        for e in owner.experts:
+            for b in e.blocks:
+                super().append(b)
+
+    def _where(self, i: int):
+        n0 = len(self._owner_ref.transformer.blocks)
+        i = i + len(self) if i < 0 else i
+        return (self._owner_ref.transformer, i) if i < n0 else (self._owner_ref.transformer_2, i - n0)
+
+    def __setitem__(self, i, module):
+        expert, j = self._where(i)
+        expert.blocks[j] = module
+        super().__setitem__(i, module)
 
 
 @torch.no_grad()

@@ -123,5 +123,9 @@ def _real(name: str):
 
 register_teacher("wan2.1-1.3b", _real("wan2.1-1.3b"), "Wan2.1 T2V 1.3B, 480p x 81 frames, diffusers, local weights")
 register_teacher("wan2.1-14b", _real("wan2.1-14b"), "Wan2.1 T2V 14B, 480p x 81 frames, diffusers, local weights")
+register_teacher("wan2.2-ti2v-5b", _real("wan2.2-ti2v-5b"),
+                 "Wan2.2 TI2V 5B (text-to-video), Wan2.2 VAE (16x spatial, z 48), 704 x 1280 x 121 frames, local weights")
+register_teacher("wan2.2-t2v-a14b", _real("wan2.2-t2v-a14b"),
+                 "Wan2.2 T2V A14B: two 14B experts (high / low noise) switched at boundary 0.875, 720p x 81 frames")
 register_teacher("cosmos-predict2-2b", _real("cosmos-predict2-2b"), "Cosmos-Predict2 2B text-to-image, local weights")
 register_teacher("cosmos-predict2-14b", _real("cosmos-predict2-14b"), "Cosmos-Predict2 14B text-to-image, local weights")

@@ -23,8 +23,9 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-__all__ = ["WORDS", "TEXT_DIM", "SMALL", "tiny_wan", "tiny_cosmos", "tiny_tokenizer", "tiny_encoder", "tiny_vae",
-           "write_checkpoint", "wan_dir", "cosmos_dir", "diffusers", "transformers"]
+__all__ = ["WORDS", "TEXT_DIM", "SMALL", "SMALL22", "tiny_wan", "tiny_cosmos", "tiny_tokenizer", "tiny_encoder",
+           "tiny_vae", "tiny_vae22", "tiny_expert_pair", "write_checkpoint", "write_wan22_checkpoint", "wan_dir",
+           "cosmos_dir", "wan22_dir", "a14b_dir", "diffusers", "transformers"]
 
 WORDS = "a cat dog red blue runs on the beach sky video of big small".split()
 TEXT_DIM = 16
@@ -97,6 +98,64 @@ def write_checkpoint(root, family="wan", transformer=None):
     return root
 
 
+def tiny_vae22(z_dim=6):
+    """A tiny Wan2.2 VAE: residual blocks, patchify 2 (in/out channels 3 x 2 x 2), one 2x down step in space
+    and time -> 4x spatial (16x in the 5B), 2x temporal; scale_factor_* declared to match (WanPipeline reads them)."""
+    torch.manual_seed(4)
+    return diffusers.AutoencoderKLWan(base_dim=8, decoder_base_dim=12, z_dim=z_dim, dim_mult=[1, 1], num_res_blocks=1,
+                                      attn_scales=[], temperal_downsample=[True], is_residual=True, in_channels=12,
+                                      out_channels=12, patch_size=2, scale_factor_temporal=2, scale_factor_spatial=4,
+                                      latents_mean=[0.1, -0.2, 0.0, 0.3, -0.1, 0.2][:z_dim],
+                                      latents_std=[1.5, 0.5, 1.0, 2.0, 0.8, 1.2][:z_dim]).eval()
+
+
+def tiny_expert_pair(delta=0.3, seed=0):
+    """Two tiny Wan experts of one architecture (high noise, low noise): the low-noise expert is the high-noise
+    one with every weight moved by ``delta`` x a random relative perturbation (Wan2.2's experts share a lineage)."""
+    high = tiny_wan(seed)
+    low = tiny_wan(seed)
+    g = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for p in low.parameters():
+            p.mul_(1 + delta * torch.randn(p.shape, generator=g))
+    return high, low
+
+
+def write_wan22_checkpoint(root, kind="ti2v", transformer=None, transformer_2=None, boundary_ratio=0.875):
+    """A tiny Wan2.2 checkpoint in diffusers layout: ``ti2v`` (the Wan2.2 VAE, expand_timesteps, z_dim 6 ->
+    transformer in/out channels 6) or ``a14b`` (Wan2.1 VAE, two experts, boundary_ratio)."""
+    if kind == "ti2v":
+        transformer = transformer if transformer is not None else tiny_wan(in_channels=6, out_channels=6)
+        vae = tiny_vae22()
+    else:
+        if transformer is None:
+            transformer, transformer_2 = tiny_expert_pair()
+        vae = tiny_vae()
+        transformer_2.save_pretrained(root / "transformer_2")
+    transformer.save_pretrained(root / "transformer")
+    tiny_encoder("umt5").save_pretrained(root / "text_encoder")
+    tiny_tokenizer().save_pretrained(root / "tokenizer")
+    vae.save_pretrained(root / "vae")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
+        "boundary_ratio": boundary_ratio if kind == "a14b" else None, "expand_timesteps": kind == "ti2v",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"] if kind == "a14b" else [None, None],
+        "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def wan22_dir(tmp_path_factory):
+    return write_wan22_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-wan22-ti2v", "ti2v")
+
+
+@pytest.fixture(scope="module")
+def a14b_dir(tmp_path_factory):
+    return write_wan22_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-wan22-a14b", "a14b")
+
+
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-wan", "wan")
@@ -108,3 +167,4 @@ def cosmos_dir(tmp_path_factory):
 
 
 SMALL = dict(frames=5, height=8, width=8, text_len=8, dtype=torch.float32)
+SMALL22 = dict(frames=5, height=16, width=16, text_len=8, dtype=torch.float32)   # Wan2.2 VAE: latents (6, 3, 4, 4)

@@ -161,7 +161,7 @@ def test_load_by_path_detects_architecture_and_installs_attention(wan_dir, cosmo
         load_teacher(str(wan_dir / "transformer"))
     # a custom size: named after its directory, the family's sampler, the preset of the nearest known size
     assert te.name == "tiny-wan" and te.preset == "wan2.1-1.3b" and te.guidance == 5.0
-    assert te.meta["size"] == "custom" and te.meta["preset_reason"].startswith("custom wan size")
+    assert te.meta["size"] == "custom" and te.meta["preset_reason"].startswith("custom wan2.1 size")
     assert isinstance(te.net, diffusers.WanTransformer3DModel) and uses_rcm_attention(te.net)
     assert te.latent_shape == (4, 41, 240, 416)                        # 81 x 480 x 832 with the tiny VAE (x2)
     assert te.negative_prompt == WAN_NEGATIVE_PROMPT and len(te.version) == 12

@@ -35,7 +35,7 @@ __all__ = ["RealTeacherError", "resolve_weights", "check_layout", "load_real_tea
            "inspect_real_teacher", "inspect_teacher_path",
            "is_diffusers_dir", "RealTextEncoder", "LatentCodec", "check_resolution", "latent_shape_for",
            "diffusers_rf_call", "cosmos_call", "read_safetensors_header", "check_weights", "teacher_dir_label",
-           "small_size", "cpu_default_size"]
+           "small_size", "cpu_default_size", "detect_variant", "vae_factors"]
 
 LAYOUT_HELP = ("model_index.json; transformer/{config.json, diffusion_pytorch_model.safetensors (or sharded "
                "*.safetensors + .index.json)}; text_encoder/{config.json, model.safetensors (or sharded)}; "
@@ -123,6 +123,13 @@ def check_layout(root: Path, transformer_weights: bool = True) -> dict:
         if (sub != "transformer" or transformer_weights) and not _has_weights(root / sub, stem):
             raise RealTeacherError(f"missing weights in {root / sub}: expected {stem}.safetensors (or sharded "
                                    f"{stem}-0000x-of-0000y.safetensors with {stem}.safetensors.index.json)")
+    if _lists_component(index, "transformer_2") or (root / "transformer_2").is_dir():
+        cfg["transformer_2"] = _read_json(root / "transformer_2" / "config.json", "transformer_2 config (the "
+                                          "low-noise expert of a Wan2.2 A14B checkpoint)")
+        if transformer_weights and not _has_weights(root / "transformer_2", "diffusion_pytorch_model"):
+            raise RealTeacherError(f"missing weights in {root / 'transformer_2'}: expected diffusion_pytorch_model"
+                                   ".safetensors (or sharded diffusion_pytorch_model-0000x-of-0000y.safetensors "
+                                   "with diffusion_pytorch_model.safetensors.index.json)")
     tok = root / "tokenizer"
     if not ((tok / "tokenizer.json").is_file() or (tok / "spiece.model").is_file()):
         raise RealTeacherError(f"missing tokenizer in {tok}: expected tokenizer.json or spiece.model "
@@ -132,6 +139,88 @@ def check_layout(root: Path, transformer_weights: bool = True) -> dict:
         raise RealTeacherError(f"{root / 'transformer' / 'config.json'}: _class_name {cls!r} is not a supported "
                                f"teacher architecture; supported: {sorted(FAMILY_OF_CLASS)}")
     return cfg
+
+
+def _lists_component(index: dict, name: str) -> bool:
+    v = index.get(name)
+    return isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None
+
+
+def vae_factors(vae_config: dict) -> tuple[int, int]:
+    """(temporal, spatial) compression of a Wan VAE from its architecture: one 2x spatial step per
+    down block but the last (``len(dim_mult) - 1``; the Wan2.1 layout also has ``len(temperal_downsample)``
+    of them), 2x in time where ``temperal_downsample`` says so, times the patchify ``patch_size`` in
+    space (the Wan2.2 VAE: 2 -> 16x). Wan2.1: (4, 8); Wan2.2: (4, 16)."""
+    td = list(vae_config.get("temperal_downsample", [False, True, True]))
+    dm = vae_config.get("dim_mult")
+    n = len(dm) - 1 if dm else len(td)
+    patch = int(vae_config.get("patch_size") or 1)
+    return 2 ** sum(bool(x) for x in td[:n]), 2 ** n * patch
+
+
+def detect_variant(root: Path, cfg: dict) -> str:
+    """The Wan generation of a checkpoint from its configs (``"wan2.1"``, ``"wan2.2-ti2v"``, ``"wan2.2-a14b"``;
+    ``""`` for Cosmos), checking that they agree; a mismatch raises :class:`RealTeacherError` naming the
+    file and field.
+
+    * Wan2.2 A14B: ``model_index.json`` lists ``transformer_2`` (the low-noise expert) and sets
+      ``boundary_ratio``; both experts share one architecture.
+    * Wan2.2 TI2V: the Wan2.2 VAE (``vae/config.json`` ``patch_size`` set: patchified, z_dim 48 for the 5B);
+      ``expand_timesteps`` in ``model_index.json`` is the diffusers pipeline's marker of it.
+    * otherwise Wan2.1.
+    Always: the VAE's ``z_dim`` equals the transformer's ``in_channels`` and ``out_channels``.
+    """
+    root = Path(root)
+    index, tcfg, vcfg = cfg["model_index"], cfg["transformer"], cfg["vae"]
+    family = FAMILY_OF_CLASS.get(tcfg.get("_class_name"), "")
+    z = vcfg.get("z_dim", 16)
+    for key in ("in_channels", "out_channels"):
+        if key in tcfg and tcfg[key] != z:
+            raise RealTeacherError(
+                f"{root / 'vae' / 'config.json'}: z_dim {z} does not match {root / 'transformer' / 'config.json'} "
+                f"{key} {tcfg[key]}: the transformer denoises the VAE's latents, so they must be equal (a VAE of "
+                f"another model? Wan2.1's VAE has z_dim 16, Wan2.2's 48)")
+    if family != "wan":
+        return ""
+    moe = "transformer_2" in cfg
+    ratio = index.get("boundary_ratio")
+    if moe:
+        if ratio is None:
+            raise RealTeacherError(f"{root / 'model_index.json'}: transformer_2 (a second expert) is present but "
+                                   "boundary_ratio is null: WanPipeline would never call transformer_2; set "
+                                   "boundary_ratio (Wan2.2 T2V-A14B: 0.875) or remove transformer_2")
+        try:
+            ok = 0.0 < float(ratio) < 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise RealTeacherError(f"{root / 'model_index.json'}: boundary_ratio {ratio!r} must be a number in (0, 1)")
+        t2 = cfg["transformer_2"]
+        bad = [f"{k} {t2.get(k)!r} (transformer: {tcfg.get(k)!r})" for k in ("_class_name", *CHECKED_KEYS["wan"])
+               if _norm(t2.get(k)) != _norm(tcfg.get(k))]
+        if bad:
+            raise RealTeacherError(f"{root / 'transformer_2' / 'config.json'} does not match transformer/config.json: "
+                                   + ", ".join(bad) + "; both experts must share one architecture")
+        return "wan2.2-a14b"
+    if ratio is not None:
+        raise RealTeacherError(f"{root / 'model_index.json'}: boundary_ratio {ratio!r} is set but there is no "
+                               f"transformer_2 (no {root / 'transformer_2'} / model_index entry): a Wan2.2 A14B "
+                               "checkpoint needs both experts")
+    wan22_vae = vcfg.get("patch_size") is not None
+    if index.get("expand_timesteps") and not wan22_vae:
+        raise RealTeacherError(f"{root / 'model_index.json'}: expand_timesteps is true (the Wan2.2 TI2V pipeline) but "
+                               f"{root / 'vae' / 'config.json'} is a Wan2.1 VAE (no patch_size); a TI2V checkpoint "
+                               "needs the Wan2.2 VAE (z_dim 48, patch_size 2)")
+    if wan22_vae:
+        t_arch, s_arch = vae_factors(vcfg)
+        for key, arch in (("scale_factor_temporal", t_arch), ("scale_factor_spatial", s_arch)):
+            if key in vcfg and vcfg[key] is not None and int(vcfg[key]) != arch:
+                raise RealTeacherError(
+                    f"{root / 'vae' / 'config.json'}: {key} {vcfg[key]} does not match the VAE's architecture "
+                    f"(dim_mult, temperal_downsample, patch_size give {arch}); WanPipeline sizes its latents with "
+                    f"{key}, so the two would disagree")
+        return "wan2.2-ti2v"
+    return "wan2.1"
 
 
 def _check_spec_config(spec: RealTeacherSpec, cfg: dict, root: Path) -> None:
@@ -144,6 +233,11 @@ def _check_spec_config(spec: RealTeacherSpec, cfg: dict, root: Path) -> None:
     if bad:
         raise RealTeacherError(f"{root / 'transformer' / 'config.json'} does not match teacher {spec.name!r}: "
                                + ", ".join(bad) + f". Is this {spec.hf_id}?")
+    vbad = [f"{k}={cfg['vae'].get(k)!r} (expected {v!r})" for k, v in spec.vae_config.items()
+            if _norm(cfg["vae"].get(k)) != _norm(v)]
+    if vbad:
+        raise RealTeacherError(f"{root / 'vae' / 'config.json'} does not match teacher {spec.name!r}: "
+                               + ", ".join(vbad) + f". Is this {spec.hf_id}?")
     te = cfg["text_encoder"].get("architectures") or []
     if te and spec.text_encoder_class not in te:
         raise RealTeacherError(f"{root / 'text_encoder' / 'config.json'}: architectures {te}, teacher {spec.name!r} "
@@ -256,7 +350,7 @@ def _expected_state(component: str, spec: RealTeacherSpec, cfg: dict, root: Path
             ecls = getattr(transformers, spec.text_encoder_class)
             model = ecls(ecls.config_class.from_dict(cfg[component]))
         else:
-            cls = getattr(diffusers, spec.transformer_class if component == "transformer" else spec.vae_class)
+            cls = getattr(diffusers, spec.transformer_class if component.startswith("transformer") else spec.vae_class)
             model = cls.from_config(conf)
     shapes, groups = {}, {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(
@@ -277,7 +371,8 @@ def check_weights(spec: RealTeacherSpec, root: Path, cfg: dict) -> dict:
     another shape than its ``config.json`` says). Returns ``{component: number of tensors}``.
     """
     out = {}
-    for sub, stem in _COMPONENTS:
+    comps = _COMPONENTS + ((("transformer_2", "diffusion_pytorch_model"),) if "transformer_2" in cfg else ())
+    for sub, stem in comps:
         folder = root / sub
         files = _weight_files(folder, stem)
         if not files:      # .bin checkpoints: diffusers / transformers check them when loading
@@ -372,8 +467,7 @@ class RealTextEncoder:
 # ---- VAE and resolutions ---------------------------------------------------------------
 
 def _factors(vae_config: dict, transformer_config: dict) -> tuple[int, int, int]:
-    td = vae_config.get("temperal_downsample", [False, True, True])
-    t_vae, s_vae = 2 ** sum(bool(x) for x in td), 2 ** len(td)
+    t_vae, s_vae = vae_factors(vae_config)
     p = transformer_config.get("patch_size", [1, 2, 2])
     return t_vae * p[0], s_vae * p[1], s_vae * p[2] if len(p) > 2 else s_vae * p[1]
 
@@ -381,7 +475,7 @@ def _factors(vae_config: dict, transformer_config: dict) -> tuple[int, int, int]
 def check_resolution(frames: int, height: int, width: int, *, vae_config: dict, transformer_config: dict,
                      video: bool = True) -> None:
     """Raise ValueError, naming the nearest valid size, unless the VAE and patch factors divide the size."""
-    t_vae = 2 ** sum(bool(x) for x in vae_config.get("temperal_downsample", [False, True, True]))
+    t_vae = vae_factors(vae_config)[0]
     _, fh, fw = _factors(vae_config, transformer_config)
     problems = []
     near_h = max(fh, int(round(height / fh)) * fh)
@@ -406,8 +500,7 @@ def check_resolution(frames: int, height: int, width: int, *, vae_config: dict, 
 def latent_shape_for(frames: int, height: int, width: int, *, vae_config: dict, transformer_config: dict,
                      video: bool = True) -> tuple:
     check_resolution(frames, height, width, vae_config=vae_config, transformer_config=transformer_config, video=video)
-    td = vae_config.get("temperal_downsample", [False, True, True])
-    t_vae, s_vae = 2 ** sum(bool(x) for x in td), 2 ** len(td)
+    t_vae, s_vae = vae_factors(vae_config)
     return (int(vae_config.get("z_dim", 16)), (frames - 1) // t_vae + 1, height // s_vae, width // s_vae)
 
 
@@ -474,10 +567,18 @@ def _prepare(name_or_spec, weights, strict_config, frames, height, width, transf
     root = resolve_weights(spec, weights)
     cfg = check_layout(root, transformer_weights=transformer_weights)
     if strict_config:
-        _check_spec_config(spec, cfg, root)
+        if cfg["transformer"].get("_class_name") != spec.transformer_class:
+            _check_spec_config(spec, cfg, root)          # names the class mismatch
     elif cfg["transformer"].get("_class_name") != spec.transformer_class:
         raise RealTeacherError(f"{root}: transformer {cfg['transformer'].get('_class_name')!r} does not match "
                                f"{spec.transformer_class!r}")
+    variant = detect_variant(root, cfg)
+    if variant != spec.variant:
+        raise RealTeacherError(f"{root}: a {variant or spec.family} checkpoint, teacher {spec.name!r} is "
+                               f"{spec.variant or spec.family} ({_variant_evidence(variant)}); wrong checkpoint for "
+                               "this teacher?")
+    if strict_config:
+        _check_spec_config(spec, cfg, root)
     vae_cfg, tcfg = cfg["vae"], cfg["transformer"]
     frames = spec.frames if frames is None else int(frames)
     height = spec.height if height is None else int(height)
@@ -487,13 +588,18 @@ def _prepare(name_or_spec, weights, strict_config, frames, height, width, transf
     return spec, root, cfg, (frames, height, width), latent_shape
 
 
+def _variant_evidence(variant: str) -> str:
+    return {"wan2.2-a14b": "model_index.json lists transformer_2 with a boundary_ratio",
+            "wan2.2-ti2v": "vae/config.json is the Wan2.2 VAE: patch_size set",
+            "wan2.1": "one transformer, a Wan2.1 VAE without patch_size"}.get(variant, "transformer/config.json")
+
+
 def small_size(vae_config: dict, transformer_config: dict, video: bool = True) -> tuple:
     """A small valid (frames, height, width): 2 latent frames (1 frame for images) and 4 x 4 patches.
 
     For CPU runs without a size given (Wan2.1's VAE: 5 x 64 x 64 pixels -> latents 2 x 8 x 8).
     """
-    td = vae_config.get("temperal_downsample", [False, True, True])
-    t_vae, s_vae = 2 ** sum(bool(x) for x in td), 2 ** len(td)
+    t_vae, s_vae = vae_factors(vae_config)
     p = list(transformer_config.get("patch_size", [1, 2, 2])) + [2, 2]
     frames = t_vae * int(p[0]) + 1 if video else 1
     return frames, 4 * s_vae * int(p[1]), 4 * s_vae * int(p[2])
@@ -539,7 +645,8 @@ def inspect_real_teacher(name_or_spec: str | RealTeacherSpec, *, weights: Option
             "frames": frames, "height": height, "width": width, "text_len": int(text_len or spec.text_len),
             "label": teacher_dir_label(root), "size": spec.notes.get("size", "known"),
             "preset_reason": spec.notes.get("preset_reason", f"known teacher {spec.name}"),
-            "pipeline": cfg["model_index"].get("_class_name"), "tensors": tensors,
+            "pipeline": cfg["model_index"].get("_class_name"), "tensors": tensors, "variant": spec.variant,
+            "experts": 2 if "transformer_2" in cfg else 1,
             "transformer_config": dict(cfg["transformer"])}
 
 
@@ -573,14 +680,25 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
 
     tcls = getattr(diffusers, spec.transformer_class)
     check_weights(spec, root, cfg)
-    if transformer_state is None:
-        net = _load("transformer", root,
-                    lambda: tcls.from_pretrained(root, subfolder="transformer", torch_dtype=dtype))
-    else:
-        net = _load("transformer", root, lambda: _from_state(tcls, tcfg, transformer_state, dtype))
-    install_rcm_attention(net)
-    install_fp32_time_embedding(net)      # as the reference rCM (survives the deep copies too)
-    net = net.to(device).eval().requires_grad_(False)
+    subs = ("transformer", "transformer_2") if "transformer_2" in cfg else ("transformer",)
+    states = _split_state(transformer_state, subs) if transformer_state is not None else None
+    nets = []
+    for sub in subs:
+        if states is None:
+            net = _load(sub, root, lambda sub=sub: tcls.from_pretrained(root, subfolder=sub, torch_dtype=dtype))
+        else:
+            net = _load(sub, root, lambda sub=sub: _from_state(tcls, cfg[sub], states[sub], dtype))
+        install_rcm_attention(net)
+        install_fp32_time_embedding(net)      # as the reference rCM (survives the deep copies too)
+        nets.append(net.to(device).eval().requires_grad_(False))
+    if len(nets) == 1:
+        net = nets[0]
+    else:   # Wan2.2 A14B: high-noise expert `transformer`, low-noise `transformer_2`, switched as WanPipeline does
+        from ..denoiser import TimestepExperts
+        boundary = float(cfg["model_index"]["boundary_ratio"])
+        g2 = spec.guidance_2 if spec.guidance_2 is not None else spec.guidance
+        net = TimestepExperts(nets[0], nets[1], boundary_timestep=boundary * 1000.0,
+                              expert_guidance=(spec.guidance, g2)).eval().requires_grad_(False)
 
     ecls = getattr(transformers, spec.text_encoder_class)
     enc = _load("text_encoder", root, lambda: ecls.from_pretrained(root / "text_encoder", torch_dtype=dtype))
@@ -602,7 +720,24 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
               "label": teacher_dir_label(root), "size": spec.notes.get("size", "known"),
               "frames": frames, "height": height, "width": width, "fps": spec.fps, "text_len": text.max_length,
               "transformer_config": {k: v for k, v in tcfg.items() if not k.startswith("_")},
-              "codec": codec, "text_encoder": text, **spec.notes})
+              "codec": codec, "text_encoder": text, "variant": spec.variant,
+              "vae_factors": list(vae_factors(cfg["vae"])),
+              "expand_timesteps": bool(cfg["model_index"].get("expand_timesteps", False)),
+              **({"boundary_ratio": float(cfg["model_index"]["boundary_ratio"]), "guidance_2": spec.guidance_2,
+                  "experts": ["transformer", "transformer_2"]} if len(nets) > 1 else {}),
+              **spec.notes})
+
+
+def _split_state(state: dict, subs: tuple) -> dict:
+    """A student's state dict per transformer: as is for one; ``transformer.*`` / ``transformer_2.*`` for two."""
+    if len(subs) == 1:
+        return {subs[0]: state}
+    out = {sub: {k[len(sub) + 1:]: v for k, v in state.items() if k.startswith(sub + ".")} for sub in subs}
+    stray = [k for k in state if not any(k.startswith(sub + ".") for sub in subs)]
+    if stray or not all(out.values()):
+        raise RealTeacherError(f"a two-expert (Wan2.2 A14B) student's weights need the prefixes {list(subs)}; got "
+                               f"{len(stray)} other names, e.g. {stray[:3]}")
+    return out
 
 
 def _from_state(cls, tcfg: dict, state: dict, dtype):
@@ -673,12 +808,23 @@ def _spec_of_path(path: str | os.PathLike) -> RealTeacherSpec:
     root = Path(path)
     if not (root / "model_index.json").is_file():
         raise RealTeacherError(missing_index_help(root))
-    _read_json(root / "model_index.json", "pipeline index")
+    index = _read_json(root / "model_index.json", "pipeline index")
     tcfg = _read_json(root / "transformer" / "config.json", "transformer config")
-    spec = spec_for_config(tcfg, name=teacher_dir_label(root))
-    if spec is None:
+    if tcfg.get("_class_name") not in FAMILY_OF_CLASS:
         raise RealTeacherError(f"{root / 'transformer' / 'config.json'}: _class_name {tcfg.get('_class_name')!r} is "
                                f"not a supported teacher architecture; supported: {sorted(FAMILY_OF_CLASS)}")
+    cfg = {"model_index": index, "transformer": tcfg, "vae": _read_json(root / "vae" / "config.json", "vae config")}
+    if _lists_component(index, "transformer_2") or (root / "transformer_2").is_dir():
+        cfg["transformer_2"] = _read_json(root / "transformer_2" / "config.json", "transformer_2 config (the "
+                                          "low-noise expert of a Wan2.2 A14B checkpoint)")
+    variant = detect_variant(root, cfg)
+    spec = spec_for_config(tcfg, name=teacher_dir_label(root), variant=variant)
+    if spec is None:  # pragma: no cover - the class was checked above
+        raise RealTeacherError(f"{root / 'transformer' / 'config.json'}: unsupported transformer")
+    if spec.boundary_ratio is not None and float(index["boundary_ratio"]) != spec.boundary_ratio:
+        from dataclasses import replace
+        spec = replace(spec, boundary_ratio=float(index["boundary_ratio"]),
+                       notes={**spec.notes, "boundary_ratio": f"{index['boundary_ratio']} from model_index.json"})
     return spec
 
 

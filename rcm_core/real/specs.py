@@ -64,6 +64,12 @@ class RealTeacherSpec:
     width: int
     fps: int = 16
     notes: dict = field(default_factory=dict)
+    # Wan generation: "wan2.1" (also Cosmos), "wan2.2-ti2v" (Wan2.2 VAE, z_dim 48, 16x spatial, per-token
+    # timesteps in the pipeline) or "wan2.2-a14b" (two experts, transformer / transformer_2)
+    variant: str = ""
+    vae_config: dict = field(default_factory=dict)     # VAE numbers a checkpoint must match (z_dim, patch_size)
+    guidance_2: Optional[float] = None   # CFG weight of the low-noise expert (WanPipeline guidance_scale_2)
+    boundary_ratio: Optional[float] = None   # expert switch: transformer at timesteps >= ratio * 1000
 
     @property
     def is_video(self) -> bool:
@@ -86,7 +92,7 @@ def _wan(size: str, heads: int, ffn_dim: int, layers: int) -> RealTeacherSpec:
         text_encoder_class="UMT5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
         param_kind="rf", timestep_scale=1000.0, guidance=5.0, negative_prompt=WAN_NEGATIVE_PROMPT,
         sample_steps=50, shift=5.0, solver="unipc", preset=f"wan2.1-{size}", task="t2v",
-        frames=81, height=480, width=832)
+        frames=81, height=480, width=832, variant="wan2.1", vae_config=dict(z_dim=16))
 
 
 def _cosmos(size: str, heads: int, layers: int) -> RealTeacherSpec:
@@ -104,9 +110,48 @@ def _cosmos(size: str, heads: int, layers: int) -> RealTeacherSpec:
                                       "cond + g (cond - uncond), i.e. w = g + 1"})
 
 
+# Wan2.2 (Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py, wan_t2v_A14B.py; diffusers
+# scripts/convert_wan_to_diffusers.py for the diffusers layout):
+# * TI2V-5B: 24 heads x 128, ffn 14336, 30 layers, in/out 48 channels; the Wan2.2 VAE (z_dim 48, patchify 2,
+#   vae_stride (4, 16, 16)); 121 frames at 704 x 1280 (model card: 720P = 1280 x 704), 24 fps, 50 steps,
+#   sample_shift 5.0 (the diffusers scheduler's flow_shift is 5.0 too), guide scale 5.0; the diffusers
+#   pipeline has expand_timesteps=True (per-token timesteps; for text-to-video all equal to t).
+# * T2V-A14B: two Wan2.1-14B-shaped experts, high noise in ``transformer``, low noise in ``transformer_2``,
+#   switched at boundary 0.875 (WanPipeline: transformer at timesteps >= 0.875 * 1000); 81 frames at
+#   720 x 1280, 16 fps, 40 steps, sample_shift 12.0 (the converted diffusers repo's scheduler keeps
+#   flow_shift 3.0: the project follows the release config), guide scale (low 3.0, high 4.0).
+_WAN22_VAE = dict(z_dim=48, patch_size=2, is_residual=True)
+
+
+def _wan22_ti2v_5b() -> RealTeacherSpec:
+    return RealTeacherSpec(
+        name="wan2.2-ti2v-5b", family="wan", hf_id="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        transformer_class="WanTransformer3DModel",
+        transformer_config=dict(_WAN_COMMON, in_channels=48, out_channels=48, num_attention_heads=24,
+                                ffn_dim=14336, num_layers=30),
+        text_encoder_class="UMT5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
+        param_kind="rf", timestep_scale=1000.0, guidance=5.0, negative_prompt=WAN_NEGATIVE_PROMPT,
+        sample_steps=50, shift=5.0, solver="unipc", preset="wan2.2-ti2v-5b", task="t2v",
+        frames=121, height=704, width=1280, fps=24, variant="wan2.2-ti2v", vae_config=dict(_WAN22_VAE))
+
+
+def _wan22_t2v_a14b() -> RealTeacherSpec:
+    return RealTeacherSpec(
+        name="wan2.2-t2v-a14b", family="wan", hf_id="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        transformer_class="WanTransformer3DModel",
+        transformer_config=dict(_WAN_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        text_encoder_class="UMT5EncoderModel", text_len=512, vae_class="AutoencoderKLWan",
+        param_kind="rf", timestep_scale=1000.0, guidance=4.0, guidance_2=3.0, boundary_ratio=0.875,
+        negative_prompt=WAN_NEGATIVE_PROMPT, sample_steps=40, shift=12.0, solver="unipc",
+        preset="wan2.2-t2v-a14b", task="t2v", frames=81, height=720, width=1280, fps=16, variant="wan2.2-a14b",
+        vae_config=dict(z_dim=16))
+
+
 SPECS = {spec.name: spec for spec in (
     _wan("1.3b", heads=12, ffn_dim=8960, layers=30),
     _wan("14b", heads=40, ffn_dim=13824, layers=40),
+    _wan22_ti2v_5b(),
+    _wan22_t2v_a14b(),
     _cosmos("2b", heads=16, layers=28),
     _cosmos("14b", heads=40, layers=36),
 )}
@@ -138,13 +183,23 @@ def transformer_params(family: str, cfg: dict) -> int:
     return layers * (8 * d * d + 2 * d * ffn)
 
 
-def matching_spec(transformer_config: dict) -> Optional[RealTeacherSpec]:
-    """The known spec whose architecture numbers (:data:`CHECKED_KEYS`) the config matches exactly, else None."""
+def _base_variant(family: str) -> str:
+    return "wan2.1" if family == "wan" else ""
+
+
+def matching_spec(transformer_config: dict, variant: Optional[str] = None) -> Optional[RealTeacherSpec]:
+    """The known spec of ``variant`` (default: the family's first generation, Wan2.1) whose architecture
+    numbers (:data:`CHECKED_KEYS`) the config matches exactly, else None.
+
+    The transformer config alone cannot tell Wan2.2-A14B from Wan2.1-14B (same expert architecture): the
+    variant comes from the directory (:func:`rcm_core.real.loading.detect_variant`).
+    """
     family = FAMILY_OF_CLASS.get(transformer_config.get("_class_name", ""))
     if family is None:
         return None
+    variant = _base_variant(family) if variant is None else variant
     for spec in SPECS.values():
-        if spec.family == family and all(
+        if spec.family == family and spec.variant == variant and all(
                 _as_list(transformer_config.get(k)) == _as_list(spec.transformer_config[k])
                 for k in CHECKED_KEYS[family] if k in spec.transformer_config):
             return spec
@@ -155,30 +210,37 @@ def _as_list(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
-def spec_for_config(transformer_config: dict, name: Optional[str] = None) -> Optional[RealTeacherSpec]:
+def spec_for_config(transformer_config: dict, name: Optional[str] = None,
+                    variant: Optional[str] = None) -> Optional[RealTeacherSpec]:
     """The spec of a checkpoint, from its ``transformer/config.json`` (None: not a supported class).
 
     The family comes from ``_class_name``. A config that matches a known teacher's architecture
     numbers exactly (:func:`matching_spec`) is that teacher. Any other size is a custom teacher of
     the family, named ``name`` (the directory's label; default ``<family>-custom``): its sampler
     settings are the family's, and its DistillConfig preset that of the known size nearest in
-    parameter count (computed from the config; ``notes["preset_reason"]`` says so).
+    parameter count (computed from the config; ``notes["preset_reason"]`` says so). ``variant``
+    (``"wan2.1"``, ``"wan2.2-ti2v"``, ``"wan2.2-a14b"``; default the family's first): only specs of that
+    Wan generation are candidates, so a Wan2.2 directory is never labelled Wan2.1 (or the reverse).
     """
     from dataclasses import replace
 
     family = FAMILY_OF_CLASS.get(transformer_config.get("_class_name", ""))
     if family is None:
         return None
-    known = matching_spec(transformer_config)
+    variant = _base_variant(family) if variant is None else variant
+    known = matching_spec(transformer_config, variant)
     if known is not None:
         return known
     n = transformer_params(family, transformer_config)
     ranked = sorted((abs(math.log(max(n, 1) / transformer_params(family, s.transformer_config))), s.name)
-                    for s in SPECS.values() if s.family == family)
+                    for s in SPECS.values() if s.family == family and s.variant == variant)
+    if not ranked:
+        raise ValueError(f"no known {family} teacher of variant {variant!r}")
     nearest = SPECS[ranked[0][1]]
     arch = {k: transformer_config.get(k) for k in CHECKED_KEYS[family] if k in transformer_config}
-    reason = (f"custom {family} size (~{n / 1e6:.3g}M transformer parameters from config.json, no known "
-              f"{family} teacher has this architecture): DistillConfig preset {nearest.preset!r} of the "
+    what = variant or family
+    reason = (f"custom {what} size (~{n / 1e6:.3g}M transformer parameters from config.json, no known "
+              f"{what} teacher has this architecture): DistillConfig preset {nearest.preset!r} of the "
               f"nearest known size, {nearest.name}")
     return replace(nearest, name=name or f"{family}-custom", hf_id="", transformer_config=arch,
                    notes={**nearest.notes, "size": "custom", "preset_reason": reason})
