@@ -18,6 +18,10 @@
   in it; on an object store (``s3://``, through DCP's fsspec writer) it is written in place with the
   marker last. A killed save leaves no complete-looking directory behind.
 
+LoRA runs (``DistillConfig.lora``) save only the adapters, in both formats: ``student``, ``fake`` and ``ema``
+hold the canonical names of that adapter's weights (``<layer>.lora_A.<part>.weight``, ``...lora_B...``) and the
+optimiser states cover those weights only; the base is the teacher's and is never written.
+
 ``python -m torch.distributed.checkpoint.format_utils dcp_to_torch <dir> out.pt`` turns a DCP
 directory into one file (keys as above) for inspection.
 """
@@ -36,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["FILE", "DCP", "MARKER", "DCP_FORMAT", "IncompleteCheckpointError", "detect_format", "is_complete",
-           "read_meta", "save_dcp", "load_dcp", "ema_safetensors"]
+           "read_meta", "save_dcp", "load_dcp", "ema_safetensors", "lora_safetensors"]
 
 FILE, DCP = "file", "dcp"
 MARKER = "rcm_checkpoint.json"
@@ -225,3 +229,18 @@ def ema_safetensors(trainer, expected_keys=None) -> Optional[bytes]:
         raise ValueError(f"EMA export: names differ from the teacher's state dict: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
     return save({k: v.detach().float().cpu().contiguous() for k, v in sd.items()})
+
+
+def lora_safetensors(trainer, adapter: str = "ema", prefix: Optional[str] = "transformer") -> Optional[bytes]:
+    """LoRA runs: the EMA student's adapter (or ``adapter``) as safetensors bytes in the peft/diffusers LoRA
+    format (:func:`rcm_core.lora.adapter_safetensors`: keys ``transformer.<layer>.lora_A.weight`` /
+    ``lora_B.weight``, the alpha/rank scaling folded into B, ``lora_adapter_metadata``), loadable with
+    ``WanPipeline.load_lora_weights`` / ``WanTransformer3DModel.load_lora_adapter``; ``prefix=None``:
+    peft's plain keys. Under FSDP a collective (only the adapter is gathered); None on ranks other than 0.
+    The merged weights are :func:`ema_safetensors`."""
+    from .lora import adapter_safetensors
+
+    sd = trainer.lora_state_dict(adapter)
+    if trainer.sharded and dist.get_rank() != 0:
+        return None
+    return adapter_safetensors(sd, adapter, trainer.cfg.lora, prefix)

@@ -384,7 +384,7 @@ def merged_module(net: nn.Module, adapter: str) -> nn.Module:
 def peft_state_dict(sd: Dict[str, torch.Tensor], adapter: str, scaling: float,
                     prefix: Optional[str] = "transformer") -> Dict[str, torch.Tensor]:
     """``adapter``'s weights in the peft/diffusers LoRA format: ``<prefix>.<layer>.lora_A.weight`` and
-    ``...lora_B.weight`` (float32), with the scaling folded into B (so the file means the same under any
+    ``...lora_B.weight`` (float32, or the adapter's dtype if wider), with the scaling folded into B (so the file means the same under any
     loader's default ``lora_alpha = rank``). ``prefix=None``: peft's plain keys (``<layer>.lora_A.weight``)."""
     out = {}
     pre = f"{prefix}." if prefix else ""
@@ -393,7 +393,8 @@ def peft_state_dict(sd: Dict[str, torch.Tensor], adapter: str, scaling: float,
             tag = f".lora_{ab}.{adapter}.weight"
             if k.endswith(tag):
                 w = v.detach().double() * (scaling if ab == "B" else 1.0)
-                out[f"{pre}{k[:-len(tag)]}.lora_{ab}.weight"] = w.float().cpu().contiguous()
+                dt = torch.promote_types(v.dtype, torch.float32)
+                out[f"{pre}{k[:-len(tag)]}.lora_{ab}.weight"] = w.to(dt).cpu().contiguous()
     return out
 
 
@@ -405,6 +406,8 @@ def adapter_safetensors(sd: Dict[str, torch.Tensor], adapter: str, cfg, prefix: 
     layers = sorted({k[len(prefix) + 1 if prefix else 0:].rsplit(".lora_", 1)[0] for k in weights})
     meta = {"r": cfg.rank, "lora_alpha": cfg.rank, "target_modules": layers, "lora_dropout": 0.0,
             "bias": "none", "init_lora_weights": True}
+    if prefix:               # as diffusers' save_lora_weights packs it: the loader strips "<prefix>."
+        meta = {f"{prefix}.{k}": v for k, v in meta.items()}
     return save(weights, metadata={"lora_adapter_metadata": json.dumps(meta),
                                    "format": "pt", "rcm.lora": json.dumps({"rank": cfg.rank, "alpha": cfg.alpha,
                                                                            "scaling_folded_into_B": cfg.scaling})})
