@@ -193,8 +193,37 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _component_names(index: dict, kind: PipelineKind) -> list:
     """Components of the pipeline besides the transformer and the scheduler (text encoder, tokenizer, VAE...)."""
-    return [k for k, v in index.items() if not k.startswith("_") and k not in ("transformer", "scheduler")
+    return [k for k, v in index.items() if not k.startswith("_") and k not in ("transformer", "transformer_2", "scheduler")
             and isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None]
+
+
+def _experts_of(index: dict) -> bool:
+    """The teacher is a Wan2.2 A14B mixture: model_index lists transformer_2 and a boundary_ratio."""
+    v = index.get("transformer_2")
+    return isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None and index.get("boundary_ratio") is not None
+
+
+def split_expert_state(state: Mapping[str, torch.Tensor]) -> Optional[Dict[str, Dict[str, torch.Tensor]]]:
+    """``{"transformer": ..., "transformer_2": ...}`` of a two-expert student's state dict
+    (:class:`rcm_core.denoiser.TimestepExperts`: ``transformer.*`` / ``transformer_2.*``); None for one network."""
+    subs = ("transformer", "transformer_2")
+    if not any(k.startswith("transformer_2.") for k in state):
+        return None
+    out = {sub: {k[len(sub) + 1:]: v for k, v in state.items() if k.startswith(sub + ".")} for sub in subs}
+    stray = [k for k in state if not k.startswith(("transformer.", "transformer_2."))]
+    if stray:
+        raise ExportError(f"a two-expert student's weights are transformer.* and transformer_2.*; got {stray[:3]}")
+    return out
+
+
+def _variant_of(index: dict, root: Path) -> str:
+    if _experts_of(index):
+        return "wan2.2-a14b"
+    try:
+        vae = json.loads((root / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        vae = {}
+    return "wan2.2-ti2v" if vae.get("patch_size") is not None else None
 
 
 def _files_of(folder: Path) -> Dict[str, int]:
@@ -301,8 +330,16 @@ def export_student(student_state, teacher_dir, out_dir, *, sigma_max: float = 80
                           f"{missing} that {kind.pipeline_class} needs")
 
     state = _load_state(student_state)
-    net = _build_transformer(kind, tcfg, state, dtype, teacher)
-    net.save_pretrained(out / "transformer", safe_serialization=True)
+    experts = split_expert_state(state)
+    if experts is not None and not _experts_of(index):
+        raise ExportError(f"cannot export the student of teacher {teacher!r}: the student has two experts "
+                          f"(transformer.*, transformer_2.*) but {root / 'model_index.json'} names no transformer_2 with "
+                          "a boundary_ratio")
+    nets = {sub: _build_transformer(kind, tcfg, st, dtype, teacher) for sub, st in
+            (experts or {"transformer": state}).items()}
+    for sub, n in nets.items():
+        n.save_pretrained(out / sub, safe_serialization=True)
+    net = nets["transformer"]
     sched = RCMScheduler(sigma_max=float(sigma_max), mid_t=[float(t) for t in mid_t], num_inference_steps=int(steps),
                          prediction_type=kind.prediction_type, timestep_scale=kind.timestep_scale)
     sched.save_pretrained(out / "scheduler")
@@ -312,6 +349,9 @@ def export_student(student_state, teacher_dir, out_dir, *, sigma_max: float = 80
     label = teacher_dir_label(root)
     name = _sanitize(name or f"rcm-student-{label}")
     new_index = {**index, "scheduler": list(SCHEDULER_ENTRY), "_name_or_path": name}
+    if _experts_of(index) and experts is None:
+        # a one-network student of a two-expert teacher: the pipeline must not switch to a transformer_2
+        new_index.update(transformer_2=[None, None], boundary_ratio=None)
     (out / "model_index.json").write_text(json.dumps(new_index, indent=2) + "\n")
 
     comp_info: Dict[str, Any] = {"mode": components, "source": str(root.resolve())}
@@ -329,25 +369,32 @@ def export_student(student_state, teacher_dir, out_dir, *, sigma_max: float = 80
     if absent:
         comp_info["absent_in_teacher"] = absent
 
-    sf_name = None
+    sf_name, sf_names = None, {}
     if single_file:
         from safetensors.torch import save_file
 
-        sd = {k: v.detach().to(single_file_dtype or v.dtype).contiguous() for k, v in net.state_dict().items()}
-        if kind.single_file_format == "wan-original":
-            sd = wan_original_state_dict(sd)
-        sf_name = f"{name}.safetensors"
-        meta = {"format": "pt", "rcm.format": kind.single_file_format, "rcm.teacher": teacher,
-                "rcm.pipeline_class": kind.pipeline_class,
-                "rcm.sampler": json.dumps({"sigma_max": float(sigma_max), "mid_t": [float(t) for t in mid_t],
-                                           "steps": int(steps)}),
-                "rcm.guidance_scale": "1.0"}
-        save_file(sd, str(out / sf_name), metadata=meta)
-        del sd
+        for sub, n in nets.items():
+            sd = {k: v.detach().to(single_file_dtype or v.dtype).contiguous() for k, v in n.state_dict().items()}
+            if kind.single_file_format == "wan-original":
+                sd = wan_original_state_dict(sd)
+            # two experts: one file each, named as the Wan2.2 release names them (high / low noise model)
+            fname = f"{name}.safetensors" if len(nets) == 1 else \
+                f"{name}-{'high' if sub == 'transformer' else 'low'}-noise.safetensors"
+            meta = {"format": "pt", "rcm.format": kind.single_file_format, "rcm.teacher": teacher,
+                    "rcm.pipeline_class": kind.pipeline_class, "rcm.component": sub,
+                    "rcm.sampler": json.dumps({"sigma_max": float(sigma_max), "mid_t": [float(t) for t in mid_t],
+                                               "steps": int(steps)}),
+                    "rcm.guidance_scale": "1.0"}
+            if len(nets) > 1:
+                meta["rcm.boundary_ratio"] = str(index["boundary_ratio"])
+            save_file(sd, str(out / fname), metadata=meta)
+            sf_names[sub] = fname
+            del sd
+        sf_name = sf_names["transformer"]
 
     from .real.specs import matching_spec
 
-    spec = matching_spec(tcfg)
+    spec = matching_spec(tcfg, _variant_of(index, root))
     info = {"format": EXPORT_FORMAT, "name": name, "pipeline_class": kind.pipeline_class,
             "transformer_class": kind.transformer_class,
             "scheduler": {"class": "RCMScheduler", "module": SCHEDULER_ENTRY[0], "sigma_max": float(sigma_max),
@@ -364,6 +411,8 @@ def export_student(student_state, teacher_dir, out_dir, *, sigma_max: float = 80
             "task": kind.task, "components": comp_info, "dtype": str(next(iter(net.state_dict().values())).dtype
                                                                    ).replace("torch.", ""),
             "single_file": sf_name, "single_file_format": kind.single_file_format if sf_name else None,
+            **({"single_file_2": sf_names.get("transformer_2"), "experts": list(nets),
+                "boundary_ratio": new_index.get("boundary_ratio")} if len(nets) > 1 else {}),
             "single_file_dtype": (str(single_file_dtype).replace("torch.", "") if single_file_dtype else None)}
     (out / "rcm_export.json").write_text(json.dumps(info, indent=1) + "\n")
     front = ["---", "library_name: diffusers", f"pipeline_tag: {'text-to-video' if kind.task == 't2v' else 'text-to-image'}",
