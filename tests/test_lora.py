@@ -319,3 +319,23 @@ def test_export_loads_into_diffusers_and_matches_the_ema_student(tmp_path):
         assert torch.allclose(diffusers_rf_call(m2, x, timestep, c), want, rtol=1e-9, atol=1e-10)
     x0 = tr.generate(c, steps=2)                                         # the EMA student samples
     assert x0.shape == (2, *te.latent_shape) and torch.isfinite(x0).all()
+
+
+@pytest.mark.slow
+def test_registration_carries_the_adapter_file(tmp_path):
+    """register_student(lora_adapter=...): the adapter file is an extra artifact of the model version."""
+    mlflow = pytest.importorskip("mlflow")
+    from rcm_steps.register import register_student
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("e", artifact_location=f"file://{tmp_path / 'art'}")
+    run_id = client.create_run(exp).info.run_id
+    meta = {"teacher": "embedded", "teacher_version": "x", "latent_shape": [1, 4, 16, 16], "default_steps": 4,
+            "sigma_max": 80.0, "mid_t": [1.3, 1.0, 0.6], "method": "rcm"}
+    r = register_student(b"weights", meta, run_id, {"metaflow.run_id": run_id}, {"student_4/digit_acc": 0.5}, True,
+                         model_name="m", lora_adapter=b"adapter-bytes")
+    mv = client.get_model_version("m", r.version)
+    assert "lora_adapter" in mv.tags
+    root = mlflow.artifacts.download_artifacts(f"models:/m/{r.version}", dst_path=str(tmp_path / "dl"))
+    found = list(__import__("pathlib").Path(root).rglob("student_lora.safetensors"))
+    assert found and found[0].read_bytes() == b"adapter-bytes"

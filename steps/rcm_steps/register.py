@@ -696,7 +696,8 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
                      metrics: Dict[str, float], gates_passed: bool, model_name: Optional[str] = None,
                      fail_after_version: bool = False, eval_settings: Optional[Dict[str, Any]] = None,
                      gates: Optional[Dict[str, float]] = None, components: str = "reference",
-                     component_store: Optional[str] = None, sample_grid: Optional[bytes] = None) -> RegistrationResult:
+                     component_store: Optional[str] = None, sample_grid: Optional[bytes] = None,
+                     lora_adapter: Optional[bytes] = None) -> RegistrationResult:
     """Log the pyfunc model into ``run_id`` and register it (see module doc).
 
     ``eval_settings``: what the metrics were computed with (:func:`rcm_steps.evaluate.eval_settings`);
@@ -708,7 +709,9 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
     after the version exists (tests of rollback). ``sample_grid``: PNG for the model card (default: the
     run's ``eval/samples_grid.png``). A real teacher's student is exported for diffusers (artifact
     ``diffusers``; the description is its model card); :class:`rcm_core.export.ExportError` before any
-    version exists when it cannot be.
+    version exists when it cannot be. ``lora_adapter``: a LoRA run's EMA adapter in the peft/diffusers LoRA
+    format (:func:`rcm_core.checkpoint.lora_safetensors`), registered as the extra artifact ``lora``
+    (``student_lora.safetensors``, loadable with ``WanPipeline.load_lora_weights``) next to the merged weights.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -737,6 +740,12 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
             with open(wpath, "wb") as f:
                 f.write(ema_weights_bytes)
             weights_art = {"weights": wpath}
+        if lora_adapter is not None:            # LoRA run: the adapter file too (the weights above are merged)
+            lpath = os.path.join(d, "student_lora.safetensors")
+            with open(lpath, "wb") as f:
+                f.write(lora_adapter)
+            extra = {**extra, "lora": lpath}
+            meta["lora_adapter"] = {"artifact": "lora", "file": "student_lora.safetensors", "format": "peft/diffusers"}
         with open(mpath, "w") as f:
             json.dump(meta, f, indent=1)
         import rcm_core
@@ -762,6 +771,8 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
             "gates_passed": str(bool(gates_passed)), "student_steps": str(steps),
             "eval_settings": settings_hash(settings), "eval_settings.json": json.dumps(settings, sort_keys=True)[:4900],
             "champion_policy": policy.describe(steps),
+            **({"lora_adapter": "artifact lora/student_lora.safetensors (peft/diffusers LoRA format)"}
+               if lora_adapter is not None else {}),
             "teacher_components": (f"{bundle['mode']}: {len(bundle['files'])} files" + (
                 f" in {bundle['store']}" if bundle.get("store") else " in the artifacts")) if bundle else "in code"}
     # model_id links the version to the logged model (an MLflow server rejects a models:/ source without it)
