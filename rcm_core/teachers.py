@@ -129,3 +129,23 @@ register_teacher("wan2.2-t2v-a14b", _real("wan2.2-t2v-a14b"),
                  "Wan2.2 T2V A14B: two 14B experts (high / low noise) switched at boundary 0.875, 720p x 81 frames")
 register_teacher("cosmos-predict2-2b", _real("cosmos-predict2-2b"), "Cosmos-Predict2 2B text-to-image, local weights")
 register_teacher("cosmos-predict2-14b", _real("cosmos-predict2-14b"), "Cosmos-Predict2 14B text-to-image, local weights")
+
+
+def expert_student(teacher: Teacher, expert: str = "transformer_2") -> nn.Module:
+    """One network to start a one-network student (and fake score) of a two-expert teacher (Wan2.2 A14B).
+
+    A two-expert teacher's ``net`` is a :class:`rcm_core.denoiser.TimestepExperts`; by default the trainer copies
+    it, so the student is two experts switched at the teacher's boundary (what the flow trains, and what the
+    diffusers export writes as ``transformer`` / ``transformer_2``). The alternative: one network, here a copy of
+    one expert (default the low-noise ``transformer_2``, measured best of the one-network starts in
+    BENCHMARKS.md "Wan2.2 A14B student: one network or two"), passed as
+    ``RCMTrainer(teacher, cfg, student_net=expert_student(teacher), fake_net=expert_student(teacher))``; its
+    export has no switch (``transformer_2`` null in model_index.json).
+    """
+    import copy
+
+    if not hasattr(teacher.net, "experts"):
+        raise ValueError(f"teacher {teacher.name!r} is one network, not a mixture of experts")
+    if expert not in ("transformer", "transformer_2"):
+        raise ValueError(f"expert {expert!r}; known: transformer (high noise), transformer_2 (low noise)")
+    return copy.deepcopy(getattr(teacher.net, expert))
