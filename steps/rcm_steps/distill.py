@@ -245,6 +245,7 @@ def _run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t_start
     if world > 1:
         dist.barrier()
+    peaks = _peak_memory(device, world)     # a collective: every rank
     ema_bytes = None
     if trainer.sharded or rank == 0:      # FSDP: a collective (full tensors gathered one by one to rank 0's CPU)
         from rcm_core.checkpoint import ema_safetensors
@@ -253,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
     if rank == 0:
         out.write_bytes("student_ema.safetensors", ema_bytes)
         result = {"steps": trainer.step, "start_step": start, "resumed_from": resumed_from, "world_size": world,
-                  "backend": backend, "seconds": seconds,
+                  "backend": backend, "seconds": seconds, "peak_memory": peaks,
                   "samples_per_s": samples / seconds if seconds > 0 else None,
                   "final_metrics": last, "nan_count_total": nan_total, "config": cfg.to_dict(),
                   "teacher": teacher.name, "data_hash": data.data_hash,
@@ -267,6 +268,22 @@ def _run(args: argparse.Namespace) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _peak_memory(device: torch.device, world: int) -> List[Dict[str, Any]]:
+    """Per rank: ``cuda_max_allocated_gib`` (``torch.cuda.max_memory_allocated``; None on the CPU) and
+    ``max_rss_gib`` (the worker process's peak resident memory)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    mine = {"rank": dist.get_rank() if world > 1 else 0, "max_rss_gib": rss / 2 ** 30,
+            "cuda_max_allocated_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
+                                       if device.type == "cuda" else None)}
+    if world == 1:
+        return [mine]
+    got: List[Any] = [None] * world
+    dist.all_gather_object(got, mine)
+    return got
 
 
 def _save(trainer, out: Storage, step: int, keep: int = 2, write: bool = True) -> None:
