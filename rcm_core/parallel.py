@@ -85,11 +85,14 @@ class _Recompute(torch.autograd.Function):
 
     Parameter gradients either flow back as outputs of this node (``params`` given) or, for
     an FSDP-managed block (no ``params``), accumulate into ``.grad`` inside the recomputation
-    so that FSDP's own hooks reduce-scatter them (as with reentrant checkpointing).
+    so that FSDP's own hooks reduce-scatter them (as with reentrant checkpointing). ``anchor``
+    (an empty tensor that requires grad when the block has trainable weights) keeps the node in
+    the graph when no input requires grad: e.g. LoRA, where everything before the first adapted
+    block is frozen, under FSDP.
     """
 
     @staticmethod
-    def forward(ctx, run, n, y, *flat):
+    def forward(ctx, run, n, y, anchor, *flat):
         inputs, ctx.params = flat[:n], list(flat[n:])    # the block's inputs, then its parameters
         ctx.run = run
         ctx.others = [None if isinstance(x, torch.Tensor) else x for x in inputs]
@@ -106,10 +109,10 @@ class _Recompute(torch.autograd.Function):
         if ctx.params:
             got = iter(torch.autograd.grad(y, leaves + ctx.params, gy, allow_unused=True))
             grads = [next(got) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs]
-            return (None, None, None, *grads, *got)
+            return (None, None, None, None, *grads, *got)
         torch.autograd.backward(y, gy)
-        return (None, None, None, *[x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None
-                                    for x in inputs])
+        return (None, None, None, None, *[x.grad if isinstance(x, torch.Tensor) and x.requires_grad else None
+                                          for x in inputs])
 
 
 def _checkpoint_block(block: nn.Module, *args, **kwargs):
@@ -146,7 +149,8 @@ def _checkpoint_block(block: nn.Module, *args, **kwargs):
     y, dy = fwAD.unpack_dual(out)
     primals = [x if p is None else p.primal for x, p in zip(flat, parts)]
     params = [] if isinstance(block, FSDPModule) else [p for p in block.parameters() if p.requires_grad]
-    y = _Recompute.apply(run_flat, len(flat), y, *primals, *params)
+    anchor = torch.empty(0, device=y.device, requires_grad=any(p.requires_grad for p in block.parameters()))
+    y = _Recompute.apply(run_flat, len(flat), y, anchor, *primals, *params)
     return y if dy is None else fwAD.make_dual(y, dy)
 
 

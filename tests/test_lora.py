@@ -339,3 +339,70 @@ def test_registration_carries_the_adapter_file(tmp_path):
     root = mlflow.artifacts.download_artifacts(f"models:/m/{r.version}", dst_path=str(tmp_path / "dl"))
     found = list(__import__("pathlib").Path(root).rglob("student_lora.safetensors"))
     assert found and found[0].read_bytes() == b"adapter-bytes"
+
+
+# ---- FSDP2 (2 gloo ranks): the shared network sharded once, against plain data parallel ----------------
+def _fsdp_worker(rank, world, port, out_dir, fsdp):
+    import copy
+    import os
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from safetensors.torch import load
+        from torch.distributed.tensor import DTensor
+
+        from rcm_core.checkpoint import lora_safetensors
+        te = _embedded_teacher()
+        cfg = _cfg(fsdp=fsdp, fused_tangent=True)
+        tr = RCMTrainer(te, cfg)
+        assert tr.sharded == fsdp
+        if fsdp:                     # one sharded network: base and adapters are DTensors, shared by all roles
+            assert all(isinstance(p, DTensor) for p in tr.student.net.parameters())
+            assert tr.teacher.net is tr.student.net is tr.fake.net
+        batch = _batch(te, seed=10 + rank)
+        losses = [tr.train_step(batch)["loss"] for _ in range(3)]          # student, critic, student
+        ckpt = os.path.join(out_dir, f"ck_{fsdp}")
+        if fsdp or rank == 0:
+            tr.save_checkpoint(ckpt)                                       # FSDP: DCP, every rank its shards
+        dist.barrier()
+        sd = copy.deepcopy(tr.state_dict())
+        merged = tr.ema_state_dict()
+        adapter = lora_safetensors(tr)
+        tr2 = RCMTrainer(te, cfg)
+        tr2.load_checkpoint(ckpt)
+        nxt = tr.train_step(batch)["loss"], tr2.train_step(batch)["loss"]
+        if rank == 0:
+            torch.save({"losses": losses, "student": sd["student"], "fake": sd["fake"], "ema": sd["ema"]["module"],
+                        "merged_keys": sorted(merged), "adapter": load(adapter), "next": nxt},
+                       os.path.join(out_dir, f"res_{fsdp}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_lora_matches_data_parallel_and_resumes(tmp_path):
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+    res = {}
+    for fsdp in (True, False):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_fsdp_worker, args=(2, port, str(tmp_path), fsdp), nprocs=2, join=True,
+                           start_method="spawn")
+        res[fsdp] = torch.load(os.path.join(tmp_path, f"res_{fsdp}.pt"), weights_only=False)
+    a, b = res[True], res[False]
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-10)
+    for part in ("student", "fake", "ema"):
+        assert set(a[part]) == set(b[part]) and all(".lora_" in k for k in a[part])
+        for k in a[part]:
+            assert torch.allclose(a[part][k], b[part][k], atol=1e-12), (part, k)
+    assert a["merged_keys"] == sorted(_embedded_teacher().net.state_dict())
+    assert set(a["adapter"]) == set(b["adapter"])
+    for fsdp in (True, False):                                             # resume: the same next step
+        assert res[fsdp]["next"][0] == res[fsdp]["next"][1]
