@@ -166,12 +166,21 @@ def _run(args: argparse.Namespace) -> int:
     from rcm_core.trainer import RCMTrainer
 
     from .cache import load_cache
-    from .teacher import load_teacher
+    from .teacher import is_real_teacher, load_teacher
 
     rank, world, backend = _init_dist()
     device = _device(args.device)
     out = Storage(args.out)
-    teacher = load_teacher(args.teacher, device=str(device), options=json.loads(args.teacher_options or "{}"))
+    opts = json.loads(args.teacher_options or "{}")
+    load_device = device
+    if device.type == "cuda" and is_real_teacher(args.teacher):
+        # the trainer copies the teacher network to the GPU (teacher, student, fake score, EMA; sharded under
+        # FSDP); the loaded teacher stays in host memory, with its text encoder and VAE, which distillation
+        # never calls: on the GPU they would sit beside the copies (Wan2.1-14B: the bf16 network, 28.6 GB, plus
+        # the fp32 student copy before sharding exceed 80 GB)
+        opts.setdefault("dtype", "bfloat16")          # what loading on the GPU picks
+        load_device = torch.device("cpu")
+    teacher = load_teacher(args.teacher, device=str(load_device), options=opts)
     overrides = json.loads(args.config or "{}")
     cfg = build_config(getattr(teacher, "preset", None) or getattr(teacher, "name", args.teacher), args.method,
                        args.iterations, args.batch_size, args.seed, overrides)
