@@ -17,9 +17,15 @@ from real_fixtures import *  # noqa: F401,F403
 from real_fixtures import SMALL
 
 TINY = dict(frames=5, height=8, width=8, text_len=8)          # latents (4, 3, 4, 4) with the tiny VAE
+TINY22 = dict(frames=5, height=16, width=16, text_len=8)      # latents (6, 3, 4, 4) with the tiny Wan2.2 VAE (4x)
+
+# the same DAG on a Wan2.1 and a Wan2.2 TI2V checkpoint: (fixture, options, name, preset, latent shape)
+CASES = {"wan2.1": ("wan_dir", TINY, "tiny-wan", "wan2.1-1.3b", [4, 3, 4, 4]),
+         "wan2.2-ti2v": ("wan22_dir", TINY22, "tiny-wan22-ti2v", "wan2.2-ti2v-5b", [6, 3, 4, 4])}
 
 
-def test_flow_end_to_end_with_tiny_wan_dir(wan_dir, tmp_path):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_flow_end_to_end_with_tiny_wan_dir(case, request, tmp_path):
     import mlflow
     import pandas as pd
     import torch
@@ -27,27 +33,29 @@ def test_flow_end_to_end_with_tiny_wan_dir(wan_dir, tmp_path):
     from rcm_steps import teacher as T
     from rcm_steps.cache import load_cache
 
+    fixture, TINY, name, preset, shape = CASES[case]
+    wan_dir = request.getfixturevalue(fixture)
     t0 = time.perf_counter()
     run, out, err = run_flow(tmp_path, teacher=str(wan_dir), **TINY)
     elapsed = time.perf_counter() - t0
     assert run is not None and run.successful, err[-4000:]
-    print(f"tiny-wan flow wall time: {elapsed:.1f}s")
+    print(f"{name} flow wall time: {elapsed:.1f}s")
     d = run.data
     info = d.teacher_info
-    assert info["name"] == "tiny-wan" and info["preset"] == "wan2.1-1.3b" and info["real"] and info["solver"] == "unipc"
-    assert info["latent_shape"] == [4, 3, 4, 4] and d.teacher_options == TINY
+    assert info["name"] == name and info["preset"] == preset and info["real"] and info["solver"] == "unipc"
+    assert info["latent_shape"] == shape and d.teacher_options == TINY
     assert d.memory_estimate is None                             # CPU run: the GPU estimate is skipped
-    assert d.distill_result["steps"] == 2 and d.distill_result["teacher"] == "tiny-wan"
+    assert d.distill_result["steps"] == 2 and d.distill_result["teacher"] == name
 
     # the cache holds the real text encoder's embeddings, its negative-prompt embedding, and latents
     # synthesised by the teacher's own sampler (UniPC, CFG) from the shard's seeded noise
     te = T.load_teacher(str(wan_dir), options=TINY)
     data = load_cache(d.cache_url)
     assert data.manifest["spec"]["solver"] == "unipc" and data.manifest["spec"]["text_len"] == 8
-    assert data.latents.shape == (4, 4, 3, 4, 4) and data.cond.shape == (4, 8, 16)
+    assert data.latents.shape == (4, *shape) and data.cond.shape == (4, 8, 16)
     torch.testing.assert_close(data.uncond, T.negative_embedding(te))
     torch.testing.assert_close(data.cond, T.encode(te, [data.prompts[i] for i in data.prompt_idx.tolist()]))
-    noise = torch.randn((2, 4, 3, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     want = T.sample_teacher_latents(te, data.cond[:2], data.uncond, noise, steps=2)
     torch.testing.assert_close(data.latents[:2], want, rtol=1e-4, atol=1e-4)
 
@@ -67,7 +75,7 @@ def test_flow_end_to_end_with_tiny_wan_dir(wan_dir, tmp_path):
     # registered in MLflow (sqlite), with eval artefacts; the model generates through the teacher's VAE
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
-    assert d.model_name == "rcm-student-tiny-wan-smoke" and "candidate" in d.model_aliases
+    assert d.model_name == f"rcm-student-{name}-smoke" and "candidate" in d.model_aliases
     mv = client.get_model_version(d.model_name, d.model_version)
     assert mv.tags["teacher"] == str(wan_dir) and mv.tags["data_hash"] == d.data_hash
     mrun = client.get_run(d.mlflow_run_id)
@@ -76,20 +84,33 @@ def test_flow_end_to_end_with_tiny_wan_dir(wan_dir, tmp_path):
     assert {"eval/samples_grid.png", "eval/samples.gif"} <= arts
     model = mlflow.pyfunc.load_model(f"models:/{d.model_name}/{d.model_version}")
     clips = model.predict(pd.DataFrame({"prompt": ["a red cat runs"], "seed": [0]}))
-    assert clips.shape == (1, 3, 5, 8, 8) and 0 <= clips.min() and clips.max() <= 1
+    assert clips.shape == (1, 3, 5, TINY["height"], TINY["width"]) and 0 <= clips.min() and clips.max() <= 1
 
 
-def test_flow_rejects_bad_checkpoint_at_start(wan_dir, tmp_path):
+@pytest.mark.parametrize("case", ["wan2.1-ffn", "wan2.2-zdim"])
+def test_flow_rejects_bad_checkpoint_at_start(case, request, tmp_path):
+    src = request.getfixturevalue("wan_dir" if case == "wan2.1-ffn" else "wan22_dir")
     bad = tmp_path / "bad-wan"
-    shutil.copytree(wan_dir, bad)
-    cfg = json.loads((bad / "transformer" / "config.json").read_text())
-    cfg["ffn_dim"] = 48                                           # config no longer matches the weights
-    (bad / "transformer" / "config.json").write_text(json.dumps(cfg))
-    run, out, err = run_flow(tmp_path, teacher=str(bad), **TINY)
+    shutil.copytree(src, bad)
+    if case == "wan2.1-ffn":
+        cfg = json.loads((bad / "transformer" / "config.json").read_text())
+        cfg["ffn_dim"] = 48                                       # config no longer matches the weights
+        (bad / "transformer" / "config.json").write_text(json.dumps(cfg))
+        opts = TINY
+    else:                                                         # a Wan2.2 VAE of another latent width
+        cfg = json.loads((bad / "vae" / "config.json").read_text())
+        cfg.update(z_dim=4, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        (bad / "vae" / "config.json").write_text(json.dumps(cfg))
+        opts = TINY22
+    run, out, err = run_flow(tmp_path, teacher=str(bad), **opts)
     assert run is not None and not run.successful
     assert {s.id for s in run} == {"start"}
-    assert f"{bad / 'transformer'}: weights do not match transformer/config.json" in err
-    assert "checkpoint (32, 32) vs config (48, 32)" in err
+    if case == "wan2.1-ffn":
+        assert f"{bad / 'transformer'}: weights do not match transformer/config.json" in err
+        assert "checkpoint (32, 32) vs config (48, 32)" in err
+    else:
+        assert (f"{bad / 'vae' / 'config.json'}: z_dim 4 does not match {bad / 'transformer' / 'config.json'} "
+                "in_channels 6") in err
 
 
 def test_describe_teacher_checks_without_loading_and_matches_the_loaded_teacher(wan_dir, tmp_path):

@@ -573,6 +573,10 @@ def _prepare(name_or_spec, weights, strict_config, frames, height, width, transf
         raise RealTeacherError(f"{root}: transformer {cfg['transformer'].get('_class_name')!r} does not match "
                                f"{spec.transformer_class!r}")
     variant = detect_variant(root, cfg)
+    if variant != spec.variant and not strict_config:
+        # a spec derived from transformer/config.json alone (e.g. spec_for_config without the directory): the
+        # checkpoint's own generation decides (A14B's experts look like Wan2.1-14B, TI2V's like a custom Wan2.1)
+        spec = spec_for_config(cfg["transformer"], name=spec.name, variant=variant)
     if variant != spec.variant:
         raise RealTeacherError(f"{root}: a {variant or spec.family} checkpoint, teacher {spec.name!r} is "
                                f"{spec.variant or spec.family} ({_variant_evidence(variant)}); wrong checkpoint for "
