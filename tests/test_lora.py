@@ -406,3 +406,27 @@ def test_fsdp_lora_matches_data_parallel_and_resumes(tmp_path):
     assert set(a["adapter"]) == set(b["adapter"])
     for fsdp in (True, False):                                             # resume: the same next step
         assert res[fsdp]["next"][0] == res[fsdp]["next"][1]
+
+
+@pytest.mark.slow
+def test_distill_step_writes_merged_weights_and_the_adapter(tmp_path):
+    """rcm_steps.distill with DistillConfig.lora: student_ema.safetensors has the teacher's names (merged),
+    student_lora.safetensors the adapter (peft keys), result.json its URL (the flow registers it)."""
+    import json
+
+    from pipeline_fixtures import FakeTeacher
+    from rcm_steps.cache import CacheConfig, cache_teacher
+    from rcm_steps.distill import main
+    from rcm_steps.storage import Storage
+    from safetensors.torch import load_file
+    cache = cache_teacher(FakeTeacher(), [f"p{i}" for i in range(2)], Storage(str(tmp_path / "store")),
+                          CacheConfig(samples_per_prompt=4, shard_size=8)).url
+    out = tmp_path / "out"
+    cfg = {"tangent_warmup_steps": 1, "lr_warmup_steps": 1, "student_update_freq": 2, "guidance": 2.0,
+           "lora": {"rank": 1, "target_modules": ["proj"]}}
+    main(["--teacher", "pipeline_fixtures:FakeTeacher", "--cache", cache, "--out", str(out), "--iterations", "3",
+          "--batch-size", "4", "--config", json.dumps(cfg), "--ckpt-every", "2"])
+    res = json.loads((out / "result.json").read_text())
+    assert res["lora_url"].endswith("student_lora.safetensors")
+    assert set(load_file(str(out / "student_ema.safetensors"))) == set(FakeTeacher().net.state_dict())
+    assert set(load_file(str(out / "student_lora.safetensors"))) == {"proj.lora_A.weight", "proj.lora_B.weight"}

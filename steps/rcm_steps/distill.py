@@ -11,7 +11,9 @@
   the same ``--out`` (e.g. a Metaflow retry) resumes from the newest *complete* checkpoint of
   either format (a DCP directory counts once its marker file is in it), on any number of ranks.
 * At the end rank 0 writes ``student_ema.safetensors`` (the EMA student, float32, with exactly the
-  teacher network's state-dict names, e.g. a diffusers transformer's) and ``result.json``.
+  teacher network's state-dict names, e.g. a diffusers transformer's) and ``result.json``; LoRA runs
+  (``DistillConfig.lora``: merged weights there) also ``student_lora.safetensors``, the EMA adapter in the
+  peft/diffusers LoRA format (``lora_url`` in ``result.json``).
 * A failure prints a short ``rCM: distill worker (rank r) failed: ...`` block first (see
   :mod:`rcm_steps.errors`); the launcher passes it on to the flow step.
 
@@ -260,14 +262,22 @@ def _run(args: argparse.Namespace) -> int:
         from rcm_core.checkpoint import ema_safetensors
 
         ema_bytes = ema_safetensors(trainer, expected_keys=teacher.net.state_dict().keys())
+    lora_bytes = None
+    if cfg.lora is not None and (trainer.sharded or rank == 0):   # LoRA: the EMA adapter alone (peft/diffusers)
+        from rcm_core.checkpoint import lora_safetensors
+
+        lora_bytes = lora_safetensors(trainer, prefix="transformer" if hasattr(teacher.net, "config") else None)
     if rank == 0:
         out.write_bytes("student_ema.safetensors", ema_bytes)
+        if lora_bytes is not None:
+            out.write_bytes("student_lora.safetensors", lora_bytes)
         result = {"steps": trainer.step, "start_step": start, "resumed_from": resumed_from, "world_size": world,
                   "backend": backend, "seconds": seconds, "peak_memory": peaks,
                   "samples_per_s": samples / seconds if seconds > 0 else None,
                   "final_metrics": last, "nan_count_total": nan_total, "config": cfg.to_dict(),
                   "teacher": teacher.name, "data_hash": data.data_hash,
                   "ema_url": out.url("student_ema.safetensors"),
+                  "lora_url": out.url("student_lora.safetensors") if lora_bytes is not None else None,
                   "checkpoint": (_latest(out) or {}).get("file")}
         out.write_json("result.json", result)
         log.metrics(trainer.step, {"wall_s": seconds})
