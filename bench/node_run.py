@@ -175,6 +175,7 @@ class Node:
 
     def save(self, part: str, value: Any) -> None:
         self.results[part] = value
+        self.results.setdefault("commands", {})[part] = self.results["meta"]["command"]
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.results, indent=1, default=str))
