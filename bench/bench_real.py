@@ -134,6 +134,9 @@ def primal_phase(b: Bench, teacher, x0, cond, uncond, dev) -> None:
     t1 = torch.full((2,), 1.0, dtype=torch.float64, device=dev)
     params = [p for p in teacher.net.parameters() if p.dtype == torch.bfloat16]
 
+    from rcm_core.parallel import ParallelConfig, parallelize
+    parallelize(teacher.net, ParallelConfig(activation_checkpointing="full"))   # as the trainer's critic
+
     def fwd_bwd():                                          # the critic's pass: grads to the weights
         for p in params:
             p.requires_grad_(True)
