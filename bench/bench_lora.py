@@ -1,7 +1,7 @@
 """LoRA vs full fine-tuning on one GPU: peak memory and rCM step time (student step + critic step).
 
     python bench/bench_lora.py                                   # Wan2.1-1.3B, 480p x 81 (latent 16x21x60x104)
-    python bench/bench_lora.py --arch wan2.1-14b --configs lora64,lora128 --json bench/results/lora_14b.json
+    python bench/bench_lora.py --arch wan2.1-14b --configs lora64,lora128,full --iters 1 --json bench/results/lora_14b.json
     python bench/bench_lora.py --tiny                            # a tiny config on the CPU (checks the script)
 
 Random weights (the diffusers ``WanTransformer3DModel`` built from the registered config, as
@@ -142,7 +142,7 @@ def table(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         tp = r.get("student_trainable", 0) + r.get("fake_trainable", 0)
-        tp = f"{tp / 1e6:.1f} M" if tp else "-"
+        tp = f"{tp / 1e6:.3g} M" if tp else "-"
         pk = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "-"
         if r.get("fits"):
             lines.append(f"| {r['config']} | {tp} | {pk} | {r['student_s']:.3f} | {r['critic_s']:.3f} | "
