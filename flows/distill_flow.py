@@ -243,8 +243,10 @@ class RCMDistillFlow(FlowSpec):
         self.teacher_lineage = _teacher_lineage(self.teacher, self.teacher_info, self.teacher_revision,
                                                 self.teacher_source)
         from rcm_steps.distill import build_config   # a bad DistillConfig fails here, naming the field
-        build_config(self.teacher_info.get("preset") or self.teacher, self.method, s["iterations"],
-                     s["batch_size"], self.seed, s["config"])
+        dcfg = build_config(self.teacher_info.get("preset") or self.teacher, self.method, s["iterations"],
+                            s["batch_size"], self.seed, s["config"])
+        from rcm_core.teachers import check_student_layout   # Wan2.2 A14B: moe_student="one" with lora is refused
+        self.student_layout = check_student_layout(dcfg, self.teacher_info.get("experts", 1))
         self.memory_estimate = self._memory_check(check_memory, on_k8s)
         self._storage().check_writable()
         # resume clones this artifact, so every run of a chain of resumes keeps the first run's id (a resume
@@ -463,7 +465,9 @@ class RCMDistillFlow(FlowSpec):
         meta = {"teacher": self.teacher, "teacher_version": self.teacher_info["version"],
                 "latent_shape": self.teacher_info["latent_shape"], "default_steps": self.student_steps,
                 "sigma_max": dcfg["sigma_max"], "mid_t": list(dcfg["mid_t"]), "method": self.method,
-                "teacher_options": self.teacher_options}
+                "teacher_options": self.teacher_options,
+                **({"student_layout": self.distill_result["student_layout"]}
+                   if self.distill_result.get("student_layout") else {})}
         lineage = {"metaflow.flow": current.flow_name, "metaflow.run_id": str(current.run_id),
                    "metaflow.pathspec": current.pathspec, "teacher": self.teacher,
                    "teacher_version": self.teacher_info["version"], "data_hash": self.data_hash,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 METHODS = ("rcm", "scm", "dmd", "dcm")
+MOE_STUDENTS = ("one", "two")
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,11 @@ class DistillConfig:
     # LoRA distillation (LoRAConfig or its dict, e.g. {"rank": 64}): student and fake score are adapters
     # on the one frozen teacher network; None: full fine-tuning of copies of the teacher
     lora: Optional[LoRAConfig] = None
+    # a teacher made of timestep experts (Wan2.2 A14B): "one" - the student and the fake score are ONE network
+    # started from the low-noise expert (rcm_core.teachers.expert_student; BENCHMARKS.md "Wan2.2 A14B student:
+    # one network or two"); "two" - copies of both experts switched at the teacher's boundary. No effect on a
+    # one-network teacher. With lora, the adapters sit on the teacher's own network: "two" only.
+    moe_student: str = "one"
 
     def __post_init__(self):
         if isinstance(self.lora, Mapping):
@@ -181,6 +187,9 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.dmd_time={self.dmd_time!r}; known: rf_shift, lognormal")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
             raise ValueError(f"DistillConfig.dtype={self.dtype!r}")
+        if self.moe_student not in MOE_STUDENTS:
+            raise ValueError(f"DistillConfig.moe_student={self.moe_student!r}; known: {MOE_STUDENTS} (a Wan2.2 A14B "
+                             "teacher's student: one network from the low-noise expert, or both experts)")
         if self.lora is not None:
             if not isinstance(self.lora, LoRAConfig):
                 raise ValueError(f"DistillConfig.lora must be a LoRAConfig, a dict of its fields or None, "
@@ -269,7 +278,8 @@ PRESETS: dict[str, dict] = {
 #       704 x 1280 x 121 latents (31 x 44 x 80 at 16x/4x, 27,280 tokens) are the size of Wan2.1's 480p x 81
 #       (32,760); 5B parameters do not fit one 80 GiB GPU replicated (~190 GB of training state): FSDP2.
 #   "wan2.2-t2v-a14b": each expert is a Wan2.1-14B network: the Wan2.1-14B paper values (P_mean 1.5, K=10,
-#       warm-up 200, lr 1e-6 / 1e-7, batch 64, FSDP2). The student is two experts (rcm_core.denoiser.TimestepExperts,
+#       warm-up 200, lr 1e-6 / 1e-7, batch 64, FSDP2). The student is ONE network started from the low-noise expert
+#       (DistillConfig.moe_student="one", the default; "two": both experts, rcm_core.denoiser.TimestepExperts;
 #       BENCHMARKS.md "Wan2.2 A14B student: one network or two").
 # The CFG weights (5.0; A14B 4.0 high-noise / 3.0 low-noise expert) and sampler shifts (5.0; 12.0) are the
 # teachers' (rcm_core.real.specs, from Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py and wan_t2v_A14B.py).

@@ -131,7 +131,7 @@ register_teacher("cosmos-predict2-2b", _real("cosmos-predict2-2b"), "Cosmos-Pred
 register_teacher("cosmos-predict2-14b", _real("cosmos-predict2-14b"), "Cosmos-Predict2 14B text-to-image, local weights")
 
 
-def expert_student(teacher: Teacher, expert: str = "transformer_2") -> nn.Module:
+def expert_student(teacher: Teacher, expert: str = "transformer_2", copy: bool = True) -> nn.Module:
     """One network to start a one-network student (and fake score) of a two-expert teacher (Wan2.2 A14B).
 
     A two-expert teacher's ``net`` is a :class:`rcm_core.denoiser.TimestepExperts`; by default the trainer copies
@@ -140,12 +140,50 @@ def expert_student(teacher: Teacher, expert: str = "transformer_2") -> nn.Module
     one expert (default the low-noise ``transformer_2``, measured best of the one-network starts in
     BENCHMARKS.md "Wan2.2 A14B student: one network or two"), passed as
     ``RCMTrainer(teacher, cfg, student_net=expert_student(teacher), fake_net=expert_student(teacher))``; its
-    export has no switch (``transformer_2`` null in model_index.json).
+    export has no switch (``transformer_2`` null in model_index.json). ``copy=False``: the teacher's expert module
+    itself (the trainer deep-copies ``student_net`` / ``fake_net`` anyway: no extra host copy of 14B weights).
+    :func:`student_networks` picks it from ``DistillConfig.moe_student``.
     """
-    import copy
+    import copy as _copy
 
     if not hasattr(teacher.net, "experts"):
         raise ValueError(f"teacher {teacher.name!r} is one network, not a mixture of experts")
     if expert not in ("transformer", "transformer_2"):
         raise ValueError(f"expert {expert!r}; known: transformer (high noise), transformer_2 (low noise)")
-    return copy.deepcopy(getattr(teacher.net, expert))
+    net = getattr(teacher.net, expert)
+    return _copy.deepcopy(net) if copy else net
+
+
+STUDENT_LAYOUTS = {"one": "one network (from low-noise expert)", "two": "two experts (switched at the boundary)"}
+
+
+def student_layout(teacher, config) -> Optional[str]:
+    """What the student of ``teacher`` under ``config`` (a :class:`rcm_core.config.DistillConfig`) is: for a
+    two-expert teacher (Wan2.2 A14B) :data:`STUDENT_LAYOUTS` of ``config.moe_student``; None for a one-network
+    teacher. Raises for ``moe_student="one"`` with LoRA (the adapters sit on the teacher's own network, both
+    experts: set ``moe_student="two"``)."""
+    return check_student_layout(config, 2 if hasattr(getattr(teacher, "net", None), "experts") else 1)
+
+
+def check_student_layout(config, experts: int) -> Optional[str]:
+    """:func:`student_layout` from the teacher's expert count (``describe_teacher``'s ``experts``), without
+    loading the teacher: the flow's ``start`` checks it before any work."""
+    if int(experts or 1) < 2:
+        return None
+    if config.lora is not None and config.moe_student == "one":
+        raise ValueError("DistillConfig.moe_student='one' (one student network from the low-noise expert) cannot be "
+                         "combined with DistillConfig.lora for a two-expert teacher (Wan2.2 A14B): LoRA puts the "
+                         "student's adapters on the teacher's own network, i.e. on both experts. Set "
+                         "moe_student='two' (adapters on both experts) or train without lora")
+    return STUDENT_LAYOUTS[config.moe_student]
+
+
+def student_networks(teacher, config) -> tuple:
+    """``(student_net, fake_net, layout)`` for :class:`rcm_core.trainer.RCMTrainer`: for a two-expert teacher with
+    ``moe_student="one"`` the low-noise expert (the module itself; the trainer copies it) for both, else
+    ``(None, None, layout)`` (copies of the teacher's network). ``layout``: :func:`student_layout`."""
+    layout = student_layout(teacher, config)
+    if layout is None or config.moe_student == "two":
+        return None, None, layout
+    net = expert_student(teacher, copy=False)
+    return net, net, layout

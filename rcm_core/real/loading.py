@@ -668,7 +668,11 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
 
     ``transformer_state``: build the transformer from ``transformer/config.json`` and load these
     weights (a distilled student's) instead of the checkpoint's, which then need not be there
-    (a registered model version carries the text encoder, tokenizer, VAE and configs only).
+    (a registered model version carries the text encoder, tokenizer, VAE and configs only). For a two-expert
+    checkpoint (Wan2.2 A14B) a state with ``transformer.*`` / ``transformer_2.*`` names is a two-expert student
+    (switched at the boundary, as the teacher); one with a single transformer's names is a one-network student
+    (``DistillConfig.moe_student="one"``): ``net`` is then that one network, built from
+    ``transformer_2/config.json``.
 
     ``strict_config`` checks the transformer's architecture numbers against the spec (off for
     ``--teacher <path>``, where the spec is detected from the checkpoint). The project attention
@@ -685,6 +689,12 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
     tcls = getattr(diffusers, spec.transformer_class)
     check_weights(spec, root, cfg)
     subs = ("transformer", "transformer_2") if "transformer_2" in cfg else ("transformer",)
+    one_of_two = (transformer_state is not None and len(subs) == 2
+                  and not any(k.startswith(("transformer.", "transformer_2.")) for k in transformer_state))
+    if one_of_two:
+        # a one-network student of a two-expert teacher (DistillConfig.moe_student="one"): one transformer, built
+        # from the low-noise expert's config (both experts share one architecture), no switch
+        subs = ("transformer_2",)
     states = _split_state(transformer_state, subs) if transformer_state is not None else None
     nets = []
     for sub in subs:
@@ -729,6 +739,8 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
               "expand_timesteps": bool(cfg["model_index"].get("expand_timesteps", False)),
               **({"boundary_ratio": float(cfg["model_index"]["boundary_ratio"]), "guidance_2": spec.guidance_2,
                   "experts": ["transformer", "transformer_2"]} if len(nets) > 1 else {}),
+              **({"student_layout": "one network of a two-expert teacher",
+                  "boundary_ratio_teacher": float(cfg["model_index"]["boundary_ratio"])} if one_of_two else {}),
               **spec.notes})
 
 

@@ -10,8 +10,12 @@
   ``ckpt/step-XXXXXXX.pt`` written by rank 0; then the pointer ``ckpt/latest.json``. A rerun with
   the same ``--out`` (e.g. a Metaflow retry) resumes from the newest *complete* checkpoint of
   either format (a DCP directory counts once its marker file is in it), on any number of ranks.
+* A two-expert teacher (Wan2.2 A14B) gets the student ``DistillConfig.moe_student`` says
+  (:func:`rcm_core.teachers.student_networks`): by default ONE network started from the low-noise expert
+  (student and fake score), ``"two"``: copies of both experts; ``result.json`` states it (``student_layout``).
 * At the end rank 0 writes ``student_ema.safetensors`` (the EMA student, float32, with exactly the
-  teacher network's state-dict names, e.g. a diffusers transformer's) and ``result.json``; LoRA runs
+  student network's state-dict names, e.g. a diffusers transformer's; a one-network A14B student has one
+  expert's names, a two-expert one ``transformer.*`` / ``transformer_2.*``) and ``result.json``; LoRA runs
   (``DistillConfig.lora``: merged weights there) also ``student_lora.safetensors``, the EMA adapter in the
   peft/diffusers LoRA format (``lora_url`` in ``result.json``).
 * A failure prints a short ``rCM: distill worker (rank r) failed: ...`` block first (see
@@ -199,7 +203,14 @@ def _run(args: argparse.Namespace) -> int:
     per_rank = max(1, cfg.batch_size // dp_world)
     data = load_cache(args.cache, expect_latent_shape=tuple(teacher.latent_shape), rank=dp_rank, world=dp_world)
     n = data.latents.shape[0]
-    trainer = RCMTrainer(teacher, cfg, device=device)
+    # a two-expert teacher (Wan2.2 A14B): the student and fake score are one network from the low-noise expert
+    # (DistillConfig.moe_student="one", the default) or copies of both experts ("two")
+    from rcm_core.teachers import student_networks
+
+    student_net, fake_net, layout = student_networks(teacher, cfg)
+    trainer = RCMTrainer(teacher, cfg, device=device, student_net=student_net, fake_net=fake_net)
+    expected_keys = (student_net if student_net is not None else teacher.net).state_dict().keys()
+    del student_net, fake_net
     latest = _latest(out)
     resumed_from = None
     if latest is not None:
@@ -210,9 +221,10 @@ def _run(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"distill: teacher={teacher.name} method={cfg.method} world={world} backend={backend} "
               f"device={device} samples={n}/rank batch={per_rank}/rank iterations={cfg.iterations} "
-              f"start_step={start}" + (f" (resumed from {latest['file']})" if latest else ""), flush=True)
+              f"start_step={start}" + (f" (resumed from {latest['file']})" if latest else "")
+              + (f" student={layout}" if layout else ""), flush=True)
         log.params({**cfg.to_dict(), "world_size": world, "per_rank_batch": per_rank,
-                    "data_hash": data.data_hash})
+                    "data_hash": data.data_hash, **({"student_layout": layout} if layout else {})})
         if resumed_from is not None:
             log.metrics(start, {"resumed_from_step": resumed_from})
     nan_total = 0
@@ -261,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
     if trainer.sharded or rank == 0:      # FSDP: a collective (full tensors gathered one by one to rank 0's CPU)
         from rcm_core.checkpoint import ema_safetensors
 
-        ema_bytes = ema_safetensors(trainer, expected_keys=teacher.net.state_dict().keys())
+        ema_bytes = ema_safetensors(trainer, expected_keys=expected_keys)
     lora_bytes = None
     if cfg.lora is not None and (trainer.sharded or rank == 0):   # LoRA: the EMA adapter alone (peft/diffusers)
         from rcm_core.checkpoint import lora_safetensors
@@ -276,6 +288,8 @@ def _run(args: argparse.Namespace) -> int:
                   "samples_per_s": samples / seconds if seconds > 0 else None,
                   "final_metrics": last, "nan_count_total": nan_total, "config": cfg.to_dict(),
                   "teacher": teacher.name, "data_hash": data.data_hash,
+                  # two-expert teachers: what the student is (None: a one-network teacher's student, its copy)
+                  "student_layout": layout,
                   "ema_url": out.url("student_ema.safetensors"),
                   "lora_url": out.url("student_lora.safetensors") if lora_bytes is not None else None,
                   "checkpoint": (_latest(out) or {}).get("file")}

@@ -124,10 +124,21 @@ def decode_latents(teacher, latents: torch.Tensor, inplace: bool = False) -> tor
     return (x if codec.video else x[:, :, 0]).float().cpu()
 
 
+def is_two_expert_state(ema_state) -> bool:
+    """A two-expert student's weights (``transformer.*`` and ``transformer_2.*``, rcm_core.denoiser.TimestepExperts)."""
+    return any(k.startswith("transformer_2.") for k in ema_state)
+
+
 def student_denoiser(teacher, ema_state: Dict[str, torch.Tensor]):
+    """The EMA student as a denoiser, in the structure its weights have: the teacher's network, or for a
+    two-expert teacher (Wan2.2 A14B) whose student is one network (``DistillConfig.moe_student="one"``: weights
+    without the ``transformer_2.`` prefix) a copy of one expert (same architecture) with those weights."""
     from rcm_core.denoiser import TrigFlowDenoiser
 
-    net = copy.deepcopy(teacher.net).float()
+    src = teacher.net
+    if hasattr(src, "experts") and not is_two_expert_state(ema_state):
+        src = src.transformer_2                  # one network: the experts share the architecture
+    net = copy.deepcopy(src).float()
     net.load_state_dict(ema_state)
     return TrigFlowDenoiser(net.eval().requires_grad_(False), teacher.param, getattr(teacher, "call", None))
 

@@ -98,6 +98,10 @@ def _component_files(root) -> Dict[str, str]:
     root = Path(root)
     files = {"model_index.json": root / "model_index.json",
              "transformer/config.json": root / "transformer" / "config.json"}
+    if (root / "transformer_2" / "config.json").is_file():
+        # a two-expert teacher (Wan2.2 A14B; model_index.json holds transformer_2 and boundary_ratio): the loader
+        # checks the teacher's layout with it, and a one-network student is built from it
+        files["transformer_2/config.json"] = root / "transformer_2" / "config.json"
     for sub in ("text_encoder", "tokenizer", "vae"):
         for f in sorted((root / sub).rglob("*")):
             if f.is_file() and not f.name.startswith("."):
@@ -106,8 +110,8 @@ def _component_files(root) -> Dict[str, str]:
 
 
 def _component_name(rel: str) -> str:
-    return {"model_index.json": "pipeline index", "transformer/config.json": "transformer config"}.get(
-        rel, rel.split("/", 1)[0])
+    return {"model_index.json": "pipeline index", "transformer/config.json": "transformer config",
+            "transformer_2/config.json": "low-noise expert config"}.get(rel, rel.split("/", 1)[0])
 
 
 def bundle_teacher(meta: Dict[str, Any], mode: str, store_url: Optional[str], workdir: str) -> tuple:
@@ -340,21 +344,32 @@ def serving_device() -> tuple:
 
 def _student_weights(artifacts: Dict[str, str]) -> Dict[str, Any]:
     """The EMA student's state dict: the ``weights`` artifact, else (real teachers) the diffusers export's
-    transformer (every safetensors shard of ``diffusers/transformer``)."""
+    transformer (every safetensors shard of ``diffusers/transformer``); a two-expert student's export also has
+    ``diffusers/transformer_2``: then ``transformer.*`` / ``transformer_2.*`` names, as the trainer's
+    (a one-network student of a two-expert teacher has ``transformer`` only: its own names)."""
     from safetensors.torch import load_file
 
     if "weights" in artifacts:
         return load_file(artifacts["weights"])
-    folder = os.path.join(artifacts.get("diffusers", ""), "transformer")
-    files = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.endswith(".safetensors"))
-    if not files:
+
+    def read(sub):
+        folder = os.path.join(artifacts.get("diffusers", ""), sub)
+        files = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.endswith(".safetensors"))
+        state: Dict[str, Any] = {}
+        for f in files:
+            state.update(load_file(os.path.join(folder, f)))
+        return folder, state
+
+    folder, state = read("transformer")
+    if not state:
         raise MissingComponentError(f"the model version has no student weights: no 'weights' artifact and no "
                                     f"safetensors in {folder}",
                                     fix="download the model version again; if the artifact store lost them, "
                                         "re-register the model")
-    state: Dict[str, Any] = {}
-    for f in files:
-        state.update(load_file(os.path.join(folder, f)))
+    folder2, state2 = read("transformer_2")
+    if state2:
+        return {**{f"transformer.{k}": v for k, v in state.items()},
+                **{f"transformer_2.{k}": v for k, v in state2.items()}}
     return state
 
 
@@ -416,6 +431,16 @@ def _export_real(weights: bytes, meta: Dict[str, Any], bundle: Dict[str, Any], r
         with open(os.path.join(out, "samples_grid.png"), "wb") as f:
             f.write(grid)
     return out, {**res.info, "fps": int(getattr(spec, "fps", 16))}, card
+
+
+def _teacher_boundary(export_info: Dict[str, Any]) -> Optional[float]:
+    """The teacher's boundary_ratio (its model_index.json, recorded by the export as the teacher's directory)."""
+    try:
+        with open(os.path.join(export_info["teacher"]["dir"], "model_index.json")) as f:
+            v = json.load(f).get("boundary_ratio")
+        return None if v is None else float(v)
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
 
 
 def check_export(teacher: str) -> str:
@@ -733,6 +758,10 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
                                                          else _run_grid(run_id))
             meta["diffusers_export"] = {"artifact": "diffusers", "pipeline_class": export_info["pipeline_class"],
                                         "single_file": export_info["single_file"]}
+            if bundle["files"].get("transformer_2/config.json"):      # a two-expert teacher (Wan2.2 A14B)
+                meta["boundary_ratio"] = _teacher_boundary(export_info)
+                meta.setdefault("student_layout", "two experts (switched at the boundary)"
+                                if export_info.get("experts") else "one network")
             meta.setdefault("fps", export_info["fps"])
             extra = {**extra, "diffusers": export_dir}
             weights_art = {}
