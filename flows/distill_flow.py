@@ -179,12 +179,14 @@ class RCMDistillFlow(FlowSpec):
             return None
         from rcm_core.config import DistillConfig
 
-        from rcm_steps.teacher import plan_mesh
+        from rcm_steps.teacher import memory_settings, plan_mesh
 
-        cfg = DistillConfig.preset(self.teacher_info["preset"]).replace(**self.settings["config"])
+        cfg = DistillConfig.preset(self.teacher_info["preset"]).replace(**{"method": self.method,
+                                                                           **self.settings["config"]})
         given = self.settings["config"].get("context_parallel")
         est = plan_mesh(self.teacher_info, self.settings["batch_size"], gpus, mem, dtype=cfg.dtype,
-                        sharded=cfg.fsdp, micro_batch=cfg.micro_batch, context_parallel=given)
+                        sharded=cfg.fsdp, micro_batch=cfg.micro_batch, context_parallel=given,
+                        **memory_settings(cfg))
         if given is None and est["context_parallel"] > 1:       # the mesh the memory model picked
             self.settings = {**self.settings, "config": {**self.settings["config"],
                                                          "context_parallel": est["context_parallel"]}}

@@ -16,7 +16,7 @@ import torch
 __all__ = ["UnknownTeacherError", "TeacherDirectoryError", "known_teachers", "is_known_teacher", "is_real_teacher",
            "check_teacher_name", "load_teacher", "cpu_size_notice",
            "teacher_denoiser", "teacher_info", "describe_teacher", "teacher_options", "teacher_label",
-           "check_memory", "encode", "negative_embedding", "sampler_defaults", "pick_device", "REAL_OPTIONS"]
+           "check_memory", "memory_settings", "encode", "negative_embedding", "sampler_defaults", "pick_device", "REAL_OPTIONS"]
 
 REAL_OPTIONS = ("frames", "height", "width", "text_len", "dtype")
 
@@ -234,10 +234,13 @@ def describe_teacher(name: str, options: Optional[Mapping[str, Any]] = None) -> 
 
 
 def check_memory(info: Mapping[str, Any], batch: int, gpus: int, gpu_memory_gib: float,
-                 dtype: str = "bfloat16", context_parallel: int = 1, sharded: bool = False) -> Dict[str, Any]:
+                 dtype: str = "bfloat16", context_parallel: int = 1, sharded: bool = False,
+                 lora=None, moe_student: str = "one", critic: bool = True) -> Dict[str, Any]:
     """Estimated GPU memory of distilling the real teacher ``info`` (from :func:`describe_teacher`).
 
-    Raises MemoryError (with the estimate and settings that would fit) when it does not fit.
+    ``lora`` / ``moe_student`` / ``critic``: ``DistillConfig.lora``, ``.moe_student``, ``.uses_dmd`` (LoRA adapters
+    on the one frozen base; the teacher's experts, ``info["experts"]``, and the student's). Raises MemoryError
+    (with the estimate and settings that would fit) when it does not fit.
     """
     from rcm_core.real.memory import estimate_memory
 
@@ -246,19 +249,27 @@ def check_memory(info: Mapping[str, Any], batch: int, gpus: int, gpu_memory_gib:
     return estimate_memory(dict(info["transformer_config"]), batch=max(1, int(batch)), frames=int(info["frames"]),
                            height=int(info["height"]), width=int(info["width"]), dtype=dtype, gpus=int(gpus),
                            context_parallel=context_parallel, gpu_memory_gib=float(gpu_memory_gib),
-                           sharded=sharded)
+                           sharded=sharded, lora=lora, experts=int(info.get("experts", 1) or 1),
+                           moe_student=moe_student, critic=critic)
+
+
+def memory_settings(cfg) -> Dict[str, Any]:
+    """What the memory model needs of a :class:`rcm_core.config.DistillConfig` besides dtype and sharding: LoRA
+    (adapters on the one frozen base), the A14B student's layout and whether a fake score trains."""
+    return {"lora": cfg.lora, "moe_student": cfg.moe_student, "critic": cfg.uses_dmd}
 
 
 def plan_mesh(info: Mapping[str, Any], global_batch: int, gpus: int, gpu_memory_gib: float,
               dtype: str = "bfloat16", sharded: bool = False, micro_batch: int = 0,
-              context_parallel: Optional[int] = None) -> Dict[str, Any]:
+              context_parallel: Optional[int] = None, **training) -> Dict[str, Any]:
     """The (data-parallel x context-parallel) mesh for a real teacher on ``gpus`` GPUs, from the memory model.
 
     ``context_parallel`` given: checked as it is. Else the smallest CP degree that fits, dividing the GPU
     count and the head count (replicated training takes cp = 1: CP only helps with sharded state). The
     per-rank batch is the micro-batch when gradient accumulation is on, else global_batch / (gpus / cp).
     Returns :func:`check_memory`'s estimate plus ``context_parallel`` and ``data_parallel``; raises
-    MemoryError (naming settings that would fit) when nothing fits.
+    MemoryError (naming settings that would fit) when nothing fits. ``training``: :func:`check_memory`'s ``lora``,
+    ``moe_student``, ``critic``.
     """
     import math
     heads = int(info["transformer_config"]["num_attention_heads"])
@@ -273,7 +284,8 @@ def plan_mesh(info: Mapping[str, Any], global_batch: int, gpus: int, gpu_memory_
         per_rank = micro_batch or max(1, math.ceil(global_batch / dp))
         last = cp == cands[-1]
         try:
-            est = check_memory(info, per_rank, gpus, gpu_memory_gib, dtype=dtype, context_parallel=cp, sharded=sharded)
+            est = check_memory(info, per_rank, gpus, gpu_memory_gib, dtype=dtype, context_parallel=cp, sharded=sharded,
+                               **training)
         except MemoryError:
             if last:
                 raise
