@@ -202,3 +202,54 @@ def test_student_layout_switch_and_lora(run):
     assert check_student_layout(DistillConfig(lora={"rank": 2}), experts=1) is None
     with pytest.raises(ValueError, match="moe_student"):
         DistillConfig(moe_student="three").validate()
+
+
+def test_two_expert_student_through_distill_and_register(run, tmp_path, monkeypatch):
+    """moe_student="two": the trainer copies both experts; the registered pyfunc rebuilds both from the export's
+    transformer/ and transformer_2/ (each the distilled expert's weights) and generates."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from rcm_steps import distill
+    from rcm_steps.register import register_student
+
+    caches = [p for p in (run["base"] / "store").rglob("manifest.json")]
+    assert len(caches) == 1
+    out = tmp_path / "distill2"
+    assert distill.main(["--teacher", str(run["root"]), "--teacher-options", json.dumps(run["opts"]),
+                         "--cache", str(caches[0].parent), "--out", str(out), "--iterations", "2", "--batch-size", "2",
+                         "--config", json.dumps({**TINY, "moe_student": "two"}), "--ckpt-every", "2",
+                         "--device", "cpu"]) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["student_layout"].startswith("two experts")
+    from safetensors.torch import load_file
+
+    ema = load_file(str(out / "student_ema.safetensors"))
+    low, high = _expert_state(run["root"], "transformer_2"), _expert_state(run["root"], "transformer")
+    assert set(ema) == {f"transformer.{k}" for k in high} | {f"transformer_2.{k}" for k in low}
+    assert _rel_dist({k: ema[f"transformer.{k}"] for k in high}, high) < 0.1       # each expert from its own
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("RCM_COMPONENT_CACHE", str(tmp_path / "component-cache"))
+    for k in ("RCM_COMPONENT_STORE", "RCM_TEACHER_DIR", "RCM_DEVICE", "RCM_DTYPE"):
+        monkeypatch.delenv(k, raising=False)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("e", artifact_location=f"file://{tmp_path / 'art'}")
+    te = run["teacher"]
+    meta = {"teacher": str(run["root"]), "teacher_version": "v1", "latent_shape": list(te.latent_shape),
+            "default_steps": 1, "sigma_max": 80.0, "mid_t": [1.3, 1.0, 0.6], "method": "rcm",
+            "teacher_options": run["opts"]}
+    r = register_student((out / "student_ema.safetensors").read_bytes(), meta, client.create_run(exp).info.run_id,
+                         {}, {}, True, model_name="a14b-two", component_store=str(tmp_path / "store"))
+    model = mlflow.pyfunc.load_model(f"models:/a14b-two/{r.version}")
+    py = model.unwrap_python_model()
+    assert py.meta["student_layout"].startswith("two experts") and py.meta["boundary_ratio"] == 0.875
+    net = py.student.net
+    assert hasattr(net, "experts") and net.boundary_timestep == 875.0
+    sd = net.state_dict()
+    assert set(sd) == set(ema) and all(torch.equal(sd[k].float(), ema[k]) for k in ema)
+    clips = model.predict(pd.DataFrame({"prompt": PROMPTS[:1], "seed": [0]}))
+    assert clips.shape == (1, 3, SIZE["frames"], SIZE["height"], SIZE["width"]) and np.isfinite(clips).all()
