@@ -1,5 +1,12 @@
 """Shared test hygiene."""
+import os
 import sys
+
+# Under pytest-xdist (README: -n 2 on a 2-core machine) each worker computes on one thread, and so do
+# the processes it starts (flows, torchrun ranks): two workers with two threads each oversubscribe.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest
 
