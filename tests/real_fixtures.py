@@ -31,6 +31,21 @@ WORDS = "a cat dog red blue runs on the beach sky video of big small".split()
 TEXT_DIM = 16
 
 
+def sqlite_registry(tmp_path, monkeypatch):
+    """(client, experiment id) of a fresh sqlite MLflow under ``tmp_path``, with the registry's component
+    cache there and no RCM_* overrides from the environment (tests of register_student)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("RCM_COMPONENT_CACHE", str(tmp_path / "component-cache"))
+    for k in ("RCM_COMPONENT_STORE", "RCM_TEACHER_DIR", "RCM_DEVICE", "RCM_DTYPE"):
+        monkeypatch.delenv(k, raising=False)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    return client, client.create_experiment("e", artifact_location=f"file://{tmp_path / 'art'}")
+
+
 def tiny_wan(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,

@@ -20,7 +20,7 @@ import torch
 
 from pipeline_fixtures import *  # noqa: F401,F403
 from real_fixtures import *  # noqa: F401,F403
-from real_fixtures import diffusers  # noqa: E402
+from real_fixtures import diffusers, sqlite_registry  # noqa: E402
 
 from rcm_core.config import DistillConfig  # noqa: E402
 from rcm_core.export import ExportError, export_student, initial_latents, load_pipeline  # noqa: E402
@@ -285,14 +285,7 @@ def test_registered_version_carries_export_and_model_card(distilled, wan_dir, tm
     from rcm_steps import generate
     from rcm_steps.register import load_diffusers_pipeline, register_student
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("RCM_COMPONENT_CACHE", str(tmp_path / "component-cache"))
-    for k in ("RCM_COMPONENT_STORE", "RCM_TEACHER_DIR", "RCM_DEVICE", "RCM_DTYPE"):
-        monkeypatch.delenv(k, raising=False)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    exp = client.create_experiment("e", artifact_location=f"file://{tmp_path / 'art'}")
+    client, exp = sqlite_registry(tmp_path, monkeypatch)
     teacher = tmp_path / "t" / "tiny-wan"
     shutil.copytree(wan_dir, teacher)
     opts = {**SIZE, "dtype": "float32"}
@@ -408,12 +401,7 @@ def test_pyfunc_and_evaluate_decode_on_the_gpu(distilled, wan_dir, tmp_path, mon
     from rcm_steps.evaluate import EvalConfig, decode_latents, evaluate, student_denoiser
     from rcm_steps.register import register_student
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("RCM_COMPONENT_CACHE", str(tmp_path / "component-cache"))
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    exp = client.create_experiment("e", artifact_location=f"file://{tmp_path / 'art'}")
+    client, exp = sqlite_registry(tmp_path, monkeypatch)
     meta = {"teacher": str(wan_dir), "teacher_version": "v", "latent_shape": list(distilled.te.latent_shape),
             "default_steps": 2, "sigma_max": 80.0, "mid_t": [1.3, 1.0, 0.6], "method": "rcm",
             "teacher_options": {**SIZE, "dtype": "float32"}}

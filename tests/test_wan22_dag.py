@@ -20,7 +20,7 @@ import torch
 
 from pipeline_fixtures import *  # noqa: F401,F403
 from real_fixtures import *  # noqa: F401,F403
-from real_fixtures import diffusers, write_wan22_checkpoint  # noqa: E402
+from real_fixtures import diffusers, sqlite_registry, write_wan22_checkpoint  # noqa: E402
 from rcm_core.config import DistillConfig  # noqa: E402
 
 SIZE = dict(frames=5, height=16, width=16, text_len=8)
@@ -117,21 +117,13 @@ def test_register_bundle_pyfunc_and_export_of_the_one_network_student(run, tmp_p
     import mlflow
     import numpy as np
     import pandas as pd
-    from safetensors.torch import save
 
     from rcm_core.export import initial_latents
     from rcm_core.sampling import sample_student
     from rcm_core.scheduler import RCMScheduler
     from rcm_steps.register import load_diffusers_pipeline, register_student
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("RCM_COMPONENT_CACHE", str(tmp_path / "component-cache"))
-    for k in ("RCM_COMPONENT_STORE", "RCM_TEACHER_DIR", "RCM_DEVICE", "RCM_DTYPE"):
-        monkeypatch.delenv(k, raising=False)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    exp = client.create_experiment("e", artifact_location=f"file://{tmp_path / 'art'}")
+    client, exp = sqlite_registry(tmp_path, monkeypatch)
     teacher_dir = tmp_path / "t" / "tiny-wan22-a14b"
     shutil.copytree(run["root"], teacher_dir)
     te, ema, res = run["teacher"], run["ema"], run["res"]
@@ -230,14 +222,7 @@ def test_two_expert_student_through_distill_and_register(run, tmp_path, monkeypa
     assert set(ema) == {f"transformer.{k}" for k in high} | {f"transformer_2.{k}" for k in low}
     assert _rel_dist({k: ema[f"transformer.{k}"] for k in high}, high) < 0.1       # each expert from its own
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("RCM_COMPONENT_CACHE", str(tmp_path / "component-cache"))
-    for k in ("RCM_COMPONENT_STORE", "RCM_TEACHER_DIR", "RCM_DEVICE", "RCM_DTYPE"):
-        monkeypatch.delenv(k, raising=False)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    exp = client.create_experiment("e", artifact_location=f"file://{tmp_path / 'art'}")
+    client, exp = sqlite_registry(tmp_path, monkeypatch)
     te = run["teacher"]
     meta = {"teacher": str(run["root"]), "teacher_version": "v1", "latent_shape": list(te.latent_shape),
             "default_steps": 1, "sigma_max": 80.0, "mid_t": [1.3, 1.0, 0.6], "method": "rcm",

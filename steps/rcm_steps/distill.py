@@ -338,5 +338,19 @@ def _save(trainer, out: Storage, step: int, keep: int = 2, write: bool = True) -
             out.rm(f"ckpt/{n}", recursive=True)
 
 
+def _exit_worker(rc: int) -> None:
+    """End a torchrun worker without the interpreter's finalization: gloo's worker threads can still hold
+    work objects with tensors then, and destroying them during finalization aborts the process
+    ("terminate called without an active exception", SIGABRT; seen after a successful run with
+    destroy_process_group called, see pytorch/pytorch#179291's discussion). Everything is written and
+    flushed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _rc = main()
+    if "RANK" in os.environ and "LOCAL_RANK" in os.environ:       # a torchrun gang member
+        _exit_worker(_rc)
+    sys.exit(_rc)
