@@ -234,12 +234,23 @@ def _primal_attention(q, k, v, s, backend: str):
     return F.scaled_dot_product_attention(q, k, v, scale=s)
 
 
+def _kernels(*plain):
+    """The kernel module for these storage-backed tensors: ``rcm_kernels.flash_jvp`` (portable), or
+    ``flash_jvp_hopper`` with ``RCM_ATTN_KERNEL=hopper`` (opt-in, not yet measured) where it applies
+    (compute capability 9.x, fp16/bf16, TMA-aligned strides); default ``portable``."""
+    from rcm_kernels import flash_jvp
+    if os.environ.get("RCM_ATTN_KERNEL", "portable") == "hopper":
+        from rcm_kernels import flash_jvp_hopper
+        if flash_jvp_hopper.applies(*plain):
+            return flash_jvp_hopper
+    return flash_jvp
+
+
 def _forward_impl(q, k, v, s):
     if _use_kernel(q, v):
         plain = _plain(q, k, v)
         if plain is not None:
-            from rcm_kernels import flash_jvp
-            return flash_jvp.forward(*plain, s)
+            return _kernels(*plain).forward(*plain, s)
     return _exact_forward(q, k, v, s)
 
 
@@ -247,8 +258,7 @@ def _forward_tangent_impl(q, k, v, dq, dk, dv, s):
     if _use_kernel(q, v):
         plain = _plain(q, k, v, dq, dk, dv, allowed=(torch._C._functorch.TransformType.Jvp,))
         if plain is not None:
-            from rcm_kernels import flash_jvp
-            return flash_jvp.forward_tangent(*plain, s)
+            return _kernels(*plain).forward_tangent(*plain, s)
     return _exact_forward_tangent(q, k, v, dq, dk, dv, s)
 
 
@@ -256,8 +266,7 @@ def _backward_impl(q, k, v, o, lse, go, s):
     if _use_kernel(q, v):
         plain = _plain(q, k, v, o, lse, go, allowed=(torch._C._functorch.TransformType.Grad,))
         if plain is not None:
-            from rcm_kernels import flash_jvp
-            return flash_jvp.backward(*plain, s)
+            return _kernels(*plain[:3], plain[5]).backward(*plain, s)
     return _exact_backward(q, k, v, o, lse, go, s)
 
 
