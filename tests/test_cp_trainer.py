@@ -44,32 +44,183 @@ def _steps(tr, batch):
     return ms, {k: v.detach().cpu().clone() for k, v in sd.items()}
 
 
-def _worker(rank, world, port, out, cp, fsdp, device="cpu"):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+def _init(rank, world, port, device):
+    """Join the process group of ``world`` spawned ranks (nothing for world 1: the test's own process)."""
     if device == "cuda":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
-    dist.init_process_group("nccl" if device != "cpu" else "gloo", rank=rank, world_size=world)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        torch.set_num_threads(1)
+        dist.init_process_group("nccl" if device != "cpu" else "gloo", rank=rank, world_size=world)
+    return device
+
+
+def _worker(rank, world, port, out, cp, fsdp, device="cpu", job="steps", extra=None):
+    """One rank of ``world``: runs ``_JOBS[job]``; rank 0 saves its result to ``out``."""
+    device = _init(rank, world, port, device)
     try:
-        from rcm_core.trainer import RCMTrainer
-        dp = world // cp
-        te, full = _batch(dp)
-        tr = RCMTrainer(te, _config(context_parallel=cp, fsdp=fsdp, fused_tangent=not fsdp), device=device)
-        assert (tr.dp_rank, tr.dp_size) == (rank // cp, dp)
-        rows = slice(tr.dp_rank, tr.dp_rank + 1)
-        local = {"latents": full["latents"][rows], "cond": full["cond"][rows], "uncond": full["uncond"]}
-        ms, sd = _steps(tr, local)
+        res = _JOBS[job](rank, world, cp, fsdp, device, dict(extra or {}))
         if rank == 0:
-            torch.save({"ms": ms, "sd": sd}, out)
+            torch.save(res, out)
     finally:
-        dist.destroy_process_group()
+        if world > 1:
+            dist.destroy_process_group()
 
 
-def _reference(dp, device="cpu"):
+def _local_rows(tr, full):
+    """This rank's rows of the global batch: one per data-parallel index (the cp peers share it)."""
+    rows = slice(tr.dp_rank, tr.dp_rank + 1) if tr.dp_size > 1 else slice(None)
+    return {"latents": full["latents"][rows], "cond": full["cond"][rows], "uncond": full["uncond"]}
+
+
+def _steps_job(rank, world, cp, fsdp, device, extra):
+    from rcm_core.trainer import RCMTrainer
+    dp = world // cp
+    te, full = _batch(dp)
+    tr = RCMTrainer(te, _config(context_parallel=cp, fsdp=fsdp, fused_tangent=not fsdp, **extra), device=device)
+    assert (tr.dp_rank, tr.dp_size) == (rank // cp, dp)
+    return _steps(tr, _local_rows(tr, full))
+
+
+# ---- DCP checkpoints under context parallel: save on FSDP2 x cp2 (4 ranks), resume there and resharded ----
+DCP_GLOBAL = 2     # the global batch: one row per data-parallel index on 4 ranks (dp 2 x cp 2) and on 2 ranks,
+DCP_STEPS = 2      # both rows in one process; steps before the save (student, critic): the next is a student step
+
+
+def _dcp_config(cp, fsdp):
+    return _config(context_parallel=cp, fsdp=fsdp, fused_tangent=False)
+
+
+def _all_metrics(m):
+    """Every rank's metrics of a step (rank order): losses are per data-parallel rank."""
+    if not dist.is_initialized():
+        return [m]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, {k: v for k, v in m.items() if "time" not in k and "per_s" not in k})
+    return out
+
+
+def _state(tr):
+    """Student, fake score and EMA as full tensors, canonical names (a collective under FSDP; rank 0 has it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    o = StateDictOptions(full_state_dict=tr.sharded, cpu_offload=tr.sharded)
+    out = {name: {k: v.detach().cpu().clone() for k, v in get_model_state_dict(net, options=o).items()}
+           for name, net in (("student", tr.student.net), ("fake", tr.fake.net), ("ema", tr.ema.module))}
+    return {**out, "step": tr.step, "ema_updates": tr.ema.num_updates}
+
+
+def _dcp_save_job(rank, world, cp, fsdp, device, extra):
+    """Train DCP_STEPS steps, save a DCP checkpoint (auto: sharded), then take the next step (uninterrupted)."""
+    from rcm_core.trainer import RCMTrainer
+    te, full = _batch(DCP_GLOBAL)
+    tr = RCMTrainer(te, _dcp_config(cp, fsdp), device=device)
+    assert tr.sharded == fsdp and tr.dp_size == world // cp
+    local = _local_rows(tr, full)
+    kinds = [tr.train_step(local)["kind"] for _ in range(DCP_STEPS)]
+    tr.save_checkpoint(extra["ckpt"])
+    return {"kinds": kinds, "next": _all_metrics(tr.train_step(local)), "after": _state(tr)}
+
+
+def _dcp_load_job(rank, world, cp, fsdp, device, extra):
+    """A fresh trainer on this layout loads the checkpoint (resharding it when the layout differs) and takes
+    the next step on the same global batch."""
+    from rcm_core.trainer import RCMTrainer
+    te, full = _batch(DCP_GLOBAL)
+    tr = RCMTrainer(te, _dcp_config(cp, fsdp), device=device)
+    assert tr.sharded == fsdp and tr.dp_size * cp == world
+    tr.load_checkpoint(extra["ckpt"])
+    assert tr.step == DCP_STEPS
+    return {"next": _all_metrics(tr.train_step(_local_rows(tr, full))), "after": _state(tr)}
+
+
+_JOBS = {"steps": _steps_job, "dcp_save": _dcp_save_job, "dcp_load": _dcp_load_job}
+
+
+def _dcp_run(out_dir, world, cp, fsdp, job, device="cpu"):
+    extra = {"ckpt": str(out_dir / "ck.dcp")}
+    out = out_dir / f"{job}_{world}.pt"
+    if world == 1:
+        _worker(0, 1, 0, str(out), cp, fsdp, device, job, extra)
+        return torch.load(out, weights_only=False)
+    return _spawn(world, out, cp, fsdp, device, job, extra)
+
+
+def _next_step(ms, cp):
+    """The step's global values from every rank's metrics: losses averaged over the data-parallel ranks
+    (each is the mean over its rows; cp peers agree), the rest as rank 0 has it."""
+    assert all(m["kind"] == "student" and m["step"] == DCP_STEPS for m in ms)
+    for r, m in enumerate(ms):                       # the ranks of one cp group computed the same loss
+        assert m["loss"] == ms[r - r % cp]["loss"], (r, m["loss"], ms[r - r % cp]["loss"])
+    dp = ms[::cp]
+    out = {k: sum(m[k] for m in dp) / len(dp) for k in ("loss", "loss_cm", "loss_dmd")}
+    return {**out, "grad_norm_student": ms[0]["grad_norm_student"], "rollout_steps": ms[0]["rollout_steps"]}
+
+
+def _assert_states(a, b, atol):
+    assert (a["step"], a["ema_updates"]) == (b["step"], b["ema_updates"]) == (DCP_STEPS + 1, 2)
+    for part in ("student", "fake", "ema"):
+        assert list(a[part]) == list(b[part]), part
+        for k, v in a[part].items():
+            ok = torch.equal(v, b[part][k]) if atol == 0 else torch.allclose(v, b[part][k], rtol=0, atol=atol)
+            assert ok, (part, k, (v - b[part][k]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def cp_checkpoint(tmp_path_factory):
+    """DCP_STEPS steps on 4 gloo ranks (FSDP2 x cp2), a DCP checkpoint, and the uninterrupted next step."""
+    d = tmp_path_factory.mktemp("cpdcp")
+    got = _dcp_run(d, 4, 2, True, "dcp_save")
+    assert got["kinds"] == ["student", "critic"]
+    from rcm_core.checkpoint import read_meta
+    meta = read_meta(str(d / "ck.dcp"))
+    assert meta["world_size"] == 4 and meta["step"] == DCP_STEPS and meta["config"]["context_parallel"] == 2
+    return d, got
+
+
+@pytest.mark.parametrize("world,cp,fsdp", [(4, 2, True), (2, 1, True), (1, 1, False)])
+def test_dcp_checkpoint_under_context_parallel_resumes_and_reshards(cp_checkpoint, world, cp, fsdp):
+    """The DCP checkpoint of 4 ranks (FSDP2 x cp2) loads on the same layout, on 2 FSDP ranks without cp and
+    in one process without FSDP; on the same global batch (per-sample randomness keyed by the global sample
+    index) the next step equals the uninterrupted 4-rank run's: losses, gradient norm, student, fake score
+    and EMA. On the same layout exactly (every rank's metrics too)."""
+    d, saved = cp_checkpoint
+    got = _dcp_run(d, world, cp, fsdp, "dcp_load")
+    same = (world, cp) == (4, 2)
+    if same:
+        assert got["next"] == saved["next"]
+    ref, nxt = _next_step(saved["next"], 2), _next_step(got["next"], cp)
+    assert nxt["rollout_steps"] == ref["rollout_steps"]
+    for k in ("loss", "loss_cm", "loss_dmd", "grad_norm_student"):
+        assert nxt[k] == pytest.approx(ref[k], rel=1e-9), k
+    _assert_states(got["after"], saved["after"], atol=0 if same else 1e-10)
+
+
+@pytest.mark.gpu
+def test_dcp_checkpoint_under_context_parallel_on_gpus_nccl(tmp_path):
+    """The same on 4 GPUs (NCCL): resumed on 4 (FSDP2 x cp2), resharded on 2 (FSDP2) and on one GPU."""
+    if torch.cuda.device_count() < 4:
+        pytest.skip("needs 4 GPUs (NCCL)")
+    saved = _dcp_run(tmp_path, 4, 2, True, "dcp_save", "cuda")
+    ref = _next_step(saved["next"], 2)
+    for world, cp, fsdp in ((4, 2, True), (2, 1, True), (1, 1, False)):
+        got = _dcp_run(tmp_path, world, cp, fsdp, "dcp_load", "cuda")
+        nxt = _next_step(got["next"], cp)
+        for k in ("loss", "loss_cm", "loss_dmd", "grad_norm_student"):
+            assert nxt[k] == pytest.approx(ref[k], rel=1e-9), (world, k)
+        _assert_states(got["after"], saved["after"], atol=1e-10)
+
+
+def _reference(dp, device="cpu", extra=None):
     from rcm_core.trainer import RCMTrainer
     te, full = _batch(dp)
-    return _steps(RCMTrainer(te, _config(), device=device), full)
+    return _steps(RCMTrainer(te, _config(**(extra or {})), device=device), full)
+
+
+def _spawn(world, out, *args):
+    mp.start_processes(_worker, args=(world, _free_port(), str(out)) + args, nprocs=world, join=True,
+                       start_method="spawn")
+    return torch.load(out, weights_only=False)
 
 
 def _compare(got, ref, dp):
@@ -87,24 +238,39 @@ def _compare(got, ref, dp):
         assert torch.allclose(got["sd"][k].double(), v.double(), rtol=0, atol=1e-10), k
 
 
+_LORA = {"lora": {"rank": 2, "alpha": 3.0}, "lr_student": 1e-2, "lr_fake": 1e-2}
+
+
 @pytest.mark.parametrize("world,cp,fsdp", [(2, 2, False), (4, 2, True)])
 def test_context_parallel_steps_equal_the_single_process_steps(tmp_path, world, cp, fsdp):
-    out = str(tmp_path / "r.pt")
-    mp.start_processes(_worker, args=(world, _free_port(), out, cp, fsdp), nprocs=world, join=True,
-                       start_method="spawn")
-    _compare(torch.load(out, weights_only=False), _reference(world // cp), world // cp)
+    got = _spawn(world, tmp_path / "r.pt", cp, fsdp)
+    _compare(got, _reference(world // cp), world // cp)
+
+
+@pytest.mark.parametrize("world,cp,fsdp", [(2, 2, False), (4, 2, True)])
+def test_lora_under_context_parallel_equals_the_single_process_lora_run(tmp_path, world, cp, fsdp):
+    """DistillConfig.lora (one shared network: teacher = no adapter, student and fake adapters, the EMA
+    adapter) under cp=2, and FSDP2 x cp on 4 ranks: student + critic steps equal one process (losses
+    when dp = 1, gradient norms; the shared network's whole state: base unchanged, the three adapters)."""
+    got = _spawn(world, tmp_path / "r.pt", cp, fsdp, "cpu", "steps", _LORA)
+    ref = _reference(world // cp, extra=_LORA)
+    lora_keys = [k for k in ref[1] if ".lora_" in k]
+    assert {k.split(".lora_")[1].split(".")[1] for k in lora_keys} == {"student", "fake", "ema"}
+    for k in lora_keys:                                  # the adapters trained (B starts at zero)
+        if ".lora_B.student." in k or ".lora_B.fake." in k:
+            assert ref[1][k].abs().max() > 0, k
+    _compare(got, ref, world // cp)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world,cp,fsdp", [(2, 2, False), (2, 2, True), (4, 2, True)])
-def test_context_parallel_on_gpus_nccl_equals_one_gpu_process(tmp_path, world, cp, fsdp):
+@pytest.mark.parametrize("world,cp,fsdp,extra", [(2, 2, False, None), (2, 2, True, None), (4, 2, True, None),
+                                                 (2, 2, False, _LORA), (4, 2, True, _LORA)])
+def test_context_parallel_on_gpus_nccl_equals_one_gpu_process(tmp_path, world, cp, fsdp, extra):
     """The reference runs on one GPU too: CUDA generators draw other numbers than CPU ones."""
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs (NCCL)")
-    out = str(tmp_path / "r.pt")
-    mp.start_processes(_worker, args=(world, _free_port(), out, cp, fsdp, "cuda"), nprocs=world, join=True,
-                       start_method="spawn")
-    _compare(torch.load(out, weights_only=False), _reference(world // cp, "cuda:0"), world // cp)
+    got = _spawn(world, tmp_path / "r.pt", cp, fsdp, "cuda", "steps", extra)
+    _compare(got, _reference(world // cp, "cuda:0", extra), world // cp)
 
 
 def test_bad_context_parallel_degrees_fail_before_training():
