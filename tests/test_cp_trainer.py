@@ -80,7 +80,8 @@ def _steps_job(rank, world, cp, fsdp, device, extra):
     te, full = _batch(dp)
     tr = RCMTrainer(te, _config(context_parallel=cp, fsdp=fsdp, fused_tangent=not fsdp, **extra), device=device)
     assert (tr.dp_rank, tr.dp_size) == (rank // cp, dp)
-    return _steps(tr, _local_rows(tr, full))
+    ms, sd = _steps(tr, _local_rows(tr, full))
+    return {"ms": ms, "sd": sd}
 
 
 # ---- DCP checkpoints under context parallel: save on FSDP2 x cp2 (4 ranks), resume there and resharded ----
