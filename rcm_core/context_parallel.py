@@ -65,7 +65,7 @@ from torch.autograd import forward_ad as fwAD
 from .attention import attention
 
 __all__ = ["seq_to_heads", "heads_to_seq", "ulysses_attention", "ulysses_cross_attention",
-           "split_sequence", "gather_sequence", "cp_world"]
+           "split_sequence", "gather_sequence", "cp_world", "apply_context_parallel", "local_copy"]
 
 _LAYOUTS = ("bnhd", "bhnd")
 _MAX_DIMS = 8
@@ -575,6 +575,12 @@ def apply_context_parallel(model: nn.Module, group) -> nn.Module:
                          f"{sorted(CP_PLANS)}")
     from .parallel import transformer_blocks
     modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    hooks = []                 # (module name, kind, handle id): what local_copy removes from a copy
+
+    def add(module, kind, fn, **kw):
+        h = getattr(module, f"register_forward_{kind}")(fn, **kw)
+        hooks.append((names[id(module)], kind, h.id))
     name, idx = plan.split_input
 
     def split_input(module, args, kwargs):
@@ -585,24 +591,44 @@ def apply_context_parallel(model: nn.Module, group) -> nn.Module:
             key = "hidden_states" if "hidden_states" in kwargs else "x"
             kwargs[key] = split_sequence(kwargs[key], group, 1)
         return tuple(args), kwargs
-    modules[name].register_forward_pre_hook(split_input, with_kwargs=True)
+    add(modules[name], "pre_hook", split_input, with_kwargs=True)
     for mod_name, dim in plan.split_outputs.items():
-        modules[mod_name].register_forward_hook(lambda m, a, out, d=dim: _split(out, group, d))
+        add(modules[mod_name], "hook", lambda m, a, out, d=dim: _split(out, group, d))
     blocks = transformer_blocks(model)
     if plan.block_args:
         def split_args(module, args):
             return tuple(_split(a, group, plan.block_args[i]) if i in plan.block_args else a
                          for i, a in enumerate(args))
         for b in blocks:
-            b.register_forward_pre_hook(split_args)
+            add(b, "pre_hook", split_args)
     for b in blocks:
         inner = getattr(b, "_checkpoint_wrapped_module", b)
         attn = getattr(inner, plan.self_attention)
-        attn.register_forward_pre_hook(lambda m, a: setattr(_STATE, "group", group))
-        attn.register_forward_hook(lambda m, a, out: setattr(_STATE, "group", None))
-    modules[plan.gather_output].register_forward_hook(lambda m, a, out: gather_sequence(out, group, 1))
+        add(attn, "pre_hook", lambda m, a: setattr(_STATE, "group", group))
+        add(attn, "hook", lambda m, a, out: setattr(_STATE, "group", None))
+    add(modules[plan.gather_output], "hook", lambda m, a, out: gather_sequence(out, group, 1))
     model._rcm_cp_group = group
+    model._rcm_cp_hooks = hooks
     return model
+
+
+def local_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without context parallelism (its hooks removed): it runs whole sequences
+    locally, on one rank, without collectives. A plain deep copy fails under CP (a process group does not
+    copy) and would keep the hooks. For a network without CP it is ``copy.deepcopy``."""
+    import copy
+    group = getattr(model, "_rcm_cp_group", None)
+    if group is None:
+        return copy.deepcopy(model)
+    m = copy.deepcopy(model, memo={id(group): None})
+    for name, kind, hid in model._rcm_cp_hooks:
+        sub = m.get_submodule(name)
+        attrs = (("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs") if kind == "pre_hook" else
+                 ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"))
+        for attr in attrs:
+            getattr(sub, attr).pop(hid, None)
+    del m._rcm_cp_group, m._rcm_cp_hooks
+    return m
 
 
 def check_context_parallel(cp: int, *, world: int, heads: int, tokens: int, where: str = "") -> None:

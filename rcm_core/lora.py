@@ -30,7 +30,6 @@ the adapter with the keys diffusers' ``WanPipeline.load_lora_weights`` /
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -368,8 +367,11 @@ def merge_state_dict(sd: Dict[str, torch.Tensor], adapter: str, scaling: float) 
 @torch.no_grad()
 def merged_module(net: nn.Module, adapter: str) -> nn.Module:
     """A standalone copy of ``net`` with ``adapter`` merged in and no LoRA layers left (plain
-    ``nn.Linear``; the teacher's state-dict names). Not for FSDP-sharded networks."""
-    m = copy.deepcopy(net)
+    ``nn.Linear``; the teacher's state-dict names). Not for FSDP-sharded networks. Under context
+    parallelism the copy is local (whole sequences, no collectives; :func:`rcm_core.context_parallel.local_copy`),
+    as the full fine-tuning EMA student is."""
+    from .context_parallel import local_copy
+    m = local_copy(net)
     for _, layer in lora_layers(m):
         W = layer.weight
         delta = layer.lora_scaling * (layer.lora_B[adapter].weight.double() @ layer.lora_A[adapter].weight.double())

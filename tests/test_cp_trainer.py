@@ -81,7 +81,22 @@ def _steps_job(rank, world, cp, fsdp, device, extra):
     tr = RCMTrainer(te, _config(context_parallel=cp, fsdp=fsdp, fused_tangent=not fsdp, **extra), device=device)
     assert (tr.dp_rank, tr.dp_size) == (rank // cp, dp)
     ms, sd = _steps(tr, _local_rows(tr, full))
-    return {"ms": ms, "sd": sd}
+    out = {"ms": ms, "sd": sd}
+    if "lora" in extra and not fsdp:
+        out["ema_student"] = _ema_student(tr, full) if rank == 0 else None     # rank 0 alone: local
+    return out
+
+
+def _ema_student(tr, full):
+    """LoRA: the merged EMA student (a standalone copy) and its output on the whole batch. Under cp it must be
+    local, as the full fine-tuning EMA is (no cp hooks: called on one rank, a hook's collective would hang)."""
+    net = tr.student_ema
+    assert getattr(net, "_rcm_cp_group", None) is None
+    assert not [n for n, m in net.named_modules() if m._forward_hooks or m._forward_pre_hooks], "cp hooks left"
+    t = torch.full((full["latents"].shape[0],), 500.0, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(full["latents"], t, full["cond"])
+    return {"sd": {k: v.detach().clone() for k, v in net.state_dict().items()}, "y": y}
 
 
 # ---- DCP checkpoints under context parallel: save on FSDP2 x cp2 (4 ranks), resume there and resharded ----
@@ -255,6 +270,17 @@ def test_lora_under_context_parallel_equals_the_single_process_lora_run(tmp_path
     when dp = 1, gradient norms; the shared network's whole state: base unchanged, the three adapters)."""
     got = _spawn(world, tmp_path / "r.pt", cp, fsdp, "cpu", "steps", _LORA)
     ref = _reference(world // cp, extra=_LORA)
+    if not fsdp:                                         # the merged EMA student: a local copy, as without cp
+        from rcm_core.teachers import get_teacher
+        from rcm_core.trainer import RCMTrainer
+        te, full = _batch(world // cp)
+        tr = RCMTrainer(te, _config(**_LORA))
+        tr.student.net.load_state_dict(ref[1])
+        want, have = _ema_student(tr, full), got["ema_student"]
+        assert sorted(have["sd"]) == sorted(get_teacher("embedded").net.state_dict())
+        for k, v in want["sd"].items():
+            assert torch.allclose(have["sd"][k], v, rtol=0, atol=1e-10), k
+        assert torch.allclose(have["y"], want["y"], rtol=0, atol=1e-10)
     lora_keys = [k for k in ref[1] if ".lora_" in k]
     assert {k.split(".lora_")[1].split(".")[1] for k in lora_keys} == {"student", "fake", "ema"}
     for k in lora_keys:                                  # the adapters trained (B starts at zero)
