@@ -10,6 +10,10 @@ One run, one device, all rows side by side:
   sdpa_fwd_bwd        SDPA (flash) forward + backward
   ours_fwd_bwd        flash_jvp.forward + flash_jvp.backward (Triton)
   ours_fwd_bwd_aten   flash_jvp.forward + PyTorch's fused flash backward fed our LSE
+  hopper_fwd          rcm_kernels.flash_jvp_hopper.forward (issue 15; TMA descriptors, warp-specialised loop)
+  hopper_fwd_tangent  flash_jvp_hopper.forward_tangent
+  hopper_fwd_bwd      flash_jvp_hopper.forward + flash_jvp_hopper.backward
+  (hopper rows: compute capability 9.x only, else skipped; ratios against all three SDPA forwards)
 
 FLOP counts (rcm-algorithm.md section 7): forward 4 B H Nq Nk D, forward with tangent
 12 B H Nq Nk D, forward + backward 14 B H Nq Nk D (backward = 2.5 forwards).
@@ -42,6 +46,11 @@ from triton.testing import do_bench  # noqa: E402
 
 from rcm_core.attention import attention  # noqa: E402
 from rcm_kernels import flash_jvp as fj  # noqa: E402
+
+try:
+    from rcm_kernels import flash_jvp_hopper as fh  # noqa: E402
+except Exception as _e:  # noqa: BLE001 - the bench still runs the other rows
+    fh, _FH_ERR = None, f"{type(_e).__name__}: {_e}"
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -99,6 +108,9 @@ def main():
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "dtype": "bfloat16", "B": B, "H": H, "D": D, "layout": "bhnd contiguous",
         "peer": peer_ver if peer is None else f"jvp-flash-attention {peer_ver}",
+        "hopper_module": "rcm_kernels.flash_jvp_hopper" if fh is not None else _FH_ERR,
+        "hopper_env": {k: os.environ[k] for k in ("RCM_HOPPER_CONFIG", "RCM_HOPPER_WS", "RCM_HOPPER_TMA")
+                       if k in os.environ},
         "flops": {"fwd": "4BHNqNkD", "fwd_tangent": "12BHNqNkD", "fwd_bwd": "14BHNqNkD"},
     }
     print(json.dumps(meta), flush=True)
@@ -154,6 +166,24 @@ def main():
             note="SDPA with PyTorch's own backend choice")
         rec("ours_fwd", lambda: fj.forward(q, k, v, scale), 4)
         rec("ours_fwd_tangent", lambda: fj.forward_tangent(q, k, v, dq, dk, dv, scale), 12)
+        hopper_ok = fh is not None and fh.applies(q, k, v, dq, dk, dv)
+        if hopper_ok:
+            try:
+                ho, hdo, hlse = fh.forward_tangent(q, k, v, dq, dk, dv, scale)
+                torch.cuda.synchronize()
+                row["checks"]["hopper_O_vs_ours_rel"] = rel(ho, o)
+                row["checks"]["hopper_dO_vs_ours_rel"] = rel(hdo, do)
+                row["checks"]["hopper_lse_vs_ours_rel"] = rel(hlse, lse)
+                del ho, hdo, hlse
+            except Exception as e:  # noqa: BLE001
+                row["checks"]["hopper_error"] = f"{type(e).__name__}: {e}"[:300]
+                traceback.print_exc()
+            rec("hopper_fwd", lambda: fh.forward(q, k, v, scale), 4)
+            rec("hopper_fwd_tangent", lambda: fh.forward_tangent(q, k, v, dq, dk, dv, scale), 12)
+        else:
+            why = "flash_jvp_hopper not importable" if fh is None else "not eligible (needs compute capability 9.x)"
+            for n in ("hopper_fwd", "hopper_fwd_tangent", "hopper_fwd_bwd"):
+                row["rows"][n] = {"skipped": why}
         rec("op_func_jvp", lambda: torch.func.jvp(lambda a, b, c: attention(a, b, c, scale=scale),
                                                   (q, k, v), (dq, dk, dv)), 12,
             note="torch.func.jvp through rcm_core.attention (forward + jvp calls)")
@@ -227,14 +257,30 @@ def main():
         rec("sdpa_fwd_bwd", sdpa_fb, 14)
         rec("ours_fwd_bwd", ours_fb("triton"), 14)
         rec("ours_fwd_bwd_aten", ours_fb("aten"), 14)
+        if hopper_ok:
+            def hopper_fb():
+                out, l_ = fh.forward(q, k, v, scale)
+                return fh.backward(q, k, v, out, l_, go, scale)
+            try:
+                gs = hopper_fb()
+                row["checks"]["grad_hopper_vs_sdpa_rel"] = [rel(a, b) for a, b in zip(gs, [x.grad for x in (qg, kg, vg)])]
+                del gs
+            except Exception as e:  # noqa: BLE001
+                row["checks"]["grad_hopper_vs_sdpa_rel"] = f"{type(e).__name__}: {e}"[:200]
+            rec("hopper_fwd_bwd", hopper_fb, 14)
         r = row["rows"]
         for base in ("sdpa_fwd", "sdpa_cudnn_fwd", "sdpa_default_fwd"):
             if "ms" in r.get(base, {}):
-                for name in ("ours_fwd_tangent", "peer_fwd_tangent", "op_func_jvp", "math_func_jvp"):
+                for name in ("ours_fwd_tangent", "hopper_fwd_tangent", "ours_fwd", "hopper_fwd", "peer_fwd_tangent",
+                             "op_func_jvp", "math_func_jvp"):
                     if "ms" in r.get(name, {}):
                         row["checks"][f"ratio_{name}_over_{base}"] = r[name]["ms"] / r[base]["ms"]
         row["best_configs"] = {n: str(getattr(kern, "best_config", None)) for n, kern in (
             ("fwd_kernel", fj._fwd_kernel), ("bwd_dkdv", fj._bwd_dkdv_kernel), ("bwd_dq", fj._bwd_dq_kernel))}
+        if hopper_ok:
+            row["best_configs"].update({n: str(getattr(kern, "best_config", None)) for n, kern in (
+                ("hopper_fwd_kernel", fh._fwd_kernel), ("hopper_bwd_dkdv", fh._bwd_dkdv_kernel),
+                ("hopper_bwd_dq", fh._bwd_dq_kernel))})
         print(f"  checks: {row['checks']}  best: {row['best_configs']}", flush=True)
         results.append(row)
         del q, k, v, dq, dk, dv, go, qg, kg, vg, o, do, lse
@@ -244,8 +290,9 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
 
-    names = ["sdpa_fwd", "sdpa_cudnn_fwd", "sdpa_default_fwd", "ours_fwd", "ours_fwd_tangent", "op_func_jvp", "peer_fwd_tangent", "math_func_jvp",
-             "sdpa_fwd_bwd", "ours_fwd_bwd", "ours_fwd_bwd_aten"]
+    names = ["sdpa_fwd", "sdpa_cudnn_fwd", "sdpa_default_fwd", "ours_fwd", "ours_fwd_tangent", "hopper_fwd",
+             "hopper_fwd_tangent", "op_func_jvp", "peer_fwd_tangent", "math_func_jvp",
+             "sdpa_fwd_bwd", "ours_fwd_bwd", "ours_fwd_bwd_aten", "hopper_fwd_bwd"]
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  bf16 B={B} H={H} D={D}")
     print(f"{'Nq x Nk':>13} {'method':>18} {'ms':>9} {'TFLOP/s':>8} {'peak MiB':>9} {'x sdpa_fwd':>10}")
     for row in results:
@@ -258,10 +305,11 @@ def main():
                 print(f"{tag:>13} {n:>18} {r['ms']:9.3f} {r['tflops']:8.1f} {r['peak_mib']:9.1f} {ratio:>10}")
             else:
                 print(f"{tag:>13} {n:>18}  skipped: {r.get('skipped', 'not run')[:70]}")
-    for base in ("sdpa_fwd", "sdpa_cudnn_fwd", "sdpa_default_fwd"):
-        print(f"ratios ours_fwd_tangent / {base}:",
-              {f"{r['Nq']}x{r['Nk']}": round(r["checks"].get(f"ratio_ours_fwd_tangent_over_{base}", float("nan")), 3)
-               for r in results})
+    for name in ("ours_fwd_tangent", "hopper_fwd_tangent"):
+        for base in ("sdpa_fwd", "sdpa_cudnn_fwd", "sdpa_default_fwd"):
+            print(f"ratios {name} / {base}:",
+                  {f"{r['Nq']}x{r['Nk']}": round(r["checks"].get(f"ratio_{name}_over_{base}", float("nan")), 3)
+                   for r in results})
     print(f"wrote {args.out}")
 
 

@@ -28,17 +28,23 @@ What differs from the portable kernel (the Hopper features):
   of the loads (out-of-range rows come back as zeros) and clips the stores; the scores of
   out-of-range keys are still set to -inf. Descriptor kernels need a global scratch allocator:
   the module installs one (``triton.set_allocator``) when none is set.
-* **Warp specialisation.** The full key blocks run in ``tl.range(..., num_stages=S,
-  warp_specialize=WS)``; the masked tail block runs after the loop. With ``WS`` Triton's
-  Hopper pass (``add_hopper_warpspec`` in triton 3.9's NVIDIA backend) partitions the loop
-  into a TMA producer and wgmma consumer warp groups; ``num_warps=8`` with ``BLOCK_M=128``
-  gives two consumer warp groups of 64 rows each. Whether Triton actually pipelines/
-  specialises this loop (it has 3 (forward) to 6 (tangent) products and a softmax) is
-  unknown until it is compiled on an H100: the autotune list holds WS on and off
-  variants, and if a WS variant fails to compile with an error the autotuner does not
-  catch, the module turns WS off for the process (a warning says so) and relaunches.
-* **Autotune configs** for Hopper: ``BLOCK_M=128``, ``num_warps=8``, ``BLOCK_N`` 64/128,
-  ``num_stages`` 2-4, pruned by a shared-memory estimate (227 KiB) and, with a tangent and
+* **Warp specialisation.** Every key block (the ragged tail included, masked when N_K is
+  not a multiple of BLOCK_N) runs in one ``tl.range(..., num_stages=S, warp_specialize=WS)``
+  loop. Compiled for sm_90 on a CPU (triton 3.9.0, its bundled ptxas; nothing run), Triton's
+  Hopper pass splits the forward and forward-with-tangent loops and the dK/dV loop into a TMA
+  producer warp group and two 4-warp consumer groups (``ttg.warp_specialize`` in the TTGIR,
+  12 warps, ``setmaxnreg``, wgmma): it does so with ``num_warps=4`` and ``BLOCK_M=128`` (each
+  consumer takes 64 rows), NOT with ``num_warps=8``, and not when a separate tail step follows
+  the loop (hence the single masked loop). The tangent variant (BLOCK_N 64, 2 stages) then
+  uses 230,136 B of shared memory and ptxas reports 144-192 B of register spills at the
+  consumers' 168-register cap. The dQ loop is NOT specialised: the pass aborts the process
+  on it ("LLVM ERROR: unsupported load type for producer commit"), so the dQ kernel has no WS
+  configs. The autotune list holds WS variants (4 warps) and plain ones (8 warps); if a WS
+  variant raises a compile error the autotuner does not catch, the module turns WS off for
+  the process (a warning says so) and relaunches.
+* **Autotune configs** for Hopper: ``BLOCK_M=128`` (dK/dV: 64-row query tiles), ``BLOCK_N``
+  64/128, ``num_stages`` 2-4, 4 warps with WS and 8 without; pruned by a shared-memory estimate
+  (227 KiB; configs that still run out are skipped by the autotuner) and, with a tangent and
   head dim 128, ``BLOCK_N=64`` (registers: two 128 x 128 fp32 accumulators).
 * Not done (issue 15 asks for them; Triton gives no direct control): explicit ping-pong
   scheduling of the two consumer groups, overlapping one tile's softmax with the next
@@ -52,10 +58,13 @@ Where each feature has run:
   ignored. So the maths, the tail handling, both layouts and the descriptor geometry are
   verified there (tests/test_kernel_flash_jvp_hopper.py), for both the descriptor path
   (``USE_TMA=True``) and the plain-pointer path (``USE_TMA=False``, the constexpr switch).
+* CPU, compiled for sm_90 (not run): every GPU autotune config of the three kernels for
+  head dims 128/128, 64/64, 128/64, bf16, even and ragged key lengths compiles to a cubin
+  (TTGIR -> PTX -> ptxas), with wgmma and ``cp.async.bulk.tensor`` (TMA) in the PTX.
 * NEVER EXECUTED ANYWHERE: TMA hardware copies, the device-side descriptor creation with
-  the scratch allocator, Triton's Hopper warp-specialisation pass on this loop, the Hopper
-  autotune configs, bf16 (the interpreter's bf16 ``tl.dot`` is wrong, so bf16 is covered by
-  the GPU tests marked ``gpu`` only), and any speed.
+  the scratch allocator, the warp-specialised code, any launch on a GPU, bf16 numerics (the
+  interpreter's bf16 ``tl.dot`` is wrong, so bf16 is covered by the GPU tests marked ``gpu``
+  only), and any speed.
 
 Eligibility (:func:`applies`): CUDA tensors on compute capability 9.x (or any tensors under
 the interpreter), fp16/bf16 (fp32 only under the interpreter), head dims 32/64/128, last
@@ -88,7 +97,8 @@ __all__ = ["supports", "applies", "forward", "forward_tangent", "backward", "SUP
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_SMEM_BYTES = 227 * 1024          # H100/H200 shared memory per block (opt-in maximum)
+_SMEM_BYTES = 227 * 1024          # H100/H200 shared memory per block (opt-in maximum);
+                                  # estimates only: the autotuner skips configs that run out
 
 # --- feature checks: the module imports (and falls back) on any triton -----------------------
 HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
@@ -209,9 +219,14 @@ def _fwd_configs():
     if _INTERPRET:
         return _interp_configs()
     out = []
-    for ws in (True, False):
-        for bn, stages in ((64, 2), (64, 3), (64, 4), (128, 2), (128, 3)):
-            out.append(_cfg(128, bn, stages, 8, ws))
+    # warp-specialised: num_warps=4 per consumer group; triton 3.9's Hopper pass makes two
+    # consumer groups (64 rows each of BLOCK_M=128) plus a producer group: 12 warps in all
+    # (seen compiling for sm_90; with num_warps=8 the pass left the loop alone)
+    for bn, stages in ((64, 2), (64, 3), (128, 2), (128, 3)):
+        out.append(_cfg(128, bn, stages, 4, True))
+    # not specialised: 8 warps (two warp groups) on BLOCK_M=128
+    for bn, stages in ((64, 2), (64, 3), (64, 4), (128, 2), (128, 3)):
+        out.append(_cfg(128, bn, stages, 8, False))
     return out
 
 
@@ -292,6 +307,7 @@ def _fwd_step(acc_o, acc_t, m_i, l_i, r_i, q, dq,
 
 @triton.autotune(configs=_fwd_configs(), key=["D_QK", "D_V", "TANGENT", "N_K_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.heuristics({"EVEN_N": lambda a: a["N_K"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, DQ, DK, DV, O, DO, LSE,
@@ -302,7 +318,7 @@ def _fwd_kernel(
     D_QK: tl.constexpr, D_V: tl.constexpr, TANGENT: tl.constexpr, PREC: tl.constexpr,
     HAS_WS_KW: tl.constexpr, HAS_STAGES_KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -333,26 +349,24 @@ def _fwd_kernel(
     acc_o = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
 
-    n_full = (N_K // BLOCK_N) * BLOCK_N
+    # One loop over all key blocks, the ragged tail included (masked when N_K is not a multiple
+    # of BLOCK_N: EVEN_N from the heuristic). A separate tail step after the loop stops
+    # triton 3.9's Hopper pass from warp-specialising the loop (seen compiling for sm_90).
     if HAS_WS_KW:
-        for start_n in tl.range(0, n_full, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
+        for start_n in tl.range(0, N_K, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
             acc_o, acc_t, m_i, l_i, r_i = _fwd_step(
                 acc_o, acc_t, m_i, l_i, r_i, q, dq, k_desc, v_desc, dk_desc, dv_desc, start_n, N_K,
-                skn, svn, sdkn, sdvn, qk_scale, sm_scale, D_QK, D_V, BLOCK_N, TANGENT, False, PREC, USE_TMA)
+                skn, svn, sdkn, sdvn, qk_scale, sm_scale, D_QK, D_V, BLOCK_N, TANGENT, not EVEN_N, PREC, USE_TMA)
     elif HAS_STAGES_KW:
-        for start_n in tl.range(0, n_full, BLOCK_N, num_stages=LOOP_STAGES):
+        for start_n in tl.range(0, N_K, BLOCK_N, num_stages=LOOP_STAGES):
             acc_o, acc_t, m_i, l_i, r_i = _fwd_step(
                 acc_o, acc_t, m_i, l_i, r_i, q, dq, k_desc, v_desc, dk_desc, dv_desc, start_n, N_K,
-                skn, svn, sdkn, sdvn, qk_scale, sm_scale, D_QK, D_V, BLOCK_N, TANGENT, False, PREC, USE_TMA)
+                skn, svn, sdkn, sdvn, qk_scale, sm_scale, D_QK, D_V, BLOCK_N, TANGENT, not EVEN_N, PREC, USE_TMA)
     else:
-        for start_n in range(0, n_full, BLOCK_N):
+        for start_n in range(0, N_K, BLOCK_N):
             acc_o, acc_t, m_i, l_i, r_i = _fwd_step(
                 acc_o, acc_t, m_i, l_i, r_i, q, dq, k_desc, v_desc, dk_desc, dv_desc, start_n, N_K,
-                skn, svn, sdkn, sdvn, qk_scale, sm_scale, D_QK, D_V, BLOCK_N, TANGENT, False, PREC, USE_TMA)
-    if n_full < N_K:
-        acc_o, acc_t, m_i, l_i, r_i = _fwd_step(
-            acc_o, acc_t, m_i, l_i, r_i, q, dq, k_desc, v_desc, dk_desc, dv_desc, n_full, N_K,
-            skn, svn, sdkn, sdvn, qk_scale, sm_scale, D_QK, D_V, BLOCK_N, TANGENT, True, PREC, USE_TMA)
+                skn, svn, sdkn, sdvn, qk_scale, sm_scale, D_QK, D_V, BLOCK_N, TANGENT, not EVEN_N, PREC, USE_TMA)
 
     inv_l = 1.0 / l_i
     o = acc_o * inv_l[:, None]
@@ -477,24 +491,21 @@ def forward_tangent(q, k, v, dq, dk, dv, scale=None):
 def _bwd_configs():
     if _INTERPRET:
         return _interp_configs()
-    out = []
-    for ws in (True, False):
-        # dK/dV kernel: BLOCK_N key rows stay, BLOCK_M query rows stream
-        for bm, bn, stages, warps in ((64, 128, 2, 8), (64, 128, 3, 8), (128, 128, 2, 8), (64, 64, 3, 4),
-                                      (128, 64, 3, 8)):
-            out.append(_cfg(bm, bn, stages, warps, ws))
+    # dK/dV kernel: BLOCK_N key rows stay, BLOCK_M query rows stream
+    out = [_cfg(bm, bn, st, 4, True) for bm, bn, st in ((64, 128, 2), (64, 128, 3), (64, 64, 3))]
+    out += [_cfg(bm, bn, st, w, False) for bm, bn, st, w in
+            ((64, 128, 2, 8), (64, 128, 3, 8), (128, 128, 2, 8), (64, 64, 3, 4), (128, 64, 3, 8))]
     return out
 
 
 def _dq_configs():
     if _INTERPRET:
         return _interp_configs()
-    out = []
-    for ws in (True, False):
-        # dQ kernel: BLOCK_M query rows stay, BLOCK_N key rows stream
-        for bm, bn, stages, warps in ((128, 64, 2, 8), (128, 64, 3, 8), (128, 128, 2, 8), (64, 64, 3, 4)):
-            out.append(_cfg(bm, bn, stages, warps, ws))
-    return out
+    # dQ kernel: BLOCK_M query rows stay, BLOCK_N key rows stream. No warp-specialised
+    # variant: triton 3.9's Hopper pass aborts the process on this loop compiling for sm_90
+    # ("LLVM ERROR: unsupported load type for producer commit"), which no fallback can catch.
+    return [_cfg(bm, bn, st, w, False) for bm, bn, st, w in
+            ((128, 64, 2, 8), (128, 64, 3, 8), (128, 128, 2, 8), (64, 64, 3, 4))]
 
 
 def _prune_bwd(configs, named_args, **kwargs):
@@ -602,6 +613,7 @@ def _dq_step(gq, q, go, lse2, delta, k_desc, v_desc, start_n, N_K, skn, svn, qk_
 
 @triton.autotune(configs=_dq_configs(), key=["D_QK", "D_V", "N_K_BUCKET"],
                  prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.heuristics({"EVEN_N": lambda a: a["N_K"] % a["BLOCK_N"] == 0})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DOG, LSE, DELTA, GQ,
@@ -610,7 +622,7 @@ def _bwd_dq_kernel(
     D_QK: tl.constexpr, D_V: tl.constexpr, PREC: tl.constexpr,
     HAS_WS_KW: tl.constexpr, HAS_STAGES_KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOP_STAGES: tl.constexpr,
-    WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -630,22 +642,19 @@ def _bwd_dq_kernel(
     lse2 = tl.load(LSE + row_base + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=rmask, other=0.0)
     gq = tl.zeros([BLOCK_M, D_QK], dtype=tl.float32)
-    n_full = (N_K // BLOCK_N) * BLOCK_N
+    # one loop over all key blocks, the ragged tail masked in it (see the forward kernel)
     if HAS_WS_KW:
-        for start_n in tl.range(0, n_full, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
+        for start_n in tl.range(0, N_K, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
             gq = _dq_step(gq, q, go, lse2, delta, k_desc, v_desc, start_n, N_K, skn, svn, qk_scale,
-                          D_QK, D_V, BLOCK_N, False, PREC, USE_TMA)
+                          D_QK, D_V, BLOCK_N, not EVEN_N, PREC, USE_TMA)
     elif HAS_STAGES_KW:
-        for start_n in tl.range(0, n_full, BLOCK_N, num_stages=LOOP_STAGES):
+        for start_n in tl.range(0, N_K, BLOCK_N, num_stages=LOOP_STAGES):
             gq = _dq_step(gq, q, go, lse2, delta, k_desc, v_desc, start_n, N_K, skn, svn, qk_scale,
-                          D_QK, D_V, BLOCK_N, False, PREC, USE_TMA)
+                          D_QK, D_V, BLOCK_N, not EVEN_N, PREC, USE_TMA)
     else:
-        for start_n in range(0, n_full, BLOCK_N):
+        for start_n in range(0, N_K, BLOCK_N):
             gq = _dq_step(gq, q, go, lse2, delta, k_desc, v_desc, start_n, N_K, skn, svn, qk_scale,
-                          D_QK, D_V, BLOCK_N, False, PREC, USE_TMA)
-    if n_full < N_K:
-        gq = _dq_step(gq, q, go, lse2, delta, k_desc, v_desc, n_full, N_K, skn, svn, qk_scale,
-                      D_QK, D_V, BLOCK_N, True, PREC, USE_TMA)
+                          D_QK, D_V, BLOCK_N, not EVEN_N, PREC, USE_TMA)
     gq = gq * sm_scale
     _store(gq_desc, row0, N_Q, sgqn, gq.to(GQ.dtype.element_ty), BLOCK_M, D_QK, USE_TMA)
 
