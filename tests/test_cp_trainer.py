@@ -94,10 +94,11 @@ def _ema_student(tr, full):
     net = tr.student_ema
     assert getattr(net, "_rcm_cp_group", None) is None
     assert not [n for n, m in net.named_modules() if m._forward_hooks or m._forward_pre_hooks], "cp hooks left"
-    t = torch.full((full["latents"].shape[0],), 500.0, dtype=torch.float64)
+    dev = next(net.parameters()).device
+    t = torch.full((full["latents"].shape[0],), 500.0, dtype=torch.float64, device=dev)
     with torch.no_grad():
-        y = net(full["latents"], t, full["cond"])
-    return {"sd": {k: v.detach().clone() for k, v in net.state_dict().items()}, "y": y}
+        y = net(full["latents"].to(dev), t, full["cond"].to(dev))
+    return {"sd": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, "y": y.cpu()}
 
 
 # ---- DCP checkpoints under context parallel: save on FSDP2 x cp2 (4 ranks), resume there and resharded ----
