@@ -39,29 +39,8 @@ def _is_hopper():
 needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="needs a CUDA device of compute capability 9.x")
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def make(shape_bhnd, layout, dtype=torch.float64, device="cpu", gen=None):
-    B, H, N, D = shape_bhnd
-    if layout == "bhnd":
-        return torch.randn(B, H, N, D, dtype=dtype, device=device, generator=gen)
-    return torch.randn(B, N, H, D, dtype=dtype, device=device, generator=gen).transpose(1, 2)
-
-
-def reference(q, k, v, dq, dk, dv, scale):
-    q, k, v, dq, dk, dv = (x.double() for x in (q, k, v, dq, dk, dv))
-    o, do = torch.func.jvp(lambda a, b, c: attention_reference(a, b, c, scale=scale), (q, k, v), (dq, dk, dv))
-    lse = torch.logsumexp(scale * q @ k.transpose(-1, -2), dim=-1)
-    return o, do, lse
-
-
-def ref_grads(q, k, v, go, scale):
-    qq, kk, vv = (x.double().detach().requires_grad_() for x in (q, k, v))
-    attention_reference(qq, kk, vv, scale=scale).backward(go.double())
-    return qq.grad, kk.grad, vv.grad
+# float64 references and input makers: the portable kernel's tests' (one copy)
+from test_kernel_flash_jvp import make, ref_grads, reference, rel  # noqa: E402
 
 
 @pytest.fixture
