@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["FILE", "DCP", "MARKER", "DCP_FORMAT", "IncompleteCheckpointError", "detect_format", "is_complete",
-           "read_meta", "save_dcp", "load_dcp", "ema_safetensors", "lora_safetensors"]
+           "read_meta", "save_dcp", "load_dcp", "ema_safetensors", "lora_safetensors", "lora_experts"]
 
 FILE, DCP = "file", "dcp"
 MARKER = "rcm_checkpoint.json"
@@ -231,16 +231,37 @@ def ema_safetensors(trainer, expected_keys=None) -> Optional[bytes]:
     return save({k: v.detach().float().cpu().contiguous() for k, v in sd.items()})
 
 
-def lora_safetensors(trainer, adapter: str = "ema", prefix: Optional[str] = "transformer") -> Optional[bytes]:
+def lora_experts(trainer) -> tuple:
+    """The expert names of a two-expert (:class:`rcm_core.denoiser.TimestepExperts`) LoRA student,
+    ``("transformer", "transformer_2")``; ``()`` for one network."""
+    from .denoiser import TimestepExperts
+    return ("transformer", "transformer_2") if isinstance(trainer.student.net, TimestepExperts) else ()
+
+
+def lora_safetensors(trainer, adapter: str = "ema", prefix: Optional[str] = "transformer",
+                     expert: Optional[str] = None) -> Optional[bytes]:
     """LoRA runs: the EMA student's adapter (or ``adapter``) as safetensors bytes in the peft/diffusers LoRA
     format (:func:`rcm_core.lora.adapter_safetensors`: keys ``transformer.<layer>.lora_A.weight`` /
     ``lora_B.weight``, the alpha/rank scaling folded into B, ``lora_adapter_metadata``), loadable with
     ``WanPipeline.load_lora_weights`` / ``WanTransformer3DModel.load_lora_adapter``; ``prefix=None``:
     peft's plain keys. Under FSDP a collective (only the adapter is gathered); None on ranks other than 0.
-    The merged weights are :func:`ema_safetensors`."""
+    The merged weights are :func:`ema_safetensors`.
+
+    Two-expert students (:func:`lora_experts`, Wan2.2 A14B): one file per expert, ``expert`` = ``"transformer"``
+    or ``"transformer_2"`` (required), each with the keys of ONE ``WanTransformer3DModel``
+    (``transformer.<layer>...``): diffusers' WanPipeline loads the first with ``load_lora_weights(f)`` and the
+    second with ``load_lora_weights(f2, load_into_transformer_2=True)``."""
     from .lora import adapter_safetensors
 
+    experts = lora_experts(trainer)
+    if experts and expert not in experts:
+        raise ValueError(f"lora_safetensors: a two-expert student needs expert= one of {experts} (one file per "
+                         f"expert, as diffusers' WanPipeline loads them), got {expert!r}")
+    if not experts and expert is not None:
+        raise ValueError(f"lora_safetensors: expert={expert!r} given for a one-network student")
     sd = trainer.lora_state_dict(adapter)
     if trainer.sharded and dist.get_rank() != 0:
         return None
+    if expert is not None:
+        sd = {k[len(expert) + 1:]: v for k, v in sd.items() if k.startswith(expert + ".")}
     return adapter_safetensors(sd, adapter, trainer.cfg.lora, prefix)

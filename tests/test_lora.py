@@ -430,3 +430,57 @@ def test_distill_step_writes_merged_weights_and_the_adapter(tmp_path):
     assert res["lora_url"].endswith("student_lora.safetensors")
     assert set(load_file(str(out / "student_ema.safetensors"))) == set(FakeTeacher().net.state_dict())
     assert set(load_file(str(out / "student_lora.safetensors"))) == {"proj.lora_A.weight", "proj.lora_B.weight"}
+
+
+def test_two_expert_adapters_load_into_wan_pipeline_and_match_the_ema_experts(tmp_path):
+    """Wan2.2 A14B (``moe_student="two"``): the adapter is written as distill writes it, one file per expert
+    with ONE transformer's keys; diffusers' own WanPipeline (from the tiny checkpoint) loads the first into
+    ``transformer`` and the second with ``load_into_transformer_2=True``; each expert then equals the
+    trainer's EMA student's expert."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from real_fixtures import write_wan22_checkpoint
+    from rcm_steps.teacher import load_teacher
+    from safetensors.torch import load
+
+    from rcm_core.checkpoint import lora_experts, lora_safetensors
+    root = write_wan22_checkpoint(tmp_path / "tiny-wan22-a14b", "a14b")
+    te = load_teacher(str(root), options=dict(frames=5, height=16, width=16, text_len=8, dtype="float32"))
+    cfg = DistillConfig.preset(te.preset, tangent_warmup_steps=0, lr_warmup_steps=0, student_update_freq=2,
+                               dtype="float64", activation_checkpointing="none", fsdp=False, moe_student="two",
+                               lora={"rank": 2, "alpha": 3.0})
+    tr = RCMTrainer(te, cfg)
+    assert lora_experts(tr) == ("transformer", "transformer_2")
+    _randomise_adapters(tr, scale=0.2)                                   # student, fake and EMA adapters non-zero
+    with pytest.raises(ValueError, match="expert="):
+        lora_safetensors(tr)
+    files = {}
+    for e, name in (("transformer", "student_lora.safetensors"), ("transformer_2", "student_lora_2.safetensors")):
+        data = lora_safetensors(tr, prefix="transformer", expert=e)      # as steps/rcm_steps/distill.py writes it
+        sd = load(data)
+        assert sd and all(k.startswith("transformer.blocks.") for k in sd), sorted(sd)[:3]
+        (tmp_path / name).write_bytes(data)
+        files[e] = tmp_path / name
+
+    pipe = diffusers.WanPipeline.from_pretrained(str(root), scheduler=diffusers.UniPCMultistepScheduler())
+    assert pipe.transformer_2 is not None
+    pipe.transformer.double(), pipe.transformer_2.double()
+    pipe.load_lora_weights(str(files["transformer"]), adapter_name="rcm")
+    pipe.load_lora_weights(str(files["transformer_2"]), adapter_name="rcm_2", load_into_transformer_2=True)
+
+    ema = tr.ema_denoiser().net
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, *te.latent_shape, generator=g, dtype=D)
+    c = torch.randn(2, 8, pipe.transformer.config.text_dim, generator=g, dtype=D)
+    ts = torch.tensor([900.0, 300.0], dtype=D)
+    for e, loaded in (("transformer", pipe.transformer), ("transformer_2", pipe.transformer_2)):
+        mine = getattr(ema, e)
+        with torch.no_grad(), use_adapter(ema, EMA):
+            want = mine(hidden_states=x, timestep=ts, encoder_hidden_states=c, return_dict=False)[0]
+            got = loaded(hidden_states=x, timestep=ts, encoder_hidden_states=c, return_dict=False)[0]
+        with torch.no_grad(), use_adapter(ema, None):                    # the adapter changes the expert
+            base = mine(hidden_states=x, timestep=ts, encoder_hidden_states=c, return_dict=False)[0]
+        assert want.dtype == got.dtype == torch.float64
+        assert float((want - base).abs().max()) > 1e-3, e
+        err = float((got - want).abs().max())
+        assert err < 1e-10, (e, err)                                     # float64 both sides (0.0 seen)

@@ -17,7 +17,8 @@
   student network's state-dict names, e.g. a diffusers transformer's; a one-network A14B student has one
   expert's names, a two-expert one ``transformer.*`` / ``transformer_2.*``) and ``result.json``; LoRA runs
   (``DistillConfig.lora``: merged weights there) also ``student_lora.safetensors``, the EMA adapter in the
-  peft/diffusers LoRA format (``lora_url`` in ``result.json``).
+  peft/diffusers LoRA format (``lora_url`` in ``result.json``); a two-expert (A14B) student's ``transformer``
+  adapter there and its ``transformer_2`` adapter in ``student_lora_2.safetensors`` (``lora_2_url``).
 * A failure prints a short ``rCM: distill worker (rank r) failed: ...`` block first (see
   :mod:`rcm_steps.errors`); the launcher passes it on to the flow step.
 
@@ -274,15 +275,22 @@ def _run(args: argparse.Namespace) -> int:
         from rcm_core.checkpoint import ema_safetensors
 
         ema_bytes = ema_safetensors(trainer, expected_keys=expected_keys)
-    lora_bytes = None
+    lora_bytes = lora_bytes_2 = None
     if cfg.lora is not None and (trainer.sharded or rank == 0):   # LoRA: the EMA adapter alone (peft/diffusers)
-        from rcm_core.checkpoint import lora_safetensors
+        from rcm_core.checkpoint import lora_experts, lora_safetensors
 
-        lora_bytes = lora_safetensors(trainer, prefix="transformer" if hasattr(teacher.net, "config") else None)
+        prefix = "transformer" if hasattr(teacher.net, "config") else None
+        if lora_experts(trainer):         # two experts: one file each (WanPipeline: load_into_transformer_2=True)
+            lora_bytes = lora_safetensors(trainer, prefix=prefix, expert="transformer")
+            lora_bytes_2 = lora_safetensors(trainer, prefix=prefix, expert="transformer_2")
+        else:
+            lora_bytes = lora_safetensors(trainer, prefix=prefix)
     if rank == 0:
         out.write_bytes("student_ema.safetensors", ema_bytes)
         if lora_bytes is not None:
             out.write_bytes("student_lora.safetensors", lora_bytes)
+        if lora_bytes_2 is not None:
+            out.write_bytes("student_lora_2.safetensors", lora_bytes_2)
         result = {"steps": trainer.step, "start_step": start, "resumed_from": resumed_from, "world_size": world,
                   "backend": backend, "seconds": seconds, "peak_memory": peaks,
                   "samples_per_s": samples / seconds if seconds > 0 else None,
@@ -292,6 +300,7 @@ def _run(args: argparse.Namespace) -> int:
                   "student_layout": layout,
                   "ema_url": out.url("student_ema.safetensors"),
                   "lora_url": out.url("student_lora.safetensors") if lora_bytes is not None else None,
+                  "lora_2_url": out.url("student_lora_2.safetensors") if lora_bytes_2 is not None else None,
                   "checkpoint": (_latest(out) or {}).get("file")}
         out.write_json("result.json", result)
         log.metrics(trainer.step, {"wall_s": seconds})
