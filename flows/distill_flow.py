@@ -461,8 +461,9 @@ class RCMDistillFlow(FlowSpec):
         self._mlflow()
         ema_url = self.distill_result["ema_url"]
         weights = Storage(ema_url.rsplit("/", 1)[0]).read_bytes(ema_url.rsplit("/", 1)[1])
-        lora_url = self.distill_result.get("lora_url")       # LoRA runs: the adapter file, an extra artifact
-        lora = Storage(lora_url.rsplit("/", 1)[0]).read_bytes(lora_url.rsplit("/", 1)[1]) if lora_url else None
+        def read(url):                                       # LoRA runs: the adapter file(s), extra artifacts
+            return Storage(url.rsplit("/", 1)[0]).read_bytes(url.rsplit("/", 1)[1]) if url else None
+        lora, lora_2 = read(self.distill_result.get("lora_url")), read(self.distill_result.get("lora_2_url"))
         dcfg = self.distill_result["config"]
         meta = {"teacher": self.teacher, "teacher_version": self.teacher_info["version"],
                 "latent_shape": self.teacher_info["latent_shape"], "default_steps": self.student_steps,
@@ -485,7 +486,8 @@ class RCMDistillFlow(FlowSpec):
         r = register_student(weights, meta, self.mlflow_run_id, lineage, self.eval_metrics,
                              self.gate_result["passed"], model_name=name, eval_settings=self.eval_settings,
                              gates=self.gate_result["gates"], components=self.model_components,
-                             component_store=self._storage().url("components"), lora_adapter=lora)
+                             component_store=self._storage().url("components"), lora_adapter=lora,
+                             lora_adapter_2=lora_2)
         del metrics
         self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
         if not getattr(r, "card", None):      # real teachers: the export's model card is the description

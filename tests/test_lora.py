@@ -6,6 +6,7 @@ here, tangents and adapter gradients against float64 central finite differences,
 against the teacher's own untouched network, the export against diffusers/peft's own LoRA layers
 (``load_lora_adapter`` / ``WanPipeline.load_lora_weights``), resume against the uninterrupted run.
 """
+import json
 import math
 
 import pytest
@@ -335,10 +336,22 @@ def test_registration_carries_the_adapter_file(tmp_path):
     r = register_student(b"weights", meta, run_id, {"metaflow.run_id": run_id}, {"student_4/digit_acc": 0.5}, True,
                          model_name="m", lora_adapter=b"adapter-bytes")
     mv = client.get_model_version("m", r.version)
-    assert "lora_adapter" in mv.tags
+    assert "lora_adapter" in mv.tags and "transformer_2" not in mv.tags["lora_adapter"]
     root = mlflow.artifacts.download_artifacts(f"models:/m/{r.version}", dst_path=str(tmp_path / "dl"))
     found = list(__import__("pathlib").Path(root).rglob("student_lora.safetensors"))
     assert found and found[0].read_bytes() == b"adapter-bytes"
+    # a two-expert (A14B) student: the second expert's adapter is the artifact lora_2
+    run_id = client.create_run(exp).info.run_id
+    r = register_student(b"weights", meta, run_id, {"metaflow.run_id": run_id}, {"student_4/digit_acc": 0.5}, True,
+                         model_name="m", lora_adapter=b"expert-1", lora_adapter_2=b"expert-2")
+    assert "transformer_2: artifact lora_2/student_lora_2.safetensors" in client.get_model_version(
+        "m", r.version).tags["lora_adapter"]
+    root = __import__("pathlib").Path(mlflow.artifacts.download_artifacts(f"models:/m/{r.version}",
+                                                                         dst_path=str(tmp_path / "dl2")))
+    assert [p.read_bytes() for p in sorted(root.rglob("student_lora*.safetensors"))] == [b"expert-1", b"expert-2"]
+    assert json.loads(next(root.rglob("meta.json")).read_text())["lora_adapter_2"]["load_into_transformer_2"]
+    with pytest.raises(ValueError, match="lora_adapter_2 .* without lora_adapter"):
+        register_student(b"weights", meta, run_id, {}, {}, True, model_name="m", lora_adapter_2=b"x")
 
 
 # ---- FSDP2 (2 gloo ranks): the shared network sharded once, against plain data parallel ----------------

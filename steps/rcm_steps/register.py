@@ -722,7 +722,8 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
                      fail_after_version: bool = False, eval_settings: Optional[Dict[str, Any]] = None,
                      gates: Optional[Dict[str, float]] = None, components: str = "reference",
                      component_store: Optional[str] = None, sample_grid: Optional[bytes] = None,
-                     lora_adapter: Optional[bytes] = None) -> RegistrationResult:
+                     lora_adapter: Optional[bytes] = None, lora_adapter_2: Optional[bytes] = None
+                     ) -> RegistrationResult:
     """Log the pyfunc model into ``run_id`` and register it (see module doc).
 
     ``eval_settings``: what the metrics were computed with (:func:`rcm_steps.evaluate.eval_settings`);
@@ -737,10 +738,14 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
     version exists when it cannot be. ``lora_adapter``: a LoRA run's EMA adapter in the peft/diffusers LoRA
     format (:func:`rcm_core.checkpoint.lora_safetensors`), registered as the extra artifact ``lora``
     (``student_lora.safetensors``, loadable with ``WanPipeline.load_lora_weights``) next to the merged weights.
+    ``lora_adapter_2``: a two-expert (Wan2.2 A14B) student's second expert's adapter, the artifact ``lora_2``
+    (``student_lora_2.safetensors``, ``load_lora_weights(..., load_into_transformer_2=True)``).
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    if lora_adapter_2 is not None and lora_adapter is None:       # before anything is written
+        raise ValueError("register_student: lora_adapter_2 (transformer_2's adapter) without lora_adapter")
     client = MlflowClient()
     name = model_name or model_name_for(meta["teacher"])
     steps = int(meta.get("default_steps", 4))
@@ -769,12 +774,16 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
             with open(wpath, "wb") as f:
                 f.write(ema_weights_bytes)
             weights_art = {"weights": wpath}
-        if lora_adapter is not None:            # LoRA run: the adapter file too (the weights above are merged)
-            lpath = os.path.join(d, "student_lora.safetensors")
-            with open(lpath, "wb") as f:
-                f.write(lora_adapter)
-            extra = {**extra, "lora": lpath}
-            meta["lora_adapter"] = {"artifact": "lora", "file": "student_lora.safetensors", "format": "peft/diffusers"}
+        for art, fname, data in (("lora", "student_lora.safetensors", lora_adapter),      # LoRA run: the adapter
+                                 ("lora_2", "student_lora_2.safetensors", lora_adapter_2)):  # file(s) too
+            if data is not None:                                                      # (the weights are merged)
+                lpath = os.path.join(d, fname)
+                with open(lpath, "wb") as f:
+                    f.write(data)
+                extra = {**extra, art: lpath}
+                meta["lora_adapter" if art == "lora" else "lora_adapter_2"] = {
+                    "artifact": art, "file": fname, "format": "peft/diffusers",
+                    **({"load_into_transformer_2": True} if art == "lora_2" else {})}
         with open(mpath, "w") as f:
             json.dump(meta, f, indent=1)
         import rcm_core
@@ -800,7 +809,8 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
             "gates_passed": str(bool(gates_passed)), "student_steps": str(steps),
             "eval_settings": settings_hash(settings), "eval_settings.json": json.dumps(settings, sort_keys=True)[:4900],
             "champion_policy": policy.describe(steps),
-            **({"lora_adapter": "artifact lora/student_lora.safetensors (peft/diffusers LoRA format)"}
+            **({"lora_adapter": "artifact lora/student_lora.safetensors (peft/diffusers LoRA format)" + (
+                "; transformer_2: artifact lora_2/student_lora_2.safetensors" if lora_adapter_2 is not None else "")}
                if lora_adapter is not None else {}),
             "teacher_components": (f"{bundle['mode']}: {len(bundle['files'])} files" + (
                 f" in {bundle['store']}" if bundle.get("store") else " in the artifacts")) if bundle else "in code"}
