@@ -40,7 +40,7 @@ needs_hopper = pytest.mark.skipif(not _is_hopper(), reason="needs a CUDA device 
 
 
 # float64 references and input makers: the portable kernel's tests' (one copy)
-from test_kernel_flash_jvp import make, ref_grads, reference, rel  # noqa: E402
+from test_kernel_flash_jvp import check_project_op_on_cuda, make, ref_grads, reference, rel  # noqa: E402
 
 
 @pytest.fixture
@@ -302,20 +302,5 @@ def test_gpu_hopper_project_op(gpu_one_config, monkeypatch):
     for fn in ("forward", "forward_tangent", "backward"):
         real = getattr(fh, fn)
         monkeypatch.setattr(fh, fn, lambda *a, _r=real, _n=fn, **kw: calls.append(_n) or _r(*a, **kw))
-    dev = "cuda"
-    B, H, Nq, Nk, D = 1, 3, 700, 333, 128
-    q, k, v = (torch.randn(B, n, H, D, device=dev).bfloat16() for n in (Nq, Nk, Nk))
-    dq, dk, dv = (torch.randn_like(x) for x in (q, k, v))
-    s = 1 / math.sqrt(D)
-    o, do = torch.func.jvp(lambda a, b, c: attention(a, b, c, layout="bnhd"), (q, k, v), (dq, dk, dv))
-    o_ref, do_ref = torch.func.jvp(lambda a, b, c: attention_reference(a, b, c, scale=s, layout="bnhd"),
-                                   tuple(x.double() for x in (q, k, v)), tuple(x.double() for x in (dq, dk, dv)))
-    assert rel(o, o_ref) < BF16_O and rel(do, do_ref) < BF16_T
-    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
-    go = torch.randn_like(o)
-    attention(qq, kk, vv, layout="bnhd").backward(go)
-    qr, kr, vr = (x.double().detach().requires_grad_() for x in (q, k, v))
-    attention_reference(qr, kr, vr, scale=s, layout="bnhd").backward(go.double())
-    for a, b in ((qq.grad, qr.grad), (kk.grad, kr.grad), (vv.grad, vr.grad)):
-        assert rel(a, b) < BF16_T
+    check_project_op_on_cuda()
     assert {"forward", "forward_tangent", "backward"} <= set(calls), calls

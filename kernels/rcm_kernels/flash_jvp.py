@@ -291,16 +291,58 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_fwd(q, k, v, dq, dk, dv, scale, tangent):
+def _scale(scale, d_qk: int) -> float:
+    return float(scale) if scale is not None else 1.0 / math.sqrt(d_qk)
+
+
+def _fwd_buffers(q, k, v, dq, dk, dv, scale, tangent):
+    """The forward kernels' arguments (shared with ``flash_jvp_hopper``): the scale and the plain
+    q, k, v, dq, dk, dv (q, k, v again without a tangent), O, dO (O without a tangent), LSE."""
     B, H, Nq, Dqk = q.shape
-    Nk, Dv = k.shape[2], v.shape[3]
-    s = float(scale) if scale is not None else 1.0 / math.sqrt(Dqk)
-    o = _alloc_like_layout(q, Dv, q.dtype)
-    do = _alloc_like_layout(q, Dv, q.dtype) if tangent else o
+    o = _alloc_like_layout(q, v.shape[3], q.dtype)
+    do = _alloc_like_layout(q, v.shape[3], q.dtype) if tangent else o
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     if not tangent:
         dq, dk, dv = q, k, v
-    q, k, v, dq, dk, dv, o, do, lse = _raw(q, k, v, dq, dk, dv, o, do, lse)
+    return _scale(scale, Dqk), _raw(q, k, v, dq, dk, dv, o, do, lse)
+
+
+def _check_tangents(q, k, v, dq, dk, dv, scale, module="flash_jvp"):
+    """forward_tangent's argument checks (``module`` names the caller in the message)."""
+    _check([("q", q), ("k", k), ("v", v), ("dq", dq), ("dk", dk), ("dv", dv)], scale, "forward_tangent")
+    _check_qkv(q, k, v, "forward_tangent")
+    for n, t, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if t.shape != ref.shape:
+            raise ValueError(f"{module}.forward_tangent: {n} shape {tuple(t.shape)} != primal shape "
+                             f"{tuple(ref.shape)}")
+
+
+def _check_backward(q, k, v, o, lse, do_grad, scale, module="flash_jvp"):
+    """backward's argument checks (``module`` names the caller in the message)."""
+    _check([("q", q), ("k", k), ("v", v), ("o", o), ("do_grad", do_grad)], scale, "backward")
+    _check_qkv(q, k, v, "backward")
+    B, H, Nq, _ = q.shape
+    Dv = v.shape[3]
+    if o.shape != (B, H, Nq, Dv) or do_grad.shape != o.shape:
+        raise ValueError(f"{module}.backward: o {tuple(o.shape)} / do_grad {tuple(do_grad.shape)} must be "
+                         f"{(B, H, Nq, Dv)}")
+    if lse.shape != (B, H, Nq) or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(f"{module}.backward: lse must be fp32 {(B, H, Nq)} on {q.device}, got "
+                         f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
+
+
+def _bwd_buffers(q, k, v, o, lse, do_grad):
+    """The backward kernels' arguments (shared with ``flash_jvp_hopper``): plain q, k, v, dO, LSE,
+    delta = rowsum(O * dO) in fp32, and the gradient buffers gQ, gK, gV."""
+    delta = (o.float() * do_grad.float()).sum(-1).contiguous()  # (B, H, Nq) fp32
+    gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _raw(q, k, v, do_grad, lse.contiguous(), delta, gq, gk, gv)
+
+
+def _launch_fwd(q, k, v, dq, dk, dv, scale, tangent):
+    B, H, Nq, Dqk = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    s, (q, k, v, dq, dk, dv, o, do, lse) = _fwd_buffers(q, k, v, dq, dk, dv, scale, tangent)
 
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
@@ -332,11 +374,7 @@ def forward(q, k, v, scale=None) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def forward_tangent(q, k, v, dq, dk, dv, scale=None):
     """(O, dO, LSE) in one pass over the key/value blocks."""
-    _check([("q", q), ("k", k), ("v", v), ("dq", dq), ("dk", dk), ("dv", dv)], scale, "forward_tangent")
-    _check_qkv(q, k, v, "forward_tangent")
-    for n, t, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
-        if t.shape != ref.shape:
-            raise ValueError(f"flash_jvp.forward_tangent: {n} shape {tuple(t.shape)} != primal shape {tuple(ref.shape)}")
+    _check_tangents(q, k, v, dq, dk, dv, scale)
     return _launch_fwd(q, k, v, dq, dk, dv, scale, tangent=True)
 
 
@@ -480,25 +518,14 @@ def backward(q, k, v, o, lse, do_grad, scale=None, impl=None):
     impl: "triton" (default), or "aten" (PyTorch's fused flash backward, CUDA, fp16/bf16,
     equal QK/V head dims); default from ``RCM_FLASH_BWD``.
     """
-    _check([("q", q), ("k", k), ("v", v), ("o", o), ("do_grad", do_grad)], scale, "backward")
-    _check_qkv(q, k, v, "backward")
+    _check_backward(q, k, v, o, lse, do_grad, scale)
     B, H, Nq, Dqk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    if o.shape != (B, H, Nq, Dv) or do_grad.shape != o.shape:
-        raise ValueError(f"flash_jvp.backward: o {tuple(o.shape)} / do_grad {tuple(do_grad.shape)} must be {(B, H, Nq, Dv)}")
-    if lse.shape != (B, H, Nq) or lse.dtype != torch.float32 or lse.device != q.device:
-        raise ValueError(f"flash_jvp.backward: lse must be fp32 {(B, H, Nq)} on {q.device}, got "
-                         f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
-    s = float(scale) if scale is not None else 1.0 / math.sqrt(Dqk)
+    s = _scale(scale, Dqk)
     impl = impl or os.environ.get("RCM_FLASH_BWD", "triton")
     if impl == "aten" and q.is_cuda and q.dtype != torch.float32 and Dqk == Dv:
         return _aten_backward(*_raw(q, k, v, o, lse, do_grad), s)
-    lse = lse.contiguous()
-    delta = (o.float() * do_grad.float()).sum(-1).contiguous()  # (B, H, Nq) fp32
-    gq = torch.empty_like(q)
-    gk = torch.empty_like(k)
-    gv = torch.empty_like(v)
-    q, k, v, do_grad, lse, delta, gq, gk, gv = _raw(q, k, v, do_grad, lse, delta, gq, gk, gv)
+    q, k, v, do_grad, lse, delta, gq, gk, gv = _bwd_buffers(q, k, v, o, lse, do_grad)
     prec = _prec(q.dtype)
 
     def grid_kv(meta):

@@ -80,7 +80,6 @@ the first surviving config without tuning (as in the portable module).
 from __future__ import annotations
 
 import inspect
-import math
 import os
 import warnings
 
@@ -89,7 +88,8 @@ import triton
 import triton.language as tl
 
 from . import flash_jvp as _portable
-from .flash_jvp import _alloc_like_layout, _bucket, _check, _check_qkv, _prec, _raw
+from .flash_jvp import (_bucket, _bwd_buffers, _check, _check_backward, _check_qkv, _check_tangents, _fwd_buffers,
+                        _prec, _scale)
 
 __all__ = ["supports", "applies", "forward", "forward_tangent", "backward", "SUPPORTED_HEAD_DIMS",
            "HAS_TENSOR_DESCRIPTORS", "HAS_WARP_SPECIALIZE"]
@@ -431,13 +431,7 @@ def _run(launch):
 def _launch_fwd(q, k, v, dq, dk, dv, scale, tangent):
     B, H, Nq, Dqk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    s = float(scale) if scale is not None else 1.0 / math.sqrt(Dqk)
-    o = _alloc_like_layout(q, Dv, q.dtype)
-    do = _alloc_like_layout(q, Dv, q.dtype) if tangent else o
-    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    if not tangent:
-        dq, dk, dv = q, k, v
-    q, k, v, dq, dk, dv, o, do, lse = _raw(q, k, v, dq, dk, dv, o, do, lse)
+    s, (q, k, v, dq, dk, dv, o, do, lse) = _fwd_buffers(q, k, v, dq, dk, dv, scale, tangent)
 
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
@@ -474,12 +468,7 @@ def forward(q, k, v, scale=None):
 
 def forward_tangent(q, k, v, dq, dk, dv, scale=None):
     """(O, dO, LSE) in one pass over the key/value blocks."""
-    _check([("q", q), ("k", k), ("v", v), ("dq", dq), ("dk", dk), ("dv", dv)], scale, "forward_tangent")
-    _check_qkv(q, k, v, "forward_tangent")
-    for n, t, ref in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
-        if t.shape != ref.shape:
-            raise ValueError(f"flash_jvp_hopper.forward_tangent: {n} shape {tuple(t.shape)} != primal "
-                             f"shape {tuple(ref.shape)}")
+    _check_tangents(q, k, v, dq, dk, dv, scale, module="flash_jvp_hopper")
     _check_applies("forward_tangent", q, k, v, dq, dk, dv)
     return _launch_fwd(q, k, v, dq, dk, dv, scale, tangent=True)
 
@@ -668,24 +657,12 @@ def backward(q, k, v, o, lse, do_grad, scale=None, impl=None):
     impl = impl or os.environ.get("RCM_FLASH_BWD", "triton")
     if impl == "aten":
         return _portable.backward(q, k, v, o, lse, do_grad, scale, impl="aten")
-    _check([("q", q), ("k", k), ("v", v), ("o", o), ("do_grad", do_grad)], scale, "backward")
-    _check_qkv(q, k, v, "backward")
+    _check_backward(q, k, v, o, lse, do_grad, scale, module="flash_jvp_hopper")
     B, H, Nq, Dqk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    if o.shape != (B, H, Nq, Dv) or do_grad.shape != o.shape:
-        raise ValueError(f"flash_jvp_hopper.backward: o {tuple(o.shape)} / do_grad {tuple(do_grad.shape)} "
-                         f"must be {(B, H, Nq, Dv)}")
-    if lse.shape != (B, H, Nq) or lse.dtype != torch.float32 or lse.device != q.device:
-        raise ValueError(f"flash_jvp_hopper.backward: lse must be fp32 {(B, H, Nq)} on {q.device}, got "
-                         f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
     _check_applies("backward", q, k, v, do_grad)
-    s = float(scale) if scale is not None else 1.0 / math.sqrt(Dqk)
-    lse = lse.contiguous()
-    delta = (o.float() * do_grad.float()).sum(-1).contiguous()  # (B, H, Nq) fp32
-    gq = torch.empty_like(q)
-    gk = torch.empty_like(k)
-    gv = torch.empty_like(v)
-    q, k, v, do_grad, lse, delta, gq, gk, gv = _raw(q, k, v, do_grad, lse, delta, gq, gk, gv)
+    s = _scale(scale, Dqk)
+    q, k, v, do_grad, lse, delta, gq, gk, gv = _bwd_buffers(q, k, v, o, lse, do_grad)
     for name, t in (("dq", gq), ("dk", gk), ("dv", gv)):
         if not _tma_ok(t):   # empty_like keeps a dense layout; guard anyway
             raise ValueError(f"flash_jvp_hopper.backward: gradient buffer {name} not TMA-eligible")
