@@ -35,6 +35,7 @@ through a context-parallel all-to-all are handled like any other.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -192,9 +193,11 @@ def _plain(*xs, allowed=()):
 PRIMAL_BACKENDS = ("auto", "fa3", "sdpa", "op")
 
 
+@functools.lru_cache(maxsize=None)
 def _fa3():
     """FlashAttention-3's function (package ``flash_attn_interface``, built from flash-attn's
-    ``hopper/`` folder), or None where it is not installed."""
+    ``hopper/`` folder), or None where it is not installed. Looked up once: every primal call asks, and
+    a failed import searches sys.path each time."""
     try:
         from flash_attn_interface import flash_attn_func
     except ImportError:
