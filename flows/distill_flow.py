@@ -210,6 +210,10 @@ class RCMDistillFlow(FlowSpec):
         from rcm_steps.services import check_services
         from rcm_steps.watch import check_event_env
 
+        import re
+
+        where = re.sub(r"//[^/@]+@", "//***@", f"MLflow {self.mlflow_tracking_uri}, storage {self.storage_root}")
+        print(f"rCM: start: checking the trigger event and the services ({where})", flush=True)
         check_event_env(os.environ)          # a new-teacher event without a teacher location stops here
         # an unreachable MLflow server / S3 endpoint, or a wrong credential, fails here in seconds, naming it
         self.services = check_services(self.mlflow_tracking_uri, self.storage_root)

