@@ -84,6 +84,15 @@ def _tokens(net: torch.nn.Module, latent_shape) -> int:
     return math.prod(n // p for n, p in zip(latent_shape[1:], patch))
 
 
+def _place(net: torch.nn.Module, dtype, device: torch.device, mesh, sharded: bool) -> torch.nn.Module:
+    """``net`` in ``dtype`` (None: as it is) on ``device``. A network that FSDP2 will shard over ``mesh`` stays
+    where it is (the host, for a teacher loaded there): ``fully_shard`` moves each block to the mesh's device and
+    keeps only this rank's shard, so the whole network (14B in fp32: 56 GB) never sits on one GPU."""
+    if mesh is not None and sharded and net.parameters().__next__().device.type != device.type:
+        return net if dtype is None else net.to(dtype)
+    return net.to(device) if dtype is None else net.to(device, dtype)
+
+
 def _has_blocks(net: torch.nn.Module) -> bool:
     from .parallel import transformer_blocks
     try:
@@ -237,7 +246,7 @@ class RCMTrainer:
             # stays as loaded (half the memory; diffusers keeps its norms/time embedding in fp32)
             net = copy.deepcopy(src)
             keep = not trainable and self._autocast_dtype is not None and _is_low_precision(net)
-            net = net.to(self.device) if keep else net.to(self.device, net_dtype)
+            net = _place(net, None if keep else net_dtype, self.device, mesh, trainable or _has_blocks(net))
             if trainable:
                 net = parallelize(net, pcfg, mesh)
             elif self.cfg.fsdp and _has_blocks(net):   # the frozen teacher is sharded too (its forward gathers)
@@ -266,7 +275,8 @@ class RCMTrainer:
             from .lora import AdapterEMA
             self.ema = AdapterEMA(self.student.net, self.cfg.ema_sigma_rel)
         elif self.sharded:   # the EMA is sharded like the student (a deep copy of an FSDP module is not)
-            ema_net = copy.deepcopy(student_net if student_net is not None else teacher.net).to(self.device, net_dtype)
+            ema_net = _place(copy.deepcopy(student_net if student_net is not None else teacher.net), net_dtype,
+                             self.device, mesh, True)
             self.ema = PowerEMA(parallelize(ema_net, ParallelConfig(fsdp=True), mesh), self.cfg.ema_sigma_rel,
                                 copy_module=False)
         else:
@@ -300,7 +310,7 @@ class RCMTrainer:
                              "DistillConfig.lora the student is the teacher's network (plus an adapter)")
         net = copy.deepcopy(teacher.net)
         keep = self._autocast_dtype is not None and _is_low_precision(net)   # a frozen bf16 base stays bf16
-        net = net.to(self.device) if keep else net.to(self.device, net_dtype)
+        net = _place(net, None if keep else net_dtype, self.device, mesh, True)
         net.requires_grad_(False).eval()
         roles = [STUDENT] + ([FAKE] if self.cfg.uses_dmd else [])
         # adapters keep fp32 master weights under autocast (as full fine-tuning's trainable copies)
