@@ -285,10 +285,9 @@ def main():
         results.append(row)
         del q, k, v, dq, dk, dv, go, qg, kg, vg, o, do, lse
         torch.cuda.empty_cache()
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:      # after every case: a run cut by a time limit keeps what it measured
+            json.dump({"meta": meta, "results": results}, f, indent=1)
 
     names = ["sdpa_fwd", "sdpa_cudnn_fwd", "sdpa_default_fwd", "ours_fwd", "ours_fwd_tangent", "hopper_fwd",
              "hopper_fwd_tangent", "op_func_jvp", "peer_fwd_tangent", "math_func_jvp",
