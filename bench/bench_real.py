@@ -194,7 +194,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--teacher-steps", type=int, default=50)
     ap.add_argument("--vae-variants", default="fp32,bf16,bf16-cl3d",
-                    help="VAE decode variants: fp32, bf16, bf16-cl3d (channels_last_3d), bf16-cl3d-compile, ...")
+                    help="VAE decode variants, dash-joined options: fp32 (diffusers' decode, the reference) or "
+                         "bf16/fp32 plus cl3d (channels_last_3d), bench (cuDNN autotuning), compile (torch.compile "
+                         "of the decoder), chunk<N> (N latent frames per decoder call), e.g. bf16-cl3d-bench, "
+                         "bf16-cl3d-bench-chunk5, bf16-cl3d-bench-chunk5-compile")
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (checks the script)")
     ap.add_argument("--out", default="bench/results/real.json")
     ap.add_argument("--label", default="", help="recorded in the JSON (e.g. the code version measured)")
@@ -312,9 +315,16 @@ def main(argv=None) -> dict:
         for v in a.vae_variants.split(","):
             if v == "fp32":
                 continue
-            dtype = torch.bfloat16 if "bf16" in v else torch.float32
-            vaes[v] = prepare_vae_for_decode(vae, dtype, channels_last="cl3d" in v, compile="compile" in v,
-                                             cudnn_benchmark="bench" in v)
+            opts = v.split("-")
+            chunks = [int(o[5:]) for o in opts if o.startswith("chunk") and o[5:].isdigit()]
+            unknown = [o for o in opts if o not in ("bf16", "fp32", "cl3d", "bench", "compile")
+                       and not (o.startswith("chunk") and o[5:].isdigit())]
+            if unknown or len(chunks) > 1:
+                raise SystemExit(f"--vae-variants: cannot parse {v!r} (options: bf16, fp32, cl3d, bench, compile, "
+                                 f"chunk<N>)")
+            dtype = torch.bfloat16 if "bf16" in opts else torch.float32
+            vaes[v] = prepare_vae_for_decode(vae, dtype, channels_last="cl3d" in opts, compile="compile" in opts,
+                                             cudnn_benchmark="bench" in opts, chunk=chunks[0] if chunks else 1)
         for v, m in vaes.items():
             info = {"kind": "vae", "variant": v}
             if v != "fp32":

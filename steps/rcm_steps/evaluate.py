@@ -85,7 +85,9 @@ def eval_settings(teacher_info: Dict[str, Any], prompts: Sequence[str], cfg: "Ev
             **({"real_clips": int(cfg.real_clips)} if digits else {}), "teacher": t}
 
 
-FAST_DECODE = "fast_vae bf16 channels_last (cuda)"
+FAST_DECODE_CHUNK = 1          # latent frames per decoder call (fast_vae's ``chunk``; 1 = diffusers' frame-by-frame)
+FAST_DECODE = ("fast_vae bf16 channels_last" + (f" chunk{FAST_DECODE_CHUNK}" if FAST_DECODE_CHUNK > 1 else "")
+               + " (cuda)")      # chunk 1: the text recorded before chunking existed (same decode)
 
 
 def fast_decode_device(teacher) -> Optional[torch.device]:
@@ -116,7 +118,7 @@ def decode_latents(teacher, latents: torch.Tensor, inplace: bool = False) -> tor
     vae = getattr(codec, "_rcm_fast_vae", None)
     if vae is None:
         vae = fast_vae.prepare_vae_for_decode(codec.vae, dtype=torch.bfloat16, channels_last=True,
-                                              inplace=inplace).to(dev)
+                                              inplace=inplace, chunk=FAST_DECODE_CHUNK).to(dev)
         codec._rcm_fast_vae = vae
     raw = latents.to(torch.float64).cpu() * codec.std + codec.mean
     x = fast_vae.decode(vae, raw.to(dev))
