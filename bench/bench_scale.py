@@ -101,6 +101,8 @@ def main(argv=None) -> None:
         oom(e)
     del teacher
     built = gib(torch.cuda.memory_allocated)
+    if rank == 0:
+        print(f"built: {built:.1f} GiB allocated on rank 0", flush=True)
     C, T, H, W = tr.latent_shape
     g = torch.Generator(device=dev).manual_seed(rank // a.cp)      # cp peers share their sample
     batch = {"latents": torch.randn((1, C, T, H, W), generator=g, device=dev, dtype=torch.float64),
@@ -122,6 +124,9 @@ def main(argv=None) -> None:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             step_s[kind].append(time.perf_counter() - t1)
+            if rank == 0:
+                print(f"{kind} step: {step_s[kind][-1]:.2f} s, peak {gib(torch.cuda.max_memory_allocated):.1f} GiB",
+                      flush=True)
         dist.barrier()
         return time.perf_counter() - t0
 
