@@ -53,12 +53,19 @@ def build_teacher(name: str, frames: int, height: int, width: int, device, tiny:
     if tiny:
         cfg.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=32)
     torch.manual_seed(0)
-    with torch.device(device):
-        net = getattr(diffusers, spec.transformer_class)(**cfg)
+    host = torch.device(device).type == "cpu" and not tiny
+    old_dtype = torch.get_default_dtype()
+    if host:    # random init straight in bf16 in host memory (14B: 28 GB, not 56 GB of fp32 per process)
+        torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            net = getattr(diffusers, spec.transformer_class)(**cfg)
+    finally:
+        torch.set_default_dtype(old_dtype)
     keep = set(getattr(net, "_keep_in_fp32_modules", None) or [])   # as from_pretrained(torch_dtype=bf16)
     for n, p in list(net.named_parameters()) + list(net.named_buffers()):
-        if p.is_floating_point() and not keep.intersection(n.split(".")):
-            p.data = p.data.to(torch.bfloat16)
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float32 if keep.intersection(n.split(".")) else torch.bfloat16)
     net = net.eval().requires_grad_(False)
     install_rcm_attention(net)
     if install_fp32_time_embedding is not None:
