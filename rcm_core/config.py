@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -203,6 +204,13 @@ class DistillConfig:
                     continue
                 if not math.isfinite(x):
                     raise ValueError(f"DistillConfig.{f.name} must be finite, got {v}")
+        integers = ("rollout_max_steps", "student_update_freq", "tangent_warmup_steps", "lr_warmup_steps",
+                    "batch_size", "iterations", "micro_batch", "context_parallel", "fsdp_shard_size", "ac_every",
+                    "seed")
+        for name in integers:          # counts: a float such as 0.5 or 1.5 is a mistake, not a rounding request
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"DistillConfig.{name} must be an integer, got {v!r}")
         positive = ("context_parallel", "P_std", "tangent_norm_c", "dmd_shift", "dmd_P_std", "rollout_max_steps", "student_update_freq",
                     "batch_size", "sigma_max", "fd_step", "dcm_delta")
         for name in positive:
@@ -224,8 +232,10 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.betas must be two numbers in [0, 1), got {self.betas}")
         for name in ("mid_t", "rollout_fixed_times"):
             ts = getattr(self, name) or ()
-            if any(not 0 < x < math.pi / 2 for x in ts) or list(ts) != sorted(ts, reverse=True):
-                raise ValueError(f"DistillConfig.{name} must be decreasing times in (0, pi/2), got {ts}")
+            if any(isinstance(x, bool) or not isinstance(x, numbers.Real) or not 0 < x < math.pi / 2 for x in ts) \
+                    or any(a <= b for a, b in zip(ts, ts[1:])):
+                raise ValueError(f"DistillConfig.{name} must be decreasing times in (0, pi/2), each strictly below the "
+                                 f"one before, got {ts}")
         return self
 
     # ---- derived ---------------------------------------------------------------

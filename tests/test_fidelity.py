@@ -220,6 +220,22 @@ def test_bad_config_values_fail_naming_the_field():
         DistillConfig(mid_t=(1.3, 1.4)).validate()
     with pytest.raises(ValueError, match="guidance must be >= 0"):
         DistillConfig(guidance=-2.0).validate()
+    # counts must be integers (>= 1 where a count of zero makes no sense), not floats that happen to be > 0
+    for name, bad in (("student_update_freq", 0.5), ("rollout_max_steps", 1.5), ("student_update_freq", 2.0),
+                      ("batch_size", 8.5), ("tangent_warmup_steps", 2.5), ("lr_warmup_steps", True)):
+        with pytest.raises(ValueError, match=f"DistillConfig.{name} must be an integer"):
+            DistillConfig.preset("embedded", **{name: bad})
+    with pytest.raises(ValueError, match="rollout_max_steps must be > 0"):
+        DistillConfig(rollout_max_steps=0).validate()
+    # mid times strictly decreasing: a repeated time is a wasted (zero-length) step
+    for bad in ((1.0, 1.0, 0.6), (1.3, 0.6, 0.6)):
+        with pytest.raises(ValueError, match="mid_t must be decreasing"):
+            DistillConfig(mid_t=bad).validate()
+    with pytest.raises(ValueError, match="rollout_fixed_times must be decreasing"):
+        DistillConfig(rollout_fixed_times=(1.5, 1.5, 1.0)).validate()
+    # the valid values still pass, also as numpy integers (counts read from arrays)
+    import numpy as np
+    DistillConfig.preset("embedded", student_update_freq=np.int64(3), rollout_max_steps=1, mid_t=(1.3, 1.0, 0.6))
 
 
 def test_release_presets_carry_the_reference_values_and_their_sources():
@@ -265,3 +281,47 @@ def test_parameterless_teacher_runs_in_the_configured_dtype():
     assert tr.teacher.dtype == torch.float64
     tr.train_step(batch(te))
     assert seen and all(d == torch.float64 for d in seen)
+
+
+# ---- 7. a library teacher without the pipeline's optional parts ------------------------------------------
+
+def test_a_teacher_without_encode_text_and_decode_trains_with_the_trainer():
+    """README: Teacher's encode_text and decode are for the pipeline; the trainer needs neither."""
+    from rcm_core.teachers import Teacher
+
+    class TinyNet(nn.Module):                      # a velocity (RF) predictor on (2, 4, 4) latents
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32 + 1 + 3, 32)
+
+        def forward(self, x, timestep, cond):
+            h = torch.cat([x.flatten(1), timestep[:, None].to(x.dtype) / 1000, cond.mean(1)], dim=1)
+            return self.lin(h).view_as(x)
+
+    torch.manual_seed(0)
+    te = Teacher(name="tiny", version="0", net=TinyNet().double(), param=Parameterization("rf", 1000.0),
+                 latent_shape=(2, 4, 4), guidance=2.0,
+                 call=lambda net, x, timestep, cond: net(x, timestep, cond))
+    assert te.encode_text is None and te.decode is None
+    with pytest.raises(ValueError, match="no encode_text"):
+        te.negative_embedding()
+    cfg = DistillConfig.preset("embedded", method="rcm", dtype="float64", batch_size=4, iterations=4,
+                               tangent_warmup_steps=1, student_update_freq=2, lr_warmup_steps=0,
+                               lr_student=1e-3, lr_fake=1e-3)
+    tr = RCMTrainer(te, cfg)
+    assert tr.guidance == 2.0
+    before = {k: v.clone() for k, v in tr.student.net.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    ms = []
+    for _ in range(4):
+        b = {"latents": torch.randn(4, 2, 4, 4, generator=g, dtype=D), "cond": torch.randn(4, 5, 3, generator=g,
+                                                                                             dtype=D),
+             "uncond": torch.zeros(1, 5, 3, dtype=D)}
+        ms.append(tr.train_step(b))
+    assert [m["kind"] for m in ms] == ["student", "student", "critic", "student"]
+    assert "loss_dmd" in ms[1] and ms[2]["loss_fake"] > 0
+    assert all(m["skipped"] == 0 and math.isfinite(m["loss"]) for m in ms)
+    assert any(not torch.equal(before[k], v) for k, v in tr.student.net.state_dict().items())
+    assert _finite(tr)
+    x = tr.generate(torch.zeros(2, 5, 3, dtype=D), steps=2)
+    assert x.shape == (2, 2, 4, 4) and torch.isfinite(x).all()
