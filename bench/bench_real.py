@@ -345,6 +345,14 @@ def main(argv=None) -> dict:
                     lambda: decode(m, student()), kind="student_e2e", variant=best["variant"])
         if e2e["s"]:
             b.meta["speedup_end_to_end_measured"] = (rt["s"] + best["s"]) / e2e["s"]
+            b.meta["frames_per_s_end_to_end_4step"] = a.frames / e2e["s"]
+            for n in (2, 1):        # fewer student steps, the same decode, measured together
+                rn = b.run(f"student {n}-step + VAE decode {best['variant']} (measured together)",
+                           lambda n=n: decode(m, sample_student(den, cond, noise, n)), kind="student_e2e",
+                           variant=best["variant"], steps=n)
+                if rn["s"]:
+                    b.meta[f"speedup_end_to_end_measured_{n}step"] = (rt["s"] + best["s"]) / rn["s"]
+                    b.meta[f"frames_per_s_end_to_end_{n}step"] = a.frames / rn["s"]
 
     plain = {r["ac"]: r["s"] for r in b.rows if r.get("kind") == "plain" and r["s"]}
     for r in b.rows:
@@ -361,8 +369,8 @@ def main(argv=None) -> dict:
         if "x_plain_same_ac" in r:
             print(f"  {r['what']:58s} {r['x_plain_same_ac']:5.2f}x plain (same AC), {r['x_fastest_plain']:5.2f}x fastest plain")
     for k, v in b.meta.items():
-        if k.startswith(("speedup", "primal_")):
-            print(f"  {k}: {v:.1f}x")
+        if k.startswith(("speedup", "primal_", "frames_per_s")):
+            print(f"  {k}: {v:.1f}" + ("" if k.startswith("frames_per_s") else "x"))
     return b.meta
 
 

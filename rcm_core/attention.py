@@ -239,7 +239,8 @@ def _primal_attention(q, k, v, s, backend: str):
 
 def _kernels(*plain):
     """The kernel module for these storage-backed tensors: ``rcm_kernels.flash_jvp`` (portable), or
-    ``flash_jvp_hopper`` with ``RCM_ATTN_KERNEL=hopper`` (opt-in, not yet measured) where it applies
+    ``flash_jvp_hopper`` with ``RCM_ATTN_KERNEL=hopper`` (opt-in, experimental: its first GPU run found a wrong
+    LSE with warp specialisation, now off by default; see the kernel module) where it applies
     (compute capability 9.x, fp16/bf16, TMA-aligned strides); default ``portable``."""
     from rcm_kernels import flash_jvp
     if os.environ.get("RCM_ATTN_KERNEL", "portable") == "hopper":

@@ -232,7 +232,7 @@ GPU_CASES = [
 
 @pytest.fixture
 def gpu_one_config(monkeypatch):
-    """First surviving config per kernel (compile time), WS on where the triton supports it."""
+    """First surviving config per kernel (compile time); warp specialisation as RCM_HOPPER_WS says (default off)."""
     monkeypatch.setenv("RCM_FLASH_AUTOTUNE", "0")
     if torch.cuda.is_available():
         fh._reset_tuning()

@@ -73,8 +73,8 @@ head and token strides (TMA's rules). Anything else goes to the portable kernel
 (``rcm_core.attention`` checks :func:`applies` before choosing this module).
 
 Knobs: ``RCM_HOPPER_CONFIG="BLOCK_M,BLOCK_N,num_stages,num_warps,ws[,tma]"`` forces one
-config (tests; sweeps on the GPU); ``RCM_HOPPER_WS=0`` removes the warp-specialised
-variants; ``RCM_HOPPER_TMA=0`` uses the plain-pointer path; ``RCM_FLASH_AUTOTUNE=0`` takes
+config (tests; sweeps on the GPU); ``RCM_HOPPER_WS=1`` adds the warp-specialised
+variants (off by default, see below); ``RCM_HOPPER_TMA=0`` uses the plain-pointer path; ``RCM_FLASH_AUTOTUNE=0`` takes
 the first surviving config without tuning (as in the portable module).
 """
 from __future__ import annotations
@@ -109,7 +109,12 @@ except (TypeError, ValueError):  # pragma: no cover
     HAS_WARP_SPECIALIZE = _HAS_RANGE_STAGES = False
 
 # turned off for the process when a warp-specialised variant fails to compile
-_WS_OK = [os.environ.get("RCM_HOPPER_WS", "1") != "0" and HAS_WARP_SPECIALIZE]
+# Warp specialisation is OFF unless RCM_HOPPER_WS=1. Measured on an H200 (2026-11-26, triton 3.6.0,
+# BENCHMARKS "Hopper variant ... first GPU run"): with the warp-specialised forward chosen by the autotuner,
+# O and dO were right (1e-3 of the portable kernel, bf16) and fast (forward-with-tangent 2.74-2.99x the
+# cuDNN SDPA forward), but the LSE was wrong (0.4-0.6% at 4K-32K tokens, 70% at N = 1000), so the backward's
+# gradients were wrong too (0.9 relative error). The unspecialised variants have not run on a GPU yet.
+_WS_OK = [os.environ.get("RCM_HOPPER_WS", "0") == "1" and HAS_WARP_SPECIALIZE]
 
 
 def supports(head_dim: int) -> bool:

@@ -21,10 +21,10 @@ per sample and speedup. Clips are decoded with the teacher's VAE (``teacher.deco
 media (grid PNG, GIF, MP4) they are kept as thumbnails (at most 64 px high, 33 frames).
 
 On a machine with a GPU a real teacher's latents are decoded with the fast decode of
-:mod:`rcm_core.real.fast_vae` (a bf16, channels-last copy of the VAE on the GPU, cuDNN autotuned;
-:func:`decode_latents`), the same decode the registered model serves with; the eval settings then
-record ``decode`` (so versions evaluated with the fp32 CPU decode are not compared with them).
-``RCM_FAST_DECODE=0`` turns it off.
+:mod:`rcm_core.real.fast_vae` (a bf16, channels-last copy of the VAE on the GPU, cuDNN autotuned, 5 latent
+frames per decoder call; :func:`decode_latents`), the same decode the registered model serves with; the eval
+settings then record ``decode`` (so versions evaluated with the fp32 CPU decode are not compared with them).
+``RCM_FAST_DECODE=0`` turns it off; ``RCM_COMPILE_DECODE=1`` also compiles the decoder (serving).
 """
 from __future__ import annotations
 
@@ -85,9 +85,25 @@ def eval_settings(teacher_info: Dict[str, Any], prompts: Sequence[str], cfg: "Ev
             **({"real_clips": int(cfg.real_clips)} if digits else {}), "teacher": t}
 
 
-FAST_DECODE_CHUNK = 1          # latent frames per decoder call (fast_vae's ``chunk``; 1 = diffusers' frame-by-frame)
-FAST_DECODE = ("fast_vae bf16 channels_last" + (f" chunk{FAST_DECODE_CHUNK}" if FAST_DECODE_CHUNK > 1 else "")
-               + " (cuda)")      # chunk 1: the text recorded before chunking existed (same decode)
+# Latent frames per decoder call (fast_vae's ``chunk``; 1 = diffusers' frame-by-frame). 5: measured fastest at
+# Wan2.1 480p x 81 (BENCHMARKS, issue 13: 1.52 -> 1.44 s on an H200, 1.71 -> 1.61 s on an H100; +8 GiB peak).
+FAST_DECODE_CHUNK = 5
+
+
+def _compile_decode() -> bool:
+    """``RCM_COMPILE_DECODE=1``: also ``torch.compile`` the decoder (0.82 s instead of 1.44 s per 480p x 81 clip on
+    an H200, after a one-off compilation of about 2-3 minutes: for serving processes, not one-shot evaluation)."""
+    import os
+    return os.environ.get("RCM_COMPILE_DECODE", "0") == "1"
+
+
+def fast_decode_label() -> str:
+    """The decode recorded in the eval settings (chunk 1: the text recorded before chunking existed)."""
+    return ("fast_vae bf16 channels_last" + (f" chunk{FAST_DECODE_CHUNK}" if FAST_DECODE_CHUNK > 1 else "")
+            + (" compiled" if _compile_decode() else "") + " (cuda)")
+
+
+FAST_DECODE = fast_decode_label()
 
 
 def fast_decode_device(teacher) -> Optional[torch.device]:
@@ -118,7 +134,8 @@ def decode_latents(teacher, latents: torch.Tensor, inplace: bool = False) -> tor
     vae = getattr(codec, "_rcm_fast_vae", None)
     if vae is None:
         vae = fast_vae.prepare_vae_for_decode(codec.vae, dtype=torch.bfloat16, channels_last=True,
-                                              inplace=inplace, chunk=FAST_DECODE_CHUNK).to(dev)
+                                              inplace=inplace, chunk=FAST_DECODE_CHUNK,
+                                              compile=_compile_decode()).to(dev)
         codec._rcm_fast_vae = vae
     raw = latents.to(torch.float64).cpu() * codec.std + codec.mean
     x = fast_vae.decode(vae, raw.to(dev))
@@ -256,7 +273,7 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
     clips = {m: v["clips"].reshape(P, S, *v["clips"].shape[1:]) for m, v in models.items()}
     settings = eval_settings(info, prompts, cfg, digits)
     if fast_decode_device(teacher) is not None:
-        settings["decode"] = FAST_DECODE
+        settings["decode"] = fast_decode_label()
     return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts), settings=settings)
 
 
