@@ -460,7 +460,13 @@ class RCMTrainer:
             with self._amp():
                 F_theta = self.student(x_t[sel], t[sel], cond[sel])
         keep = mask[sel]
-        l_cm = scm_loss(F_theta[keep], F_minus[sel][keep], g[sel][keep], b)
+        # F^- = sg(F_theta) of THIS pass (the fused pass has it exactly). The reference subtracts the JVP
+        # pass's output; with a separate pass on the GPU that output comes from another attention kernel (the
+        # project's tangent kernel vs SDPA/FA3 for the primal), and in bf16 F_theta - F^- was as large as g:
+        # the sCM loss rose from ~1.0 to 1.5-4.8 and the student's gradient was 34-87% off float64
+        # (tests/test_fsdp.py's bf16 check). The gradient is the reference's intended -2 g dF_theta/dtheta.
+        F_sg = F_theta[keep].detach()
+        l_cm = scm_loss(F_theta[keep], F_sg, g[sel][keep], b)
         m["tangent_ratio"] = r
         m.setdefault("_g_norms", []).append(
             torch.linalg.vector_norm(g[mask].flatten(1), dim=1).detach())
