@@ -1,6 +1,6 @@
 """Tests of the Triton forward-with-tangent attention kernel (rcm_kernels.flash_jvp).
 
-CPU: the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before
+CPU: the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/triton_env.py before
 rcm_kernels.flash_jvp imports triton's jit) on tiny fp32/fp16 inputs, against float64
 ``torch.func.jvp`` of naive attention. (bf16 ``tl.dot`` is wrong in the interpreter, so
 bf16 is tested on the GPU only.)
@@ -15,18 +15,10 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # CPU machine: run the Triton kernels in the interpreter. Triton reads this
-    # variable lazily, but rcm_kernels.flash_jvp must not be imported before it.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+from triton_env import cpu_only, gpu  # sets TRITON_INTERPRET first (no CUDA: the interpreter)
 from rcm_core.attention import attention, attention_reference  # noqa: E402
 from rcm_kernels import flash_jvp as fj  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-cpu_only = pytest.mark.skipif(not INTERPRET, reason="CPU interpreter tests need TRITON_INTERPRET=1 "
-                                                   "(set automatically when there is no CUDA)")
-gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

@@ -1,6 +1,6 @@
 """Tests of the Hopper variant of the attention kernels (rcm_kernels.flash_jvp_hopper).
 
-CPU: the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before the
+CPU: the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/triton_env.py before the
 kernel modules import triton's jit) on small fp32/fp16 inputs, against float64
 ``torch.func.jvp`` / autograd of naive attention and against the portable kernel
 (rcm_kernels.flash_jvp). Both code paths of the constexpr switch are run: tensor
@@ -14,22 +14,14 @@ a float64 reference and against the portable kernel, NaN-poisoned outputs, and t
 op with ``RCM_ATTN_KERNEL=hopper``.
 """
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+from triton_env import cpu_only, gpu  # sets TRITON_INTERPRET first (no CUDA: the interpreter)
 from rcm_core.attention import attention, attention_reference  # noqa: E402
 from rcm_kernels import flash_jvp as fj  # noqa: E402
 from rcm_kernels import flash_jvp_hopper as fh  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-cpu_only = pytest.mark.skipif(not INTERPRET, reason="CPU interpreter tests need TRITON_INTERPRET=1 "
-                                                   "(set automatically when there is no CUDA)")
-gpu = pytest.mark.gpu
 
 
 def _is_hopper():
