@@ -88,7 +88,7 @@ def _place(net: torch.nn.Module, dtype, device: torch.device, mesh, sharded: boo
     """``net`` in ``dtype`` (None: as it is) on ``device``. A network that FSDP2 will shard over ``mesh`` stays
     where it is (the host, for a teacher loaded there): ``fully_shard`` moves each block to the mesh's device and
     keeps only this rank's shard, so the whole network (14B in fp32: 56 GB) never sits on one GPU."""
-    if mesh is not None and sharded and net.parameters().__next__().device.type != device.type:
+    if mesh is not None and sharded and next(net.parameters()).device.type != device.type:
         return net if dtype is None else net.to(dtype)
     return net.to(device) if dtype is None else net.to(device, dtype)
 

@@ -43,7 +43,7 @@ from . import teacher as T
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate", "student_denoiser", "clip_grid_png", "clips_gif", "clips_mp4",
            "as_clips", "pooled_features", "uses_digit_metrics", "check_gates", "DEFAULT_GATES", "eval_settings",
-           "decode_latents", "fast_decode_device", "FAST_DECODE"]
+           "decode_latents", "fast_decode_device", "fast_decode_label"]
 
 DEFAULT_GATES = {"min_digit_acc": 0.2, "max_fd_data": 1e9, "min_diversity_rel": 0.05}
 
@@ -101,9 +101,6 @@ def fast_decode_label() -> str:
     """The decode recorded in the eval settings (chunk 1: the text recorded before chunking existed)."""
     return ("fast_vae bf16 channels_last" + (f" chunk{FAST_DECODE_CHUNK}" if FAST_DECODE_CHUNK > 1 else "")
             + (" compiled" if _compile_decode() else "") + " (cuda)")
-
-
-FAST_DECODE = fast_decode_label()
 
 
 def fast_decode_device(teacher) -> Optional[torch.device]:
