@@ -30,8 +30,4 @@ CUDA_VISIBLE_DEVICES=3 gpu3 > "$OUT/gpu3.txt" 2>&1 &
 wait
 for g in 0 1 2 3; do echo "######## GPU $g"; cat "$OUT/gpu$g.txt"; done
 echo "######## 4 GPUs"
-TR="python3 -m torch.distributed.run --nproc_per_node 4"
-part gpu_tests 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fsdp.py tests/test_cp_trainer.py
-part 14b_rcm_lora64 170 $TR bench/bench_scale.py --teacher wan2.1-14b --fsdp --fused --lora 64 --cp 4 --K 2 \
-  --iterations 1 --out "$OUT/scale_14b.json"
-cat "$OUT"/*.oom.* 2>/dev/null | head -40
+bash bench/gpu4_dist.sh tests 14b-lora

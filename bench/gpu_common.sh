@@ -1,11 +1,13 @@
 # Sourced by the device batch scripts: wheels, PYTHONPATH, versions, and `part NAME SECONDS CMD...`
 # (each part has its own time limit and writes $OUT/NAME.log; its tail is printed).
 set -u
-OUT=${OUT:-bench/results}
+export OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-if ls .whl_extra/*.whl > /dev/null 2>&1; then   # mlflow for the pyfunc GPU test only (own folder)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_mlflow .whl_extra/*.whl
+if [ ! -d /tmp/site/diffusers ]; then           # once per machine (a script calling another sources this twice)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  if ls .whl_extra/*.whl > /dev/null 2>&1; then   # mlflow for the pyfunc GPU test only (own folder)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_mlflow .whl_extra/*.whl
+  fi
 fi
 export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels:$PWD/steps
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
