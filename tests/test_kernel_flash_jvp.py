@@ -15,7 +15,8 @@ import os
 import pytest
 import torch
 
-from triton_env import cpu_only, gpu  # sets TRITON_INTERPRET first (no CUDA: the interpreter)
+# first: sets TRITON_INTERPRET (no CUDA: the interpreter) before the kernel imports
+from triton_env import BF16_O, BF16_T, GPU_CASES, cpu_only, gpu, poison as _poison
 from rcm_core.attention import attention, attention_reference  # noqa: E402
 from rcm_kernels import flash_jvp as fj  # noqa: E402
 
@@ -176,25 +177,6 @@ def _one_config(monkeypatch):
     (head dims, length, dtype) key compiles dozens of variants (over 3 minutes on an
     H100). The tuned configs are checked against SDPA by bench/bench_attention.py."""
     monkeypatch.setenv("RCM_FLASH_AUTOTUNE", "0")
-
-
-BF16_O = 1e-2      # METHOD.md: bf16 operands land between 1e-3 and 1e-2
-BF16_T = 1.5e-2    # dO has a cancellation (acc_t/l - r/l O): a little more room
-
-
-def _poison():
-    """Fill and free a large block so the next allocations start out as NaN."""
-    if torch.cuda.is_available():
-        x = torch.empty(256 * 1024 * 1024 // 2, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))
-        del x
-
-
-GPU_CASES = [
-    (1, 4, 1000, 1000, 128, 128, "bhnd"),
-    (2, 3, 777, 333, 64, 64, "bnhd"),      # cross, odd
-    (1, 2, 1531, 512, 128, 64, "bnhd"),    # cross, Dqk != Dv
-    (1, 2, 300, 2047, 64, 128, "bhnd"),
-]
 
 
 @gpu

@@ -18,7 +18,8 @@ import math
 import pytest
 import torch
 
-from triton_env import cpu_only, gpu  # sets TRITON_INTERPRET first (no CUDA: the interpreter)
+# first: sets TRITON_INTERPRET (no CUDA: the interpreter) before the kernel imports
+from triton_env import BF16_O, BF16_T, GPU_CASES as PORTABLE_GPU_CASES, cpu_only, gpu, poison as _poison
 from rcm_core.attention import attention, attention_reference  # noqa: E402
 from rcm_kernels import flash_jvp as fj  # noqa: E402
 from rcm_kernels import flash_jvp_hopper as fh  # noqa: E402
@@ -204,20 +205,7 @@ def test_dispatch_opt_in_cpu_interpreter(monkeypatch, hopper_env):
 # GPU (run on the device machine: pytest -m gpu; compute capability 9.x)
 # ------------------------------------------------------------------------------------
 
-BF16_O = 1e-2
-BF16_T = 1.5e-2
-
-
-def _poison():
-    x = torch.empty(256 * 1024 * 1024 // 2, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))
-    del x
-
-
-GPU_CASES = [
-    (1, 4, 1000, 1000, 128, 128, "bhnd"),
-    (2, 3, 777, 333, 64, 64, "bnhd"),      # cross, odd
-    (1, 2, 1531, 512, 128, 64, "bnhd"),    # cross, Dqk != Dv
-    (1, 2, 300, 2047, 64, 128, "bhnd"),
+GPU_CASES = PORTABLE_GPU_CASES + [
     (1, 12, 4096, 4096, 128, 128, "bhnd"),  # the bench's shape, full blocks
 ]
 
