@@ -260,15 +260,11 @@ class RCMDistillFlow(FlowSpec):
         self.storage_run_id = str(current.origin_run_id or current.run_id)
         client = self._mlflow()
         exp_name = f"rcm-distill-{teacher_label(self.teacher)}"
-        exp = client.get_experiment_by_name(exp_name)
-        if exp is None:
-            loc = None
-            if self.mlflow_tracking_uri.startswith("sqlite:///"):
-                loc = "file://" + os.path.join(os.path.dirname(self.mlflow_tracking_uri[len("sqlite:///"):]),
-                                               "mlruns")
-            exp_id = client.create_experiment(exp_name, artifact_location=loc)
-        else:
-            exp_id = exp.experiment_id
+        loc = None
+        if self.mlflow_tracking_uri.startswith("sqlite:///"):
+            loc = "file://" + os.path.join(os.path.dirname(self.mlflow_tracking_uri[len("sqlite:///"):]), "mlruns")
+        from rcm_steps.mlflow_run import experiment_id   # concurrent starts against one server: no lost race
+        exp_id = experiment_id(client, exp_name, loc)
         run = client.create_run(exp_id, run_name=f"{current.flow_name}-{current.run_id}", tags={
             "metaflow.flow": current.flow_name, "metaflow.run_id": str(current.run_id),
             "metaflow.run_ids": str(current.run_id), "rcm.storage_run_id": self.storage_run_id,

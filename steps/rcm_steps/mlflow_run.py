@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Dict, Optional
 
-__all__ = ["client_for", "begin_step", "end_failed", "end_killed", "finish", "ERROR_TAGS", "HISTORY_TAG"]
+__all__ = ["client_for", "already_exists", "experiment_id", "begin_step", "end_failed", "end_killed", "finish", "ERROR_TAGS", "HISTORY_TAG"]
 
 ERROR_TAGS = ("error", "error.type", "error.where", "error.retry_pending", "killed_by", "killed.where")
 HISTORY_TAG = "rcm.history"
@@ -32,6 +32,32 @@ def client_for(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def already_exists(err: BaseException) -> bool:
+    """``err`` is MLflow's RESOURCE_ALREADY_EXISTS (REST or store; sqlite, Postgres)."""
+    return "RESOURCE_ALREADY_EXISTS" in str(getattr(err, "error_code", "")) + str(err)
+
+
+def experiment_id(client, name: str, artifact_location: Optional[str] = None) -> str:
+    """The id of experiment ``name``, created if missing.
+
+    Flow runs that start together against one tracking server race here: both see no
+    experiment, both create it, the database's unique constraint refuses the second. The
+    loser takes the winner's experiment instead of failing its ``start`` step.
+    """
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception as e:  # noqa: BLE001 - only the lost race is expected
+        if not already_exists(e):
+            raise
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _history(tags: Dict[str, str], entry: str) -> str:

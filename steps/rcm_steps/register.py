@@ -802,7 +802,8 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
         try:
             client.create_registered_model(name, description=f"rCM students distilled from teacher {meta['teacher']}")
         except Exception as e:  # noqa: BLE001 - a concurrent run created it between the two calls
-            if "RESOURCE_ALREADY_EXISTS" not in str(getattr(e, "error_code", "")) + str(e):
+            from rcm_steps.mlflow_run import already_exists
+            if not already_exists(e):
                 raise
     tags = {**{k: str(v) for k, v in lineage.items()},
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))},
