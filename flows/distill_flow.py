@@ -187,6 +187,10 @@ class RCMDistillFlow(FlowSpec):
         est = plan_mesh(self.teacher_info, self.settings["batch_size"], gpus, mem, dtype=cfg.dtype,
                         sharded=cfg.fsdp, micro_batch=cfg.micro_batch, context_parallel=given,
                         **memory_settings(cfg))
+        if cfg.optimizer_foreach is None and est.get("optimizer_foreach") is False:
+            self.settings = {**self.settings, "config": {**self.settings["config"], "optimizer_foreach": False}}
+            print("optimizer: per-tensor AdamW (optimizer_foreach=False): the foreach step's fp32 temporary does not "
+                  "fit; set optimizer_foreach in --distill_config to choose")
         if given is None and est["context_parallel"] > 1:       # the mesh the memory model picked
             self.settings = {**self.settings, "config": {**self.settings["config"],
                                                          "context_parallel": est["context_parallel"]}}

@@ -115,6 +115,10 @@ class DistillConfig:
     lr_fake: float = 4e-7
     betas: tuple = (0.0, 0.999)
     weight_decay: float = 0.01
+    # AdamW's implementation: None - torch's default (foreach on CUDA: fast, but sqrt(v) of a whole parameter
+    # group is one new fp32 list, trainable params x 4 B at the step's peak); False - per tensor (no such
+    # temporary). The memory planner (rcm_steps.teacher.plan_mesh) picks False when only that fits.
+    optimizer_foreach: Optional[bool] = None
     # linear learning-rate warm-up over each network's own first updates (reference: 100, from 1e-6)
     lr_warmup_steps: int = 100
     ema_sigma_rel: float = 0.05
@@ -191,6 +195,9 @@ class DistillConfig:
         if self.moe_student not in MOE_STUDENTS:
             raise ValueError(f"DistillConfig.moe_student={self.moe_student!r}; known: {MOE_STUDENTS} (a Wan2.2 A14B "
                              "teacher's student: one network from the low-noise expert, or both experts)")
+        if self.optimizer_foreach is not None and not isinstance(self.optimizer_foreach, bool):
+            raise ValueError(f"DistillConfig.optimizer_foreach must be true, false or null (torch's default), "
+                             f"got {self.optimizer_foreach!r}")
         if self.lora is not None:
             if not isinstance(self.lora, LoRAConfig):
                 raise ValueError(f"DistillConfig.lora must be a LoRAConfig, a dict of its fields or None, "

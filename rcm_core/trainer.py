@@ -266,10 +266,10 @@ class RCMTrainer:
             self.student = clone(student_net if student_net is not None else teacher.net, True)
             self.fake = clone(fake_net if fake_net is not None else teacher.net, True) if self.cfg.uses_dmd else None
         betas = tuple(self.cfg.betas)
-        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=self.cfg.lr_student, betas=betas,
-                                             weight_decay=self.cfg.weight_decay)
-        self.opt_fake = (torch.optim.AdamW(self.fake.parameters(), lr=self.cfg.lr_fake, betas=betas,
-                                           weight_decay=self.cfg.weight_decay) if self.fake is not None else None)
+        adamw = dict(betas=betas, weight_decay=self.cfg.weight_decay, foreach=self.cfg.optimizer_foreach)
+        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=self.cfg.lr_student, **adamw)
+        self.opt_fake = (torch.optim.AdamW(self.fake.parameters(), lr=self.cfg.lr_fake, **adamw)
+                         if self.fake is not None else None)
         self.sharded = is_sharded(self.student.net)
         if self.cfg.lora is not None:      # the EMA of the student's adapter, in the shared network's "ema" adapter
             from .lora import AdapterEMA

@@ -246,33 +246,36 @@ def test_decode_to_pixels(wan_dir):
 def test_memory_estimate_raises_with_settings_that_fit():
     small = estimate_memory("wan2.1-1.3b", 1, 81, 480, 832, torch.bfloat16, gpus=8, context_parallel=1)
     assert small["fits"] and 1.2e9 < small["params"] < 1.6e9 and small["tokens_per_sample"] == 21 * 30 * 52
-    # calibrated against the H100/H200 measurement (60.0-62.1 GiB peak, BENCHMARKS.md): within +10 %
-    assert 60.0 <= small["gib_per_gpu"] <= 66.0
-    # measured 2026-11-26 (bench_scale, BENCHMARKS.md): FSDP2 over 4 GPUs 24.7 GiB, x CP2 21.4, x CP4 19.7
-    for cp, measured in ((1, 24.7), (2, 21.4), (4, 19.7)):
-        est = estimate_memory("wan2.1-1.3b", 1, 81, 480, 832, torch.bfloat16, gpus=4, context_parallel=cp,
-                              sharded=True)
-        assert abs(est["gib_per_gpu"] - measured) / measured < 0.1, (cp, est["gib_per_gpu"])
+    # calibrated against the H100/H200 measurements (60.0-62.1 GiB peak; every measured run is checked in
+    # tests/test_memory_calibration.py): on the safe side, within +16 %
+    assert 62.1 <= small["gib_per_gpu"] <= 1.16 * 62.1
     # replicated training state: a 14B teacher does not fit however many GPUs; the error says why and what would
     with pytest.raises(MemoryError, match=r"wan2.1-14b: estimated .* GiB per GPU .* gpus=8, context_parallel=1.*"
                                           r"full replica.*fsdp=True.*gpus=\d+, context_parallel"):
         estimate_memory("wan2.1-14b", 1, 81, 480, 832, torch.bfloat16, gpus=8)
     with pytest.raises(MemoryError, match=r"Settings that would fit: batch=1 .*gpus=1"):
         estimate_memory("wan2.1-1.3b", 4, 81, 480, 832, torch.bfloat16, gpus=1)
-    # the smallest CP degree that fits, dividing the GPUs, heads and tokens
+    # the smallest CP degree that fits, dividing the GPUs, heads and tokens (8 x 80 GiB: only without the
+    # foreach AdamW's group-sized temporary)
+    with pytest.raises(MemoryError, match=r"wan2.1-14b: estimated .* gpus=8, context_parallel=8"):
+        pick_context_parallel("wan2.1-14b", 1, 81, 480, 832, torch.bfloat16, gpus=8, gpu_memory_gib=80,
+                              heads=40, tokens=32760)
     pick = pick_context_parallel("wan2.1-14b", 1, 81, 480, 832, torch.bfloat16, gpus=8, gpu_memory_gib=80,
-                                 heads=40, tokens=32760)
+                                 heads=40, tokens=32760, optimizer_foreach=False)
     assert pick["fits"] and pick["context_parallel"] in (1, 2, 4, 8)
     smaller = [c for c in (1, 2, 4, 8) if c < pick["context_parallel"]]
     for c in smaller:
         assert not estimate_memory("wan2.1-14b", 1, 81, 480, 832, torch.bfloat16, gpus=8, context_parallel=c,
-                                   sharded=True, raise_if_too_big=False)["fits"]
+                                   sharded=True, raise_if_too_big=False, optimizer_foreach=False)["fits"]
     big = estimate_memory("wan2.1-14b", 1, 81, 480, 832, torch.bfloat16, gpus=8, context_parallel=4,
                           raise_if_too_big=False, sharded=True)
     assert 13e9 < big["params"] < 15e9
     with pytest.raises(MemoryError, match=r"Settings that would fit: .*gpus=\d+, context_parallel=\d+"):
         estimate_memory("wan2.1-14b", 4, 81, 480, 832, torch.bfloat16, gpus=1, sharded=True)
-    cos = estimate_memory("cosmos-predict2-2b", 1, 1, 768, 1360, "bfloat16", gpus=8, context_parallel=1)
+    # Cosmos-Predict2 2B: replicated it is over 80 GiB (its preset shards with FSDP2, which fits)
+    assert not estimate_memory("cosmos-predict2-2b", 1, 1, 768, 1360, "bfloat16", gpus=8, context_parallel=1,
+                               raise_if_too_big=False)["fits"]
+    cos = estimate_memory("cosmos-predict2-2b", 1, 1, 768, 1360, "bfloat16", gpus=8, context_parallel=1, sharded=True)
     assert cos["fits"] and cos["tokens_per_sample"] == 48 * 85
 
 
@@ -317,10 +320,17 @@ def test_plan_mesh_picks_the_smallest_context_parallel_degree_that_fits():
     mesh = plan_mesh(info, global_batch=8, gpus=8, gpu_memory_gib=80, sharded=True, micro_batch=1)
     assert mesh["fits"] and 40 % mesh["context_parallel"] == 0 and 8 % mesh["context_parallel"] == 0
     assert mesh["data_parallel"] * mesh["context_parallel"] == 8
+    # 14B full fine-tuning on 8 x 80 GiB fits only with the per-tensor AdamW: the plan says so
+    assert mesh["optimizer_foreach"] is False
     for cp in (1, 2, 4, 8):                                  # nothing smaller fits
         if cp < mesh["context_parallel"]:
             with pytest.raises(MemoryError):
-                plan_mesh(info, 8, 8, 80, sharded=True, micro_batch=1, context_parallel=cp)
+                plan_mesh(info, 8, 8, 80, sharded=True, micro_batch=1, context_parallel=cp, optimizer_foreach=False)
+    # asked for the foreach AdamW: kept, and nothing fits 8 x 80 GiB
+    with pytest.raises(MemoryError, match="Settings that would fit: .*gpus=16"):
+        plan_mesh(info, 8, 8, 80, sharded=True, micro_batch=1, optimizer_foreach=True)
+    # on 8 x 141 GiB (H200) the default AdamW fits: left as it is
+    assert plan_mesh(info, 8, 8, 141, sharded=True, micro_batch=1)["optimizer_foreach"] is None
     # 1.3B fits one 80 GiB GPU replicated: no CP; a given degree is only checked
     small = {**info, "transformer_config": cfg("wan2.1-1.3b")}
     assert plan_mesh(small, 1, 1, 80)["context_parallel"] == 1

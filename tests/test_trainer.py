@@ -154,3 +154,19 @@ def test_presets_have_the_papers_values():
         assert c.loss_scale == 100 and c.loss_scale_dmd == 1 and c.tangent_norm_c == 0.1
         assert c.guidance is None                   # CFG comes from the teacher (Wan 5.0, Cosmos 4.5)
         assert c.warmup_scales_jvp is False         # the reference's tangent warm-up
+
+
+def test_optimizer_foreach_is_the_configs_and_changes_nothing_but_memory():
+    """``optimizer_foreach``: torch's default (None), foreach or per tensor; the same AdamW maths either way."""
+    with pytest.raises(ValueError, match="optimizer_foreach must be true, false or null"):
+        DistillConfig.preset("embedded", optimizer_foreach="no").validate()
+    runs = {}
+    for foreach in (None, True, False):
+        tr, te = make(optimizer_foreach=foreach)
+        assert tr.opt_student.defaults["foreach"] is foreach and tr.opt_fake.defaults["foreach"] is foreach
+        for b in batches(te, 4):
+            tr.train_step(b)
+        runs[foreach] = [p.detach().clone() for p in tr.student.parameters()]
+    for foreach in (True, False):
+        for a, b in zip(runs[None], runs[foreach]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

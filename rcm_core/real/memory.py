@@ -15,14 +15,30 @@ Model (documented, deliberately simple; calibrate against GPU runs):
   the sCM tangent pass of a checkpointed block keeps no activations (``rcm_core.parallel``);
 * context parallel (Ulysses): + the full-sequence q, k, v, o and their tangents for H/cp heads
   (8 x tokens x hidden / cp);
+* the optimiser step: CUDA's AdamW (``foreach``) computes ``sqrt(v)`` for a whole parameter group into
+  one new fp32 list (``torch._foreach_sqrt``) before it updates in place, so the step of one role
+  (student or fake score) adds its trainable parameters x 4 B (sharded: its shard);
 * 5 % + 1.5 GiB overhead (allocator, CUDA context, NCCL buffers).
 
-Calibration (BENCHMARKS.md, issue 4): Wan2.1-1.3B, 81 x 480 x 832 (32,760 tokens), batch 1,
-one GPU, full activation checkpointing, the rCM trainer (teacher, student, fake score, EMA,
-two AdamW): measured peak ``max_memory_allocated`` 60.0 GiB (critic step; student step 49.8);
-this model says 64.0 GiB. Re-checked 2026-11-26 (bench_scale, rCM iteration incl. the fp32 time
-embedding): replicated 1 GPU 62.1 GiB (model 63.6), FSDP2 over 2 GPUs 36.6 (37.1), over 4 GPUs
-24.7 (24.5), FSDP2 x CP2 on 4 GPUs 21.4 (20.3), x CP4 19.7 (18.7).
+Calibration (``tests/test_memory_calibration.py`` holds every GPU measurement below and checks the
+model against each): peak ``max_memory_allocated`` of one rCM iteration (student step + critic steps:
+teacher, student, fake score, EMA, two AdamW), Wan2.1, 81 x 480 x 832 (32,760 tokens), batch 1, bf16
+autocast, full activation checkpointing (BENCHMARKS.md):
+
+| run | measured GiB | states / GPU | rest |
+|---|---:|---:|---:|
+| 1.3B, 1 GPU, replicated | 62.1 | 50.2 | 11.9 |
+| 1.3B, LoRA 64, 1 GPU | 13.1 | 5.6 | 7.5 |
+| 1.3B, LoRA 128, 1 GPU | 15.8 | 8.5 | 7.3 |
+| 1.3B, FSDP2 over 2 / 4 GPUs (teacher replicated then) | 36.6 / 24.7 | | |
+| 1.3B, FSDP2 x CP2 / CP4 on 4 GPUs (teacher replicated then) | 21.4 / 19.7 | | |
+| 14B, LoRA 64, FSDP2 x CP4 on 4 GPUs | 17.6 | 9.2 | 8.4 |
+
+The CP rows fix the activations: the rest falls 12.1 -> 8.8 -> 7.1 GiB at CP 1/2/4, i.e. 6.6 GiB at
+32,760 tokens (70 units of tokens x hidden x 2 B for 30 layers: ``_BLOCK_FACTOR`` = 10; it was 34, which
+over-estimated LoRA by 25 % and under-estimated CP4 by 10 %). Full fine-tuning's rest exceeds LoRA's
+by 4.4-5.3 GiB at the same activations: AdamW's temporary (1.42B x 4 B = 5.3 GiB). With both terms
+every measured run lies 4-15 % under the model, on the safe side.
 
 ``batch`` is the micro-batch of one data-parallel rank (one context-parallel group of
 ``context_parallel`` GPUs).
@@ -37,7 +53,7 @@ from .specs import SPECS, RealTeacherSpec
 
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8,
           "float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-_BLOCK_FACTOR = 34          # activations of one transformer block, in units of tokens x hidden
+_BLOCK_FACTOR = 10          # activations of the block being recomputed, in units of tokens x hidden x bytes
 GiB = 1024 ** 3
 
 
@@ -99,7 +115,14 @@ def state_bytes(counts: dict, dtype_b: int) -> int:
     return int(counts["teacher"] * dtype_b + (counts["student"] + counts["fake"]) * 16 + counts["ema"] * 4)
 
 
-def _need(n_params, layers, hidden, tokens, dtype_b, batch, gpus, cp, sharded=True, counts=None):
+def optimizer_step_bytes(counts: dict, foreach=None) -> int:
+    """Transient bytes of one AdamW step. ``foreach`` (None: torch's default, foreach on CUDA): ``sqrt(v)`` of the
+    whole group as a new fp32 list; ``False`` (``DistillConfig.optimizer_foreach``): per tensor, counted as none
+    (one tensor's worth). The student's and the fake score's steps run one after the other: one role counts."""
+    return 0 if foreach is False else int(counts["trainable_per_role"] * 4)
+
+
+def _need(n_params, layers, hidden, tokens, dtype_b, batch, gpus, cp, sharded=True, counts=None, foreach=None):
     counts = counts or state_params(n_params)
     states = state_bytes(counts, dtype_b)
     # FSDP: one unsharded block in flight per network (full: teacher, student, fake score in fp32; LoRA: the
@@ -107,6 +130,7 @@ def _need(n_params, layers, hidden, tokens, dtype_b, batch, gpus, cp, sharded=Tr
     block = (n_params / layers * 4 * 3 if not counts["lora"]
              else n_params / layers * dtype_b + counts["student"] / layers * 4 * 3)
     weights = states / gpus + block if sharded else states
+    weights += optimizer_step_bytes(counts, foreach) / (gpus if sharded else 1)
     tok_gpu = batch * math.ceil(tokens / cp)
     acts = tok_gpu * hidden * dtype_b * (2 * layers + _BLOCK_FACTOR)
     if cp > 1:
@@ -117,7 +141,8 @@ def _need(n_params, layers, hidden, tokens, dtype_b, batch, gpus, cp, sharded=Tr
 def estimate_memory(teacher_name_or_config, batch: int, frames: int, height: int, width: int,
                     dtype=torch.bfloat16, gpus: int = 1, context_parallel: int = 1,
                     gpu_memory_gib: float = 80.0, raise_if_too_big: bool = True, sharded: bool = False,
-                    lora=None, experts: int = 1, moe_student: str = "one", critic: bool = True) -> dict:
+                    lora=None, experts: int = 1, moe_student: str = "one", critic: bool = True,
+                    optimizer_foreach=None) -> dict:
     """Estimated bytes per GPU; raises MemoryError with settings that would fit when it exceeds ``gpu_memory_gib``.
 
     ``sharded=False`` (what the trainer does today): every GPU holds all training state, so
@@ -129,6 +154,7 @@ def estimate_memory(teacher_name_or_config, batch: int, frames: int, height: int
     ``describe_teacher``'s ``experts``), ``moe_student``: ``DistillConfig.moe_student`` (a one-network student holds
     one expert, ``"two"`` both). ``critic``: a fake score is trained (``DistillConfig.uses_dmd``). Activations are
     one expert's (a sample passes through one expert); LoRA's rank-sized activations are left out.
+    ``optimizer_foreach``: ``DistillConfig.optimizer_foreach`` (False: no group-sized AdamW temporary).
     The returned dict has the counts (``state_params``) and ``state_bytes`` (all GPUs together).
     """
     experts = int(experts or 1)
@@ -159,13 +185,14 @@ def estimate_memory(teacher_name_or_config, batch: int, frames: int, height: int
     limit = gpu_memory_gib * GiB
 
     def need_for(b=batch, g=gpus, c=context_parallel, tok=tokens, sh=sharded):
-        return _need(n, layers, hidden, tok, db, b, g, c, sh, counts)[0]
+        return _need(n, layers, hidden, tok, db, b, g, c, sh, counts, optimizer_foreach)[0]
     need = need_for()
     out = dict(teacher=spec.name, params=n, tokens_per_sample=tokens, bytes_per_gpu=int(need),
                gib_per_gpu=need / GiB, gpu_memory_gib=gpu_memory_gib, fits=need <= limit,
                batch=batch, gpus=gpus, context_parallel=context_parallel, sharded=sharded,
                experts=experts, moe_student=moe_student if experts > 1 else None,
                lora_rank=(lora["rank"] if isinstance(lora, dict) else lora.rank) if lora is not None else None,
+               optimizer_foreach=optimizer_foreach,
                state_params=counts, state_bytes=state_bytes(counts, db))
     if not out["fits"] and raise_if_too_big:
         fits = []

@@ -235,7 +235,8 @@ def describe_teacher(name: str, options: Optional[Mapping[str, Any]] = None) -> 
 
 def check_memory(info: Mapping[str, Any], batch: int, gpus: int, gpu_memory_gib: float,
                  dtype: str = "bfloat16", context_parallel: int = 1, sharded: bool = False,
-                 lora=None, moe_student: str = "one", critic: bool = True) -> Dict[str, Any]:
+                 lora=None, moe_student: str = "one", critic: bool = True,
+                 optimizer_foreach: Optional[bool] = None) -> Dict[str, Any]:
     """Estimated GPU memory of distilling the real teacher ``info`` (from :func:`describe_teacher`).
 
     ``lora`` / ``moe_student`` / ``critic``: ``DistillConfig.lora``, ``.moe_student``, ``.uses_dmd`` (LoRA adapters
@@ -250,13 +251,14 @@ def check_memory(info: Mapping[str, Any], batch: int, gpus: int, gpu_memory_gib:
                            height=int(info["height"]), width=int(info["width"]), dtype=dtype, gpus=int(gpus),
                            context_parallel=context_parallel, gpu_memory_gib=float(gpu_memory_gib),
                            sharded=sharded, lora=lora, experts=int(info.get("experts", 1) or 1),
-                           moe_student=moe_student, critic=critic)
+                           moe_student=moe_student, critic=critic, optimizer_foreach=optimizer_foreach)
 
 
 def memory_settings(cfg) -> Dict[str, Any]:
     """What the memory model needs of a :class:`rcm_core.config.DistillConfig` besides dtype and sharding: LoRA
     (adapters on the one frozen base), the A14B student's layout and whether a fake score trains."""
-    return {"lora": cfg.lora, "moe_student": cfg.moe_student, "critic": cfg.uses_dmd}
+    return {"lora": cfg.lora, "moe_student": cfg.moe_student, "critic": cfg.uses_dmd,
+            "optimizer_foreach": cfg.optimizer_foreach}
 
 
 def plan_mesh(info: Mapping[str, Any], global_batch: int, gpus: int, gpu_memory_gib: float,
@@ -269,8 +271,27 @@ def plan_mesh(info: Mapping[str, Any], global_batch: int, gpus: int, gpu_memory_
     per-rank batch is the micro-batch when gradient accumulation is on, else global_batch / (gpus / cp).
     Returns :func:`check_memory`'s estimate plus ``context_parallel`` and ``data_parallel``; raises
     MemoryError (naming settings that would fit) when nothing fits. ``training``: :func:`check_memory`'s ``lora``,
-    ``moe_student``, ``critic``.
+    ``moe_student``, ``critic``, ``optimizer_foreach``.
+
+    ``optimizer_foreach`` left to torch (None) and no mesh fits: the plan is made again with the per-tensor AdamW
+    (``optimizer_foreach=False``: no group-sized fp32 temporary at the step's peak); the returned dict says so
+    (``optimizer_foreach``), the caller puts it in the config. Given as True or False, it is kept.
     """
+    if training.get("optimizer_foreach") is None:
+        try:
+            return _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_batch,
+                              context_parallel, **training)
+        except MemoryError as e:
+            try:
+                return _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_batch,
+                                  context_parallel, **{**training, "optimizer_foreach": False})
+            except MemoryError:
+                raise e from None
+    return _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_batch, context_parallel,
+                      **training)
+
+
+def _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_batch, context_parallel, **training):
     import math
     heads = int(info["transformer_config"]["num_attention_heads"])
     if context_parallel is not None:
