@@ -93,9 +93,11 @@ _RSS = textwrap.dedent("""
 
 def test_foreach_adamw_allocates_a_group_sized_temporary():
     """The model's AdamW term, measured: peak RSS of a second step, foreach vs per tensor (CPU; same algorithm)."""
-    grow = {f: int(subprocess.run([sys.executable, "-c", _RSS, f], capture_output=True, text=True, check=True,
-                                  env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}).stdout.split()[-1])
-            for f in ("1", "0")}
+    def peak_growth(foreach: str) -> int:          # median of 3 processes: RSS is noisy by a few %
+        return sorted(int(subprocess.run([sys.executable, "-c", _RSS, foreach], capture_output=True, text=True,
+                                         check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+                                         ).stdout.split()[-1]) for _ in range(3))[1]
+    grow = {f: peak_growth(f) for f in ("1", "0")}
     group = 256 * 1024 * 1024
-    assert 1.9 * group <= grow["0"] <= 2.3 * group, grow       # the moments, one tensor's temporary (4 MiB)
+    assert 1.5 * group <= grow["0"] <= 2.5 * group, grow       # the moments (RSS: +-), one tensor's temporary (4 MiB)
     assert 0.75 * group <= grow["1"] - grow["0"] <= 1.25 * group, grow   # + sqrt(v) of all 64 tensors at once
