@@ -162,7 +162,7 @@ class RCMDistillFlow(FlowSpec):
         """Distill outputs live under the first run of a chain of resumes, so ``resume`` finds its checkpoints."""
         return f"runs/{current.flow_name}/{getattr(self, 'storage_run_id', None) or current.run_id}"
 
-    def _memory_check(self, check_memory, on_k8s):
+    def _memory_check(self, on_k8s):
         """Real teachers on GPUs: fail before any work when distillation will not fit (MemoryError names
         settings that would). The estimate is for GPUs: skipped on CPU runs."""
         if not self.teacher_info.get("real"):
@@ -177,34 +177,20 @@ class RCMDistillFlow(FlowSpec):
         else:
             print("memory check skipped: CPU run (the estimate applies to GPUs)")
             return None
-        from rcm_core.config import DistillConfig
+        from rcm_steps.teacher import plan_run
 
-        from rcm_steps.teacher import memory_settings, plan_mesh
-
-        cfg = DistillConfig.preset(self.teacher_info["preset"]).replace(**{"method": self.method,
-                                                                           **self.settings["config"]})
-        given = self.settings["config"].get("context_parallel")
-        est = plan_mesh(self.teacher_info, self.settings["batch_size"], gpus, mem, dtype=cfg.dtype,
-                        sharded=cfg.fsdp, micro_batch=cfg.micro_batch, context_parallel=given,
-                        **memory_settings(cfg))
-        if cfg.optimizer_foreach is None and est.get("optimizer_foreach") is False:
-            self.settings = {**self.settings, "config": {**self.settings["config"], "optimizer_foreach": False}}
-            print("optimizer: per-tensor AdamW (optimizer_foreach=False): the foreach step's fp32 temporary does not "
-                  "fit; set optimizer_foreach in --distill_config to choose")
-        if given is None and est["context_parallel"] > 1:       # the mesh the memory model picked
-            self.settings = {**self.settings, "config": {**self.settings["config"],
-                                                         "context_parallel": est["context_parallel"]}}
-            print(f"mesh: context_parallel={est['context_parallel']} x data_parallel={est['data_parallel']} "
-                  "(the smallest CP degree that fits; set context_parallel in --distill_config to choose)")
-        print(f"memory check: {est['gib_per_gpu']:.1f} GiB per GPU of {mem:.0f} (gpus={gpus}, "
-              f"context_parallel={est['context_parallel']})")
+        est, config, notes = plan_run(self.teacher_info, self.method, self.settings["config"],
+                                      self.settings["batch_size"], gpus, mem)
+        self.settings = {**self.settings, "config": config}
+        for line in notes:
+            print(line)
         return est
 
     # ------------------------------------------------------------------ steps
     @step_guard
     @step
     def start(self):
-        from rcm_steps.teacher import (check_memory, check_teacher_name, describe_teacher, teacher_label,
+        from rcm_steps.teacher import (check_teacher_name, describe_teacher, teacher_label,
                                        teacher_options)
 
         if self.profile not in PROFILES:
@@ -257,7 +243,7 @@ class RCMDistillFlow(FlowSpec):
                             s["batch_size"], self.seed, s["config"])
         from rcm_core.teachers import check_student_layout   # Wan2.2 A14B: moe_student="one" with lora is refused
         self.student_layout = check_student_layout(dcfg, self.teacher_info.get("experts", 1))
-        self.memory_estimate = self._memory_check(check_memory, on_k8s)
+        self.memory_estimate = self._memory_check(on_k8s)
         self._storage().check_writable()
         # resume clones this artifact, so every run of a chain of resumes keeps the first run's id (a resume
         # that re-runs start takes its origin's); the distill checkpoints are stored under it

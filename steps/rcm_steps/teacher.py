@@ -320,6 +320,35 @@ def _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_b
     raise MemoryError("no context-parallel degree fits")  # pragma: no cover - the loop raises first
 
 
+def plan_run(info: Mapping[str, Any], method: str, config: Mapping[str, Any], global_batch: int, gpus: int,
+             gpu_memory_gib: float):
+    """The flow's ``start`` for a real teacher on GPUs: the memory plan of the run's DistillConfig (the teacher's
+    preset + ``method`` + ``config``, the ``--distill_config`` overrides) on ``gpus`` GPUs of ``gpu_memory_gib``.
+
+    Returns ``(estimate, config, notes)``: ``config`` with what the plan chose and the user left open
+    (``context_parallel`` above 1, ``optimizer_foreach=False`` when only the per-tensor AdamW fits), and the lines
+    to print. Raises MemoryError (naming settings that would fit) when nothing fits.
+    """
+    from rcm_core.config import DistillConfig
+
+    cfg = DistillConfig.preset(info["preset"]).replace(**{"method": method, **dict(config)})
+    given = config.get("context_parallel")
+    est = plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype=cfg.dtype, sharded=cfg.fsdp,
+                    micro_batch=cfg.micro_batch, context_parallel=given, **memory_settings(cfg))
+    config, notes = dict(config), []
+    if cfg.optimizer_foreach is None and est.get("optimizer_foreach") is False:
+        config["optimizer_foreach"] = False
+        notes.append("optimizer: per-tensor AdamW (optimizer_foreach=False): the foreach step's fp32 temporary "
+                     "does not fit; set optimizer_foreach in --distill_config to choose")
+    if given is None and est["context_parallel"] > 1:       # the mesh the memory model picked
+        config["context_parallel"] = est["context_parallel"]
+        notes.append(f"mesh: context_parallel={est['context_parallel']} x data_parallel={est['data_parallel']} "
+                     "(the smallest CP degree that fits; set context_parallel in --distill_config to choose)")
+    notes.append(f"memory check: {est['gib_per_gpu']:.1f} GiB per GPU of {gpu_memory_gib:.0f} (gpus={gpus}, "
+                 f"context_parallel={est['context_parallel']})")
+    return est, config, notes
+
+
 @torch.no_grad()
 def encode(teacher, prompts: List[str]) -> torch.Tensor:
     return teacher.encode_text(list(prompts)).float().cpu()
