@@ -11,6 +11,7 @@ source bench/gpu_common.sh
 export OMP_NUM_THREADS=8
 C=${VAE_CHUNK:-5}
 gpu0() {  # issue 15: Hopper kernels, correctness then speed (baseline: SDPA default backend, same process)
+  part ws_lse_probe 90 python3 bench/hopper_ws_lse_probe.py --out "$OUT/ws_probe.json"
   part hopper_tests 90 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/test_kernel_flash_jvp_hopper.py
   part attention 180 python3 bench/bench_attention.py --cases 4096x4096,16384x16384,32760x32760 --rep 20 \
     --out "$OUT/attention_hopper.json"
