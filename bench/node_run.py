@@ -201,9 +201,8 @@ class Node:
         if self._client is None:
             mlflow.set_tracking_uri(self.mlflow_uri)
             self._client = mlflow.MlflowClient(self.mlflow_uri)
-            exp = self._client.get_experiment_by_name("node-run")
-            self._exp = exp.experiment_id if exp else self._client.create_experiment(
-                "node-run", artifact_location=(self.work / "mlruns").as_uri())
+            from rcm_steps.mlflow_run import experiment_id
+            self._exp = experiment_id(self._client, "node-run", (self.work / "mlruns").as_uri())
         return self._client.create_run(self._exp, run_name=name).info.run_id
 
     def history(self, run_id: str, key: str = "loss") -> Dict[int, float]:

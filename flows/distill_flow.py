@@ -162,9 +162,9 @@ class RCMDistillFlow(FlowSpec):
         """Distill outputs live under the first run of a chain of resumes, so ``resume`` finds its checkpoints."""
         return f"runs/{current.flow_name}/{getattr(self, 'storage_run_id', None) or current.run_id}"
 
-    def _memory_check(self, on_k8s):
+    def _memory_check(self, on_k8s, cfg):
         """Real teachers on GPUs: fail before any work when distillation will not fit (MemoryError names
-        settings that would). The estimate is for GPUs: skipped on CPU runs."""
+        settings that would). The estimate is for GPUs: skipped on CPU runs. ``cfg``: the run's DistillConfig."""
         if not self.teacher_info.get("real"):
             return None
         import torch
@@ -179,8 +179,7 @@ class RCMDistillFlow(FlowSpec):
             return None
         from rcm_steps.teacher import plan_run
 
-        est, config, notes = plan_run(self.teacher_info, self.method, self.settings["config"],
-                                      self.settings["batch_size"], gpus, mem)
+        est, config, notes = plan_run(self.teacher_info, cfg, self.settings["config"], gpus, mem)
         self.settings = {**self.settings, "config": config}
         for line in notes:
             print(line)
@@ -243,7 +242,7 @@ class RCMDistillFlow(FlowSpec):
                             s["batch_size"], self.seed, s["config"])
         from rcm_core.teachers import check_student_layout   # Wan2.2 A14B: moe_student="one" with lora is refused
         self.student_layout = check_student_layout(dcfg, self.teacher_info.get("experts", 1))
-        self.memory_estimate = self._memory_check(on_k8s)
+        self.memory_estimate = self._memory_check(on_k8s, dcfg)
         self._storage().check_writable()
         # resume clones this artifact, so every run of a chain of resumes keeps the first run's id (a resume
         # that re-runs start takes its origin's); the distill checkpoints are stored under it

@@ -341,22 +341,26 @@ def test_plan_mesh_picks_the_smallest_context_parallel_degree_that_fits():
 
 def test_plan_run_puts_what_the_plan_chose_in_the_config():
     """The flow's start (rcm_steps.teacher.plan_run): Wan2.1-14B full fine-tuning on one node of 8 GPUs."""
+    from rcm_steps.distill import build_config
     from rcm_steps.teacher import plan_run
+
+    def plan(config, gib):          # as the flow's start builds the run's config: preset, method, batch 64
+        return plan_run(info, build_config("wan2.1-14b", "rcm", None, 64, 0, config), config, 8, gib)
+
     info = {"preset": "wan2.1-14b", "frames": 81, "height": 480, "width": 832,
             "transformer_config": {**SPECS["wan2.1-14b"].transformer_config, "_class_name": "WanTransformer3DModel"}}
     # 8 x 80 GiB: only CP8 with the per-tensor AdamW fits; both are written into the run's config
-    est, config, notes = plan_run(info, "rcm", {"micro_batch": 1}, 64, 8, 80)
+    est, config, notes = plan({"micro_batch": 1}, 80)
     assert config == {"micro_batch": 1, "optimizer_foreach": False, "context_parallel": 8}
     assert est["fits"] and est["gib_per_gpu"] <= 80 and any("per-tensor AdamW" in n for n in notes)
     # 8 x 141 GiB: the foreach AdamW and no CP fit; nothing is added
-    est, config, notes = plan_run(info, "rcm", {"micro_batch": 1}, 64, 8, 141)
+    est, config, notes = plan({"micro_batch": 1}, 141)
     assert config == {"micro_batch": 1} and est["context_parallel"] == 1 and len(notes) == 1
     # what the user set is kept and only checked
     with pytest.raises(MemoryError):
-        plan_run(info, "rcm", {"micro_batch": 1, "optimizer_foreach": True}, 64, 8, 80)
-    est, config, _ = plan_run(info, "rcm", {"micro_batch": 1, "optimizer_foreach": False, "context_parallel": 8},
-                              64, 8, 80)
+        plan({"micro_batch": 1, "optimizer_foreach": True}, 80)
+    est, config, _ = plan({"micro_batch": 1, "optimizer_foreach": False, "context_parallel": 8}, 80)
     assert config == {"micro_batch": 1, "optimizer_foreach": False, "context_parallel": 8}
     # LoRA: fits 8 x 80 GiB with the default AdamW and no CP
-    _, config, _ = plan_run(info, "rcm", {"micro_batch": 1, "lora": {"rank": 64}}, 64, 8, 80)
+    _, config, _ = plan({"micro_batch": 1, "lora": {"rank": 64}}, 80)
     assert "optimizer_foreach" not in config and "context_parallel" not in config

@@ -83,7 +83,7 @@ def _chunked_wan_decode(vae, z: torch.Tensor, chunk: int):
 
     if not isinstance(vae, AutoencoderKLWan):
         return None
-    _, _, num_frame, height, width = z.shape
+    height, width = z.shape[-2:]
     if vae.use_tiling and (width > vae.tile_sample_min_width // vae.spatial_compression_ratio
                            or height > vae.tile_sample_min_height // vae.spatial_compression_ratio):
         return None

@@ -277,18 +277,16 @@ def plan_mesh(info: Mapping[str, Any], global_batch: int, gpus: int, gpu_memory_
     (``optimizer_foreach=False``: no group-sized fp32 temporary at the step's peak); the returned dict says so
     (``optimizer_foreach``), the caller puts it in the config. Given as True or False, it is kept.
     """
-    if training.get("optimizer_foreach") is None:
+    args = (info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_batch, context_parallel)
+    try:
+        return _plan_mesh(*args, **training)
+    except MemoryError as e:
+        if training.get("optimizer_foreach") is not None:
+            raise
         try:
-            return _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_batch,
-                              context_parallel, **training)
-        except MemoryError as e:
-            try:
-                return _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_batch,
-                                  context_parallel, **{**training, "optimizer_foreach": False})
-            except MemoryError:
-                raise e from None
-    return _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_batch, context_parallel,
-                      **training)
+            return _plan_mesh(*args, **{**training, "optimizer_foreach": False})
+        except MemoryError:
+            raise e from None
 
 
 def _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_batch, context_parallel, **training):
@@ -320,20 +318,17 @@ def _plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype, sharded, micro_b
     raise MemoryError("no context-parallel degree fits")  # pragma: no cover - the loop raises first
 
 
-def plan_run(info: Mapping[str, Any], method: str, config: Mapping[str, Any], global_batch: int, gpus: int,
-             gpu_memory_gib: float):
-    """The flow's ``start`` for a real teacher on GPUs: the memory plan of the run's DistillConfig (the teacher's
-    preset + ``method`` + ``config``, the ``--distill_config`` overrides) on ``gpus`` GPUs of ``gpu_memory_gib``.
+def plan_run(info: Mapping[str, Any], cfg, config: Mapping[str, Any], gpus: int, gpu_memory_gib: float):
+    """The flow's ``start`` for a real teacher on GPUs: the memory plan of the run's DistillConfig ``cfg`` (built
+    from the teacher's preset and ``config``, the ``--distill_config`` overrides) on ``gpus`` GPUs of
+    ``gpu_memory_gib``, for its global batch ``cfg.batch_size``.
 
     Returns ``(estimate, config, notes)``: ``config`` with what the plan chose and the user left open
     (``context_parallel`` above 1, ``optimizer_foreach=False`` when only the per-tensor AdamW fits), and the lines
     to print. Raises MemoryError (naming settings that would fit) when nothing fits.
     """
-    from rcm_core.config import DistillConfig
-
-    cfg = DistillConfig.preset(info["preset"]).replace(**{"method": method, **dict(config)})
     given = config.get("context_parallel")
-    est = plan_mesh(info, global_batch, gpus, gpu_memory_gib, dtype=cfg.dtype, sharded=cfg.fsdp,
+    est = plan_mesh(info, cfg.batch_size, gpus, gpu_memory_gib, dtype=cfg.dtype, sharded=cfg.fsdp,
                     micro_batch=cfg.micro_batch, context_parallel=given, **memory_settings(cfg))
     config, notes = dict(config), []
     if cfg.optimizer_foreach is None and est.get("optimizer_foreach") is False:
