@@ -438,6 +438,16 @@ class RCMDistillFlow(FlowSpec):
         if not digits:
             current.card.append(Markdown("MP4 (same clips): MLflow artifact `eval/samples.mp4`, Metaflow artifact "
                                          "`sample_mp4`" if mp4 else f"MP4: {mp4_note}"))
+        # training diagnostics (distill's diagnostics.json): plot + summary in the card, MLflow train/diagnostics.*
+        from rcm_steps import diagnostics
+
+        self.train_diagnostics = diagnostics.load(self.distill_result.get("diagnostics_url")
+                                                  or f"{self.distill_url}/{diagnostics.FILE}")
+        diag_png = diagnostics.plot_png(self.train_diagnostics)
+        diagnostics.log_to_mlflow(client, self.mlflow_run_id, self.train_diagnostics, diag_png)
+        current.card.append(Markdown(diagnostics.markdown(self.train_diagnostics)))
+        current.card.append(Image(diag_png, label="training diagnostics: DMD/sCM gradient ratio, critic loss "
+                                                  "relative to its start, NaN-masked fractions; dashed: phases"))
         self.next(self.register)
 
     @step_guard

@@ -10,8 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
+
+from .stages import Stage, describe, parse_stages, stage_iterations
 
 METHODS = ("rcm", "scm", "dmd", "dcm")
 MOE_STUDENTS = ("one", "two")
@@ -98,7 +101,10 @@ class DistillConfig:
     # Ulysses context parallelism: each sample's token sequence split over this many ranks (consecutive
     # ranks form a group; the world is data-parallel x cp); must divide the head and token counts
     context_parallel: int = 1
-    dcm_delta: float = 0.05              # step of the discrete-time CM baseline (TrigFlow time)
+    # discrete-time CM (dCM) as NVlabs/rcm defines it (cm_type="dcm"): RF times s and s - 1/dcm_total_steps,
+    # s uniform, both shifted by dcm_shift; one teacher Euler step in TrigFlow between them
+    dcm_total_steps: int = 48
+    dcm_shift: float = 5.0
     # DMD / critic time distribution p_D
     dmd_time: str = "rf_shift"           # rf_shift (Wan) | lognormal (Cosmos)
     dmd_shift: float = 5.0
@@ -132,6 +138,16 @@ class DistillConfig:
     mid_t: tuple = (1.3, 1.0, 0.6)
     seed: int = 0
     dtype: str = "float32"               # float32 | bfloat16 (networks); conversions stay float64
+    # staged schedule (rcm_core/stages.py): phases (method, student_updates) run in order, e.g.
+    # (("dcm", 100), ("scm", 300), ("rcm", 600)); () = one method for the whole run. With stages, method is
+    # "rcm" and iterations must equal the phases' iterations (dcm/scm: 1 per update, rcm/dmd: K per update).
+    stages: tuple = ()
+    # diagnostics: the DMD/sCM gradient ratio on the student's WEIGHTS every this many student steps (0: off;
+    # it keeps two copies of the gradients while the DMD term back-propagates); the ratio on the outputs is
+    # logged at every student step (free)
+    grad_ratio_every: int = 1
+    # warn when the critic's smoothed loss, relative to its first updates, exceeds this (it falls behind)
+    critic_lag_warn: float = 3.0
     # LoRA distillation (LoRAConfig or its dict, e.g. {"rank": 64}): student and fake score are adapters
     # on the one frozen teacher network; None: full fine-tuning of copies of the teacher
     lora: Optional[LoRAConfig] = None
@@ -144,6 +160,8 @@ class DistillConfig:
     def __post_init__(self):
         if isinstance(self.lora, Mapping):
             self.lora = LoRAConfig.from_dict(self.lora)
+        if self.stages and not all(isinstance(x, Stage) for x in self.stages):
+            self.stages = parse_stages(self.stages)
 
     # ---- construction -------------------------------------------------------
     @classmethod
@@ -156,6 +174,9 @@ class DistillConfig:
         if unknown:
             raise ValueError(f"unknown DistillConfig keys: {unknown}; known: {sorted(cls.field_names())}")
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        if "dcm_delta" in d:      # configs saved before the release's dCM (a fixed TrigFlow step); no longer used
+            warnings.warn(f"DistillConfig.dcm_delta={d.pop('dcm_delta')} is ignored: dCM now follows NVlabs/rcm "
+                          "(dcm_total_steps, dcm_shift)", DeprecationWarning, stacklevel=2)
         return cls(**d).validate()
 
     @classmethod
@@ -165,7 +186,9 @@ class DistillConfig:
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["stages"] = [[st.method, st.updates] for st in self.stages]     # JSON-friendly, from_dict reads it back
+        return d
 
     def replace(self, **kw) -> "DistillConfig":
         return DistillConfig.from_dict({**self.to_dict(), **kw})
@@ -174,6 +197,16 @@ class DistillConfig:
     def validate(self) -> "DistillConfig":
         if self.method not in METHODS:
             raise ValueError(f"DistillConfig.method={self.method!r}; known: {METHODS}")
+        self.stages = parse_stages(self.stages)
+        if self.stages:
+            if self.method != "rcm":
+                raise ValueError(f"DistillConfig.stages is an rCM schedule: method must be 'rcm' (got "
+                                 f"{self.method!r}); for one method alone leave stages empty")
+            need = stage_iterations(self.stages, self.student_update_freq)
+            if self.iterations != need:
+                raise ValueError(f"DistillConfig.stages ({describe(self.stages, self.student_update_freq)}) add up "
+                                 f"to {need} iterations, but iterations={self.iterations}: set iterations={need} "
+                                 "or change the phases")
         if self.time_derivative not in ("jvp", "semi_continuous"):
             raise ValueError(f"DistillConfig.time_derivative={self.time_derivative!r}; known: jvp, semi_continuous")
         if self.activation_checkpointing not in ("none", "full", "selective"):
@@ -213,18 +246,19 @@ class DistillConfig:
                     raise ValueError(f"DistillConfig.{f.name} must be finite, got {v}")
         integers = ("rollout_max_steps", "student_update_freq", "tangent_warmup_steps", "lr_warmup_steps",
                     "batch_size", "iterations", "micro_batch", "context_parallel", "fsdp_shard_size", "ac_every",
-                    "seed")
+                    "seed", "dcm_total_steps", "grad_ratio_every")
         for name in integers:          # counts: a float such as 0.5 or 1.5 is a mistake, not a rounding request
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise ValueError(f"DistillConfig.{name} must be an integer, got {v!r}")
         positive = ("context_parallel", "P_std", "tangent_norm_c", "dmd_shift", "dmd_P_std", "rollout_max_steps", "student_update_freq",
-                    "batch_size", "sigma_max", "fd_step", "dcm_delta")
+                    "batch_size", "sigma_max", "fd_step", "dcm_total_steps", "dcm_shift", "critic_lag_warn")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"DistillConfig.{name} must be > 0, got {getattr(self, name)}")
         nonneg = ("tangent_warmup_steps", "loss_scale", "loss_scale_dmd", "lr_student", "lr_fake",
-                  "weight_decay", "iterations", "ema_sigma_rel", "lr_warmup_steps", "fsdp_shard_size", "micro_batch")
+                  "weight_decay", "iterations", "ema_sigma_rel", "lr_warmup_steps", "fsdp_shard_size", "micro_batch",
+                  "grad_ratio_every")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ValueError(f"DistillConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -247,20 +281,34 @@ class DistillConfig:
 
     # ---- derived ---------------------------------------------------------------
     @property
+    def methods(self) -> tuple:
+        """The methods this run trains with: its phases' (staged) or its method."""
+        return tuple(dict.fromkeys(st.method for st in self.stages)) or (self.method,)
+
+    @property
     def uses_dmd(self) -> bool:
-        return self.method in ("rcm", "dmd") and self.loss_scale_dmd > 0
+        """A fake score (critic) is trained at some point of the run."""
+        return any(m in ("rcm", "dmd") for m in self.methods) and self.loss_scale_dmd > 0
 
     @property
     def uses_consistency(self) -> bool:
-        return self.method in ("rcm", "scm", "dcm") and self.loss_scale > 0
+        return any(m in ("rcm", "scm", "dcm") for m in self.methods) and self.loss_scale > 0
 
 
 # Two families of presets for each Wan2.1 size:
-#   "wan2.1-1.3b", "wan2.1-14b", "cosmos-predict2": the paper's values (arXiv 2510.08431; rcm-algorithm.md
-#       sections 2-6);
-#   "wan2.1-1.3b-nvlabs", "wan2.1-14b-nvlabs": the values the public release ships (NVlabs/rcm,
+#   "wan2.1-1.3b", "wan2.1-14b" (the defaults): the values the public release ships (NVlabs/rcm,
 #       rcm/configs/experiments/rcm/wan2pt1_t2v.py, called EXP below, and its defaults), with the source
-#       of each value in PRESET_SOURCES.
+#       of each value in PRESET_SOURCES. "wan2.1-1.3b-nvlabs", "wan2.1-14b-nvlabs": the same presets under
+#       their earlier names (run configs saved before the release became the default name them).
+#   "wan2.1-1.3b-paper", "wan2.1-14b-paper", "cosmos-predict2": the paper's values (arXiv 2510.08431;
+#       rcm-algorithm.md sections 2-6).
+#   Release (default) vs paper: EMA sigma_rel 0.10 vs 0.05; sampler mid times (1.5, 1.4, 1.0) vs
+#       (1.3, 1.0, 0.6); 14B only: tangent warm-up 0 vs 200 steps, sigma_max 200 vs 80. Both: LR warm-up
+#       100 updates (the release's; the paper states none).
+#   Clip length is no preset field: the teacher's default clip (rcm_core.real.specs: 480 x 832 x 81 pixel
+#       frames = 21 latent frames) is the release's 14B training clip (EXP: state_t=21); the release trains
+#       1.3B on state_t=20 latent frames = 77 pixel frames ((20 - 1) * 4 + 1: pixel clips subsampled to 77,
+#       latent clips cut to their first 20), which the project leaves to the frames option (--frames 77).
 # The teacher's CFG weight is not part of a preset: it comes from the teacher (Teacher.guidance: Wan 5.0,
 # Cosmos 4.5) unless DistillConfig.guidance overrides it.
 # Project settings (not from either source): dtype, activation checkpointing and FSDP. Real teachers
@@ -270,16 +318,21 @@ class DistillConfig:
 # shard with FSDP2. The fused sCM tangent works under FSDP2 when every block is checkpointed.
 _WAN_13B_PAPER = dict(P_mean=0.7, P_std=1.6, tangent_warmup_steps=1000, student_update_freq=5,
                       lr_student=2e-6, lr_fake=4e-7, dmd_time="rf_shift", dmd_shift=5.0, sigma_max=80.0,
-                      mid_t=(1.3, 1.0, 0.6), ema_sigma_rel=0.05, batch_size=256, iterations=10_000,
-                      dtype="bfloat16", activation_checkpointing="full")
+                      mid_t=(1.3, 1.0, 0.6), ema_sigma_rel=0.05, lr_warmup_steps=100, batch_size=256,
+                      iterations=10_000, dtype="bfloat16", activation_checkpointing="full")
 _WAN_14B_PAPER = dict(_WAN_13B_PAPER, P_mean=1.5, tangent_warmup_steps=200, student_update_freq=10,
                       lr_student=1e-6, lr_fake=1e-7, batch_size=64, fsdp=True)
+# the release: the paper's values but for these (PRESET_SOURCES["wan2.1-1.3b"] / ["wan2.1-14b"] say where)
+_WAN_13B_RELEASE = dict(_WAN_13B_PAPER, ema_sigma_rel=0.10, mid_t=(1.5, 1.4, 1.0), lr_warmup_steps=100)
+_WAN_14B_RELEASE = dict(_WAN_14B_PAPER, tangent_warmup_steps=0, sigma_max=200.0, ema_sigma_rel=0.10,
+                        mid_t=(1.5, 1.4, 1.0), lr_warmup_steps=100)
 PRESETS: dict[str, dict] = {
-    "wan2.1-1.3b": _WAN_13B_PAPER,
-    "wan2.1-14b": _WAN_14B_PAPER,
-    "wan2.1-1.3b-nvlabs": dict(_WAN_13B_PAPER, ema_sigma_rel=0.10, mid_t=(1.5, 1.4, 1.0), lr_warmup_steps=100),
-    "wan2.1-14b-nvlabs": dict(_WAN_14B_PAPER, tangent_warmup_steps=0, sigma_max=200.0, ema_sigma_rel=0.10,
-                              mid_t=(1.5, 1.4, 1.0), lr_warmup_steps=100),
+    "wan2.1-1.3b": _WAN_13B_RELEASE,
+    "wan2.1-14b": _WAN_14B_RELEASE,
+    "wan2.1-1.3b-paper": _WAN_13B_PAPER,
+    "wan2.1-14b-paper": _WAN_14B_PAPER,
+    "wan2.1-1.3b-nvlabs": _WAN_13B_RELEASE,      # earlier names of the defaults
+    "wan2.1-14b-nvlabs": _WAN_14B_RELEASE,
     "cosmos-predict2": dict(P_mean=-0.8, P_std=1.6, tangent_warmup_steps=0, student_update_freq=5,
                             lr_student=1e-6, lr_fake=2e-7, dmd_time="lognormal",
                             dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16",
@@ -290,18 +343,21 @@ PRESETS: dict[str, dict] = {
                      batch_size=32, iterations=400, ema_sigma_rel=0.05, dtype="float32"),
 }
 # Wan2.2: no published rCM recipe (the paper and NVlabs/rcm cover Wan2.1 and Cosmos-Predict2). The presets take
-# the paper's Wan2.1 values of the closest configuration and the project's memory settings:
-#   "wan2.2-ti2v-5b": the Wan2.1-1.3B paper values (time distributions, K=5, warm-up 1000, lr 2e-6 / 4e-7); its
+# the default (release) Wan2.1 values of the closest configuration and the project's memory settings:
+#   "wan2.2-ti2v-5b": the "wan2.1-1.3b" values (time distributions, K=5, tangent warm-up 1000, lr 2e-6 / 4e-7,
+#       EMA 0.10, mid times (1.5, 1.4, 1.0), sigma_max 80); its
 #       704 x 1280 x 121 latents (31 x 44 x 80 at 16x/4x, 27,280 tokens) are the size of Wan2.1's 480p x 81
 #       (32,760); 5B parameters do not fit one 80 GiB GPU replicated (~190 GB of training state): FSDP2.
-#   "wan2.2-t2v-a14b": each expert is a Wan2.1-14B network: the Wan2.1-14B paper values (P_mean 1.5, K=10,
-#       warm-up 200, lr 1e-6 / 1e-7, batch 64, FSDP2). The student is ONE network started from the low-noise expert
+#   "wan2.2-t2v-a14b": each expert is a Wan2.1-14B network: the "wan2.1-14b" values (P_mean 1.5, K=10, no tangent
+#       warm-up, sigma_max 200, lr 1e-6 / 1e-7, EMA 0.10, mid times (1.5, 1.4, 1.0), batch 64, FSDP2).
+#       (Before the release became the default both took the paper's values: pass those as overrides to get them.)
+#       The student is ONE network started from the low-noise expert
 #       (DistillConfig.moe_student="one", the default; "two": both experts, rcm_core.denoiser.TimestepExperts;
 #       BENCHMARKS.md "Wan2.2 A14B student: one network or two").
 # The CFG weights (5.0; A14B 4.0 high-noise / 3.0 low-noise expert) and sampler shifts (5.0; 12.0) are the
 # teachers' (rcm_core.real.specs, from Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py and wan_t2v_A14B.py).
-PRESETS["wan2.2-ti2v-5b"] = dict(_WAN_13B_PAPER, fsdp=True)
-PRESETS["wan2.2-t2v-a14b"] = dict(_WAN_14B_PAPER)
+PRESETS["wan2.2-ti2v-5b"] = dict(_WAN_13B_RELEASE, fsdp=True)
+PRESETS["wan2.2-t2v-a14b"] = dict(_WAN_14B_RELEASE)
 PRESETS["cosmos-predict2-2b"] = PRESETS["cosmos-predict2"]
 PRESETS["cosmos-predict2-14b"] = PRESETS["cosmos-predict2"]
 
@@ -324,20 +380,23 @@ _RELEASE_COMMON = {
                        "f_start=[1e-6], f_max=f_min=[1.0])",
     "tangent_norm_c": "rcm/models/t2v_model_distill_rcm.py: g / (||g|| + 0.1)",
 }
-# Where each value of the release presets comes from (file: key=value in NVlabs/rcm).
+# Where each value of the release presets (the Wan2.1 defaults) comes from (file: key=value in NVlabs/rcm).
 PRESET_SOURCES: dict[str, dict[str, str]] = {
-    "wan2.1-1.3b-nvlabs": dict(_RELEASE_COMMON, **{
+    "wan2.1-1.3b": dict(_RELEASE_COMMON, **{
         "lr_student": f"{_EXP}: WAN2PT1_1PT3B optimizer.lr=2e-6",
         "lr_fake": f"{_EXP}: WAN2PT1_1PT3B optimizer_fake_score.lr=4e-7",
         "student_update_freq": f"{_EXP}: WAN2PT1_1PT3B student_update_freq=5",
         "tangent_warmup_steps": f"{_EXP}: WAN2PT1_1PT3B tangent_warmup=1000",
         "sigma_max": f"{_EXP}: WAN2PT1_1PT3B sigma_max=80",
     }),
-    "wan2.1-14b-nvlabs": dict(_RELEASE_COMMON, **{
+    "wan2.1-14b": dict(_RELEASE_COMMON, **{
         "lr_student": f"{_EXP}: WAN2PT1_14B optimizer.lr=1e-6",
         "lr_fake": f"{_EXP}: WAN2PT1_14B optimizer_fake_score.lr=1e-7",
         "student_update_freq": f"{_EXP}: WAN2PT1_14B student_update_freq=10",
         "tangent_warmup_steps": f"{_EXP}: WAN2PT1_14B tangent_warmup=0",
-        "sigma_max": f"{_EXP}: WAN2PT1_14B sigma_max=200",
+        "sigma_max": f"{_EXP}: WAN2PT1_14B sigma_max=200 (the model's few-step sampler; "
+                     "rcm/inference/wan2pt1_t2v_rcm_infer.py's --sigma_max defaults to 80 for both sizes)",
     }),
 }
+PRESET_SOURCES["wan2.1-1.3b-nvlabs"] = PRESET_SOURCES["wan2.1-1.3b"]
+PRESET_SOURCES["wan2.1-14b-nvlabs"] = PRESET_SOURCES["wan2.1-14b"]

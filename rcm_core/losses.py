@@ -107,6 +107,17 @@ def _masked_mean(per_sample: torch.Tensor, mask: Optional[torch.Tensor]) -> torc
     return per_sample[mask].sum() / per_sample.shape[0]
 
 
+def dmd_direction(G: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor, clip: float = 1e-5) -> torch.Tensor:
+    """(x0_fake - x0_real) / w per sample, w = mean|G - x0_real| clipped at ``clip`` (float64, no grad).
+
+    Half the per-sample gradient of :func:`dmd_loss` w.r.t. G.
+    """
+    with torch.no_grad():
+        G64, real = G.detach().to(torch.float64), x0_real.to(torch.float64)
+        weight = _flat((G64 - real).abs()).mean(1).clamp_min(clip)
+        return (x0_fake.to(torch.float64) - real) / expand_like(weight, G64)
+
+
 def dmd_loss(G: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor, clip: float = 1e-5,
              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """|| G - sg(G - (x0_fake - x0_real) / w) ||^2 summed per sample, w = mean|G - x0_real| (float64).
@@ -117,10 +128,7 @@ def dmd_loss(G: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor, clip
     ``mask`` (B,) keeps the finite samples; the others contribute zero.
     """
     G64 = G.to(torch.float64)
-    with torch.no_grad():
-        diff = (x0_fake.to(torch.float64) - x0_real.to(torch.float64))
-        weight = _flat((G64 - x0_real.to(torch.float64)).abs()).mean(1).clamp_min(clip)
-        target = (G64 - diff / expand_like(weight, G64)).detach()
+    target = (G64 - dmd_direction(G, x0_fake, x0_real, clip)).detach()
     return _masked_mean(_flat((G64 - target) ** 2).sum(1), mask)
 
 
@@ -132,9 +140,30 @@ def critic_loss(G: torch.Tensor, x0_fake: torch.Tensor, t_D: torch.Tensor,
     return _masked_mean(per_sample, mask)
 
 
-def dcm_loss(x0_theta: torch.Tensor, x0_target: torch.Tensor, delta: float) -> torch.Tensor:
-    """Discrete-time consistency: ||f_theta(x_t, t) - sg f_theta(x_t', t')||^2 / delta."""
-    return _flat((x0_theta - x0_target.detach()) ** 2).sum(1).mean() / delta
+def dcm_times(u: torch.Tensor, total_steps: int = 48, shift: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """dCM's pair of times (NVlabs/rcm ``_student_dcm_step``) from uniforms u in [0, 1).
+
+    RF times s_0 = 1 - u (1 - du) and s_1 = s_0 - du with du = 1 / total_steps, each shifted
+    (s' = shift s / (1 + (shift - 1) s)) and converted to TrigFlow t = arctan(s' / (1 - s')).
+    Returns (t_0, t_1), t_0 > t_1.
+    """
+    du = 1.0 / total_steps
+    s0 = 1.0 - u * (1.0 - du)
+    s1 = s0 - du
+
+    def trig(s):
+        s = shift * s / (1 + (shift - 1) * s)
+        return torch.atan2(s, 1 - s)
+
+    return trig(s0), trig(s1)
+
+
+def dcm_loss(x0_theta: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:
+    """Discrete-time consistency: ||f_theta(x_t0, t0) - sg f_theta(x_t1, t1)||^2 summed per sample, batch mean.
+
+    As the reference, with no 1/delta: the caller scales it by ``loss_scale`` like the sCM loss.
+    """
+    return _flat((x0_theta - x0_target.detach()) ** 2).sum(1).mean()
 
 
 def student_update(step: int, warmup_steps: int, freq: int) -> bool:

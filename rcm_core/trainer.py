@@ -19,6 +19,7 @@ import copy
 import io
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -29,11 +30,13 @@ from .config import DistillConfig
 from .denoiser import TrigFlowDenoiser, guided
 from .ema import PowerEMA
 from .parallel import ParallelConfig, fsdp_mesh, is_sharded, parallelize
-from .losses import (critic_loss, critic_updates_before, dcm_loss, dmd_loss, lr_warmup_factor, nan_mask,
+from .losses import (critic_loss, critic_updates_before, dcm_loss, dcm_times, dmd_direction, dmd_loss,
+                     lr_warmup_factor, nan_mask,
                      normalize_tangent, rollout_steps, scm_loss, scm_target, student_update, student_updates_before,
                      t_lognormal, t_shifted_rf, tangent_warmup_ratio)
 from .rng import SampleRNG, stream_seed
 from .sampling import sample_student, student_rollout
+from .stages import StagePosition, locate
 from .trigflow import expand_like, noisy_sample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -146,6 +149,36 @@ def _zero_nonfinite_grads(params) -> int:
         dist.all_reduce(sharded)
         count += int(sharded)
     return count
+
+
+def _sq_norm(tensors) -> float:
+    """Sum of squares of a list of (possibly sharded, possibly None) gradient tensors, over all ranks' shards."""
+    sharded, total = None, 0.0
+    for t in tensors:
+        if t is None:
+            continue
+        if _is_dtensor(t):
+            sq = t.to_local().double().pow(2).sum()
+            sharded = sq if sharded is None else sharded + sq
+        else:
+            total += float(t.double().pow(2).sum())
+    if sharded is not None:
+        dist.all_reduce(sharded)
+        total += float(sharded)
+    return total
+
+
+def _accumulate_delta(acc: list, params, before: list) -> None:
+    """acc[k] += p.grad - before[k]: what the last backward added to each gradient."""
+    for k, p in enumerate(params):
+        if p.grad is None:
+            continue
+        d = p.grad.detach() - before[k] if before[k] is not None else p.grad.detach().clone()
+        acc[k] = d if acc[k] is None else acc[k] + d
+
+
+# the critic's reference loss is the mean of its first this many updates
+CRITIC_REF_UPDATES = 5
 
 
 def _any_rank(flag: bool, device) -> bool:
@@ -293,6 +326,11 @@ class RCMTrainer:
         self.step = 0
         self.rank = rank
         self.gen = torch.Generator(device=self.device)
+        # critic diagnostics: the mean loss of its first CRITIC_REF_UPDATES updates (the reference level) and a
+        # smoothed loss relative to it; saved with the checkpoint
+        self.critic_ref: Optional[float] = None
+        self._critic_first: list = []
+        self.critic_rel_smooth: Optional[float] = None
         self._reseed()
 
     def _build_lora(self, teacher, param, call, net_dtype, pcfg, mesh, student_net, fake_net, student_param) -> None:
@@ -344,10 +382,25 @@ class RCMTrainer:
 
     @property
     def warmup_steps(self) -> int:
-        return 0 if self.cfg.method == "dmd" else self.cfg.tangent_warmup_steps
+        """H of the joint schedule (student every iteration before it); 0 for DMD and for staged runs."""
+        return 0 if self.cfg.method == "dmd" or self.cfg.stages else self.cfg.tangent_warmup_steps
+
+    def stage(self, step: Optional[int] = None) -> Optional[StagePosition]:
+        """Where ``step`` is in the staged schedule (None: not staged)."""
+        if not self.cfg.stages:
+            return None
+        return locate(self.step if step is None else step, self.cfg.stages, self.cfg.student_update_freq)
+
+    def method(self, step: Optional[int] = None) -> str:
+        """The method trained at ``step``: the phase's in a staged run, else the config's."""
+        pos = self.stage(step)
+        return pos.method if pos is not None else self.cfg.method
 
     def is_student_step(self, step: Optional[int] = None) -> bool:
         step = self.step if step is None else step
+        pos = self.stage(step)
+        if pos is not None:
+            return pos.student_step
         return not self.cfg.uses_dmd or student_update(step, self.warmup_steps, self.cfg.student_update_freq)
 
     def sample_t_D(self, rng: SampleRNG) -> torch.Tensor:
@@ -365,6 +418,9 @@ class RCMTrainer:
         reference does, so both networks see every rollout length whatever K is.
         """
         step = self.step if step is None else step
+        pos = self.stage(step)
+        if pos is not None:
+            return pos.student_updates_before if pos.student_step else pos.critic_updates_before
         if not self.cfg.uses_dmd:
             return step
         h, k = self.warmup_steps, self.cfg.student_update_freq
@@ -422,36 +478,48 @@ class RCMTrainer:
         return F_theta, F_theta.detach(), J.detach()
 
     # ---- the two updates ----------------------------------------------------------------
+    def _dcm_term(self, x0, cond, uncond, rng: SampleRNG, b: int):
+        """Discrete-time CM (NVlabs/rcm ``_student_dcm_step``): times (t_0, t_1) from :func:`dcm_times`, one
+        teacher Euler step in TrigFlow x_1 = x_0 - (t_0 - t_1) F_T (CFG), target sg f_theta(x_1, t_1)."""
+        c = self.cfg
+        t, t_prev = dcm_times(rng.rand(), c.dcm_total_steps, c.dcm_shift)
+        x_t = noisy_sample(x0, rng.randn(x0.shape[1:]), t)
+        with torch.no_grad(), self._amp():
+            F_T = guided(self.teacher, x_t, t, cond, uncond, self.guidance)
+            x_prev = x_t - expand_like(t - t_prev, x_t) * F_T
+            target = self.student.x0(x_prev, t_prev, cond)
+        mask = nan_mask(target)
+        sel = mask if bool(mask.any()) else torch.ones_like(mask)   # keep a graph on every rank
+        with self._amp():
+            x0_theta = self.student.x0(x_t[sel], t[sel], cond[sel])
+        keep = mask[sel]
+        if not bool(keep.any()):
+            return x0_theta[keep].sum(), mask                      # zero loss, graph kept
+        return dcm_loss(x0_theta[keep], target[sel][keep]) * keep.sum() / b, mask
+
     def _scm_term(self, x0, cond, uncond, m: dict, rng: SampleRNG, b: int):
         """sCM (or discrete CM) loss of the student on this (micro-)batch, normalised by the rank's batch
         ``b``; returns (loss, finite-sample mask)."""
         c = self.cfg
+        if self.method() == "dcm":
+            return self._dcm_term(x0, cond, uncond, rng, b)
         t = t_lognormal(rng.randn(), c.P_mean, c.P_std)
         x_t = noisy_sample(x0, rng.randn(x0.shape[1:]), t)
         with torch.no_grad(), self._amp():
             F_T = guided(self.teacher, x_t, t, cond, uncond, self.guidance)
-        if c.method == "dcm":
-            t_prev = (t - c.dcm_delta).clamp_min(1e-4)
-            dt = expand_like(t - t_prev, x_t)
-            x_prev = torch.cos(dt) * x_t - torch.sin(dt) * F_T         # teacher DDIM step in TrigFlow
-            with torch.no_grad(), self._amp():
-                target = self.student.x0(x_prev, t_prev, cond)
-            mask = nan_mask(target)
-            sel = mask if bool(mask.any()) else torch.ones_like(mask)   # keep a graph on every rank
-            with self._amp():
-                x0_theta = self.student.x0(x_t[sel], t[sel], cond[sel])
-            keep = mask[sel]
-            if not bool(keep.any()):
-                return x0_theta[keep].sum(), mask                      # zero loss, graph kept
-            return dcm_loss(x0_theta[keep], target[sel][keep], c.dcm_delta) * keep.sum() / b, mask
         fused = c.fused_tangent and c.time_derivative == "jvp"
         if fused:
             F_theta, F_minus, J = self.student_with_tangent(x_t, t, F_T, cond)
         else:
             F_minus, J = self.tangent(x_t, t, F_T, cond)
-        r = tangent_warmup_ratio(self.step, c.tangent_warmup_steps)
-        g = normalize_tangent(scm_target(F_minus, F_T, J, x_t, t, r, warmup_scales_jvp=c.warmup_scales_jvp),
-                              c.tangent_norm_c)
+        # r follows the student's own updates (= the iteration during the joint schedule's warm-up)
+        r = tangent_warmup_ratio(self.updates_before(), c.tangent_warmup_steps)
+
+        def target(F_m):
+            return normalize_tangent(scm_target(F_m, F_T, J, x_t, t, r, warmup_scales_jvp=c.warmup_scales_jvp),
+                                     c.tangent_norm_c)
+
+        g = target(F_minus)
         mask = nan_mask(g, F_minus)
         # the loss's graph covers the finite samples only (a NaN sample would poison the weight grads);
         # with none finite, the full batch keeps a graph (zero loss) so every rank runs its backward
@@ -459,14 +527,18 @@ class RCMTrainer:
         if not fused or not bool(sel.all()):
             with self._amp():
                 F_theta = self.student(x_t[sel], t[sel], cond[sel])
+        # F^- = sg(F_theta) of the back-propagated pass, in g and in the loss, as the reference does (its JVP
+        # pass's output is discarded). The fused pass has it exactly; a separate no-grad JVP pass gives only J:
+        # on the GPU its F comes from another attention kernel (the tangent kernel vs SDPA/FA3), and in bf16 the
+        # difference was as large as g (tests/test_fsdp.py's bf16 check).
+        F_sg = F_theta.detach()
+        if not fused:
+            F_m = F_minus.clone()
+            F_m[sel] = F_sg.to(F_m.dtype)
+            g = target(F_m)
+            mask = mask & nan_mask(g)
         keep = mask[sel]
-        # F^- = sg(F_theta) of THIS pass (the fused pass has it exactly). The reference subtracts the JVP
-        # pass's output; with a separate pass on the GPU that output comes from another attention kernel (the
-        # project's tangent kernel vs SDPA/FA3 for the primal), and in bf16 F_theta - F^- was as large as g:
-        # the sCM loss rose from ~1.0 to 1.5-4.8 and the student's gradient was 34-87% off float64
-        # (tests/test_fsdp.py's bf16 check). The gradient is the reference's intended -2 g dF_theta/dtheta.
-        F_sg = F_theta[keep].detach()
-        l_cm = scm_loss(F_theta[keep], F_sg, g[sel][keep], b)
+        l_cm = scm_loss(F_theta[keep], F_sg[keep], g[sel][keep], b)
         m["tangent_ratio"] = r
         m.setdefault("_g_norms", []).append(
             torch.linalg.vector_norm(g[mask].flatten(1), dim=1).detach())
@@ -482,7 +554,9 @@ class RCMTrainer:
             x0_fake = self.fake.x0(x_D, t_D, cond)
             x0_real = guided(self.teacher, x_D, t_D, cond, uncond, self.guidance, want="x0")
         mask = nan_mask(G.detach(), x0_fake, x0_real)
-        return dmd_loss(G, x0_fake, x0_real, mask=mask), mask
+        # per-sample norm of the direction (x0_fake - x0_real) / w: the diagnostics' DMD gradient on the outputs
+        norms = torch.linalg.vector_norm(dmd_direction(G, x0_fake, x0_real)[mask].flatten(1), dim=1)
+        return dmd_loss(G, x0_fake, x0_real, mask=mask), mask, norms
 
     def _set_lr(self, opt, base_lr: float) -> float:
         lr = base_lr * lr_warmup_factor(self.updates_before(), self.cfg.lr_warmup_steps)
@@ -529,11 +603,18 @@ class RCMTrainer:
         uncond = self._per_sample_uncond(uncond, b)
         self.opt_student.zero_grad(set_to_none=True)
         losses, masks = {}, {}
-        dmd = c.uses_dmd and self.step >= self.warmup_steps
+        method = self.method()
+        cm = method in ("rcm", "scm", "dcm") and c.loss_scale > 0
+        dmd = method in ("rcm", "dmd") and c.loss_scale_dmd > 0 and self.step >= self.warmup_steps
         n = self.rollout_steps() if dmd else 0
+        params = list(self.student.parameters())
+        # the DMD/sCM ratio on the weights: the DMD backward's share of the gradients, kept apart
+        split = cm and dmd and c.grad_ratio_every > 0 and self.updates_before() % c.grad_ratio_every == 0
+        dmd_grads = [None] * len(params) if split else None
+        dmd_norms = []
         for i, j in self._chunks(b):
             r = rng.subset(i, j)
-            if c.uses_consistency:
+            if cm:
                 l_cm, mask = self._scm_term(x0[i:j], cond[i:j], uncond[i:j], m, r, b)
                 losses["cm"] = losses.get("cm", 0.0) + float(l_cm.detach())
                 masks.setdefault("cm", []).append(mask)
@@ -541,15 +622,21 @@ class RCMTrainer:
                     (c.loss_scale * self._bwd_scale * l_cm).backward()
                 del l_cm
             if dmd:
-                l_dmd, mask = self._dmd_term(cond[i:j], uncond[i:j], x0.shape[1:], r, n)
+                l_dmd, mask, norms = self._dmd_term(cond[i:j], uncond[i:j], x0.shape[1:], r, n)
                 losses["dmd"] = losses.get("dmd", 0.0) + float(l_dmd.detach()) * (j - i) / b
                 masks.setdefault("dmd", []).append(mask)
+                dmd_norms.append(norms)
+                before = [p.grad.detach().clone() if p.grad is not None else None for p in params] if split else None
                 if l_dmd.requires_grad:
                     (c.loss_scale_dmd * self._bwd_scale * l_dmd * ((j - i) / b)).backward()
                 del l_dmd
+                if split:
+                    _accumulate_delta(dmd_grads, params, before)
+                    del before
         masks = {k: torch.cat(v) for k, v in masks.items()}
         if "cm" in losses:
             m["nan_masked"] = int(b - masks["cm"].sum())
+            m["nan_masked_frac"] = m["nan_masked"] / b
             m["loss_cm"] = losses["cm"]
             gns = m.pop("_g_norms", None)
             if gns is not None:
@@ -558,8 +645,23 @@ class RCMTrainer:
         if dmd:
             m["rollout_steps"] = n
             m["dmd_nan_masked"] = int(b - masks["dmd"].sum())
+            m["dmd_nan_masked_frac"] = m["dmd_nan_masked"] / b
             m["loss_dmd"] = losses["dmd"]
-        params = list(self.student.parameters())
+            dn = torch.cat(dmd_norms)
+            if cm and "g_norm" in m and dn.numel():
+                # per sample: d(loss_scale_dmd L_DMD)/dG = 2 loss_scale_dmd (x0_fake - x0_real) / w / b and
+                # d(loss_scale L_sCM)/dF_theta = -2 loss_scale g / b; their mean norms' ratio
+                m["dmd_scm_ratio_out"] = c.loss_scale_dmd * float(dn.mean()) / (c.loss_scale * m["g_norm"])
+        if split:
+            total = [p.grad for p in params]
+            d_sq = _sq_norm(dmd_grads)
+            s_sq = _sq_norm([None if t is None else (t - d if d is not None else t) for t, d in zip(total, dmd_grads)])
+            m["grad_norm_dmd"], m["grad_norm_scm"] = math.sqrt(d_sq), math.sqrt(s_sq)
+            m["dmd_scm_ratio_w"] = math.sqrt(d_sq / s_sq) if s_sq > 0 else float("inf")
+            del dmd_grads, total
+        pos = self.stage()
+        m["stage"] = pos.index if pos is not None else 0
+        m["stage_method"] = method
         if self._finish(self.opt_student, params, losses, masks, m, "student"):
             self.ema.update(self.student.net)
         m["loss"] = c.loss_scale * losses.get("cm", 0.0) + c.loss_scale_dmd * losses.get("dmd", 0.0)
@@ -589,8 +691,35 @@ class RCMTrainer:
         mask = torch.cat(masks)
         m["critic_nan_masked"] = int(b - mask.sum())
         m["loss_fake"] = m["loss"] = total
+        pos = self.stage()
+        m["stage"] = pos.index if pos is not None else 0
+        m["stage_method"] = pos.method if pos is not None else self.cfg.method
+        self._critic_diagnostics(total, m)
         self._finish(self.opt_fake, list(self.fake.parameters()), {"fake": total}, {"fake": mask}, m, "fake")
         return m
+
+    def _critic_diagnostics(self, loss: float, m: dict) -> None:
+        """``critic_loss_rel``: the critic's loss over the mean of its first CRITIC_REF_UPDATES losses;
+        ``critic_behind`` = 1 while its smoothed value exceeds ``critic_lag_warn`` (the fake score no longer
+        tracks the student's samples: more critic updates per student update, a higher critic LR or a lower
+        student LR help); a warning when that starts."""
+        if not math.isfinite(loss):
+            return
+        if self.critic_ref is None:
+            self._critic_first.append(loss)
+            if len(self._critic_first) < CRITIC_REF_UPDATES:
+                return
+            self.critic_ref = max(sum(self._critic_first) / len(self._critic_first), 1e-30)
+        rel = loss / self.critic_ref
+        was = self.critic_rel_smooth is not None and self.critic_rel_smooth > self.cfg.critic_lag_warn
+        self.critic_rel_smooth = rel if self.critic_rel_smooth is None else 0.9 * self.critic_rel_smooth + 0.1 * rel
+        behind = self.critic_rel_smooth > self.cfg.critic_lag_warn
+        m["critic_loss_rel"], m["critic_behind"] = rel, float(behind)
+        if behind and not was and self.rank == 0:
+            warnings.warn(f"step {self.step}: the critic falls behind - its smoothed loss is "
+                          f"{self.critic_rel_smooth:.2f}x its start (critic_lag_warn={self.cfg.critic_lag_warn}); "
+                          "consider more critic updates per student update (student_update_freq), a higher lr_fake "
+                          "or a lower lr_student", RuntimeWarning, stacklevel=2)
 
     def train_step(self, batch: dict, sample_offset: Optional[int] = None) -> dict:
         """One update of the student or the critic (by the schedule), on ``batch`` = dict(latents, cond,
@@ -748,7 +877,19 @@ class RCMTrainer:
                 opt.state.clear()                     # saved before its first step
         self.ema.num_updates = int(meta["ema"]["num_updates"])
         self.step = int(meta["step"])
+        self._load_diag_state(meta.get("diagnostics"))
         self._reseed()
+
+    def _diag_state(self) -> dict:
+        return {"critic_ref": self.critic_ref, "critic_first": list(self._critic_first),
+                "critic_rel_smooth": self.critic_rel_smooth}
+
+    def _load_diag_state(self, d: Optional[dict]) -> None:
+        """The critic diagnostics' state (checkpoints written before they existed: start afresh)."""
+        d = d or {}
+        self.critic_ref = d.get("critic_ref")
+        self._critic_first = list(d.get("critic_first") or [])
+        self.critic_rel_smooth = d.get("critic_rel_smooth")
 
     def ema_state_dict(self) -> dict:
         """The EMA student's full weights (with FSDP: a collective; the full dict lands on rank 0). LoRA: the
@@ -778,6 +919,7 @@ class RCMTrainer:
         return {
             "step": self.step,
             "config": self.cfg.to_dict(),
+            "diagnostics": self._diag_state(),
             "student": self._model_sd(self.student.net, "student"),
             "fake": self._model_sd(self.fake.net, "fake") if self.fake is not None else None,
             "ema": {"module": self._model_sd(self.student.net, "ema") if lora else self.ema_state_dict(),
@@ -816,6 +958,7 @@ class RCMTrainer:
             self.ema.load_state_dict(sd["ema"])
             self._load_optim(self.student.net, self.opt_student, sd["opt_student"])
         self.step = int(sd["step"])
+        self._load_diag_state(sd.get("diagnostics"))
         self._reseed()
 
     def _load_optim(self, net, opt, osd: Optional[dict], names: Optional[list] = None) -> None:
@@ -854,6 +997,7 @@ class RCMTrainer:
             opt_parts = [f"opt_{n}" for n, (_, opt) in self._ckpt_parts().items() if opt is not None and opt.state]
             meta = {"step": self.step, "config": self.cfg.to_dict(), "sharded": self.sharded,
                     "ema": {"num_updates": self.ema.num_updates, "sigma_rel": self.ema.sigma_rel},
+                    "diagnostics": self._diag_state(),
                     "parts": sorted(self._ckpt_parts()) + opt_parts}
             save_dcp(self._dcp_state(opt_parts), url, meta, storage_options, collective=self.sharded)
             return

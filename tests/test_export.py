@@ -139,7 +139,8 @@ def test_export_files_single_file_and_auto_loaded_scheduler(distilled):
     assert index["_class_name"] == "WanPipeline" and index["scheduler"] == ["rcm_core.scheduler", "RCMScheduler"]
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert sched["_class_name"] == "RCMScheduler" and sched["sigma_max"] == 80.0
-    assert sched["mid_t"] == [1.3, 1.0, 0.6] and sched["num_inference_steps"] == 4 and sched["prediction_type"] == "flow"
+    # the "wan2.1-1.3b" preset's mid times: the release's (NVlabs/rcm rcm/inference/wan2pt1_t2v_rcm_infer.py)
+    assert sched["mid_t"] == [1.5, 1.4, 1.0] and sched["num_inference_steps"] == 4 and sched["prediction_type"] == "flow"
     weights = load_file(str(out / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert set(weights) == set(distilled.ema) and all(torch.equal(weights[k], v) for k, v in distilled.ema.items())
     info = json.loads((out / "rcm_export.json").read_text())
@@ -147,7 +148,7 @@ def test_export_files_single_file_and_auto_loaded_scheduler(distilled):
     assert info["components"]["mode"] == "copy" and set(info["components"]["copied"]) == {"text_encoder", "tokenizer",
                                                                                             "vae"}
     card = (out / "README.md").read_text()
-    for s in ("tiny-wan", "guidance_scale=1.0", "weight 5", "RCMScheduler", "sigma_max 80", "[1.3, 1.0, 0.6]",
+    for s in ("tiny-wan", "guidance_scale=1.0", "weight 5", "RCMScheduler", "sigma_max 80", "[1.5, 1.4, 1.0]",
               "WanPipeline.from_pretrained", "initial_latents", "rcm-student-tiny-wan.safetensors"):
         assert s in card, s
 
@@ -159,7 +160,7 @@ def test_export_files_single_file_and_auto_loaded_scheduler(distilled):
             "blocks.0.cross_attn.o.weight", "blocks.0.norm3.weight", "blocks.0.ffn.0.weight", "time_embedding.0.weight",
             "text_embedding.2.weight", "time_projection.1.weight", "patch_embedding.weight"} <= keys
     assert len(keys) == len(distilled.ema) and not any(k.startswith(("condition_embedder", "proj_out")) for k in keys)
-    assert json.loads(meta["rcm.sampler"]) == {"sigma_max": 80.0, "mid_t": [1.3, 1.0, 0.6], "steps": 4}
+    assert json.loads(meta["rcm.sampler"]) == {"sigma_max": 80.0, "mid_t": [1.5, 1.4, 1.0], "steps": 4}
     m = diffusers.WanTransformer3DModel.from_single_file(sf, config=str(out), subfolder="transformer",
                                                          local_files_only=True, torch_dtype=torch.float64)
     sd = m.state_dict()
@@ -168,13 +169,14 @@ def test_export_files_single_file_and_auto_loaded_scheduler(distilled):
     # no scheduler= needed once rcm_core.scheduler is imported: diffusers resolves model_index's entry
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(out))
     assert type(pipe).__name__ == "WanPipeline" and isinstance(pipe.scheduler, RCMScheduler)
-    assert pipe.scheduler.timesteps.tolist() == pytest.approx([987.654, 782.708, 608.979, 406.224], abs=1e-3)
+    # 1000 tan t / (1 + tan t) at t = arctan 80 and the mid times 1.5, 1.4, 1.0
+    assert pipe.scheduler.timesteps.tolist() == pytest.approx([987.654, 933.781, 852.895, 608.979], abs=1e-3)
 
 
 def test_components_by_reference_come_from_the_teacher(distilled, wan_dir, tmp_path):
     out = tmp_path / "ref"
-    res = export_student(distilled.ema, wan_dir, out, sigma_max=80.0, steps=2, components="reference",
-                         teacher_name="tiny-wan", single_file=False)
+    res = export_student(distilled.ema, wan_dir, out, sigma_max=80.0, mid_t=distilled.cfg.mid_t, steps=2,
+                         components="reference", teacher_name="tiny-wan", single_file=False)
     assert not (out / "text_encoder").exists() and not (out / "vae").exists() and res.single_file is None
     assert set(res.info["components"]["referenced"]) == {"text_encoder", "tokenizer", "vae"}
     with pytest.raises(ExportError, match=r"component 'text_encoder' is not in the export .* components_dir"):

@@ -215,7 +215,7 @@ def test_bad_config_values_fail_naming_the_field():
     with pytest.raises(ValueError, match="tangent_warmup_steps=1000 is longer than the run"):
         DistillConfig.preset("wan2.1-1.3b", iterations=10)
     with pytest.raises(ValueError, match="lr_warmup_steps=100 is longer than the run"):
-        DistillConfig.preset("wan2.1-14b-nvlabs", iterations=50)
+        DistillConfig.preset("wan2.1-14b", iterations=50)             # the release's 14B: no tangent warm-up
     with pytest.raises(ValueError, match="mid_t must be decreasing"):
         DistillConfig(mid_t=(1.3, 1.4)).validate()
     with pytest.raises(ValueError, match="guidance must be >= 0"):
@@ -238,17 +238,55 @@ def test_bad_config_values_fail_naming_the_field():
     DistillConfig.preset("embedded", student_update_freq=np.int64(3), rollout_max_steps=1, mid_t=(1.3, 1.0, 0.6))
 
 
-def test_release_presets_carry_the_reference_values_and_their_sources():
-    w13, w14 = DistillConfig.preset("wan2.1-1.3b-nvlabs"), DistillConfig.preset("wan2.1-14b-nvlabs")
-    assert (w13.lr_student, w13.lr_fake, w13.student_update_freq, w13.tangent_warmup_steps, w13.sigma_max,
-            w13.ema_sigma_rel, w13.mid_t, w13.P_mean) == (2e-6, 4e-7, 5, 1000, 80.0, 0.10, (1.5, 1.4, 1.0), 0.7)
-    assert (w14.lr_student, w14.lr_fake, w14.student_update_freq, w14.tangent_warmup_steps, w14.sigma_max,
-            w14.ema_sigma_rel, w14.mid_t, w14.P_mean) == (1e-6, 1e-7, 10, 0, 200.0, 0.10, (1.5, 1.4, 1.0), 1.5)
-    for name in ("wan2.1-1.3b-nvlabs", "wan2.1-14b-nvlabs"):
+# The release's numbers, copied by hand from NVlabs/rcm (not read back from PRESETS):
+#   rcm/configs/experiments/rcm/wan2pt1_t2v.py (EXP): WAN2PT1_1PT3B_RES480P_T2V optimizer.lr=2e-6,
+#     optimizer_fake_score.lr=4e-7, student_update_freq=5, tangent_warmup=1000, sigma_max=80, p_G p_mean=0.7;
+#     WAN2PT1_14B_RES480P_T2V optimizer.lr=1e-6, optimizer_fake_score.lr=1e-7, student_update_freq=10,
+#     tangent_warmup=0, sigma_max=200, p_G p_mean=1.5; both p_std=1.6, UniformShift(shift=5.0)
+#   rcm/configs/defaults/ema.py: PowerEMAConfig(rate=0.10)
+#   rcm/models/t2v_model_distill_rcm.py: backward_timesteps=[1.5, 1.4, 1.0] (= inference mid_t)
+#   rcm/configs/defaults/scheduler.py: LambdaLinearScheduler(warm_up_steps=[100])
+_PRESET_KEYS = ("lr_student", "lr_fake", "student_update_freq", "tangent_warmup_steps", "sigma_max", "P_mean",
+                "P_std", "dmd_shift", "ema_sigma_rel", "mid_t", "lr_warmup_steps")
+RELEASE = {"1.3b": (2e-6, 4e-7, 5, 1000, 80.0, 0.7, 1.6, 5.0, 0.10, (1.5, 1.4, 1.0), 100),
+           "14b": (1e-6, 1e-7, 10, 0, 200.0, 1.5, 1.6, 5.0, 0.10, (1.5, 1.4, 1.0), 100)}
+# The paper's numbers (arXiv 2510.08431 as /work/shared/rcm-algorithm.md sections 2, 5 and 6 give them): lr 2e-6 /
+# 4e-7 (1.3B), 1e-6 / 1e-7 (14B); K 5 / 10; H 1000 / 200; sigma_max 80; P_mean 0.7 / 1.5, P_std 1.6; RF shift 5;
+# EMA sigma_rel 0.05; mid times (1.3, 1.0, 0.6). The paper states no LR warm-up: the project keeps the release's 100.
+PAPER = {"1.3b": (2e-6, 4e-7, 5, 1000, 80.0, 0.7, 1.6, 5.0, 0.05, (1.3, 1.0, 0.6), 100),
+         "14b": (1e-6, 1e-7, 10, 200, 80.0, 1.5, 1.6, 5.0, 0.05, (1.3, 1.0, 0.6), 100)}
+
+
+def _values(name):
+    c = DistillConfig.preset(name)
+    return tuple(getattr(c, k) for k in _PRESET_KEYS)
+
+
+def test_wan21_defaults_are_the_release_and_the_paper_presets_the_papers():
+    for size in ("1.3b", "14b"):
+        assert _values(f"wan2.1-{size}") == RELEASE[size], size                  # default = the release
+        assert _values(f"wan2.1-{size}-nvlabs") == RELEASE[size], size           # earlier name, same values
+        assert _values(f"wan2.1-{size}-paper") == PAPER[size], size
+    # the project's memory settings, whichever source: bf16, full activation checkpointing; 14B: FSDP2, batch 64
+    for name, fsdp, batch in (("wan2.1-1.3b", False, 256), ("wan2.1-1.3b-paper", False, 256),
+                              ("wan2.1-14b", True, 64), ("wan2.1-14b-paper", True, 64)):
+        c = DistillConfig.preset(name)
+        assert (c.dtype, c.activation_checkpointing, c.fsdp, c.batch_size) == ("bfloat16", "full", fsdp, batch), name
+    # Wan2.2 derives from the Wan2.1 defaults: TI2V-5B from 1.3B (+ FSDP2), A14B from 14B
+    assert _values("wan2.2-ti2v-5b") == RELEASE["1.3b"] and DistillConfig.preset("wan2.2-ti2v-5b").fsdp
+    assert _values("wan2.2-t2v-a14b") == RELEASE["14b"] and DistillConfig.preset("wan2.2-t2v-a14b").fsdp
+
+
+def test_release_presets_name_the_source_of_each_value():
+    for name in ("wan2.1-1.3b", "wan2.1-14b", "wan2.1-1.3b-nvlabs", "wan2.1-14b-nvlabs"):
         src = PRESET_SOURCES[name]
         for key in ("lr_student", "lr_fake", "student_update_freq", "tangent_warmup_steps", "sigma_max",
                     "ema_sigma_rel", "mid_t", "P_mean", "lr_warmup_steps"):
-            assert key in src and "NVlabs/rcm" in src[key] or "rcm/" in src[key], (name, key)
+            assert key in src and src[key].startswith(("NVlabs/rcm ", "rcm/")), (name, key)
+    assert "tangent_warmup=0" in PRESET_SOURCES["wan2.1-14b"]["tangent_warmup_steps"]
+    assert "sigma_max=200" in PRESET_SOURCES["wan2.1-14b"]["sigma_max"]
+    assert "rate=0.10" in PRESET_SOURCES["wan2.1-1.3b"]["ema_sigma_rel"]
+    assert "[1.5, 1.4, 1.0]" in PRESET_SOURCES["wan2.1-1.3b"]["mid_t"]
 
 
 # ---- 6. one source of truth for guidance and dtype -------------------------------------------------------

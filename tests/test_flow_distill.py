@@ -42,6 +42,10 @@ def test_smoke_flow_end_to_end(tmp_path):
     assert mrun.info.status == "FINISHED" and mrun.data.tags["metaflow.run_id"] == run.id
     assert len(client.get_metric_history(d.mlflow_run_id, "train/loss")) == 2
     assert "eval/student_4/digit_acc" in mrun.data.metrics
+    # training diagnostics: distill's diagnostics.json, in the evaluate card and in MLflow under train/
+    assert set(d.train_diagnostics["series"]) >= {"dmd_scm_ratio_out", "critic_loss_rel", "nan_masked_frac"}
+    assert {f.path for f in client.list_artifacts(d.mlflow_run_id, "train")} == {"train/diagnostics.png",
+                                                                                 "train/diagnostics.json"}
     mv = client.get_model_version_by_alias(d.model_name, "champion")
     assert str(mv.version) == str(d.model_version) and mv.tags["metaflow.run_id"] == run.id
     assert mv.tags["data_hash"] == d.data_hash and mv.tags["teacher"] == "embedded" and mv.tags["method"] == "rcm"

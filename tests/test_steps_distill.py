@@ -47,6 +47,15 @@ def test_two_processes_gloo_with_mlflow(tmp_path, cache_url):
     assert [m.step for m in hist] == [1, 2, 3, 4, 5, 6]
     assert client.get_run(run_id).data.params["distill.world_size"] == "2"
     assert client.get_metric_history(run_id, "train/grad_norm_student")
+    # diagnostics.json next to result.json (rank 0): the series of the steps that reported them, the phases
+    diag = json.load(open(os.path.join(out, "diagnostics.json")))
+    assert res["diagnostics_url"] == os.path.join(out, "diagnostics.json")
+    assert set(diag["series"]) == {"dmd_scm_ratio_out", "dmd_scm_ratio_w", "critic_loss_rel", "critic_behind",
+                                   "nan_masked_frac", "dmd_nan_masked_frac"}
+    assert all(1 <= int(s) <= 6 for series in diag["series"].values() for s in series)
+    if diag["stages"]:               # the trainer reports its phase: the run's tag names the current one
+        last = diag["stages"][-1]
+        assert client.get_run(run_id).data.tags["rcm.current_stage"] == f"{last['stage']}:{last['method']}"
 
 
 def test_killed_then_retried_resumes_from_checkpoint(tmp_path, cache_url):
@@ -60,6 +69,11 @@ def test_killed_then_retried_resumes_from_checkpoint(tmp_path, cache_url):
     run_torchrun("rcm_steps.distill", args + ["--fault-at-step", "4"], env=_env(tmp_path))   # the retry
     res = json.load(open(os.path.join(out, "result.json")))
     assert res["resumed_from"] == 4 and res["start_step"] == 4 and res["steps"] == 6
+    # diagnostics.json keeps the killed attempt's steps (written with its checkpoints) and adds the retry's
+    steps = sorted({int(k) for series in json.load(open(os.path.join(out, "diagnostics.json")))["series"].values()
+                    for k in series})
+    if steps:                        # (a trainer that reports no diagnostics: nothing to keep)
+        assert steps[0] <= 4 < steps[-1] <= 6
 
 
 class BlockTeacher(FakeTeacher):

@@ -19,6 +19,11 @@
   (``DistillConfig.lora``: merged weights there) also ``student_lora.safetensors``, the EMA adapter in the
   peft/diffusers LoRA format (``lora_url`` in ``result.json``); a two-expert (A14B) student's ``transformer``
   adapter there and its ``transformer_2`` adapter in ``student_lora_2.safetensors`` (``lora_2_url``).
+* Rank 0 also collects the trainer's per-step diagnostics (DMD/sCM gradient ratios, critic loss relative to
+  its start and ``critic_behind``, NaN-masked fractions, the phase of a staged schedule) into
+  ``diagnostics.json`` beside ``result.json`` (at each checkpoint and at the end; a resumed run keeps the
+  earlier steps; :mod:`rcm_steps.diagnostics`), logs each planned phase as param ``distill.stage_<i>`` =
+  ``method:updates`` and tags the MLflow run ``rcm.current_stage`` = ``<i>:<method>`` as each phase begins.
 * A failure prints a short ``rCM: distill worker (rank r) failed: ...`` block first (see
   :mod:`rcm_steps.errors`); the launcher passes it on to the flow step.
 
@@ -117,6 +122,10 @@ class _MlflowLogger:
         for i in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[i:i + 100])
 
+    def tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, str(value)[:5000])
+
     def metrics(self, step: int, d: Dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -173,6 +182,7 @@ def _run(args: argparse.Namespace) -> int:
     from rcm_core.trainer import RCMTrainer
 
     from .cache import load_cache
+    from .diagnostics import FILE as DIAG_FILE, DiagnosticsCollector, load as load_diagnostics
     from .teacher import is_real_teacher, load_teacher
 
     rank, world, backend = _init_dist()
@@ -219,13 +229,19 @@ def _run(args: argparse.Namespace) -> int:
         resumed_from = int(latest["step"])
     start = trainer.step
     log = _MlflowLogger(args.mlflow_run_id, rank == 0)
+    # per-step diagnostics (DMD/sCM ratios, critic lag, NaN-masked fractions, phases) -> diagnostics.json;
+    # a resumed run keeps the earlier attempts' series up to its start step
+    diag = DiagnosticsCollector(getattr(cfg, "stages", None) or (), getattr(cfg, "critic_lag_warn", None),
+                                previous=load_diagnostics(out.url(DIAG_FILE)) if rank == 0 else None,
+                                upto=start)
     if rank == 0:
         print(f"distill: teacher={teacher.name} method={cfg.method} world={world} backend={backend} "
               f"device={device} samples={n}/rank batch={per_rank}/rank iterations={cfg.iterations} "
               f"start_step={start}" + (f" (resumed from {latest['file']})" if latest else "")
               + (f" student={layout}" if layout else ""), flush=True)
         log.params({**cfg.to_dict(), "world_size": world, "per_rank_batch": per_rank,
-                    "data_hash": data.data_hash, **({"student_layout": layout} if layout else {})})
+                    "data_hash": data.data_hash, **({"student_layout": layout} if layout else {}),
+                    **{f"stage_{i}": f"{meth}:{n}" for i, (meth, n) in enumerate(diag.planned)}})
         if resumed_from is not None:
             log.metrics(start, {"resumed_from_step": resumed_from})
     nan_total = 0
@@ -241,13 +257,18 @@ def _run(args: argparse.Namespace) -> int:
         idx = torch.randint(0, n, (per_rank,), generator=g)
         batch = {"latents": data.latents[idx], "cond": data.cond[idx], "uncond": data.uncond}
         m = trainer.train_step(batch)
+        step = trainer.step
+        if rank == 0:
+            changed = diag.add(step, m)               # before the numeric filter: stage_method is a string
+            if changed is not None:                   # each phase of a staged schedule, as it begins
+                log.tag("rcm.current_stage", f"{changed[0]}:{changed[1] or '?'}")
+                print(f"distill: step {step}: stage {changed[0]} ({changed[1] or '?'})", flush=True)
         samples += per_rank * dp_world
         nan_total += int(m.get("nan_masked", 0))
         m = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         m["samples_per_s"] = m.get("samples_per_s", 0.0) * dp_world
         m["nan_count_total"] = nan_total
         last = m
-        step = trainer.step
         bar.update(1)
         if rank == 0:
             log.metrics(step, m)
@@ -260,6 +281,8 @@ def _run(args: argparse.Namespace) -> int:
                 _save(trainer, out, step, write=rank == 0)
             elif rank == 0:
                 _save(trainer, out, step)
+            if rank == 0:
+                diag.save(out)
         if args.fault_at_step and resumed_from is None and step == args.fault_at_step:
             log.flush()
             print(f"distill: injected fault after step {step}", flush=True)
@@ -302,6 +325,7 @@ def _run(args: argparse.Namespace) -> int:
                   "lora_url": out.url("student_lora.safetensors") if lora_bytes is not None else None,
                   "lora_2_url": out.url("student_lora_2.safetensors") if lora_bytes_2 is not None else None,
                   "checkpoint": (_latest(out) or {}).get("file")}
+        result["diagnostics_url"] = diag.save(out)
         out.write_json("result.json", result)
         log.metrics(trainer.step, {"wall_s": seconds})
         log.flush()
