@@ -102,7 +102,8 @@ def method_config(label: str, updates: int, seed: int, batch: int, overrides: di
     from rcm_core.config import DistillConfig
 
     base = DistillConfig.preset("embedded", **{"batch_size": batch, "seed": seed, **overrides})
-    K, H = base.student_update_freq, min(base.tangent_warmup_steps, updates)
+    K, H = base.student_update_freq, min(base.tangent_warmup_steps, updates // 2)   # short runs: half warm-up
+    base = base.replace(tangent_warmup_steps=H, lr_warmup_steps=min(base.lr_warmup_steps, updates))
     if label in ("scm", "dcm"):
         return base.replace(method=label, iterations=updates)
     if label == "rcm":           # student every iteration for H, then every K-th: the last iteration a student one

@@ -170,13 +170,14 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DistillConfig":
+        d = dict(d)
+        if "dcm_delta" in d:      # configs saved before the release's dCM (a fixed TrigFlow step); no longer used
+            warnings.warn(f"DistillConfig.dcm_delta={d.pop('dcm_delta')} is ignored: dCM now follows NVlabs/rcm "
+                          "(dcm_total_steps, dcm_shift)", DeprecationWarning, stacklevel=2)
         unknown = sorted(set(d) - cls.field_names())
         if unknown:
             raise ValueError(f"unknown DistillConfig keys: {unknown}; known: {sorted(cls.field_names())}")
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-        if "dcm_delta" in d:      # configs saved before the release's dCM (a fixed TrigFlow step); no longer used
-            warnings.warn(f"DistillConfig.dcm_delta={d.pop('dcm_delta')} is ignored: dCM now follows NVlabs/rcm "
-                          "(dcm_total_steps, dcm_shift)", DeprecationWarning, stacklevel=2)
         return cls(**d).validate()
 
     @classmethod
@@ -202,6 +203,10 @@ class DistillConfig:
             if self.method != "rcm":
                 raise ValueError(f"DistillConfig.stages is an rCM schedule: method must be 'rcm' (got "
                                  f"{self.method!r}); for one method alone leave stages empty")
+            critic = [st.method for st in self.stages if st.method in ("rcm", "dmd")]
+            if critic and self.loss_scale_dmd <= 0:
+                raise ValueError(f"DistillConfig.stages has {critic[0]!r} phases but loss_scale_dmd="
+                                 f"{self.loss_scale_dmd}: a DMD phase needs loss_scale_dmd > 0 (or use 'scm' phases)")
             need = stage_iterations(self.stages, self.student_update_freq)
             if self.iterations != need:
                 raise ValueError(f"DistillConfig.stages ({describe(self.stages, self.student_update_freq)}) add up "

@@ -194,7 +194,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
     mu1, mu2 = a.mean(0), b.mean(0)
     s1 = np.cov(a, rowvar=False) + eps * np.eye(a.shape[1])
     s2 = np.cov(b, rowvar=False) + eps * np.eye(b.shape[1])
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = linalg.sqrtm(s1 @ s2)          # (scipy >= 1.16 dropped sqrtm's disp argument)
+    covmean = covmean[0] if isinstance(covmean, tuple) else covmean
     covmean = np.real(covmean)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
