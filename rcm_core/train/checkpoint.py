@@ -35,7 +35,7 @@ class _Checkpoints:
     def _adapter_sd(self, net, adapter: str) -> dict:
         """LoRA: adapter ``adapter``'s weights as full tensors (canonical names; under FSDP each adapter
         weight is all-gathered: a collective, every rank gets them; the base is never gathered)."""
-        from ..lora import adapter_parameters
+        from ..nets.lora import adapter_parameters
         out = {}
         for n, p in adapter_parameters(net, adapter):
             out[n] = (p.full_tensor().cpu() if _is_dtensor(p) else p).detach()
@@ -43,7 +43,7 @@ class _Checkpoints:
 
     def _load_adapter(self, net, adapter: str, sd: dict) -> None:
         """LoRA: set adapter ``adapter``'s weights from full tensors (names as :meth:`_adapter_sd`)."""
-        from ..lora import adapter_parameters
+        from ..nets.lora import adapter_parameters
         params = dict(adapter_parameters(net, adapter))
         if set(sd) != set(params):
             missing, extra = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
@@ -62,7 +62,7 @@ class _Checkpoints:
 
     def _check_lora(self, saved_cfg: Optional[dict], where: str) -> None:
         """A checkpoint loads only into a trainer with the same LoRA setting (or both without)."""
-        from ..config import LoRAConfig
+        from ..method.config import LoRAConfig
         saved = (saved_cfg or {}).get("lora")
         saved = LoRAConfig.from_dict(saved) if isinstance(saved, dict) else saved
         if saved != self.cfg.lora:
@@ -89,7 +89,7 @@ class _Checkpoints:
         for name, (net, opt) in self._ckpt_parts().items():
             sd[name] = get_model_state_dict(net)
             if self.cfg.lora is not None:               # only this part's adapter (the base is the teacher's)
-                from ..lora import select_adapter
+                from ..nets.lora import select_adapter
                 sd[name] = select_adapter(sd[name], name)
             if opt is not None and f"opt_{name}" in opt_parts:
                 sd[f"opt_{name}"] = get_optimizer_state_dict(net, opt, options=flat)
@@ -98,7 +98,7 @@ class _Checkpoints:
     def _load_dcp(self, url: str, storage_options: Optional[dict]) -> None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
-        from ..checkpoint import load_dcp, read_meta
+        from ..io.checkpoint import load_dcp, read_meta
         meta = read_meta(url, storage_options)
         self._check_lora(meta.get("config"), url)
         parts = self._ckpt_parts()
@@ -126,7 +126,7 @@ class _Checkpoints:
         :func:`rcm_core.checkpoint.lora_safetensors` for the adapter alone)."""
         if self.cfg.lora is None:
             return self._model_sd(self.ema.module)
-        from ..lora import EMA, merge_state_dict
+        from ..nets.lora import EMA, merge_state_dict
         full = self.student.net.state_dict()
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -162,7 +162,7 @@ class _Checkpoints:
         """Inverse of :meth:`state_dict`; with FSDP every rank passes the full state."""
         self._check_lora(sd.get("config"), "state dict")
         if self.cfg.lora is not None:
-            from ..lora import adapter_keys
+            from ..nets.lora import adapter_keys
             for name, (net, opt) in self._ckpt_parts().items():
                 self._load_adapter(net, name, sd["ema"]["module"] if name == "ema" else sd[name])
                 if opt is not None:
@@ -218,7 +218,7 @@ class _Checkpoints:
         full tensors; with FSDP every rank must call it, the state is gathered and rank 0 writes).
         Without FSDP the calling process writes (call it on one rank).
         """
-        from ..checkpoint import DCP, FILE, save_dcp
+        from ..io.checkpoint import DCP, FILE, save_dcp
         fmt = (DCP if self.sharded else FILE) if format == "auto" else format
         if fmt not in (DCP, FILE):
             raise ValueError(f"save_checkpoint(format={format!r}); known: 'auto', 'dcp', 'file'")
@@ -230,7 +230,7 @@ class _Checkpoints:
                     "parts": sorted(self._ckpt_parts()) + opt_parts}
             save_dcp(self._dcp_state(opt_parts), url, meta, storage_options, collective=self.sharded)
             return
-        from ..io import atomic_write_bytes
+        from ..io.files import atomic_write_bytes
         sd = self.state_dict()
         if self.sharded and _world()[0] != 0:
             return
@@ -242,10 +242,10 @@ class _Checkpoints:
         """Load a checkpoint of either format (detected). A DCP directory loads on any number of ranks
         (with FSDP every rank calls it, each reads the shards it needs); a single file loads into FSDP
         too (every rank reads it). An unfinished DCP save raises IncompleteCheckpointError."""
-        from ..checkpoint import DCP, detect_format
+        from ..io.checkpoint import DCP, detect_format
         if detect_format(url, storage_options) == DCP:
             self._load_dcp(url, storage_options)
             return
-        from ..io import read_bytes
+        from ..io.files import read_bytes
         sd = torch.load(io.BytesIO(read_bytes(url, storage_options)), map_location=self.device, weights_only=False)
         self.load_state_dict(sd)

@@ -8,9 +8,9 @@ from typing import Optional
 
 import torch
 
-from ..losses import critic_loss, nan_mask
-from ..rng import SampleRNG
-from ..trigflow import noisy_sample
+from ..method.losses import critic_loss, nan_mask
+from ..method.rng import SampleRNG
+from ..method.trigflow import noisy_sample
 
 
 # the critic's reference loss is the mean of its first this many updates

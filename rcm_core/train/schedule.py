@@ -6,10 +6,10 @@ from typing import Optional
 
 import torch
 
-from ..losses import (critic_updates_before, lr_warmup_factor, rollout_steps, student_update, student_updates_before,
+from ..method.losses import (critic_updates_before, lr_warmup_factor, rollout_steps, student_update, student_updates_before,
                       t_lognormal, t_shifted_rf)
-from ..rng import SampleRNG, stream_seed
-from ..stages import StagePosition, locate
+from ..method.rng import SampleRNG, stream_seed
+from ..method.stages import StagePosition, locate
 
 
 class _Schedule:

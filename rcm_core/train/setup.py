@@ -8,17 +8,17 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import DistillConfig
-from ..denoiser import TrigFlowDenoiser
-from ..ema import PowerEMA
-from ..parallel import ParallelConfig, fsdp_mesh, is_sharded, parallelize
+from ..method.config import DistillConfig
+from ..nets.denoiser import TrigFlowDenoiser
+from ..method.ema import PowerEMA
+from ..parallel.fsdp import ParallelConfig, fsdp_mesh, is_sharded, parallelize
 from .update import _world
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def _heads(net: torch.nn.Module, cfg) -> int:
-    from ..context_parallel import CP_PLANS, plan_for
+    from ..parallel.context_parallel import CP_PLANS, plan_for
     plan = plan_for(net)
     if plan is None:
         raise ValueError(f"DistillConfig.context_parallel={cfg.context_parallel}: no context-parallel plan for "
@@ -46,7 +46,7 @@ def _place(net: torch.nn.Module, dtype, device: torch.device, mesh, sharded: boo
 
 
 def _has_blocks(net: torch.nn.Module) -> bool:
-    from ..parallel import transformer_blocks
+    from ..nets.base import transformer_blocks
     try:
         transformer_blocks(net)
         return True
@@ -71,7 +71,7 @@ class _Setup:
         # context parallel: consecutive ranks share a sample; the data-parallel index keys its randomness
         self.cp_group, self.dp_rank, self.dp_size = None, rank, world
         if self.cfg.context_parallel > 1:
-            from ..context_parallel import check_context_parallel, cp_groups
+            from ..parallel.context_parallel import check_context_parallel, cp_groups
             check_context_parallel(self.cfg.context_parallel, world=world, heads=_heads(teacher.net, self.cfg),
                                    tokens=_tokens(teacher.net, getattr(teacher, "latent_shape", None)),
                                    where="DistillConfig.context_parallel")
@@ -123,7 +123,7 @@ class _Setup:
                          if self.fake is not None else None)
         self.sharded = is_sharded(self.student.net)
         if self.cfg.lora is not None:      # the EMA of the student's adapter, in the shared network's "ema" adapter
-            from ..lora import AdapterEMA
+            from ..nets.lora import AdapterEMA
             self.ema = AdapterEMA(self.student.net, self.cfg.ema_sigma_rel)
         elif self.sharded:   # the EMA is sharded like the student (a deep copy of an FSDP module is not)
             ema_net = _place(copy.deepcopy(student_net if student_net is not None else teacher.net), net_dtype,
@@ -133,7 +133,7 @@ class _Setup:
         else:
             self.ema = PowerEMA(self.student.net, self.cfg.ema_sigma_rel)
         if self.cp_group is not None:        # the EMA (a copy made above) stays whole: sampling is local
-            from ..context_parallel import apply_context_parallel
+            from ..parallel.context_parallel import apply_context_parallel
             for den in (self.teacher, self.student, self.fake):
                 if den is not None:
                     apply_context_parallel(den.net, self.cp_group)
@@ -156,7 +156,7 @@ class _Setup:
         (critic; rcm/dmd only) and ``ema``; teacher, student and fake score are views of it that switch
         the active adapter around each call (rcm_core/lora.py). Activation checkpointing and FSDP2 are
         applied once, to the shared network (the base sharded once)."""
-        from ..lora import (EMA, FAKE, STUDENT, AdapterDenoiser, adapter_parameters, add_adapters, check_same_network,
+        from ..nets.lora import (EMA, FAKE, STUDENT, AdapterDenoiser, adapter_parameters, add_adapters, check_same_network,
                             copy_adapter)
         for what, other in (("student_net", student_net), ("fake_net", fake_net)):
             if other is not None:

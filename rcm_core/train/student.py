@@ -8,12 +8,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..denoiser import guided
-from ..losses import (dcm_loss, dcm_times, dmd_direction, dmd_loss, nan_mask, normalize_tangent, scm_loss,
+from ..nets.denoiser import guided
+from ..method.losses import (dcm_loss, dcm_times, dmd_direction, dmd_loss, nan_mask, normalize_tangent, scm_loss,
                       scm_target, t_lognormal, tangent_warmup_ratio)
-from ..rng import SampleRNG
-from ..sampling import student_rollout
-from ..trigflow import expand_like, noisy_sample
+from ..method.rng import SampleRNG
+from ..method.sampling import student_rollout
+from ..method.trigflow import expand_like, noisy_sample
 from .update import _is_dtensor
 
 

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from ..denoiser import TrigFlowDenoiser
-from ..sampling import sample_student
+from ..nets.denoiser import TrigFlowDenoiser
+from ..method.sampling import sample_student
 from .checkpoint import _Checkpoints
 from .critic import _CriticStep
 from .schedule import _Schedule
@@ -102,12 +102,12 @@ class RCMTrainer(_Setup, _Schedule, _Update, _StudentStep, _CriticStep, _Checkpo
         adapter active (:class:`rcm_core.lora.AdapterView`; :meth:`ema_state_dict` gives merged weights)."""
         if self.cfg.lora is None:
             return self.ema.module
-        from ..lora import EMA, AdapterView, merged_module
+        from ..nets.lora import EMA, AdapterView, merged_module
         return AdapterView(self.student.net, EMA) if self.sharded else merged_module(self.student.net, EMA)
 
     def ema_denoiser(self) -> TrigFlowDenoiser:
         if self.cfg.lora is not None:        # the shared base with the EMA adapter active: no copy
-            from ..lora import EMA, AdapterDenoiser
+            from ..nets.lora import EMA, AdapterDenoiser
             return AdapterDenoiser(self.student.net, self.student.param, self.student.call,
                                    dtype=self.student._dtype, adapter=EMA)
         return TrigFlowDenoiser(self.ema.module, self.student.param, self.student.call, dtype=self.student.dtype)
