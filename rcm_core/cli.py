@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import DistillConfig
-from .sampling import sample_teacher
+from .method.config import DistillConfig
+from .method.sampling import sample_teacher
 from .teachers import get_teacher, known_teachers
 from .trainer import RCMTrainer
 
@@ -66,7 +66,7 @@ def distill_main(argv=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from .embedded.data import embedded_prompts
+    from .teachers.embedded.data import embedded_prompts
     prompts = embedded_prompts() if teacher.name == "embedded" else [teacher.negative_prompt]
     prompts = [prompts[i % len(prompts)] for i in range(a.num_latents)]
     cond_all = teacher.encode_text(prompts)
@@ -103,8 +103,8 @@ def distill_main(argv=None) -> dict:
 @torch.no_grad()
 def save_comparison_grid(teacher, trainer, path, seed=0, n_prompts=6):
     """Rows: prompts; strips: teacher (its sampler), student 1, 2, 4 steps (same prompt)."""
-    from .embedded.data import embedded_prompts
-    from .embedded.preview import save_grid
+    from .teachers.embedded.data import embedded_prompts
+    from .teachers.embedded.preview import save_grid
     prompts = embedded_prompts()[::max(1, len(embedded_prompts()) // n_prompts)][:n_prompts]
     cond = teacher.encode_text(prompts)
     g = torch.Generator().manual_seed(seed)

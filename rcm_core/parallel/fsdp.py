@@ -42,6 +42,8 @@ from torch.autograd import forward_ad as fwAD
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
+from ..nets.base import transformer_blocks
+
 __all__ = ["ParallelConfig", "parallelize", "transformer_blocks", "is_sharded", "fsdp_mesh"]
 
 _AC_MODES = ("none", "full", "selective")
@@ -69,15 +71,6 @@ class ParallelConfig:
     def checkpointed(self, i: int) -> bool:
         return self.activation_checkpointing == "full" or (
             self.activation_checkpointing == "selective" and i % self.ac_every == 0)
-
-
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    for name in ("blocks", "transformer_blocks", "layers"):
-        blocks = getattr(model, name, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return blocks
-    raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks "
-                     "(looked for .blocks, .transformer_blocks, .layers)")
 
 
 class _Recompute(torch.autograd.Function):
@@ -124,7 +117,7 @@ def _checkpoint_block(block: nn.Module, *args, **kwargs):
     wrapped = any(isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in flat)
     if not torch.is_grad_enabled() or wrapped:        # nothing to save (or inside torch.func): run as is
         return block(*args, **kwargs)
-    from .lora import recompute_context
+    from ..nets.lora import recompute_context
     adapter = recompute_context(block)
     parts = [fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else None for x in flat]
     if not any(p is not None and p.tangent is not None for p in parts):

@@ -1,0 +1,398 @@
+"""The project's one attention op, with its own forward-mode (JVP) rule.
+
+Every network in the project calls :func:`attention`. It is a
+``torch.autograd.Function`` with ``forward``/``backward`` (reverse mode, for the
+student's gradient) and ``jvp`` (forward mode, for the sCM tangent). Under
+``torch.func.jvp`` or ``torch.autograd.forward_ad`` the whole unmodified network
+is differentiated in forward mode and attention contributes
+
+    dS = s (dQ K^T + Q dK^T),  H = P * dS,  dO = P dV + H V - rowsum(H) * O
+
+(``rcm-algorithm.md`` section 7). On CUDA with a supported head dim the fused
+Triton kernel (``rcm_kernels``) computes O, dO and the log-sum-exp in one pass;
+elsewhere the exact maths below runs, chunked over queries so that only a
+(chunk x Nk) block of scores exists at a time.
+
+Two forward-mode entries: under ``torch.func.jvp`` torch calls ``forward`` and then
+the ``jvp`` rule (O computed twice); when q/k/v are ``torch.autograd.forward_ad``
+dual tensors (the trainer's tangent passes) :func:`attention` unpacks them itself
+and :class:`_AttentionWithTangent` gets O and dO from one pass, keeping O
+differentiable in reverse mode for the fused sCM step.
+
+Primal-only calls (no tangent: teacher forwards, the critic's forward and backward, sampling) go
+to the fastest backend available (:func:`primal_backend`): on CUDA, FlashAttention-3
+(``flash_attn_interface``, Hopper, when installed) or PyTorch's SDPA with its default backend
+choice (cuDNN/flash on Hopper); the project's kernel and exact path stay the fallback and
+``RCM_ATTN_PRIMAL=auto|fa3|sdpa|op`` overrides the choice (``op``: this op's own forward and
+backward, i.e. the Triton kernel on CUDA, the exact path elsewhere or with ``RCM_ATTN_BACKEND=exact``). Calls with tangents
+(forward-AD duals, ``torch.func`` transforms) always take the op's own rules above: SDPA's fused
+backends have no forward-AD formula. On the CPU the default stays the exact path.
+
+Layouts: ``"bhnd"`` (batch, heads, tokens, dim) or ``"bnhd"`` (batch, tokens,
+heads, dim), the layout transformer blocks produce after the QKV projection.
+The op keeps no global state: it only sees its arguments, so tangents arriving
+through a context-parallel all-to-all are handled like any other.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .base import _STATE, group_attention
+
+__all__ = ["attention", "attention_reference", "check_attention_inputs", "primal_backend", "PRIMAL_BACKENDS"]
+
+_LAYOUTS = ("bhnd", "bnhd")
+# Query rows per block of the exact path: bounds the score block to chunk x Nk.
+_CHUNK = int(os.environ.get("RCM_ATTN_CHUNK", "1024"))
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str) -> None:
+    """Raise a ValueError naming the culprit for inconsistent attention inputs."""
+    if layout not in _LAYOUTS:
+        raise ValueError(f"attention: layout must be one of {_LAYOUTS}, got {layout!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D ({layout}), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"attention: {name} must be floating point, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    b_ax, h_ax, n_ax = (0, 1, 2) if layout == "bhnd" else (0, 2, 1)
+    if not (q.shape[b_ax] == k.shape[b_ax] == v.shape[b_ax]):
+        raise ValueError(f"attention: batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.shape[h_ax] == k.shape[h_ax] == v.shape[h_ax]):
+        raise ValueError(f"attention: head counts differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[n_ax] != v.shape[n_ax]:
+        raise ValueError(f"attention: k and v token counts differ: k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+
+
+def _to_bhnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "bhnd" else x.transpose(1, 2)
+
+
+def attention_reference(q, k, v, scale: Optional[float] = None, layout: str = "bhnd"):
+    """Naive softmax attention (materialises N x N); the reference for tests."""
+    q, k, v = (_to_bhnd(x, layout) for x in (q, k, v))
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    p = torch.softmax(s * q @ k.transpose(-1, -2), dim=-1)
+    o = p @ v
+    return o if layout == "bhnd" else o.transpose(1, 2)
+
+
+# --- exact maths, chunked over query rows (bhnd, any float dtype) -------------
+
+def _exact_forward(q, k, v, s):
+    """O and row log-sum-exp, computed in fp32 (or the input dtype if wider)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kt = k.to(acc).transpose(-1, -2)
+    vv = v.to(acc)
+    outs, lses = [], []
+    for i in range(0, q.shape[2], _CHUNK):
+        sc = s * (q[:, :, i:i + _CHUNK].to(acc) @ kt)
+        lse = torch.logsumexp(sc, dim=-1)
+        outs.append(torch.exp(sc - lse[..., None]) @ vv)
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+def _exact_forward_tangent(q, k, v, dq, dk, dv, s):
+    """O, dO and LSE in one pass over query chunks (the kernel's maths)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kt, dkt, vv, dvv = (x.to(acc) for x in (k.transpose(-1, -2), dk.transpose(-1, -2), v, dv))
+    outs, touts, lses = [], [], []
+    for i in range(0, q.shape[2], _CHUNK):
+        qc, dqc = q[:, :, i:i + _CHUNK].to(acc), dq[:, :, i:i + _CHUNK].to(acc)
+        sc = s * (qc @ kt)
+        lse = torch.logsumexp(sc, dim=-1)
+        p = torch.exp(sc - lse[..., None])
+        o = p @ vv
+        h = p * (s * (dqc @ kt + qc @ dkt))
+        do = p @ dvv + h @ vv - h.sum(-1, keepdim=True) * o
+        outs.append(o)
+        touts.append(do)
+        lses.append(lse)
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(touts, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+def _exact_backward(q, k, v, o, lse, go, s):
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kk, vv = k.to(acc), v.to(acc)
+    gq_chunks = []
+    gk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    gv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for i in range(0, q.shape[2], _CHUNK):
+        sl = slice(i, i + _CHUNK)
+        qc, goc, oc = q[:, :, sl].to(acc), go[:, :, sl].to(acc), o[:, :, sl].to(acc)
+        p = torch.exp(s * (qc @ kk.transpose(-1, -2)) - lse[:, :, sl, None])
+        gv += p.transpose(-1, -2) @ goc
+        dp = goc @ vv.transpose(-1, -2)
+        ds = p * (dp - (goc * oc).sum(-1, keepdim=True))
+        gq_chunks.append(s * ds @ kk)
+        gk += s * ds.transpose(-1, -2) @ qc
+    return torch.cat(gq_chunks, 2).to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
+
+
+# --- backend selection ---------------------------------------------------------
+
+def _use_kernel(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """CUDA, fp16/bf16/fp32, and both head dims (QK and V) supported by the kernel.
+
+    Cost under forward AD: torch calls ``forward`` (one flash forward, 4 B H Nq Nk D
+    flops) and then ``jvp`` (one fused forward-with-tangent pass, 12 B H Nq Nk D, which
+    recomputes O on the way), so a JVP through this op costs about 4/3 of the fused
+    kernel alone. Callers that only need (O, dO) can call
+    ``rcm_kernels.flash_jvp.forward_tangent`` directly.
+    """
+    if not q.is_cuda or os.environ.get("RCM_ATTN_BACKEND", "auto") == "exact":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    try:
+        from rcm_kernels import flash_jvp
+    except ImportError:
+        return False
+    return flash_jvp.supports(q.shape[-1]) and flash_jvp.supports(v.shape[-1])
+
+
+def _plain(*xs, allowed=()):
+    """Storage-backed tensors for the kernel, or None to take the exact path.
+
+    Inside torch.func transforms the tensors reaching this op's rules are functorch
+    wrappers without storage. The kernel may compute on the unwrapped values only
+    when no transform needs to differentiate the kernel's own output: at most one
+    transform is active and it is the one whose rule is running (``allowed``: the
+    Jvp transform for the tangent pass, the Grad transform for the backward). Nested
+    transforms (jvp of grad, jvp of jvp) take the exact, differentiable path.
+    """
+    F = torch._C._functorch
+    if any(F.is_functorch_wrapped_tensor(x) for x in xs):
+        stack = F.get_interpreter_stack() or []
+        if len(stack) > 1 or any(i.key() not in allowed for i in stack):
+            return None
+    out = []
+    for x in xs:
+        while F.is_functorch_wrapped_tensor(x):
+            if F.is_batchedtensor(x):
+                return None
+            x = F.get_unwrapped(x)
+        out.append(x)
+    return out
+
+
+# --- primal-only calls: the fastest available backend ------------------------------------
+
+PRIMAL_BACKENDS = ("auto", "fa3", "sdpa", "op")
+
+
+@functools.lru_cache(maxsize=None)
+def _fa3():
+    """FlashAttention-3's function (package ``flash_attn_interface``, built from flash-attn's
+    ``hopper/`` folder), or None where it is not installed. Looked up once: every primal call asks, and
+    a failed import searches sys.path each time."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def primal_backend(device_type: str, dtype: torch.dtype, head_dims: tuple, capability: tuple = (0, 0),
+                   choice: Optional[str] = None) -> str:
+    """Which backend runs a primal-only (no tangent) attention call.
+
+    ``choice`` (default: ``$RCM_ATTN_PRIMAL`` or ``"auto"``). ``auto``: on CUDA, FlashAttention-3 for
+    fp16/bf16 with equal q/v head dims <= 256 on compute capability 9.x when installed, else SDPA
+    (PyTorch's own choice among cuDNN, flash, memory-efficient); on other devices ``op`` (this op's
+    exact path: the CPU tests compare it with float64 references). ``fa3`` where it cannot run falls
+    back to ``sdpa``; ``sdpa`` is honoured on any device.
+    """
+    choice = choice or os.environ.get("RCM_ATTN_PRIMAL", "auto")
+    if choice not in PRIMAL_BACKENDS:
+        raise ValueError(f"RCM_ATTN_PRIMAL={choice!r}: expected one of {PRIMAL_BACKENDS}")
+    if device_type != "cuda":
+        return "sdpa" if choice == "sdpa" else "op"
+    if choice in ("auto", "fa3"):
+        ok = (dtype in (torch.float16, torch.bfloat16) and capability[0] == 9 and len(set(head_dims)) == 1
+              and head_dims[0] <= 256 and _fa3() is not None)
+        return "fa3" if ok else "sdpa"
+    return choice
+
+
+def _primal_attention(q, k, v, s, backend: str):
+    """O for (B, H, N, D) q, k, v through ``backend`` ("fa3" or "sdpa"); autograd by the backend."""
+    if backend == "fa3":
+        out = _fa3()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=s)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+    import torch.nn.functional as F
+    return F.scaled_dot_product_attention(q, k, v, scale=s)
+
+
+def _kernels(*plain):
+    """The kernel module for these storage-backed tensors: ``rcm_kernels.flash_jvp`` (portable), or
+    ``flash_jvp_hopper`` with ``RCM_ATTN_KERNEL=hopper`` (opt-in, experimental: its first GPU run found a wrong
+    LSE with warp specialisation, now off by default; see the kernel module) where it applies
+    (compute capability 9.x, fp16/bf16, TMA-aligned strides); default ``portable``."""
+    from rcm_kernels import flash_jvp
+    if os.environ.get("RCM_ATTN_KERNEL", "portable") == "hopper":
+        from rcm_kernels import flash_jvp_hopper
+        if flash_jvp_hopper.applies(*plain):
+            return flash_jvp_hopper
+    return flash_jvp
+
+
+def _forward_impl(q, k, v, s):
+    if _use_kernel(q, v):
+        plain = _plain(q, k, v)
+        if plain is not None:
+            return _kernels(*plain).forward(*plain, s)
+    return _exact_forward(q, k, v, s)
+
+
+def _forward_tangent_impl(q, k, v, dq, dk, dv, s):
+    if _use_kernel(q, v):
+        plain = _plain(q, k, v, dq, dk, dv, allowed=(torch._C._functorch.TransformType.Jvp,))
+        if plain is not None:
+            return _kernels(*plain).forward_tangent(*plain, s)
+    return _exact_forward_tangent(q, k, v, dq, dk, dv, s)
+
+
+def _backward_impl(q, k, v, o, lse, go, s):
+    if _use_kernel(q, v):
+        plain = _plain(q, k, v, o, lse, go, allowed=(torch._C._functorch.TransformType.Grad,))
+        if plain is not None:
+            return _kernels(*plain[:3], plain[5]).backward(*plain, s)
+    return _exact_backward(q, k, v, o, lse, go, s)
+
+
+class _Attention(torch.autograd.Function):
+    """softmax(s Q K^T) V on (B, H, N, D) tensors with reverse and forward rules."""
+
+    @staticmethod
+    def forward(q, k, v, s):
+        o, lse = _forward_impl(q, k, v, s)
+        return o, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, s = inputs
+        o, lse = output
+        ctx.s = s
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v)
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, go, _glse):
+        q, k, v, o, lse = ctx.saved_tensors
+        gq, gk, gv = _backward_impl(q, k, v, o, lse, go.contiguous(), ctx.s)
+        return gq, gk, gv, None
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, _ds):
+        q, k, v = ctx.saved_tensors
+        zeros = torch.zeros_like
+        dq = zeros(q) if dq is None else dq
+        dk = zeros(k) if dk is None else dk
+        dv = zeros(v) if dv is None else dv
+        _, do, _ = _forward_tangent_impl(q, k, v, dq, dk, dv, ctx.s)
+        return do, None
+
+
+class _AttentionWithTangent(torch.autograd.Function):
+    """(O, dO, LSE) from one fused pass; reverse mode through O only.
+
+    Used when the inputs carry ``torch.autograd.forward_ad`` tangents while the graph
+    for the backward is being recorded (the fused sCM student step): the primal O
+    and its tangent dO come from one forward-with-tangent pass instead of a forward
+    followed by the op's ``jvp`` rule, which would compute O twice.
+    """
+
+    @staticmethod
+    def forward(q, k, v, dq, dk, dv, s):
+        return _forward_tangent_impl(q, k, v, dq, dk, dv, s)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _dq, _dk, _dv, s = inputs
+        o, do, lse = output
+        ctx.s = s
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(do, lse)
+
+    @staticmethod
+    def backward(ctx, go, _gdo, _glse):
+        q, k, v, o, lse = ctx.saved_tensors
+        gq, gk, gv = _backward_impl(q, k, v, o, lse, go.contiguous(), ctx.s)
+        return gq, gk, gv, None, None, None, None
+
+
+def _dual_parts(*xs):
+    """(primals, tangents) if any input is a ``forward_ad`` dual tensor (outside torch.func), else None."""
+    from torch.autograd import forward_ad as fwAD
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in xs):
+        return None                      # torch.func.jvp: the op's own jvp rule handles it
+    parts = [fwAD.unpack_dual(x) for x in xs]
+    if all(p.tangent is None for p in parts):
+        return None
+    # a tangent in the primal's dtype: some ops' forward-AD rules return a wider tangent (e.g. rms_norm
+    # with bf16 input and weight, as under FSDP's bf16 parameters, gives a bf16 primal, fp32 tangent)
+    return ([p.primal for p in parts],
+            [torch.zeros_like(p.primal) if p.tangent is None else p.tangent.detach().to(p.primal.dtype)
+             for p in parts])
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+              scale: Optional[float] = None, layout: str = "bhnd") -> torch.Tensor:
+    """softmax(scale * Q K^T) V with exact reverse- and forward-mode derivatives.
+
+    q: (B, H, Nq, Dqk) or (B, Nq, H, Dqk) per ``layout``; k: same with Nk;
+    v: same with Nk and Dv. Returns the output in the input layout.
+
+    Under autocast, q, k and v are cast to the autocast dtype first, as PyTorch's SDPA does (a
+    processor may hand over fp32 q/k from a norm and a bf16 v from a linear layer).
+    """
+    group = getattr(_STATE, "group", None)
+    if group is not None:                # self-attention of a context-parallel network: Ulysses
+        ulysses_attention = group_attention()   # rcm_core.parallel.context_parallel registers it (it set the group)
+        _STATE.group = None              # the local attention inside runs on full sequences
+        try:
+            return ulysses_attention(q, k, v, group, layout=layout, scale=scale)
+        finally:
+            _STATE.group = group
+    dev = q.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and q.is_floating_point():
+        adt = torch.get_autocast_dtype(dev)
+        q, k, v = (x.to(adt) if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x for x in (q, k, v))
+    check_attention_inputs(q, k, v, layout)
+    s = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not math.isfinite(s):
+        raise ValueError(f"attention: scale must be finite, got {scale}")
+    qb, kb, vb = (_to_bhnd(x, layout) for x in (q, k, v))
+    duals = _dual_parts(qb, kb, vb)
+    if duals is not None:                # forward-AD tangents with the graph kept: one fused pass
+        from torch.autograd import forward_ad as fwAD
+        (qp, kp, vp), (dq, dk, dv) = duals
+        o, do, _ = _AttentionWithTangent.apply(qp, kp, vp, dq, dk, dv, s)
+        o = fwAD.make_dual(o, do)
+    else:
+        backend = "op"
+        if not any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in (qb, kb, vb)):  # no torch.func
+            cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (0, 0)
+            backend = primal_backend(q.device.type, q.dtype, (q.shape[-1], v.shape[-1]), cap)
+        if backend in ("fa3", "sdpa"):
+            o = _primal_attention(qb, kb, vb, s, backend)
+        else:
+            o, _ = _Attention.apply(qb, kb, vb, s)
+    return o if layout == "bhnd" else o.transpose(1, 2)

@@ -1,0 +1,181 @@
+"""The registered pyfunc model (:class:`RCMStudentModel`: prompts -> clips) and loading a version for serving.
+
+``mlflow.pyfunc.load_model`` runs on the GPU when there is one (bf16 weights) and on the CPU (float32)
+otherwise (:func:`serving_device`; ``RCM_DEVICE`` / ``RCM_DTYPE`` override); :func:`load_diffusers_pipeline`
+assembles a real teacher's version as its diffusers pipeline. Versions registered before this module existed
+pickled ``rcm_steps.register.RCMStudentModel``: :mod:`rcm_steps.register` re-exports it (and the other public
+names here), so they still load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, List, Optional
+
+import mlflow.pyfunc
+
+from .bundle import MissingComponentError, materialize_bundle
+
+
+class RCMStudentModel(mlflow.pyfunc.PythonModel):
+    """Few-step generator: prompt(s) -> clips, with the distilled EMA student."""
+
+    def load_context(self, context):
+        import torch
+
+        from rcm_steps import teacher as T
+        from rcm_steps.evaluate import student_denoiser
+
+        with open(context.artifacts["meta"]) as f:
+            self.meta = json.load(f)
+        self.device, dtype = serving_device()
+        ema = _student_weights(dict(context.artifacts))
+        bundle = self.meta.get("teacher_bundle")
+        if bundle:      # self-contained: components from the version (copy) or the content store (reference)
+            from rcm_core.denoiser import TrigFlowDenoiser
+            from rcm_core.real.loading import load_real_teacher
+            from rcm_core.real.specs import spec_for_config
+
+            root = materialize_bundle(bundle, dict(context.artifacts))
+            with open(os.path.join(root, "transformer", "config.json")) as f:
+                spec = spec_for_config(json.load(f), name=bundle["name"])
+            kw = T._real_kwargs(self.meta.get("teacher_options"), self.device)
+            kw["dtype"] = dtype         # serving precision: bf16 on a GPU, float32 on the CPU
+            self.teacher = load_real_teacher(spec, self.device, weights=root, strict_config=False,
+                                             transformer_state=ema, **kw)
+            net = self.teacher.net.eval().requires_grad_(False)
+            self.student = TrigFlowDenoiser(net if dtype != torch.float32 else net.float(), self.teacher.param,
+                                            self.teacher.call)
+        else:
+            self.teacher = self._legacy_teacher(T)
+            got = str(getattr(self.teacher, "version", "unknown"))
+            if got != self.meta["teacher_version"]:
+                import warnings
+
+                warnings.warn(f"student was distilled from teacher {self.meta['teacher']} version "
+                              f"{self.meta['teacher_version']}, loaded version {got}")
+            self.student = student_denoiser(self.teacher, ema).to(self.device)
+        self._torch = torch
+
+    def _legacy_teacher(self, T):
+        """Embedded / custom teachers, and real-teacher versions registered before components were bundled."""
+        name = self.meta["teacher"]
+        real = T.is_real_teacher(name) or T._looks_like_path(name)
+        if real and os.environ.get("RCM_TEACHER_DIR"):
+            name = os.environ["RCM_TEACHER_DIR"]
+        try:
+            return T.load_teacher(name, device=self.device, options=self.meta.get("teacher_options"))
+        except Exception as e:  # noqa: BLE001 - say what the version needs
+            if not real:
+                raise
+            raise MissingComponentError(
+                f"this model version carries no teacher components (registered before they were bundled) and "
+                f"loads the teacher from {self.meta['teacher']!r}, which failed here: {e}",
+                fix=f"copy the teacher directory to {self.meta['teacher']} on this machine, or set RCM_TEACHER_DIR to "
+                    "where it is now; a new flow run registers a self-contained version") from e
+
+    def _rows(self, model_input) -> List[Dict[str, Any]]:
+        import pandas as pd
+
+        if isinstance(model_input, str):
+            model_input = [model_input]
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        if isinstance(model_input, list):
+            model_input = pd.DataFrame({"prompt": model_input})
+        if "prompt" not in model_input.columns:
+            raise ValueError(f"input needs a 'prompt' column, got {list(model_input.columns)}")
+        return model_input.to_dict("records")
+
+    def predict(self, context, model_input, params: Optional[Dict[str, Any]] = None):
+        import numpy as np
+        from rcm_core.sampling import sample_student
+
+        from rcm_steps import teacher as T
+
+        from rcm_steps.evaluate import decode_latents
+
+        torch = self._torch
+        params = params or {}
+        dev = torch.device(getattr(self, "device", "cpu"))
+        outs = []
+        for r in self._rows(model_input):
+            steps = int(r.get("steps") or params.get("steps") or self.meta["default_steps"])
+            seed = int(r.get("seed") if r.get("seed") is not None else params.get("seed", 0))
+            cond = T.encode(self.teacher, [str(r["prompt"])]).to(dev)
+            # the noise comes from a generator on the serving device: a seed gives other clips on a GPU
+            g = torch.Generator(device=dev).manual_seed(seed)
+            noise = torch.randn((1, *self.meta["latent_shape"]), generator=g, dtype=torch.float64, device=dev)
+            lat = sample_student(self.student, cond, noise, steps=steps, sigma_max=self.meta["sigma_max"],
+                                 mid_t=tuple(self.meta["mid_t"]), generator=g)
+            outs.append(decode_latents(self.teacher, lat.float(), inplace=True).numpy())
+        return np.concatenate(outs).astype(np.float32)
+
+
+def serving_device() -> tuple:
+    """(device, dtype) a loaded model serves on: the GPU in bf16 when there is one, else the CPU in float32
+    (``RCM_DEVICE`` = cpu | cuda | cuda:N and ``RCM_DTYPE`` = bfloat16 | float16 | float32 override)."""
+    import torch
+
+    dev = os.environ.get("RCM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    want = os.environ.get("RCM_DTYPE") or ("bfloat16" if torch.device(dev).type == "cuda" else "float32")
+    if want not in ("bfloat16", "float16", "float32", "float64"):
+        raise ValueError(f"RCM_DTYPE={want!r}; known: bfloat16, float16, float32, float64")
+    return dev, getattr(torch, want)
+
+
+def _student_weights(artifacts: Dict[str, str]) -> Dict[str, Any]:
+    """The EMA student's state dict: the ``weights`` artifact, else (real teachers) the diffusers export's
+    transformer (every safetensors shard of ``diffusers/transformer``); a two-expert student's export also has
+    ``diffusers/transformer_2``: then ``transformer.*`` / ``transformer_2.*`` names, as the trainer's
+    (a one-network student of a two-expert teacher has ``transformer`` only: its own names)."""
+    from safetensors.torch import load_file
+
+    if "weights" in artifacts:
+        return load_file(artifacts["weights"])
+
+    def read(sub):
+        folder = os.path.join(artifacts.get("diffusers", ""), sub)
+        files = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else []) if f.endswith(".safetensors"))
+        state: Dict[str, Any] = {}
+        for f in files:
+            state.update(load_file(os.path.join(folder, f)))
+        return folder, state
+
+    folder, state = read("transformer")
+    if not state:
+        raise MissingComponentError(f"the model version has no student weights: no 'weights' artifact and no "
+                                    f"safetensors in {folder}",
+                                    fix="download the model version again; if the artifact store lost them, "
+                                        "re-register the model")
+    folder2, state2 = read("transformer_2")
+    if state2:
+        return {**{f"transformer.{k}": v for k, v in state.items()},
+                **{f"transformer_2.{k}": v for k, v in state2.items()}}
+    return state
+
+def load_diffusers_pipeline(model_uri: str, device: Optional[str] = None, dtype=None, dst: Optional[str] = None):
+    """A registered real-teacher version as its diffusers pipeline (with ``RCMScheduler``).
+
+    Downloads the version's artifacts (into ``dst`` or a temporary folder), fetches its text encoder,
+    tokenizer and VAE as the pyfunc does (content store / ``RCM_TEACHER_DIR`` / ``teacher/`` artifact,
+    hash-checked) and loads the ``diffusers`` export with them. ``device``/``dtype``: default as
+    :func:`serving_device` (GPU bf16 when there is one). Run it with ``guidance_scale=1.0``.
+    """
+    import mlflow
+    from rcm_core.export import load_pipeline
+
+    root = mlflow.artifacts.download_artifacts(model_uri, dst_path=dst or tempfile.mkdtemp(prefix="rcm-model-"))
+    arts = os.path.join(root, "artifacts")
+    export_dir = os.path.join(arts, "diffusers")
+    if not os.path.isdir(export_dir):
+        raise MissingComponentError(f"{model_uri} has no diffusers export (artifact 'diffusers'): registered "
+                                    "before exports existed, or not a real teacher's student",
+                                    fix="re-register the model (a new flow run exports it)")
+    with open(os.path.join(arts, "meta.json")) as f:
+        meta = json.load(f)
+    artifacts = {k: os.path.join(arts, k) for k in os.listdir(arts)}
+    components = materialize_bundle(meta["teacher_bundle"], artifacts)
+    dev, dt = serving_device()
+    return load_pipeline(export_dir, components_dir=components, torch_dtype=dtype or dt, device=device or dev)
