@@ -3,6 +3,7 @@ a CPU smoke run of the whole benchmark writes the summary in the issue's schema 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -83,7 +84,9 @@ def test_sharpness_and_diversity_measures():
 
 def test_smoke_run_writes_the_summary_and_report(tmp_path):
     out = tmp_path / "q"
+    before = os.environ.get("RCM_ATTN_PRIMAL")
     bq.main(["--smoke", "--out", str(out), "--methods", "rcm_staged", "--seeds", "0", "--jobs", "1"])
+    assert os.environ.get("RCM_ATTN_PRIMAL") == before          # the smoke's attention choice does not leak
     s = json.loads((out / "quality_summary.json").read_text())
     for key in ("teacher", "device", "dmd_scm_grad_ratio_init", "seeds", "samples_per_eval", "results"):
         assert key in s

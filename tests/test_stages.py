@@ -565,3 +565,12 @@ def test_separate_tangent_pass_equals_the_fused_one(embedded, nan_row, perturb, 
     assert mf["grad_norm_student"] == pytest.approx(ms["grad_norm_student"], rel=1e-8)
     for a, c in zip(gf, gs):
         assert torch.allclose(a, c, rtol=1e-8, atol=1e-12 * mf["grad_norm_student"])
+
+
+def test_real_presets_leave_the_weight_ratio_off():
+    # the weights' DMD/sCM ratio keeps two gradient copies during the DMD backward, which the memory planner does
+    # not count: off (0) for the real teachers, on at every student update for the embedded toy
+    for name in ("wan2.1-1.3b", "wan2.1-14b", "wan2.1-1.3b-paper", "wan2.1-14b-paper", "cosmos-predict2",
+                 "wan2.2-ti2v-5b", "wan2.2-t2v-a14b"):
+        assert DistillConfig.preset(name).grad_ratio_every == 0, name
+    assert DistillConfig.preset("embedded").grad_ratio_every == 1

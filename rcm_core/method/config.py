@@ -143,8 +143,8 @@ class DistillConfig:
     # "rcm" and iterations must equal the phases' iterations (dcm/scm: 1 per update, rcm/dmd: K per update).
     stages: tuple = ()
     # diagnostics: the DMD/sCM gradient ratio on the student's WEIGHTS every this many student steps (0: off;
-    # it keeps two copies of the gradients while the DMD term back-propagates); the ratio on the outputs is
-    # logged at every student step (free)
+    # it keeps two copies of the gradients while the DMD term back-propagates, which the memory planner does
+    # not count: the real teachers' presets set 0); the ratio on the outputs is logged at every student step (free)
     grad_ratio_every: int = 1
     # warn when the critic's smoothed loss, relative to its first updates, exceeds this (it falls behind)
     critic_lag_warn: float = 3.0
@@ -324,7 +324,8 @@ class DistillConfig:
 _WAN_13B_PAPER = dict(P_mean=0.7, P_std=1.6, tangent_warmup_steps=1000, student_update_freq=5,
                       lr_student=2e-6, lr_fake=4e-7, dmd_time="rf_shift", dmd_shift=5.0, sigma_max=80.0,
                       mid_t=(1.3, 1.0, 0.6), ema_sigma_rel=0.05, lr_warmup_steps=100, batch_size=256,
-                      iterations=10_000, dtype="bfloat16", activation_checkpointing="full")
+                      iterations=10_000, dtype="bfloat16", activation_checkpointing="full",
+                      grad_ratio_every=0)
 _WAN_14B_PAPER = dict(_WAN_13B_PAPER, P_mean=1.5, tangent_warmup_steps=200, student_update_freq=10,
                       lr_student=1e-6, lr_fake=1e-7, batch_size=64, fsdp=True)
 # the release: the paper's values but for these (PRESET_SOURCES["wan2.1-1.3b"] / ["wan2.1-14b"] say where)
@@ -341,7 +342,7 @@ PRESETS: dict[str, dict] = {
     "cosmos-predict2": dict(P_mean=-0.8, P_std=1.6, tangent_warmup_steps=0, student_update_freq=5,
                             lr_student=1e-6, lr_fake=2e-7, dmd_time="lognormal",
                             dmd_P_mean=0.0, dmd_P_std=1.6, batch_size=256, iterations=10_000, dtype="bfloat16",
-                            activation_checkpointing="full", fsdp=True),
+                            activation_checkpointing="full", fsdp=True, grad_ratio_every=0),
     # The embedded toy teacher: same algorithm, learning rates and lengths for minutes on a CPU.
     "embedded": dict(P_mean=0.0, P_std=1.6, tangent_warmup_steps=20, student_update_freq=2,
                      lr_student=1e-4, lr_fake=1e-4, dmd_time="rf_shift", dmd_shift=2.0, lr_warmup_steps=10,
