@@ -29,11 +29,8 @@ training). Each (method, seed) trains in its own process; ``--jobs`` run at once
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import io
 import json
-import math
 import os
 import platform
 import subprocess
@@ -52,6 +49,7 @@ for p in (ROOT, ROOT / "steps", ROOT / "kernels"):
 
 METHODS = ("scm", "rcm", "rcm_staged", "dmd", "dcm")
 GRID = list(range(0, 80, 8))          # the prompts shown in the report's grids: one per digit
+KEYS = ("fd_real", "fd_teacher", "accuracy", "diversity_rel", "sharpness_rel")     # per (method, steps, seed)
 STEPS = (1, 2, 4)
 
 
@@ -108,7 +106,7 @@ def method_config(label: str, updates: int, seed: int, batch: int, overrides: di
     if label in ("scm", "dcm"):
         return base.replace(method=label, iterations=updates)
     if label == "rcm":           # student every iteration for H, then every K-th: the last iteration a student one
-        return base.replace(method="rcm", tangent_warmup_steps=H, iterations=H + (updates - H - 1) * K + 1)
+        return base.replace(method="rcm", iterations=H + (updates - H - 1) * K + 1)
     if label == "dmd":           # no warm-up: student at step % K == 0
         return base.replace(method="dmd", iterations=(updates - 1) * K + 1)
     if label == "rcm_staged":    # the release README's recommendation: dCM warm-up -> sCM -> sCM + DMD
@@ -122,19 +120,12 @@ def method_config(label: str, updates: int, seed: int, batch: int, overrides: di
 
 
 def count_student_updates(cfg) -> int:
-    from rcm_core.trainer import RCMTrainer
-    return sum(RCMTrainer.is_student_step(_Sched(cfg), s) for s in range(cfg.iterations))
+    """Student updates of ``cfg`` by the trainer's own schedule (its mixin, on the config alone: no networks)."""
+    from rcm_core.train.schedule import _Schedule
 
-
-class _Sched:
-    """The trainer's schedule methods on a config alone (no networks)."""
-
-    def __init__(self, cfg):
-        self.cfg, self.step = cfg, 0
-
-    from rcm_core.trainer import RCMTrainer as _T
-    warmup_steps = _T.warmup_steps
-    stage = _T.stage
+    sched = _Schedule()
+    sched.cfg, sched.step = cfg, 0
+    return sum(sched.is_student_step(s) for s in range(cfg.iterations))
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------
@@ -155,9 +146,11 @@ def per_prompt_diversity(feats: np.ndarray, prompt_ids: np.ndarray) -> float:
     return float(np.mean([mean_pairwise_distance(feats[prompt_ids == p]) for p in np.unique(prompt_ids)]))
 
 
-def clip_metrics(clips: torch.Tensor, digits: np.ndarray, prompt_ids: np.ndarray, ref: dict) -> dict:
+def clip_metrics(clips: torch.Tensor, digits: np.ndarray, prompt_ids: np.ndarray, ref: dict, feats=None) -> dict:
+    """The metrics of ``clips``; ``ref`` (real and teacher features and metrics) adds the relative ones;
+    ``feats``: the clips' classifier features when the caller has them."""
     from rcm_steps.digit_classifier import classify_clips, clip_features, frechet_distance
-    f = clip_features(clips)
+    f = clip_features(clips) if feats is None else feats
     pred, _ = classify_clips(clips)
     out = {"accuracy": float((pred == digits).mean()),
            "diversity": per_prompt_diversity(f, prompt_ids), "sharpness": sharpness(clips)}
@@ -174,7 +167,7 @@ def clip_metrics(clips: torch.Tensor, digits: np.ndarray, prompt_ids: np.ndarray
 def prepare(a, device) -> dict:
     from rcm_core.embedded.data import embedded_prompts, make_clips, parse_prompt
     from rcm_core.sampling import sample_teacher
-    from rcm_steps.digit_classifier import clip_features
+    from rcm_steps.digit_classifier import classify_clips, clip_features, frechet_distance
 
     teacher = lifted_teacher(a.lift, device)
     den = teacher.denoiser()
@@ -204,12 +197,10 @@ def prepare(a, device) -> dict:
     digits = np.array([parse_prompt(prompts[i])[0] for i in eval_idx])
     pid = np.array(eval_idx)
     ref = {"real_feats": clip_features(real), "teacher_feats": clip_features(teacher_clips)}
-    ref["teacher"] = clip_metrics(teacher_clips, digits, pid, {})
-    ref["teacher"]["fd_real"] = __import__("rcm_steps.digit_classifier", fromlist=["x"]).frechet_distance(
-        ref["teacher_feats"], ref["real_feats"])
+    ref["teacher"] = clip_metrics(teacher_clips, digits, pid, {}, feats=ref["teacher_feats"])
+    ref["teacher"]["fd_real"] = frechet_distance(ref["teacher_feats"], ref["real_feats"])
     real_digits = np.array([parse_prompt(p)[0] for p in real_prompts])
-    ref["real"] = {"sharpness": sharpness(real), "accuracy": float(
-        (__import__("rcm_steps.digit_classifier", fromlist=["x"]).classify_clips(real)[0] == real_digits).mean())}
+    ref["real"] = {"sharpness": sharpness(real), "accuracy": float((classify_clips(real)[0] == real_digits).mean())}
     return {"lift": a.lift, "prompts": prompts, "train_idx": train_idx, "train_latents": train_lat, "eval_idx": eval_idx,
             "eval_digits": digits, "teacher_clips_grid": teacher_clips.reshape(len(prompts), a.eval_per_prompt,
                                                                                *teacher_clips.shape[1:])[GRID, :2],
@@ -273,7 +264,6 @@ def run_one(a, label: str, seed: int, shared: dict, device) -> dict:
     train_s = time.perf_counter() - t0
     den = tr.ema_denoiser()
     prompts, eval_idx = shared["prompts"], shared["eval_idx"]
-    uncond = None
     ev, grids = {}, {}
     for steps in STEPS:
         g = torch.Generator().manual_seed(4242)          # the same noise for every method and seed
@@ -288,7 +278,6 @@ def run_one(a, label: str, seed: int, shared: dict, device) -> dict:
         clips = torch.cat(clips)
         ev[str(steps)] = clip_metrics(clips, shared["eval_digits"], np.array(eval_idx), shared["ref"])
         grids[str(steps)] = clips.reshape(len(prompts), a.eval_per_prompt, *clips.shape[1:])[GRID, :2].clone()
-    del uncond
     return {"method": label, "seed": seed, "student_updates": updates, "iterations": cfg.iterations,
             "skipped_steps": skipped, "train_seconds": train_s, "config": cfg.to_dict(), "eval": ev,
             "diagnostics": col.to_dict(), "grids": grids}
@@ -345,10 +334,6 @@ def _smoke_env(a):
         os.environ.pop("RCM_ATTN_PRIMAL", None)
 
 
-def _save_shared(shared: dict, path: Path) -> None:
-    torch.save({k: v for k, v in shared.items()}, path)
-
-
 def _env_info(device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "date": time.strftime("%Y-%m-%d")}
@@ -364,9 +349,7 @@ def summarise(a, runs: list, shared: dict, ratio0: dict, info: dict, wall: float
     res = {}
     for m in methods:
         rs = sorted([r for r in runs if r["method"] == m], key=lambda r: r["seed"])
-        res[m] = {str(s): {k: [r["eval"][str(s)][k] for r in rs]
-                           for k in ("fd_real", "fd_teacher", "accuracy", "diversity_rel", "sharpness_rel")}
-                  for s in STEPS}
+        res[m] = {str(s): {k: [r["eval"][str(s)][k] for r in rs] for k in KEYS} for s in STEPS}
         res[m]["student_updates"] = [r["student_updates"] for r in rs]
         res[m]["iterations"] = [r["iterations"] for r in rs]
         res[m]["train_seconds"] = [r["train_seconds"] for r in rs]
@@ -406,7 +389,7 @@ def _main(a, argv) -> None:
     info = _env_info(device)
     from tqdm import tqdm
     shared = prepare(a, device)
-    _save_shared(shared, shared_path)
+    torch.save(shared, shared_path)
     ratio0 = grad_ratio_init(a, device, shared)
     print(f"DMD/sCM gradient ratio at init: outputs {ratio0['outputs']:.3f}, weights {ratio0['weights']:.3f} "
           f"(N = {ratio0['latent_elements']})", flush=True)
@@ -417,7 +400,7 @@ def _main(a, argv) -> None:
     if a.train_budget_s:
         base += ["--deadline", str(time.time() - (time.perf_counter() - t0) + a.train_budget_s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    running, done, failed = [], 0, []
+    running, failed = [], []
     bar = tqdm(total=len(jobs), desc="runs")
     pending = list(jobs)
     while pending or running:
@@ -458,23 +441,21 @@ def _main(a, argv) -> None:
     shared_path.unlink(missing_ok=True)
 
 
-def _ms(v):
+def mean_sd(v, pm: str = "±") -> str:
+    """'mean ± sd' over seeds (sd 0 for one seed)."""
     v = np.asarray(v, float)
-    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
+    return f"{v.mean():.3f} {pm} {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
 
 
 def print_table(summary: dict) -> None:
     print(f"\nteacher: {summary['teacher']}; device {summary['device']}; "
           f"DMD/sCM ratio at init: outputs {summary['dmd_scm_grad_ratio_init']['outputs']:.3f}, "
           f"weights {summary['dmd_scm_grad_ratio_init']['weights']:.3f}")
-    print(f"{'method':<14}{'steps':>6}  {'fd_real':>16}{'fd_teacher':>16}{'accuracy':>16}{'diversity_rel':>16}"
-          f"{'sharpness_rel':>16}")
+    print(f"{'method':<14}{'steps':>6}  " + "".join(f"{k:>16}" for k in KEYS))
     for m, r in summary["results"].items():
         for s in STEPS:
             e = r[str(s)]
-            print(f"{m:<14}{s:>6}  " + "".join(f"{_ms(e[k]):>16}" for k in
-                                               ("fd_real", "fd_teacher", "accuracy", "diversity_rel",
-                                                "sharpness_rel")))
+            print(f"{m:<14}{s:>6}  " + "".join(f"{mean_sd(e[k]):>16}" for k in KEYS))
     t = summary["teacher_metrics"]
     print(f"{'teacher':<14}{'50x2':>6}  {t['fd_real']:>16.3f}{'':>16}{t['accuracy']:>16.3f}")
 

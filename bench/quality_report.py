@@ -6,27 +6,18 @@ import base64
 import html
 from pathlib import Path
 
-import numpy as np
-import torch
-
-KEYS = ("fd_real", "fd_teacher", "accuracy", "diversity_rel", "sharpness_rel")
+from bench.bench_quality import GRID, KEYS, mean_sd
 
 
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"/>'
 
 
-def _ms(v) -> str:
-    v = np.asarray(v, float)
-    sd = v.std(ddof=1) if len(v) > 1 else 0.0
-    return f"{v.mean():.3f} &plusmn; {sd:.3f}"
-
-
 def _table(summary: dict) -> str:
     rows = ["<tr><th>method</th><th>steps</th>" + "".join(f"<th>{k}</th>" for k in KEYS) + "</tr>"]
     for m, r in summary["results"].items():
         for s in ("1", "2", "4"):
-            rows.append(f"<tr><td>{m}</td><td>{s}</td>" + "".join(f"<td>{_ms(r[s][k])}</td>" for k in KEYS) + "</tr>")
+            rows.append(f"<tr><td>{m}</td><td>{s}</td>" + "".join(f"<td>{mean_sd(r[s][k], '&plusmn;')}</td>" for k in KEYS) + "</tr>")
     t = summary["teacher_metrics"]
     rows.append(f"<tr><td>teacher</td><td>50 x 2</td><td>{t['fd_real']:.3f}</td><td>0</td><td>{t['accuracy']:.3f}"
                 "</td><td>1</td><td>1</td></tr>")
@@ -35,7 +26,6 @@ def _table(summary: dict) -> str:
 
 def grids_png(grids: dict, shared: dict, steps: str, seed: int = 0, sample: int = 0) -> bytes:
     """Columns: teacher, then each method's seed-``seed`` student at ``steps``; rows: one prompt per digit."""
-    from bench.bench_quality import GRID
     from rcm_steps.evaluate import clip_grid_png
     clips = {"teacher": shared["teacher_clips_grid"]}
     for (m, s), g in grids.items():
@@ -47,7 +37,7 @@ def grids_png(grids: dict, shared: dict, steps: str, seed: int = 0, sample: int 
 def write_report(summary: dict, grids: dict, shared: dict, path: Path) -> None:
     from rcm_steps.diagnostics import plot_png
     r0 = summary["dmd_scm_grad_ratio_init"]
-    parts = [f"<html><head><meta charset='utf-8'><title>rCM quality benchmark</title></head><body>",
+    parts = ["<html><head><meta charset='utf-8'><title>rCM quality benchmark</title></head><body>",
              "<h1>rCM quality benchmark (issue 20)</h1>",
              f"<p>Teacher: {html.escape(summary['teacher'])}. Device: {html.escape(str(summary['device']))}. "
              f"Seeds {summary['seeds']}, {summary['student_updates']} student updates per method, batch "

@@ -12,9 +12,9 @@ from .train import checkpoint as _checkpoint, critic as _critic, schedule as _sc
 from .train import student as _student, trainer as _trainer, update as _update
 from .train.critic import CRITIC_REF_UPDATES
 from .train.setup import _DTYPES, _has_blocks, _heads, _is_low_precision, _place, _tokens
-from .train.student import _accumulate_delta, _jvp, _sq_norm
+from .train.student import _accumulate_delta, _jvp
 from .train.trainer import RCMTrainer, _check_batch
-from .train.update import _allreduce_grads, _any_rank, _grad_norm, _is_dtensor, _world, _zero_nonfinite_grads
+from .train.update import _allreduce_grads, _any_rank, _grad_norm, _is_dtensor, _sq_norm, _world, _zero_nonfinite_grads
 
 __all__ = ["RCMTrainer", "CRITIC_REF_UPDATES", "_DTYPES", "_accumulate_delta", "_allreduce_grads", "_any_rank",
            "_check_batch", "_grad_norm", "_has_blocks", "_heads", "_is_dtensor", "_is_low_precision", "_jvp", "_place",

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .trigflow import expand_like
+from .trigflow import expand_like, shift_rf_time, t_from_rf_time
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -31,9 +31,7 @@ def t_lognormal(z: torch.Tensor, P_mean: float, P_std: float) -> torch.Tensor:
 
 def t_shifted_rf(u: torch.Tensor, shift: float, eps: float = 1e-4) -> torch.Tensor:
     """p_D for Wan from uniforms u: s = shift u / (1 + (shift - 1) u), t = arctan(s / (1 - s))."""
-    u = u.clamp(eps, 1 - eps)
-    s = shift * u / (1 + (shift - 1) * u)
-    return torch.atan2(s, 1 - s)
+    return t_from_rf_time(shift_rf_time(u.clamp(eps, 1 - eps), shift))
 
 
 def sample_t_lognormal(n: int, P_mean: float, P_std: float, *, generator=None, device="cpu") -> torch.Tensor:
@@ -119,16 +117,19 @@ def dmd_direction(G: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor,
 
 
 def dmd_loss(G: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor, clip: float = 1e-5,
-             mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+             mask: Optional[torch.Tensor] = None, direction: Optional[torch.Tensor] = None) -> torch.Tensor:
     """|| G - sg(G - (x0_fake - x0_real) / w) ||^2 summed per sample, w = mean|G - x0_real| (float64).
 
     The per-sample gradient w.r.t. G is 2 (x0_fake - x0_real) / w: a descent step
     moves G toward the teacher's (real) denoising and away from the fake's. Summed
     over elements like :func:`scm_loss` (a mean would make DMD numel times weaker).
-    ``mask`` (B,) keeps the finite samples; the others contribute zero.
+    ``mask`` (B,) keeps the finite samples; the others contribute zero. ``direction``: the caller's
+    :func:`dmd_direction` of the same tensors, when it has it already.
     """
     G64 = G.to(torch.float64)
-    target = (G64 - dmd_direction(G, x0_fake, x0_real, clip)).detach()
+    if direction is None:
+        direction = dmd_direction(G, x0_fake, x0_real, clip)
+    target = (G64 - direction).detach()
     return _masked_mean(_flat((G64 - target) ** 2).sum(1), mask)
 
 
@@ -149,13 +150,7 @@ def dcm_times(u: torch.Tensor, total_steps: int = 48, shift: float = 5.0) -> tup
     """
     du = 1.0 / total_steps
     s0 = 1.0 - u * (1.0 - du)
-    s1 = s0 - du
-
-    def trig(s):
-        s = shift * s / (1 + (shift - 1) * s)
-        return torch.atan2(s, 1 - s)
-
-    return trig(s0), trig(s1)
+    return t_from_rf_time(shift_rf_time(s0, shift)), t_from_rf_time(shift_rf_time(s0 - du, shift))
 
 
 def dcm_loss(x0_theta: torch.Tensor, x0_target: torch.Tensor) -> torch.Tensor:

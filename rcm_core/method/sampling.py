@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..nets.denoiser import TrigFlowDenoiser, guided
-from .trigflow import expand_like, noisy_sample, t_from_rf_time
+from .trigflow import expand_like, noisy_sample, shift_rf_time, t_from_rf_time
 
 
 def _full(t: float, x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +72,7 @@ def student_rollout(student: TrigFlowDenoiser, cond: torch.Tensor, noise: torch.
 
 def rf_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
     """RF times s from 1 to 0 (steps + 1 points), shifted: s' = shift s / (1 + (shift - 1) s)."""
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * s / (1 + (shift - 1) * s)
+    return shift_rf_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
 @torch.no_grad()

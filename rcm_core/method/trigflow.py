@@ -33,6 +33,11 @@ def rf_time_from_t(t: torch.Tensor) -> torch.Tensor:
     return torch.sin(t) / (torch.cos(t) + torch.sin(t))
 
 
+def shift_rf_time(s, shift: float):
+    """The timestep shift of RF time: s' = shift s / (1 + (shift - 1) s) (Wan's sampler; p_D; dCM's grid)."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
 def t_from_rf_time(s: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rf_time_from_t`: t = atan2(s, 1 - s)."""
     return torch.atan2(s, 1 - s)

@@ -6,7 +6,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from ..nets.denoiser import guided
 from ..method.losses import (dcm_loss, dcm_times, dmd_direction, dmd_loss, nan_mask, normalize_tangent, scm_loss,
@@ -14,24 +13,7 @@ from ..method.losses import (dcm_loss, dcm_times, dmd_direction, dmd_loss, nan_m
 from ..method.rng import SampleRNG
 from ..method.sampling import student_rollout
 from ..method.trigflow import expand_like, noisy_sample
-from .update import _is_dtensor
-
-
-def _sq_norm(tensors) -> float:
-    """Sum of squares of a list of (possibly sharded, possibly None) gradient tensors, over all ranks' shards."""
-    sharded, total = None, 0.0
-    for t in tensors:
-        if t is None:
-            continue
-        if _is_dtensor(t):
-            sq = t.to_local().double().pow(2).sum()
-            sharded = sq if sharded is None else sharded + sq
-        else:
-            total += float(t.double().pow(2).sum())
-    if sharded is not None:
-        dist.all_reduce(sharded)
-        total += float(sharded)
-    return total
+from .update import _sq_norm
 
 
 def _accumulate_delta(acc: list, params, before: list) -> None:
@@ -181,9 +163,10 @@ class _StudentStep:
             x0_fake = self.fake.x0(x_D, t_D, cond)
             x0_real = guided(self.teacher, x_D, t_D, cond, uncond, self.guidance, want="x0")
         mask = nan_mask(G.detach(), x0_fake, x0_real)
+        d = dmd_direction(G, x0_fake, x0_real)
         # per-sample norm of the direction (x0_fake - x0_real) / w: the diagnostics' DMD gradient on the outputs
-        norms = torch.linalg.vector_norm(dmd_direction(G, x0_fake, x0_real)[mask].flatten(1), dim=1)
-        return dmd_loss(G, x0_fake, x0_real, mask=mask), mask, norms
+        norms = torch.linalg.vector_norm(d[mask].flatten(1), dim=1)
+        return dmd_loss(G, x0_fake, x0_real, mask=mask, direction=d), mask, norms
 
     def student_step(self, x0, cond, uncond, rng: Optional[SampleRNG] = None) -> dict:
         """One student update. The sCM and the DMD terms are back-propagated one after the other into

@@ -35,17 +35,18 @@ def _allreduce_grads(params) -> None:
         g.copy_(r)
 
 
-def _grad_norm(params) -> float:
-    """Global L2 norm of the gradients (sharded ones summed over ranks); no clipping."""
+def _sq_norm(tensors) -> float:
+    """Sum of squares of (possibly sharded, possibly None) gradient tensors, sharded ones summed over ranks;
+    one host sync per kind, not per tensor."""
     sharded = replicated = None
-    for p in params:
-        if p.grad is None:
+    for t in tensors:
+        if t is None:
             continue
-        if _is_dtensor(p.grad):
-            sq = p.grad.to_local().double().pow(2).sum()
+        if _is_dtensor(t):
+            sq = t.to_local().double().pow(2).sum()
             sharded = sq if sharded is None else sharded + sq
         else:
-            sq = p.grad.double().pow(2).sum()
+            sq = t.double().pow(2).sum()
             replicated = sq if replicated is None else replicated + sq
     total = 0.0
     if sharded is not None:
@@ -53,7 +54,12 @@ def _grad_norm(params) -> float:
         total += float(sharded)
     if replicated is not None:
         total += float(replicated)
-    return math.sqrt(total)
+    return total
+
+
+def _grad_norm(params) -> float:
+    """Global L2 norm of the gradients (sharded ones summed over ranks); no clipping."""
+    return math.sqrt(_sq_norm(p.grad for p in params))
 
 
 def _zero_nonfinite_grads(params) -> int:

@@ -231,7 +231,7 @@ def _run(args: argparse.Namespace) -> int:
     log = _MlflowLogger(args.mlflow_run_id, rank == 0)
     # per-step diagnostics (DMD/sCM ratios, critic lag, NaN-masked fractions, phases) -> diagnostics.json;
     # a resumed run keeps the earlier attempts' series up to its start step
-    diag = DiagnosticsCollector(getattr(cfg, "stages", None) or (), getattr(cfg, "critic_lag_warn", None),
+    diag = DiagnosticsCollector(cfg.stages, cfg.critic_lag_warn,
                                 previous=load_diagnostics(out.url(DIAG_FILE)) if rank == 0 else None,
                                 upto=start)
     if rank == 0:
