@@ -503,6 +503,8 @@ class RCMDistillFlow(FlowSpec):
         k = "digit_acc" if f"student_{self.student_steps}/digit_acc" in self.eval_metrics else "fd_teacher"
         print(f"done: model {self.model_name} v{self.model_version} {self.model_aliases}; "
               f"student_{self.student_steps} {k}={self.eval_metrics.get(f'student_{self.student_steps}/{k}')}")
+        from rcm_steps.generate import how_to_load      # the exact models:/<name>@<alias> URI, and how to use it
+        print(how_to_load(self.model_name, self.model_aliases, self.mlflow_tracking_uri, self.eval_prompts[0]))
 
 
 def _describe_version(r, teacher, lineage, method, steps, metrics, pathspec):

@@ -78,8 +78,10 @@ def rf_schedule(steps: int, shift: float = 1.0) -> torch.Tensor:
 @torch.no_grad()
 def sample_teacher(teacher: TrigFlowDenoiser, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
                    *, guidance: float, shift: float, steps: int = 50, solver: str = "euler",
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, callback: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Integrate the teacher's probability-flow ODE in RF time with CFG; returns x0.
+
+    ``callback()`` runs after every solver step (progress reports).
 
     ``guidance`` and ``shift`` have no defaults: pass the teacher's own (``Teacher.guidance``,
     ``Teacher.shift``), so turning CFG off is one setting, not three.
@@ -107,6 +109,8 @@ def sample_teacher(teacher: TrigFlowDenoiser, cond: torch.Tensor, uncond: torch.
             it = tqdm(list(it), desc="teacher sampling")
         for s, s_next in it:
             x = x + (s_next - s) * velocity(x, s)
+            if callback is not None:
+                callback()
         return x
     try:
         from diffusers import UniPCMultistepScheduler
@@ -119,4 +123,6 @@ def sample_teacher(teacher: TrigFlowDenoiser, cond: torch.Tensor, uncond: torch.
     for i, ts in enumerate(sch.timesteps):
         v = velocity(x, float(sigmas[i]))
         x = sch.step(v, ts, x, return_dict=False)[0].to(torch.float64)
+        if callback is not None:
+            callback()
     return x

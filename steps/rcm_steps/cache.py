@@ -24,7 +24,6 @@ bounds, expected count). Reading (:func:`load_cache`) verifies checksums and sha
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -90,11 +89,11 @@ def cache_teacher(teacher, prompts: List[str], storage: Storage, cfg: CacheConfi
                   stop_after_shards: Optional[int] = None) -> CacheResult:
     """Fill (or complete) the cache for ``prompts``; returns its location and hash.
 
-    ``stop_after_shards`` stops after computing that many new shards (tests of resume).
+    ``stop_after_shards`` stops after computing that many new shards (tests of resume). Progress is
+    reported in teacher sampler steps (:class:`rcm_steps.progress.Progress`; ``progress=False``: none).
     """
-    from tqdm.auto import tqdm
-
     from . import teacher as T
+    from .progress import Progress
 
     if not prompts:
         raise ValueError("cache_teacher: no prompts to cache")
@@ -116,9 +115,13 @@ def cache_teacher(teacher, prompts: List[str], storage: Storage, cfg: CacheConfi
     todo = [k for k in range(n_shards) if f"shard-{k:05d}" not in shards.shards or f"shard-{k:05d}" in repaired]
     uncond = shards.read("uncond")["uncond"]
     computed = 0
-    disable = progress is False or (progress is None and os.environ.get("TQDM_DISABLE") == "1")
-    bar = tqdm(total=n_shards, initial=n_shards - len(todo), desc=f"teacher cache {info['name']}",
-               unit="shard", disable=disable)
+    # one unit per solver step of each sampling batch: a shard alone can take minutes
+    batches = [math.ceil((min(total, (k + 1) * cfg.shard_size) - k * cfg.shard_size) / cfg.batch_size)
+               for k in range(n_shards)]
+    done = sum(b for k, b in enumerate(batches) if k not in todo)
+    bar = Progress(f"teacher cache {info['name']} ({len(todo)} of {n_shards} shards to compute)",
+                   sum(batches) * spec["steps"], unit="sampler steps", initial=done * spec["steps"],
+                   enabled=progress is not False)
     for k in todo:
         lo, hi = k * cfg.shard_size, min(total, (k + 1) * cfg.shard_size)
         pidx = torch.arange(lo, hi) // cfg.samples_per_prompt
@@ -132,7 +135,8 @@ def cache_teacher(teacher, prompts: List[str], storage: Storage, cfg: CacheConfi
         for j in range(0, hi - lo, cfg.batch_size):
             outs.append(T.sample_teacher_latents(
                 teacher, cond[j:j + cfg.batch_size], uncond, noise[j:j + cfg.batch_size],
-                steps=spec["steps"], guidance=spec["guidance"], shift=spec["shift"], solver=spec["solver"]))
+                steps=spec["steps"], guidance=spec["guidance"], shift=spec["shift"], solver=spec["solver"],
+                callback=bar.update))
         lat = torch.cat(outs).float()
         if tuple(lat.shape[1:]) != lshape:
             raise ShardError(f"teacher {info['name']} produced latents of shape {tuple(lat.shape[1:])}, "
@@ -141,7 +145,6 @@ def cache_teacher(teacher, prompts: List[str], storage: Storage, cfg: CacheConfi
                      meta={"prompts": len(uniq)})
         del ps
         computed += 1
-        bar.update(1)
         if stop_after_shards is not None and computed >= stop_after_shards:
             break
     bar.close()

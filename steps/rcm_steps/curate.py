@@ -26,6 +26,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
+from rcm_core.teachers.real.library_logs import count_tokens
+
+from .progress import Progress, say
 from .validation import DataValidationError, GateReport, run_gate
 
 __all__ = ["PromptSourceError", "CurateConfig", "CurateResult", "load_prompts", "normalise",
@@ -83,17 +86,19 @@ class TokenLimiter:
         self.tokenizer, self.name = tokenizer, name
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+        # verbose=False: no "Token indices sequence length is longer than ..." (counting long prompts is the point)
+        return count_tokens(self.tokenizer, text)
 
     def truncate(self, text: str, max_tokens: int) -> str:
-        specials = self.count(text) - len(self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+        specials = self.count(text) - count_tokens(self.tokenizer, text, add_special_tokens=False)
         keep = max(0, max_tokens - specials)
         while keep > 0:
             try:
-                enc = self.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
+                enc = self.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True,
+                                     verbose=False)
                 cut = text[: enc["offset_mapping"][keep - 1][1]].rstrip()
             except (NotImplementedError, KeyError, TypeError, ValueError):   # slow tokenizers: no offsets
-                ids = self.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+                ids = self.tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
                 cut = self.tokenizer.decode(ids[:keep], skip_special_tokens=True).strip()
             if self.count(cut) <= max_tokens:
                 return cut
@@ -241,7 +246,11 @@ def curate_prompts(raw: List[Any], cfg: CurateConfig, tokenizer: Optional[TokenL
              "duplicate": 0}
     drop = cfg.long_prompts == "drop"
     seen, kept = set(), []
+    # counting tokens is the slow part (real teachers): progress lines then
+    bar = Progress(f"curate: counting tokens ({tokenizer.name if tokenizer else ''})", len(raw), unit="prompts",
+                   enabled=bool(cfg.max_tokens))
     for p in raw:
+        bar.update(1)
         q = normalise(p)
         if not q:
             stats["empty"] += 1
@@ -270,12 +279,16 @@ def curate_prompts(raw: List[Any], cfg: CurateConfig, tokenizer: Optional[TokenL
         stats["truncated"] += cut
         seen.add(key)
         kept.append(q)
+    bar.close()
     train, ev = split_prompts(kept, cfg.eval_fraction, cfg.seed)
     if cfg.max_train is not None:
         train = train[: cfg.max_train]
     if cfg.max_eval is not None:
         ev = ev[: cfg.max_eval]
     stats.update(kept=len(kept), train=len(train), eval=len(ev))
+    # the one line that says how many prompts were truncated
+    say(f"curate: {removal_summary(stats, cfg)}" + ("; --long_prompts drop removes such prompts instead"
+                                                    if stats["truncated"] else ""))
     return CurateResult(train=train, eval=ev, stats=stats)
 
 

@@ -203,9 +203,9 @@ def _run(args: argparse.Namespace) -> int:
                        args.iterations, args.batch_size, args.seed, overrides)
     if device.type == "cpu" and cfg.dtype in ("bfloat16", "float16") and "dtype" not in overrides:
         # the real-teacher presets train in bf16 autocast on GPUs; on the CPU that is slow and not what
-        # they were tuned for: use float32 unless --config asks for the dtype explicitly
+        # they were tuned for: use float32 unless the overrides (the flow's --distill_config) ask for the dtype
         if rank == 0:
-            print(f"distill: CPU run, DistillConfig.dtype {cfg.dtype} -> float32 (pass --config "
+            print(f"distill: CPU run, DistillConfig.dtype {cfg.dtype} -> float32 (pass --distill_config "
                   f"'{{\"dtype\": \"{cfg.dtype}\"}}' to keep it)", flush=True)
         cfg = cfg.replace(dtype="float32")
     # context parallel: the ranks of one cp group share their samples (data-parallel index rank // cp)

@@ -203,8 +203,12 @@ def _thumbs(clips: torch.Tensor, max_side: int = 64, max_frames: int = 33) -> to
 
 @torch.no_grad()
 def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: float = 80.0,
-             mid_t: Sequence[float] = (1.3, 1.0, 0.6), progress: bool = False) -> EvalResult:
+             mid_t: Sequence[float] = (1.3, 1.0, 0.6), progress: bool = True) -> EvalResult:
+    """Sample teacher and students from the same noise, decode, and measure (module doc). ``progress``:
+    lines in sampler steps and decode batches (:class:`rcm_steps.progress.Progress`)."""
     from rcm_core.sampling import sample_student
+
+    from .progress import Progress
 
     if not prompts:
         raise ValueError("evaluate: no eval prompts")
@@ -219,6 +223,12 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
     t_steps = cfg.teacher_steps or info["steps"]
     models: Dict[str, Dict[str, Any]] = {}
     decode_batch = cfg.batch_size if digits else min(cfg.batch_size, 4)
+    n_batches = math.ceil(P * S / cfg.batch_size)
+    decodes = 1 if digits else math.ceil(P * S / decode_batch)
+    bar = Progress(f"evaluate ({P * S} samples: teacher {t_steps} steps, students "
+                   f"{'/'.join(map(str, cfg.student_steps))} steps)",
+                   n_batches * (t_steps + sum(cfg.student_steps)) + decodes * (1 + len(cfg.student_steps)) + 1,
+                   unit="sampler steps and decodes", enabled=progress)
 
     def run(name, fn, nfe):
         t0 = time.perf_counter()
@@ -229,23 +239,28 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
         if digits:
             clips = as_clips(decode_latents(teacher, lat))
             models[name] = {"clips": clips, "feats": dc.clip_features(clips)}
+            bar.update(1)
         else:   # decode in small batches; keep pooled features and media thumbnails, not full-size videos
             thumbs, feats = [], []
             for j in range(0, lat.shape[0], decode_batch):
                 px = as_clips(decode_latents(teacher, lat[j:j + decode_batch]))
                 feats.append(pooled_features(px))
                 thumbs.append(_thumbs(px))
+                bar.update(1)
             models[name] = {"clips": torch.cat(thumbs), "feats": np.concatenate(feats),
                             "lat_feats": pooled_features(lat), "latents": lat}
         models[name].update(nfe=nfe, sec_per_sample=secs / (P * S))
 
-    run("teacher", lambda c, n, i: T.sample_teacher_latents(teacher, c, uncond, n, steps=t_steps), 2 * t_steps)
+    run("teacher", lambda c, n, i: T.sample_teacher_latents(teacher, c, uncond, n, steps=t_steps,
+                                                            callback=bar.update), 2 * t_steps)
     for k in cfg.student_steps:
         def fn(c, n, i, k=k):
             sg = torch.Generator().manual_seed(cfg.seed * 7919 + 31 * k + i)
             dev = next(student.parameters()).device
-            return sample_student(student, c.to(dev), n.to(dev), steps=k, sigma_max=sigma_max, mid_t=mid_t,
-                                  generator=sg if dev.type == "cpu" else None).cpu()
+            x = sample_student(student, c.to(dev), n.to(dev), steps=k, sigma_max=sigma_max, mid_t=mid_t,
+                               generator=sg if dev.type == "cpu" else None).cpu()
+            bar.update(k)
+            return x
         run(f"student_{k}", fn, k)
 
     metrics: Dict[str, float] = {"eval_prompts": P, "seeds_per_prompt": S}
@@ -271,6 +286,8 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
     settings = eval_settings(info, prompts, cfg, digits)
     if fast_decode_device(teacher) is not None:
         settings["decode"] = fast_decode_label()
+    bar.update(1)                                   # the metrics
+    bar.close()
     return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts), settings=settings)
 
 

@@ -12,11 +12,25 @@ A real teacher's model version carries its text encoder, tokenizer and VAE by sh
 into the content store (or as copies); ``--component-store`` points at the store when it moved
 (``RCM_COMPONENT_STORE``), ``--teacher-dir`` at a local copy of the teacher (``RCM_TEACHER_DIR``).
 A component that cannot be found is named, with what to do (exit code 2).
+
+The model is looked up before anything loads: a ``models:/`` URI whose store does not exist (e.g. run
+outside the folder of the flow's default ``mlflow.db``), whose name is not registered there (smoke runs
+register ``<name>-smoke``) or whose alias is not set is named, with the tracking URI used and how to set
+it (exit code 2), and nothing is written (no stray ``mlflow.db``). :func:`how_to_load` is what a flow
+run prints at its end: the exact ``models:/<name>@<alias>`` URI and this command.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
 import sys
+from typing import Optional, Sequence
+
+# the distill flow's default store (flows/distill_flow.py: <repository>/mlflow.db)
+FLOW_DEFAULT_DB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "mlflow.db")
 
 
 def main(argv=None) -> int:
@@ -35,8 +49,6 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-dir", default=None,
                    help="a local copy of the teacher directory to take components from (RCM_TEACHER_DIR)")
     a = p.parse_args(argv)
-    import os
-
     import mlflow
     import pandas as pd
     import torch
@@ -53,10 +65,18 @@ def main(argv=None) -> int:
         os.environ["RCM_COMPONENT_STORE"] = a.component_store
     if a.teacher_dir:
         os.environ["RCM_TEACHER_DIR"] = a.teacher_dir
+    problem = model_uri_problem(a.model, explicit_uri=bool(a.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
+    if problem:
+        print(f"rcm_steps.generate: {problem}", file=sys.stderr)
+        return 2
     try:
         model = mlflow.pyfunc.load_model(a.model)
     except MissingComponentError as e:
         print(f"rcm_steps.generate: {e}\nfix: {e.fix}", file=sys.stderr)
+        return 2
+    except mlflow.exceptions.MlflowException as e:      # e.g. a version that does not exist
+        print(f"rcm_steps.generate: cannot load {a.model}: {e.message}; {_uri_help(mlflow.get_registry_uri(), True)}",
+              file=sys.stderr)
         return 2
     rows = [{"prompt": pr, "seed": a.seed + s, **({"steps": a.steps} if a.steps else {})}
             for pr in a.prompt for s in range(a.seeds)]
@@ -79,6 +99,60 @@ def main(argv=None) -> int:
         f.write(data)
     print(f"wrote {out}: {len(rows)} clip(s) of shape {tuple(clips.shape[1:])}")
     return 0
+
+
+def _safe(uri: str) -> str:
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def _uri_help(uri: str, explicit: bool) -> str:
+    how = ("set with --tracking-uri / MLFLOW_TRACKING_URI" if explicit else
+           "MLflow's default: mlflow.db in the current directory, as neither --tracking-uri nor MLFLOW_TRACKING_URI "
+           "is set")
+    flow_db = (f"; the flow's default store is `--tracking-uri sqlite:///{FLOW_DEFAULT_DB}`"
+               if os.path.exists(FLOW_DEFAULT_DB) and uri != f"sqlite:///{FLOW_DEFAULT_DB}" else "")
+    return (f"tracking URI {_safe(uri)} ({how}). Pass the flow's --mlflow_tracking_uri as --tracking-uri (or "
+            f"MLFLOW_TRACKING_URI){flow_db}")
+
+
+def model_uri_problem(model: str, explicit_uri: bool = True) -> Optional[str]:
+    """What is wrong with a ``models:/<name>@<alias>`` (or ``models:/<name>/<version>``) URI in the current
+    MLflow registry, or None. A sqlite store that does not exist is reported without creating it."""
+    import mlflow
+
+    m = re.match(r"models:/([^/@]+)(?:@([^/]+)|/([^/]+))?/?$", model)
+    if not m:
+        return None                                # runs:/..., a path: MLflow's own errors name them
+    name, alias, version = m.groups()
+    uri = mlflow.get_registry_uri()
+    if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
+        return (f"model {model} not found: there is no MLflow database at {uri[len('sqlite:///'):]} (nothing was "
+                f"written there); {_uri_help(uri, explicit_uri)}")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(registry_uri=uri)
+    names = sorted(r.name for r in client.search_registered_models(max_results=1000))
+    if name not in names:
+        smoke = (f" (smoke runs register {name}-smoke)" if f"{name}-smoke" in names else "")
+        return (f"no registered model {name!r} at {_safe(uri)}{smoke}; registered there: "
+                f"{', '.join(names) or 'none'}; {_uri_help(uri, explicit_uri)}")
+    if alias:
+        aliases = sorted(client.get_registered_model(name).aliases or {})
+        if alias not in aliases:
+            return (f"registered model {name!r} at {_safe(uri)} has no alias {alias!r}; its aliases: "
+                    f"{', '.join(aliases) or 'none'} (or use models:/{name}/<version>)")
+    return None
+
+
+def how_to_load(name: str, aliases: Sequence[str], tracking_uri: str, prompt: str = "a prompt") -> str:
+    """The lines a flow run ends with: the exact model URI(s) and a generate command that works from anywhere."""
+    alias = "champion" if "champion" in aliases else (list(aliases) or ["candidate"])[0]
+    model = f"models:/{name}@{alias}"
+    others = [f"models:/{name}@{a}" for a in aliases if a != alias]
+    return (f"model: {model}" + (f" (also {', '.join(others)})" if others else "") + f" in MLflow {_safe(tracking_uri)}\n"
+            f"load it: mlflow.pyfunc.load_model({model!r}) with MLFLOW_TRACKING_URI={_safe(tracking_uri)}\n"
+            f"generate: python -m rcm_steps.generate --model {model} --tracking-uri {shlex.quote(_safe(tracking_uri))} "
+            f"--prompt {shlex.quote(prompt)} --out sample.mp4")
 
 
 def _fps(model) -> int:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .errors import PREFIX, RCMError
 
-__all__ = ["TorchrunError", "torchrun_command", "run_torchrun", "free_port", "port_for"]
+__all__ = ["TorchrunError", "torchrun_command", "run_torchrun", "free_port", "port_for", "killed_by", "failed_worker", "signal_text",
+           "SIGNAL_CAUSES"]
 
 
 class TorchrunError(RCMError, RuntimeError):
@@ -31,18 +34,26 @@ class TorchrunError(RCMError, RuntimeError):
     def __init__(self, message: str, worker_report: Sequence[str] = ()):
         super().__init__(message)
         self.worker_report = list(worker_report)
+        self.signal: Optional[int] = None     # the signal that killed the gang or a worker (None: an exit code)
 
     @property
     def summary(self) -> Optional[str]:
-        """The first worker's ``what went wrong`` line (without the prefix), if a worker said."""
+        """The first worker's ``what went wrong`` line (without the prefix), if a worker said (a worker killed
+        by a signal said nothing about it: then None, and the message's first line names the signal)."""
+        if self.signal is not None:
+            return None
         for ln in self.worker_report:
             body = ln.split(PREFIX, 1)[1].strip()
-            if not body.startswith(("fix:", "then ")):
+            if not body.startswith(("fix:", "then ", "warning:")):
                 return body
         return None
 
     @property
     def fix(self) -> str:
+        if self.signal is not None:
+            name = _signal_name(self.signal)
+            what = SIGNAL_CAUSES.get(name, ("", "read the output above"))[1]
+            return f"{what}; then `python flows/distill_flow.py resume` continues from the last checkpoint"
         for ln in self.worker_report:
             body = ln.split(PREFIX, 1)[1].strip()
             if body.startswith("fix:"):
@@ -103,20 +114,71 @@ def run_torchrun(module: str, args: Sequence[str], env: Optional[Dict[str, str]]
         _terminate(proc)
         raise
     if rc != 0:
-        raise TorchrunError(f"torchrun {module} exited with code {rc} (node {kw.get('node_rank', 0)} of "
-                            f"{kw.get('nnodes', 1)}); last output:\n{''.join(tail)}", said)
+        where = f"node {kw.get('node_rank', 0)} of {kw.get('nnodes', 1)}"
+        output = "".join(tail)
+        killed = killed_by(rc, output)
+        if killed:
+            who, sig = killed
+            err = TorchrunError(f"torchrun {module} ({where}): {who} was killed by {signal_text(sig)}\n"
+                                f"last output:\n{output}", said)
+            err.signal = sig
+            raise err
+        who, code = failed_worker(output) or ("", rc)
+        raise TorchrunError(f"torchrun {module} exited with code {rc} ({where})"
+                            + (f": {who} exited with code {code}" if who else "") + f"\nlast output:\n{output}", said)
     return rc
 
 
-def _terminate(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM torchrun (it forwards it to its workers), SIGKILL after ``grace_s``."""
-    if proc.poll() is not None:
-        return
+# What a signal that ended a worker most likely means, and what to do about it
+SIGNAL_CAUSES = {
+    "SIGKILL": ("likely out of host memory: the kernel's OOM killer (see `dmesg | grep -i -e oom -e killed`; on "
+                "Kubernetes `kubectl describe pod` says OOMKilled), or a `kill -9`",
+                "give the distill node more memory (the container's limit; memory_mb_per_node in the execution "
+                "config on Kubernetes) or let it need less (smaller --batch_size, fewer frames/pixels, fewer "
+                "--procs_per_node)"),
+    "SIGTERM": ("stopped from outside (a `kill`, the scheduler, a pod eviction or a node shutdown)",
+                "find out who stopped it (scheduler / Kubernetes events)"),
+    "SIGBUS": ("often shared memory (/dev/shm) too small for NCCL", "raise shared_memory_mb in the execution config"),
+    "SIGSEGV": ("a crash in native code (CUDA, NCCL or a library)", "read the output above for the library"),
+    "SIGABRT": ("an abort in native code (e.g. a failed CUDA/NCCL check)", "read the output above for the check"),
+}
+
+
+def signal_text(sig: int) -> str:
+    """``SIGKILL (signal 9): likely out of host memory ...``."""
+    name = _signal_name(sig)
+    cause = SIGNAL_CAUSES.get(name, ("", ""))[0]
+    return f"{name} (signal {sig})" + (f": {cause}" if cause else "")
+
+
+def killed_by(rc: int, output: str = "") -> Optional[tuple]:
+    """(who, signal number) when the gang ended by a signal, else None.
+
+    torchrun itself killed: a negative return code (or 128 + N from a shell); a worker killed: torchrun exits
+    1 and its failure report says ``exitcode : -9`` / ``Signal 9 (SIGKILL) received by PID``.
+    """
+    if rc < 0:
+        return "torchrun (the whole node's gang)", -rc
+    if 128 < rc < 128 + 65:
+        return "torchrun (the whole node's gang)", rc - 128
+    failed = failed_worker(output)
+    if failed and failed[1] < 0:
+        return failed[0], -failed[1]
+    return None
+
+
+def failed_worker(output: str) -> Optional[tuple]:
+    """(``distill worker (rank R)``, its exit code; negative: killed by that signal) from torchrun's failure
+    report (``rank : R (local_rank: ...)`` / ``exitcode : C (pid: ...)``), or None without one."""
+    code = re.search(r"exitcode\s*:\s*(-?\d+)", output)
+    if code is None:
+        return None
+    rank = re.search(r"(?<!local_)rank\s*:\s*(\d+)", output)
+    return (f"distill worker (rank {rank.group(1)})" if rank else "a distill worker"), int(code.group(1))
+
+
+def _signal_name(sig: int) -> str:
     try:
-        proc.terminate()
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    except Exception:  # noqa: BLE001 - already gone
-        pass
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"

@@ -8,7 +8,8 @@ live step:
   reopened (RUNNING; the error tags move to the ``rcm.history`` tag), and a resumed flow run
   re-links it (``metaflow.run_id`` = the resumed run, ``metaflow.origin_run_id`` = the run it
   resumed, ``metaflow.run_ids`` = the whole chain), so its tags agree with the registered
-  model version's.
+  model version's. A run that an uncatchable kill (SIGKILL, OOM) left RUNNING is resumed
+  RUNNING: the history says so.
 * :func:`end_failed` — a step raised: FAILED, with the error (``error``, ``error.where``, ...) as
   tags. Every failed attempt ends the run FAILED, even when Metaflow will retry the step
   (``error.retry_pending`` says so); the retry reopens it. A run is thus only RUNNING while a
@@ -87,7 +88,10 @@ def begin_step(client, run_id: str, *, flow_run_id: str, origin_run_id: Optional
         new["metaflow.run_id"] = str(flow_run_id)
         new["metaflow.origin_run_id"] = str(origin_run_id or prev or "")
         new["metaflow.run_ids"] = ",".join(x for x in (chain, str(flow_run_id)) if x)
-        tags = {**tags, HISTORY_TAG: _history(tags, f"{stamp} resumed as {flow_run_id} (origin {origin_run_id or prev})")}
+        left = (f"; run {prev} had left it RUNNING (its process was killed without closing it: SIGKILL, OOM "
+                f"kill or a lost node)" if run.info.status == "RUNNING" and prev else "")
+        tags = {**tags, HISTORY_TAG: _history(tags, f"{stamp} resumed as {flow_run_id} (origin {origin_run_id or prev})"
+                                                    + left)}
         new[HISTORY_TAG] = tags[HISTORY_TAG]
     if run.info.status != "RUNNING":
         err = tags.get("error") or tags.get("killed_by") or ""

@@ -162,7 +162,8 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
 
         reqs = ["torch", "numpy", "pandas", "safetensors", "mlflow"] + (
             ["diffusers", "transformers", "accelerate", "sentencepiece"] if bundle else [])
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        from .quiet import logging_model      # quiet, and leaves the run RUNNING (start_run's exit ends it)
+        with logging_model(run_id):
             info = mlflow.pyfunc.log_model(
                 name="student", python_model=RCMStudentModel(),
                 artifacts={**weights_art, "meta": mpath, **extra},

@@ -21,6 +21,10 @@ from .bundle import MissingComponentError, materialize_bundle
 class RCMStudentModel(mlflow.pyfunc.PythonModel):
     """Few-step generator: prompt(s) -> clips, with the distilled EMA student."""
 
+    # MLflow checks predict's type hints when this class is created (import, and every load): without hints it
+    # warns "Add type hints to the `predict` method" (+ a stray `color_warning(` line); _rows checks the input
+    _skip_type_hint_validation = True
+
     def load_context(self, context):
         import torch
 

@@ -358,7 +358,9 @@ def negative_embedding(teacher) -> torch.Tensor:
 @torch.no_grad()
 def sample_teacher_latents(teacher, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
                            steps: Optional[int] = None, guidance: Optional[float] = None,
-                           shift: Optional[float] = None, solver: Optional[str] = None) -> torch.Tensor:
+                           shift: Optional[float] = None, solver: Optional[str] = None,
+                           callback=None) -> torch.Tensor:
+    """The teacher's own sampler from ``noise``; ``callback()`` after every solver step (progress)."""
     from rcm_core.sampling import sample_teacher
 
     d = sampler_defaults(teacher)
@@ -366,7 +368,7 @@ def sample_teacher_latents(teacher, cond: torch.Tensor, uncond: torch.Tensor, no
     dev = next(den.parameters()).device if any(True for _ in den.parameters()) else torch.device("cpu")
     return sample_teacher(den, cond.to(dev), uncond.to(dev), noise.to(dev),
                           steps=steps or d["steps"], guidance=d["guidance"] if guidance is None else guidance,
-                          shift=shift or d["shift"], solver=solver or d["solver"]).float().cpu()
+                          shift=shift or d["shift"], solver=solver or d["solver"], callback=callback).float().cpu()
 
 
 @torch.no_grad()

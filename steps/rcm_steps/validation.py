@@ -8,6 +8,7 @@ every failed expectation with its column and observed/unexpected values.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -74,6 +75,10 @@ def run_gate(name: str, df, expectations: Sequence[ExpectationSpec], docs_dir: O
     ``context`` (e.g. how many rows were removed for which reason) is added to the failure
     lines of count expectations, in the report and in the raised error.
     """
+    from .progress import say
+
+    t0 = time.perf_counter()
+    say(f"data gate {name}: checking {len(df)} rows against {len(expectations)} expectations (Great Expectations)")
     _quiet()
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -119,6 +124,8 @@ def run_gate(name: str, df, expectations: Sequence[ExpectationSpec], docs_dir: O
                 "unexpected_sample": _plain((r.get("partial_unexpected_list") or [])[:3]),
             })
     report = GateReport(name=name, success=bool(res.success), results=results, docs_dir=docs_dir, context=context)
+    say(f"data gate {name}: {len(results) - len(report.failed)} of {len(results)} expectations met "
+        f"({time.perf_counter() - t0:.0f} s)")
     if docs_dir:
         pages = []
         for base, _d, files in os.walk(os.path.join(docs_dir, "validations")):

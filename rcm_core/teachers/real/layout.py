@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from .specs import CHECKED_KEYS, FAMILY_OF_CLASS, RealTeacherSpec
+from .specs import CHECKED_KEYS, FAMILY_OF_CLASS, PIPELINE_CLASSES, SPECS, RealTeacherSpec
 
-__all__ = ["LAYOUT_HELP", "RealTeacherError", "resolve_weights", "is_diffusers_dir", "check_layout", "vae_factors", "detect_variant", "read_safetensors_header", "check_weights"]
+__all__ = ["LAYOUT_HELP", "RealTeacherError", "UnsupportedTeacherError", "check_pipeline_class", "resolve_weights", "is_diffusers_dir", "check_layout", "vae_factors", "detect_variant", "read_safetensors_header", "check_weights"]
 
 LAYOUT_HELP = ("model_index.json; transformer/{config.json, diffusion_pytorch_model.safetensors (or sharded "
                "*.safetensors + .index.json)}; text_encoder/{config.json, model.safetensors (or sharded)}; "
@@ -26,6 +26,15 @@ LAYOUT_HELP = ("model_index.json; transformer/{config.json, diffusion_pytorch_mo
 
 class RealTeacherError(RuntimeError):
     """A real teacher's weights are missing or do not match what is expected."""
+
+
+class UnsupportedTeacherError(RealTeacherError):
+    """A diffusers directory of a model the project cannot distil (Stable Diffusion, Flux, ...): nothing to fix in
+    its files, and nothing to download."""
+
+    fix = (f"pass --teacher a supported teacher: a name ({', '.join(SPECS)}, embedded) or a Wan2.1 / Wan2.2 / "
+           "Cosmos-Predict2 directory in diffusers layout; another model needs a Teacher written for it (README, "
+           "Plugging in a teacher)")
 
 
 # ---- locating weights -----------------------------------------------------------------
@@ -67,6 +76,31 @@ def resolve_weights(spec: RealTeacherSpec, weights: Optional[str | os.PathLike] 
     raise RealTeacherError(
         f"teacher {spec.name!r}: weights not found (nothing is downloaded). Looked in:\n  - " + "\n  - ".join(tried)
         + f"\nExpected a directory in diffusers layout: {LAYOUT_HELP}.\nTo get them, {_download_help(spec)}")
+
+
+def check_pipeline_class(root: Path, index: dict) -> None:
+    """Raise :class:`UnsupportedTeacherError` naming the pipeline class of ``root`` (model_index.json
+    ``_class_name``), its components and the supported pipelines, when neither the pipeline is one of
+    :data:`PIPELINE_CLASSES` nor its transformer/config.json a supported transformer (Stable Diffusion's
+    ``unet/``, Flux's transformer). A supported transformer under another pipeline class goes on to the
+    checks that name what else is missing (e.g. the exporter's)."""
+    cls = index.get("_class_name")
+    if cls in PIPELINE_CLASSES:
+        return
+    tcfg, tclass = Path(root) / "transformer" / "config.json", None
+    if tcfg.is_file():
+        try:
+            tclass = json.loads(tcfg.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            return                                   # the transformer config's own check names the broken file
+    if tclass in FAMILY_OF_CLASS:
+        return
+    parts = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list))
+    supported = "; ".join(f"{k} ({v})" for k, v in PIPELINE_CLASSES.items())
+    raise UnsupportedTeacherError(
+        f"{Path(root) / 'model_index.json'}: pipeline {cls or '(no _class_name)'} (components: "
+        f"{', '.join(parts) or 'none'}" + (f"; transformer/config.json: {tclass}" if tclass else "")
+        + f") is not a teacher the project can distil; supported pipelines: {supported}")
 
 
 def is_diffusers_dir(path) -> bool:

@@ -27,12 +27,13 @@ import torch
 from ...nets.denoiser import Parameterization
 from ..base import Teacher
 from .attention import install_rcm_attention
+from .library_logs import cast_quietly, count_tokens
 from .time_embedding import install_fp32_time_embedding
 # the weights on disk (rcm_core.teachers.real.layout); all re-exported, so rcm_core.real.loading keeps every name
 from .layout import (LAYOUT_HELP, RealTeacherError, _check_spec_config, _COMPONENTS, _download_help,  # noqa: F401
                      _env_name, _expected_state, _has_weights, _lists_component, _norm, _read_json, _RECOPY,
-                     _ST_BYTES, _weight_files, check_layout, check_weights, detect_variant, is_diffusers_dir,
-                     read_safetensors_header, resolve_weights, vae_factors)
+                     _ST_BYTES, _weight_files, check_layout, check_pipeline_class, check_weights, detect_variant,
+                     is_diffusers_dir, read_safetensors_header, resolve_weights, UnsupportedTeacherError, vae_factors)
 from .specs import FAMILY_OF_CLASS, SPECS, RealTeacherSpec, spec_for_config
 
 __all__ = ["RealTeacherError", "resolve_weights", "check_layout", "load_real_teacher", "load_teacher_from_path",
@@ -78,23 +79,27 @@ def cosmos_call(net, x, timestep, cond):
 class RealTextEncoder:
     """Prompts -> (B, max_length, D) float32 embeddings, padding zeroed (as the diffusers pipelines).
 
-    Prompts longer than ``max_length`` tokens are truncated with a warning.
+    Prompts longer than ``max_length`` tokens are truncated, said once per encoder (one warning naming the
+    first such prompt and how many there were in that call).
     """
 
     def __init__(self, tokenizer, model, max_length: int, device="cpu"):
         self.tokenizer, self.model, self.max_length, self.device = tokenizer, model, int(max_length), device
+        self.said_truncation = False
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = [re.sub(r"\s+", " ", p).strip() for p in prompts]
-        for i, p in enumerate(prompts):
-            n = len(self.tokenizer(p, add_special_tokens=True, truncation=False)["input_ids"])
-            if n > self.max_length:
-                warnings.warn(f"prompt {i} has {n} tokens, more than the text encoder's limit of {self.max_length}; "
-                              f"truncated to {self.max_length} tokens (the end of the prompt is ignored): "
-                              f"{p[:60]!r}...", UserWarning, stacklevel=2)
+        if not self.said_truncation:
+            long = [(i, n) for i, n in enumerate(count_tokens(self.tokenizer, p) for p in prompts) if n > self.max_length]
+            if long:
+                self.said_truncation = True
+                i, n = long[0]
+                warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's limit of {self.max_length} tokens "
+                              f"are truncated to it (the end is ignored; said once), e.g. prompt {i} of {n} tokens: "
+                              f"{prompts[i][:60]!r}...", UserWarning, stacklevel=3)
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
@@ -411,7 +416,7 @@ def _from_state(cls, tcfg: dict, state: dict, dtype):
         net = cls.from_config(conf)
         res = net.load_state_dict(state, strict=True)
     del res
-    return net.to(dtype)
+    return cast_quietly(net, dtype)          # deliberate: no "should be kept in float32" warning (module doc)
 
 
 def teacher_dir_label(path: str | os.PathLike) -> str:
@@ -465,10 +470,12 @@ def _spec_of_path(path: str | os.PathLike) -> RealTeacherSpec:
     if not (root / "model_index.json").is_file():
         raise RealTeacherError(missing_index_help(root))
     index = _read_json(root / "model_index.json", "pipeline index")
+    check_pipeline_class(root, index)          # Stable Diffusion, Flux...: named, with the supported pipelines
     tcfg = _read_json(root / "transformer" / "config.json", "transformer config")
     if tcfg.get("_class_name") not in FAMILY_OF_CLASS:
-        raise RealTeacherError(f"{root / 'transformer' / 'config.json'}: _class_name {tcfg.get('_class_name')!r} is "
-                               f"not a supported teacher architecture; supported: {sorted(FAMILY_OF_CLASS)}")
+        raise UnsupportedTeacherError(f"{root / 'transformer' / 'config.json'}: _class_name "
+                                      f"{tcfg.get('_class_name')!r} is not a supported teacher architecture; "
+                                      f"supported: {sorted(FAMILY_OF_CLASS)}")
     cfg = {"model_index": index, "transformer": tcfg, "vae": _read_json(root / "vae" / "config.json", "vae config")}
     if _lists_component(index, "transformer_2") or (root / "transformer_2").is_dir():
         cfg["transformer_2"] = _read_json(root / "transformer_2" / "config.json", "transformer_2 config (the "

@@ -166,6 +166,9 @@ CHECKED_KEYS = {
 }
 
 FAMILY_OF_CLASS = {"WanTransformer3DModel": "wan", "CosmosTransformer3DModel": "cosmos"}
+# the diffusers pipelines (model_index.json ``_class_name``) a teacher directory may be, and what they are
+PIPELINE_CLASSES = {"WanPipeline": "Wan2.1 / Wan2.2 text-to-video",
+                    "Cosmos2TextToImagePipeline": "Cosmos-Predict2 text-to-image"}
 
 
 def _hidden(cfg: dict) -> int:
