@@ -1,6 +1,7 @@
 """The Metaflow DAG end to end (smoke profile), the prompt gate, and the Argo compile."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -46,6 +47,17 @@ def test_smoke_flow_end_to_end(tmp_path):
     assert set(d.train_diagnostics["series"]) >= {"dmd_scm_ratio_out", "critic_loss_rel", "nan_masked_frac"}
     assert {f.path for f in client.list_artifacts(d.mlflow_run_id, "train")} == {"train/diagnostics.png",
                                                                                  "train/diagnostics.json"}
+    # issue 24: the run ends with the exact model URI (a smoke run's name); curate, cache_teacher and evaluate
+    # print progress lines; no MLflow noise at log_model; the history holds only the killed distill attempt's
+    # reopen (register no longer ends the run FINISHED, so `end` has nothing to reopen)
+    assert d.model_name == "rcm-student-embedded-smoke"
+    assert f"model: models:/{d.model_name}@champion" in out and "python -m rcm_steps.generate --model" in out
+    assert "data gate prompts: checking" in out and re.search(r"teacher cache embedded.*: (\d+)/\1 sampler steps", out)
+    assert re.search(r"evaluate \(.*\): (\d+)/\1 sampler steps and decodes \(100%\)", out), out[-3000:]
+    for noise in ("color_warning(", "CloudPickle", "Add type hints"):
+        assert noise not in out + err, noise
+    history = mrun.data.tags["rcm.history"]
+    assert history.count("reopened at") == 1 and "/distill/" in history and "/end/" not in history, history
     mv = client.get_model_version_by_alias(d.model_name, "champion")
     assert str(mv.version) == str(d.model_version) and mv.tags["metaflow.run_id"] == run.id
     assert mv.tags["data_hash"] == d.data_hash and mv.tags["teacher"] == "embedded" and mv.tags["method"] == "rcm"

@@ -40,6 +40,12 @@ def test_real_teacher_flow_small_cpu_size_truncation_and_a_model_that_survives_a
     assert d.curate_stats["truncated"] == 6 and d.curate_stats["kept"] == 6
     assert all(len(p.split()) == 7 for p in d.train_prompts + d.eval_prompts)
     assert sorted(d.train_prompts + d.eval_prompts) == sorted(" ".join(p.split()[:7]) for p in LONG)
+    # issue 24: the truncation is said once (curate's summary), without the tokenizer's misleading warning, and
+    # the loader's deliberate casts without diffusers' "kept in float32" (it came three times per attempt)
+    said = [ln for ln in (out + err).splitlines() if "truncated to the limit" in ln]
+    assert len(said) == 1 and "6 truncated to the limit (8 tokens)" in said[0], said
+    for noise in ("Token indices sequence length is longer than", "should be kept in float32", "color_warning("):
+        assert noise not in out + err, noise
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()
