@@ -66,7 +66,8 @@ def test_text_encoder_says_truncation_once_without_the_tokenizer_warning():
         for _ in range(3):                                   # cache, evaluate, serving: the same encoder
             enc([LONG, "a red dog", "a cat runs on the beach of the big blue sky"])
     ours = [str(x.message) for x in w if "text encoder's limit" in str(x.message)]
-    assert len(ours) == 1 and ours[0].startswith("2 prompt(s) longer than the text encoder's limit of 8 tokens")
+    assert len(ours) == 1 and ours[0].startswith("2 prompt(s) longer than the text encoder's limit of 8 tokens: "
+                                                 "truncated to 8 tokens")
     assert not [m for m in logged if TOKEN_WARNING in m], logged
 
 

@@ -273,7 +273,7 @@ def _build_transformer(kind: PipelineKind, tcfg: dict, state: Dict[str, torch.Te
     else:  # pragma: no cover
         net = cls.from_config(conf)
         net.load_state_dict(state, strict=True)
-    from ..teachers.real.library_logs import cast_quietly      # a deliberate cast: no "kept in float32" warning
+    from ..nets.library_logs import cast_quietly      # a deliberate cast: no "kept in float32" warning
     return cast_quietly(net, dtype) if dtype is not None else net
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ..method.config import DistillConfig
 from ..nets.denoiser import TrigFlowDenoiser
+from ..nets.library_logs import cast_quietly
 from ..method.ema import PowerEMA
 from ..parallel.fsdp import ParallelConfig, fsdp_mesh, is_sharded, parallelize
 from .update import _world
@@ -41,8 +42,8 @@ def _place(net: torch.nn.Module, dtype, device: torch.device, mesh, sharded: boo
     where it is (the host, for a teacher loaded there): ``fully_shard`` moves each block to the mesh's device and
     keeps only this rank's shard, so the whole network (14B in fp32: 56 GB) never sits on one GPU."""
     if mesh is not None and sharded and next(net.parameters()).device.type != device.type:
-        return net if dtype is None else net.to(dtype)
-    return net.to(device) if dtype is None else net.to(device, dtype)
+        return net if dtype is None else cast_quietly(net, dtype)
+    return net.to(device) if dtype is None else cast_quietly(net, device, dtype)    # deliberate: no diffusers warning
 
 
 def _has_blocks(net: torch.nn.Module) -> bool:

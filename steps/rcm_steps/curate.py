@@ -26,7 +26,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from rcm_core.teachers.real.library_logs import count_tokens
+from rcm_core.nets.library_logs import count_tokens
 
 from .progress import Progress, say
 from .validation import DataValidationError, GateReport, run_gate

@@ -18,7 +18,7 @@ import contextlib
 import warnings
 from typing import Iterator
 
-from rcm_core.teachers.real.library_logs import dropping
+from rcm_core.nets.library_logs import dropping
 
 __all__ = ["logging_model", "quiet_model_logging", "MLFLOW_WARNINGS", "MLFLOW_LOG_LINES"]
 

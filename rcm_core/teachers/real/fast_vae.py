@@ -44,6 +44,8 @@ import numbers
 
 import torch
 
+from ...nets.library_logs import cast_quietly
+
 __all__ = ["prepare_vae_for_decode", "decode", "decode_error", "RECOMPILE_LIMIT"]
 
 RECOMPILE_LIMIT = 64      # dynamo's recompile_limit while a compiled decoder decodes (see the module doc)
@@ -62,7 +64,7 @@ def prepare_vae_for_decode(vae, dtype: torch.dtype = torch.bfloat16, channels_la
     """A decode-ready copy of ``vae`` (or ``vae`` itself with ``inplace``); see the module doc for the options."""
     chunk = _check_chunk(chunk)
     vae = vae if inplace else copy.deepcopy(vae)
-    vae = vae.to(dtype=dtype).eval().requires_grad_(False)
+    vae = cast_quietly(vae, dtype=dtype).eval().requires_grad_(False)     # deliberate: no "kept in float32"
     if channels_last:
         for p in vae.parameters():
             if p.dim() == 5:                      # conv3d kernels

@@ -27,7 +27,7 @@ import torch
 from ...nets.denoiser import Parameterization
 from ..base import Teacher
 from .attention import install_rcm_attention
-from .library_logs import cast_quietly, count_tokens
+from ...nets.library_logs import cast_quietly, count_tokens
 from .time_embedding import install_fp32_time_embedding
 # the weights on disk (rcm_core.teachers.real.layout); all re-exported, so rcm_core.real.loading keeps every name
 from .layout import (LAYOUT_HELP, RealTeacherError, _check_spec_config, _COMPONENTS, _download_help,  # noqa: F401
@@ -97,9 +97,9 @@ class RealTextEncoder:
             if long:
                 self.said_truncation = True
                 i, n = long[0]
-                warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's limit of {self.max_length} tokens "
-                              f"are truncated to it (the end is ignored; said once), e.g. prompt {i} of {n} tokens: "
-                              f"{prompts[i][:60]!r}...", UserWarning, stacklevel=3)
+                warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's limit of {self.max_length} tokens: "
+                              f"truncated to {self.max_length} tokens (the end is ignored; said once per encoder), "
+                              f"e.g. prompt {i} of {n} tokens: {prompts[i][:60]!r}...", UserWarning, stacklevel=3)
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)

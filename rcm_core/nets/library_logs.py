@@ -1,8 +1,8 @@
 """Library log lines that mislead at the places the project calls the library: dropped there, and only there.
 
 * diffusers' ``ModelMixin.to(dtype)`` warns, for every cast, that some modules "should be kept in float32";
-  the loader casts on purpose (the teacher's dtype) and keeps the time embedding in FP32 itself
-  (:mod:`rcm_core.teachers.real.time_embedding`).
+  the loader, the exporter and the trainer cast on purpose (the teacher's dtype, fp32 master weights) and the
+  loader keeps the time embedding in FP32 itself (:mod:`rcm_core.teachers.real.time_embedding`).
 * transformers' tokenizers warn "Token indices sequence length is longer than the specified maximum ..." for
   any long text, even when the project counts tokens precisely to truncate (the encoder is then called with
   ``truncation=True``); such calls pass ``verbose=False`` instead (:func:`count_tokens`).
@@ -44,10 +44,11 @@ def dropping(logger_name: str, *fragments: str) -> Iterator[None]:
         logger.removeFilter(flt)
 
 
-def cast_quietly(module, dtype):
-    """``module.to(dtype)`` without diffusers' "should be kept in float32" warning (a deliberate cast)."""
+def cast_quietly(module, *args, **kwargs):
+    """``module.to(*args, **kwargs)`` (a dtype: a deliberate cast) without diffusers' "should be kept in float32"
+    warning."""
     with dropping(*FP32_CAST):
-        return module.to(dtype)
+        return module.to(*args, **kwargs)
 
 
 def count_tokens(tokenizer, text: str, add_special_tokens: bool = True) -> int:
