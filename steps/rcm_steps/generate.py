@@ -123,7 +123,7 @@ def model_uri_problem(model: str, explicit_uri: bool = True) -> Optional[str]:
     m = re.match(r"models:/([^/@]+)(?:@([^/]+)|/([^/]+))?/?$", model)
     if not m:
         return None                                # runs:/..., a path: MLflow's own errors name them
-    name, alias, version = m.groups()
+    name, alias, _version = m.groups()
     uri = mlflow.get_registry_uri()
     if uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///"):]):
         return (f"model {model} not found: there is no MLflow database at {uri[len('sqlite:///'):]} (nothing was "

@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .errors import PREFIX, RCMError
 
-__all__ = ["TorchrunError", "torchrun_command", "run_torchrun", "free_port", "port_for", "killed_by", "failed_worker", "signal_text",
-           "SIGNAL_CAUSES"]
+__all__ = ["TorchrunError", "torchrun_command", "run_torchrun", "free_port", "port_for", "killed_by", "failed_worker",
+           "signal_text", "SIGNAL_CAUSES"]
 
 
 class TorchrunError(RCMError, RuntimeError):
@@ -182,3 +182,17 @@ def _signal_name(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
+
+
+def _terminate(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM torchrun (it forwards it to its workers), SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.terminate()
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except Exception:  # noqa: BLE001 - already gone
+        pass

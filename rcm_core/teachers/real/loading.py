@@ -93,13 +93,15 @@ class RealTextEncoder:
             prompts = [prompts]
         prompts = [re.sub(r"\s+", " ", p).strip() for p in prompts]
         if not self.said_truncation:
-            long = [(i, n) for i, n in enumerate(count_tokens(self.tokenizer, p) for p in prompts) if n > self.max_length]
+            counts = [count_tokens(self.tokenizer, p) for p in prompts]
+            long = [(i, n) for i, n in enumerate(counts) if n > self.max_length]
             if long:
                 self.said_truncation = True
                 i, n = long[0]
-                warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's limit of {self.max_length} tokens: "
-                              f"truncated to {self.max_length} tokens (the end is ignored; said once per encoder), "
-                              f"e.g. prompt {i} of {n} tokens: {prompts[i][:60]!r}...", UserWarning, stacklevel=3)
+                warnings.warn(f"{len(long)} prompt(s) longer than the text encoder's limit of {self.max_length} "
+                              f"tokens: truncated to {self.max_length} tokens (the end is ignored; said once per "
+                              f"encoder), e.g. prompt {i} of {n} tokens: {prompts[i][:60]!r}...", UserWarning,
+                              stacklevel=3)
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
