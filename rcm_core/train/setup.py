@@ -10,6 +10,7 @@ import torch
 
 from ..method.config import DistillConfig
 from ..nets.denoiser import TrigFlowDenoiser
+from ..nets.norms import install_matched_norms
 from ..method.ema import PowerEMA
 from ..parallel.fsdp import ParallelConfig, fsdp_mesh, is_sharded, parallelize
 from .update import _world
@@ -98,6 +99,8 @@ class _Setup:
             net = copy.deepcopy(src)
             keep = not trainable and self._autocast_dtype is not None and _is_low_precision(net)
             net = _place(net, None if keep else net_dtype, self.device, mesh, trainable or _has_blocks(net))
+            if self._autocast_dtype is not None:        # fp32 norm weights meet bf16 inputs: the fused kernel
+                install_matched_norms(net)
             if trainable:
                 net = parallelize(net, pcfg, mesh)
             elif self.cfg.fsdp and _has_blocks(net):   # the frozen teacher is sharded too (its forward gathers)
@@ -128,6 +131,8 @@ class _Setup:
         elif self.sharded:   # the EMA is sharded like the student (a deep copy of an FSDP module is not)
             ema_net = _place(copy.deepcopy(student_net if student_net is not None else teacher.net), net_dtype,
                              self.device, mesh, True)
+            if self._autocast_dtype is not None:
+                install_matched_norms(ema_net)
             self.ema = PowerEMA(parallelize(ema_net, ParallelConfig(fsdp=True), mesh), self.cfg.ema_sigma_rel,
                                 copy_module=False)
         else:
@@ -167,6 +172,8 @@ class _Setup:
         net = copy.deepcopy(teacher.net)
         keep = self._autocast_dtype is not None and _is_low_precision(net)   # a frozen bf16 base stays bf16
         net = _place(net, None if keep else net_dtype, self.device, mesh, True)
+        if self._autocast_dtype is not None:
+            install_matched_norms(net)
         net.requires_grad_(False).eval()
         roles = [STUDENT] + ([FAKE] if self.cfg.uses_dmd else [])
         # adapters keep fp32 master weights under autocast (as full fine-tuning's trainable copies)
