@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from ..method.config import DistillConfig
+from ..nets.attention import check_attention_request
 from ..nets.denoiser import TrigFlowDenoiser
 from ..nets.norms import install_matched_norms
 from ..method.ema import PowerEMA
@@ -68,6 +69,8 @@ class _Setup:
                  student_param=None):
         self.cfg = config.validate()
         self.device = torch.device(device)
+        # attention settings asked for in the environment that cannot run here fail now, not as a slow fallback
+        check_attention_request(self.device, _DTYPES[self.cfg.dtype])
         rank, world = _world()
         # context parallel: consecutive ranks share a sample; the data-parallel index keys its randomness
         self.cp_group, self.dp_rank, self.dp_size = None, rank, world
