@@ -97,3 +97,18 @@ def test_float_inputs_keep_the_stock_path_and_copies_rebind():
     p = pickle.loads(pickle.dumps(m))
     torch.testing.assert_close(p(x), want)
     assert install_matched_norms(nn.Linear(2, 2)) == 0
+
+
+def test_gradient_sum_of_squares_matches_float64():
+    """The trainer's gradient norm (one fused pass per list, no float64 copy of the gradients) against a
+    float64 sum written out here, over tensors of very different sizes and scales, Nones skipped."""
+    from rcm_core.train.update import _grad_norm, _sq_norm
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(1000, 300, generator=g) * 1e-3, None, torch.randn(7, generator=g) * 1e3,
+          torch.randn(64, 64, generator=g).to(torch.bfloat16)]
+    want = sum(float((t.double() ** 2).sum()) for t in ts if t is not None)
+    assert _sq_norm(ts) == pytest.approx(want, rel=1e-5)
+    ps = [torch.nn.Parameter(torch.zeros(3)) for _ in range(2)]
+    ps[0].grad = torch.tensor([3.0, 0.0, 4.0])
+    assert _grad_norm(ps) == pytest.approx(5.0, rel=1e-7)
+    assert _sq_norm([None]) == 0.0
