@@ -103,6 +103,7 @@ class _Census(TorchDispatchMode):
         self.count: Counter = Counter()
         self.bytes: Counter = Counter()
         self.pairs: Counter = Counter()
+        self.sites: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -122,7 +123,19 @@ class _Census(TorchDispatchMode):
                 self.bytes[kind] += moved
                 if kind != "same-dtype copy":
                     self.pairs[f"{kind}: {_dt(src)}->{_dt(dst)}"] += moved
+                self.sites[f"{kind} {_dt(src)}->{_dt(dst)} at {_site()}"] += moved
         return out
+
+
+def _site() -> str:
+    """The innermost model-side source line of the current op (diffusers or this project, not torch): where a
+    cast is asked for. Backward ops have no such frame ("autograd")."""
+    import traceback
+    for f in reversed(traceback.extract_stack()[:-3]):
+        if ("diffusers" in f.filename or "rcm_core" in f.filename) and "step_profile" not in f.filename:
+            short = f.filename.split("site-packages/")[-1].split("/work/")[-1]
+            return f"{short}:{f.lineno} {f.line.strip()[:70] if f.line else ''}"
+    return "autograd (backward)"
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -148,7 +161,8 @@ def cast_census(fn, params) -> dict:
     total = sum(mode.bytes.values())
     return {"total_gb": total / 1e9,
             "kinds": {k: {"count": mode.count[k], "gb": mode.bytes[k] / 1e9} for k in sorted(mode.bytes)},
-            "pairs_gb": {k: v / 1e9 for k, v in mode.pairs.most_common()}}
+            "pairs_gb": {k: v / 1e9 for k, v in mode.pairs.most_common()},
+            "top_sites_gb": {k: v / 1e9 for k, v in mode.sites.most_common(12)}}
 
 
 def format_profile(what: str, prof: dict, census: dict | None = None) -> str:
