@@ -214,6 +214,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (with --layers: the census at real width)")
     ap.add_argument("--out", default="bench/results/real.json")
     ap.add_argument("--label", default="", help="recorded in the JSON (e.g. the code version measured)")
+    ap.add_argument("--teacher-fp8", action="store_true",
+                    help="steps/rcm phases: the teacher's no-grad passes in FP8 (DistillConfig.teacher_fp8); rows get "
+                         "teacher_fp8=True")
     ap.add_argument("--profile", action="store_true",
                     help="steps/rcm phases: after the timed calls, one call under torch.profiler (time by op class) "
                          "and one under a cast/copy census (bench/step_profile.py), stored in the row")
@@ -246,7 +249,9 @@ def main(argv=None) -> dict:
     cond = torch.randn((1, 512, text_dim), generator=g, device=dev)
     uncond = torch.randn((1, 512, text_dim), generator=g, device=dev)
     phases = a.phases.split(",")
-    base = dict(batch_size=1, dtype="bfloat16", tangent_warmup_steps=0, student_update_freq=2)
+    base = dict(batch_size=1, dtype="bfloat16", tangent_warmup_steps=0, student_update_freq=2,
+                teacher_fp8=a.teacher_fp8)
+    fp8 = {"teacher_fp8": True} if a.teacher_fp8 else {}
 
     def profiled(row: dict, fn, params) -> None:
         """--profile: the op-class profile and the cast census of one more call, in ``row``."""
@@ -297,7 +302,7 @@ def main(argv=None) -> dict:
             for fused in (True, False):
                 tr.cfg = tr.cfg.replace(fused_tangent=fused)
                 profiled(b.run(f"sCM student step, {'fused' if fused else 'separate JVP'} tangent [AC {ac}]",
-                               step_fn(tr, 10), kind="scm", fused=fused, ac=ac), step_fn(tr, 10), trained)
+                               step_fn(tr, 10), kind="scm", fused=fused, ac=ac, **fp8), step_fn(tr, 10), trained)
             del tr, den, net, opt
             gc.collect()
 
@@ -312,11 +317,11 @@ def main(argv=None) -> dict:
         for n in (1, 3):
             step = 2 * (n - 1) if own_counts else n - 1
             row = b.run(f"rCM student step (sCM + DMD, rollout {n}) [AC {a.rcm_ac}]", step_fn(tr, step),
-                        repeats=a.repeats, kind="rcm", rollout=n, ac=a.rcm_ac)
+                        repeats=a.repeats, kind="rcm", rollout=n, ac=a.rcm_ac, **fp8)
             if n == 1:
                 profiled(row, step_fn(tr, step), trained)
         profiled(b.run(f"critic step (rollout from step 11, fake-score fwd+bwd) [AC {a.rcm_ac}]", step_fn(tr, 11),
-                       repeats=a.repeats, kind="critic", ac=a.rcm_ac), step_fn(tr, 11), trained)
+                       repeats=a.repeats, kind="critic", ac=a.rcm_ac, **fp8), step_fn(tr, 11), trained)
         del tr
         gc.collect()
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.autograd import forward_ad as fwAD
 
+from real_fixtures import SMALL, tiny_wan, wan_dir  # noqa: F401  (wan_dir: a fixture)
 from rcm_core.nets.fp8 import E4M3_MAX, Fp8Linear, calibrate, check_fp8_device, fp8_layers, quantize_fp8
 
 
@@ -60,7 +61,6 @@ def test_frozen_only():
 
 
 def test_quantise_a_wan_networks_blocks_dynamic_and_calibrated():
-    from tests.real_fixtures import tiny_wan
     net = tiny_wan(num_attention_heads=2, attention_head_dim=16, ffn_dim=64).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 3, 8, 8, generator=g)
@@ -89,3 +89,30 @@ def test_quantise_a_wan_networks_blocks_dynamic_and_calibrated():
     with pytest.raises(ValueError, match="no calibrated activation scale for 15 of 20 layers"):
         quantize_fp8(other, calibration=partial)
     assert fp8_layers(other) == []
+
+
+def test_teacher_fp8_option_in_the_trainer(wan_dir, monkeypatch):
+    """DistillConfig.teacher_fp8: refused on the CPU at construction (naming it) and where the teacher is not its
+    own bf16 network; with the CPU emulation a bf16 sCM step and an rCM critic/student pair run, the teacher's
+    blocks in FP8 (no gradient or tangent reaches them: Fp8Linear would raise) and the student's in float."""
+    import math
+    from rcm_core.config import DistillConfig
+    from rcm_core.real import load_teacher_from_path
+    from rcm_core.trainer import RCMTrainer
+    te = load_teacher_from_path(wan_dir, **SMALL)
+    kw = dict(dtype="bfloat16", tangent_warmup_steps=0, batch_size=1, iterations=2, lr_warmup_steps=0,
+              student_update_freq=2, teacher_fp8=True)
+    with pytest.raises(ValueError, match="teacher_fp8=True needs .*fsdp=True"):
+        DistillConfig.preset(te.preset, method="scm", fsdp=True, activation_checkpointing="full", **kw)
+    monkeypatch.delenv("RCM_FP8_EMULATE", raising=False)
+    with pytest.raises(ValueError, match="this run is on the cpu"):
+        RCMTrainer(te, DistillConfig.preset(te.preset, method="scm", **kw))
+    monkeypatch.setenv("RCM_FP8_EMULATE", "1")
+    batch = dict(latents=torch.randn(1, *te.latent_shape), cond=te.encode_text(["a red cat runs"]),
+                 uncond=te.negative_embedding())
+    for method in ("scm", "rcm"):
+        tr = RCMTrainer(te, DistillConfig.preset(te.preset, method=method, **kw))
+        assert fp8_layers(tr.teacher.net) and not fp8_layers(tr.student.net)
+        for _ in range(2):
+            m = tr.train_step(batch)
+            assert m["skipped"] == 0 and all(math.isfinite(v) for v in m.values() if isinstance(v, float)), m

@@ -35,8 +35,12 @@ _TINY = 1e-12
 
 
 def check_fp8_device(device: torch.device | str) -> None:
-    """Raise ``ValueError`` naming the device unless it has FP8 tensor cores (CUDA compute capability >= 8.9)."""
+    """Raise ``ValueError`` naming the device unless it has FP8 tensor cores (CUDA compute capability >= 8.9).
+    ``RCM_FP8_EMULATE=1`` lets the CPU through (``torch._scaled_mm`` emulates it there, slowly): for tests."""
+    import os
     device = torch.device(device)
+    if device.type == "cpu" and os.environ.get("RCM_FP8_EMULATE") == "1":
+        return
     if device.type != "cuda":
         raise ValueError(f"FP8 needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or newer: L4, L40S, "
                          f"H100, H200, B200); this run is on the {device.type}. Turn FP8 off (fp8=False / no --fp8)")

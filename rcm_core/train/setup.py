@@ -71,6 +71,9 @@ class _Setup:
         self.device = torch.device(device)
         # attention settings asked for in the environment that cannot run here fail now, not as a slow fallback
         check_attention_request(self.device, _DTYPES[self.cfg.dtype])
+        if self.cfg.teacher_fp8:
+            from ..nets.fp8 import check_fp8_device
+            check_fp8_device(self.device)
         rank, world = _world()
         # context parallel: consecutive ranks share a sample; the data-parallel index keys its randomness
         self.cp_group, self.dp_rank, self.dp_size = None, rank, world
@@ -120,6 +123,9 @@ class _Setup:
             self._build_lora(teacher, param, call, net_dtype, pcfg, mesh, student_net, fake_net, student_param)
         else:
             self.teacher = clone(teacher.net, False)
+            if self.cfg.teacher_fp8:            # its no-grad passes in FP8 (the device was checked above)
+                from ..nets.fp8 import quantize_fp8
+                quantize_fp8(self.teacher.net)
             self.student = clone(student_net if student_net is not None else teacher.net, True)
             self.fake = clone(fake_net if fake_net is not None else teacher.net, True) if self.cfg.uses_dmd else None
         betas = tuple(self.cfg.betas)
