@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ import torch
 GiB = 2 ** 30
 
 
-def build_teacher(name: str, frames: int, height: int, width: int, device, tiny: bool = False):
+def build_teacher(name: str, frames: int, height: int, width: int, device, tiny: bool = False, layers: int = 0):
     """A :class:`rcm_core.teachers.Teacher` with the registered architecture and random weights."""
     import diffusers
     from rcm_core.denoiser import Parameterization
@@ -52,8 +53,10 @@ def build_teacher(name: str, frames: int, height: int, width: int, device, tiny:
     cfg = dict(spec.transformer_config)
     if tiny:
         cfg.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=32)
+    if layers:
+        cfg.update(num_layers=layers)
     torch.manual_seed(0)
-    host = torch.device(device).type == "cpu" and not tiny
+    host = torch.device(device).type == "cpu" and not tiny and not layers
     old_dtype = torch.get_default_dtype()
     if host:    # random init straight in bf16 in host memory (14B: 28 GB, not 56 GB of fp32 per process)
         torch.set_default_dtype(torch.bfloat16)
@@ -206,20 +209,29 @@ def main(argv=None) -> dict:
                          "of the decoder), chunk<N> (N latent frames per decoder call), e.g. bf16-cl3d-bench, "
                          "bf16-cl3d-bench-chunk5, bf16-cl3d-bench-chunk5-compile")
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (checks the script)")
+    ap.add_argument("--layers", type=int, default=0, help="transformer blocks (0: the architecture's); with --cpu, "
+                    "the real width at a few blocks for the cast census")
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU (with --layers: the census at real width)")
     ap.add_argument("--out", default="bench/results/real.json")
     ap.add_argument("--label", default="", help="recorded in the JSON (e.g. the code version measured)")
+    ap.add_argument("--teacher-fp8", action="store_true",
+                    help="steps/rcm phases: the teacher's no-grad passes in FP8 (DistillConfig.teacher_fp8); rows get "
+                         "teacher_fp8=True")
+    ap.add_argument("--profile", action="store_true",
+                    help="steps/rcm phases: after the timed calls, one call under torch.profiler (time by op class) "
+                         "and one under a cast/copy census (bench/step_profile.py), stored in the row")
     a = ap.parse_args(argv)
 
     from rcm_core.config import DistillConfig
     from rcm_core.sampling import sample_student, sample_teacher
     from rcm_core.trainer import RCMTrainer
 
-    dev = torch.device("cpu" if a.tiny else "cuda")
-    teacher, text_dim = build_teacher(a.teacher, a.frames, a.height, a.width, dev, a.tiny)
+    dev = torch.device("cpu" if a.tiny or a.cpu else "cuda")
+    teacher, text_dim = build_teacher(a.teacher, a.frames, a.height, a.width, dev, a.tiny, a.layers)
     n_params = sum(p.numel() for p in teacher.net.parameters())
     C, T, H, W = teacher.latent_shape
     tokens = T * (H // 2) * (W // 2)
-    meta = {"teacher": a.teacher, "weights": "random", "params": n_params, "latent_shape": [C, T, H, W],
+    meta = {"teacher": a.teacher, "weights": "random", "params": n_params, "layers": a.layers or None, "latent_shape": [C, T, H, W],
             "tokens": tokens, "pixels": [a.frames, a.height, a.width], "batch": 1, "dtype": "bfloat16 (autocast, fp32 master weights)",
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "label": a.label}
@@ -237,7 +249,20 @@ def main(argv=None) -> dict:
     cond = torch.randn((1, 512, text_dim), generator=g, device=dev)
     uncond = torch.randn((1, 512, text_dim), generator=g, device=dev)
     phases = a.phases.split(",")
-    base = dict(batch_size=1, dtype="bfloat16", tangent_warmup_steps=0, student_update_freq=2)
+    base = dict(batch_size=1, dtype="bfloat16", tangent_warmup_steps=0, student_update_freq=2,
+                teacher_fp8=a.teacher_fp8)
+    fp8 = {"teacher_fp8": True} if a.teacher_fp8 else {}
+
+    def profiled(row: dict, fn, params) -> None:
+        """--profile: the op-class profile and the cast census of one more call, in ``row``."""
+        if not a.profile or row.get("s") is None:
+            return
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from step_profile import cast_census, format_profile, profile_call
+        row["profile"] = profile_call(fn, dev)
+        row["census"] = cast_census(fn, params)
+        print(format_profile(row["what"], row["profile"], row["census"]), flush=True)
+        b.save()
 
     def step_fn(tr, step):
         def run():
@@ -272,11 +297,12 @@ def main(argv=None) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            b.run(f"plain fwd+bwd step [AC {ac}]", plain_step, kind="plain", ac=ac)
+            trained = list(net.parameters())
+            profiled(b.run(f"plain fwd+bwd step [AC {ac}]", plain_step, kind="plain", ac=ac), plain_step, trained)
             for fused in (True, False):
                 tr.cfg = tr.cfg.replace(fused_tangent=fused)
-                b.run(f"sCM student step, {'fused' if fused else 'separate JVP'} tangent [AC {ac}]",
-                      step_fn(tr, 10), kind="scm", fused=fused, ac=ac)
+                profiled(b.run(f"sCM student step, {'fused' if fused else 'separate JVP'} tangent [AC {ac}]",
+                               step_fn(tr, 10), kind="scm", fused=fused, ac=ac, **fp8), step_fn(tr, 10), trained)
             del tr, den, net, opt
             gc.collect()
 
@@ -287,12 +313,15 @@ def main(argv=None) -> dict:
         # trainer cycles n over each network's own updates (H = 0, K = 2: student step s has n = s/2 % 4 + 1),
         # the version before 2026-11-26 used n = s % 4 + 1 of the shared step (only n = 1, 3 for students).
         own_counts = hasattr(tr, "updates_before")
+        trained = list(tr.student.parameters()) + list(tr.fake.parameters())
         for n in (1, 3):
             step = 2 * (n - 1) if own_counts else n - 1
-            b.run(f"rCM student step (sCM + DMD, rollout {n}) [AC {a.rcm_ac}]", step_fn(tr, step),
-                  repeats=a.repeats, kind="rcm", rollout=n, ac=a.rcm_ac)
-        b.run(f"critic step (rollout from step 11, fake-score fwd+bwd) [AC {a.rcm_ac}]", step_fn(tr, 11),
-              repeats=a.repeats, kind="critic", ac=a.rcm_ac)
+            row = b.run(f"rCM student step (sCM + DMD, rollout {n}) [AC {a.rcm_ac}]", step_fn(tr, step),
+                        repeats=a.repeats, kind="rcm", rollout=n, ac=a.rcm_ac, **fp8)
+            if n == 1:
+                profiled(row, step_fn(tr, step), trained)
+        profiled(b.run(f"critic step (rollout from step 11, fake-score fwd+bwd) [AC {a.rcm_ac}]", step_fn(tr, 11),
+                       repeats=a.repeats, kind="critic", ac=a.rcm_ac, **fp8), step_fn(tr, 11), trained)
         del tr
         gc.collect()
 

@@ -309,8 +309,15 @@ def test_bf16_autocast_step_with_project_attention(wan_dir, cosmos_dir, which):
     tr = RCMTrainer(te, cfg)
     batch = dict(latents=torch.randn(1, *te.latent_shape), cond=te.encode_text(["a red cat runs"]),
                  uncond=te.negative_embedding())
-    m = tr.train_step(batch)
+    with torch.profiler.profile() as prof:
+        m = tr.train_step(batch)
     assert m["skipped"] == 0 and math.isfinite(m["loss_cm"]) and m["nan_masked"] == 0
+    # every RMSNorm call (Wan's q/k norms: fp32 master weight, bf16 input) runs on the fused kernel
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::rms_norm") == names.count("aten::_fused_rms_norm")
+    if which == "wan":
+        from rcm_core.nets.norms import uses_matched_norms
+        assert names.count("aten::rms_norm") > 0 and uses_matched_norms(tr.student.net)
 
 
 def test_plan_mesh_picks_the_smallest_context_parallel_degree_that_fits():

@@ -92,6 +92,11 @@ class DistillConfig:
     # ("none" | "full" | "selective": every ac_every-th block), applied by rcm_core.parallel.parallelize
     activation_checkpointing: str = "none"
     ac_every: int = 2
+    # the frozen teacher's no-grad passes (sCM target CFG pair, DMD real score, dCM's Euler step) with its
+    # transformer blocks' linears in FP8 E4M3 (rcm_core.nets.fp8; dynamic per-token activation scales); needs
+    # FP8 tensor cores (compute capability >= 8.9). Opt-in: its error on g and the DMD gradient is measured
+    # by the bench before it may become a default (issue 22)
+    teacher_fp8: bool = False
     # FSDP2: shard the student's, fake score's and EMA's transformer blocks (weights, grads, AdamW
     # states) over all ranks; with fused_tangent it needs activation_checkpointing="full"
     fsdp: bool = False
@@ -226,6 +231,10 @@ class DistillConfig:
                              "hooks accept; an unchecked block would carry forward-AD tangents through FSDP's "
                              "unshard while recording (it fails). Use activation_checkpointing='full' or "
                              "fused_tangent=False (a separate no-grad JVP pass)")
+        if self.teacher_fp8 and (self.lora is not None or self.fsdp or self.dtype not in ("bfloat16", "float16")):
+            raise ValueError("DistillConfig.teacher_fp8=True needs a teacher of its own in bf16/fp16: not with lora "
+                             f"(one shared network; lora={'set' if self.lora is not None else 'None'}), not with fsdp "
+                             f"(sharded weights; fsdp={self.fsdp}), dtype bfloat16/float16 (dtype={self.dtype!r})")
         if self.dmd_time not in ("rf_shift", "lognormal"):
             raise ValueError(f"DistillConfig.dmd_time={self.dmd_time!r}; known: rf_shift, lognormal")
         if self.dtype not in ("float32", "bfloat16", "float16", "float64"):

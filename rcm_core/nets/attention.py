@@ -44,7 +44,8 @@ import torch
 
 from .base import _STATE, group_attention
 
-__all__ = ["attention", "attention_reference", "check_attention_inputs", "primal_backend", "PRIMAL_BACKENDS"]
+__all__ = ["attention", "attention_reference", "check_attention_inputs", "check_attention_request", "primal_backend",
+           "PRIMAL_BACKENDS"]
 
 _LAYOUTS = ("bhnd", "bnhd")
 # Query rows per block of the exact path: bounds the score block to chunk x Nk.
@@ -225,6 +226,9 @@ def primal_backend(device_type: str, dtype: torch.dtype, head_dims: tuple, capab
     if choice in ("auto", "fa3"):
         ok = (dtype in (torch.float16, torch.bfloat16) and capability[0] == 9 and len(set(head_dims)) == 1
               and head_dims[0] <= 256 and _fa3() is not None)
+        if choice == "fa3" and not ok:
+            _log_once(f"attention: RCM_ATTN_PRIMAL=fa3 cannot take {str(dtype).replace('torch.', '')} with head dims "
+                      f"{tuple(head_dims)}; SDPA runs these calls")
         return "fa3" if ok else "sdpa"
     return choice
 
@@ -239,6 +243,64 @@ def _primal_attention(q, k, v, s, backend: str):
     return F.scaled_dot_product_attention(q, k, v, scale=s)
 
 
+KERNELS = ("portable", "hopper")
+TANGENT_BACKENDS = ("auto", "exact")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    """Say an automatic fallback once per process (stderr), not once per call."""
+    import logging
+    logging.getLogger("rcm.attention").warning(message)
+
+
+def check_attention_request(device: torch.device | str, dtype: torch.dtype) -> dict:
+    """Check the attention settings asked for in the environment against where the run computes, at start.
+
+    ``device``: the run's device; ``dtype``: its compute dtype (the autocast dtype, or the weights').
+    Returns the choices as they will apply (``kernel``, ``primal``, ``tangent``). A setting that was asked for
+    explicitly and cannot run here raises ``ValueError`` naming the variable, the device and the fix, instead
+    of a slow fallback found later: ``RCM_ATTN_KERNEL=hopper`` off compute capability 9.x or in float32,
+    ``RCM_ATTN_PRIMAL=fa3`` where FlashAttention-3 is missing or cannot run, an unknown value of
+    ``RCM_ATTN_KERNEL``/``RCM_ATTN_PRIMAL``/``RCM_ATTN_BACKEND``. Fallbacks of the defaults (no Triton kernel
+    on this CUDA machine: the exact path) are logged once.
+    """
+    device = torch.device(device)
+    env = os.environ.get
+    kernel, primal, tangent = env("RCM_ATTN_KERNEL", "portable"), env("RCM_ATTN_PRIMAL", "auto"), \
+        env("RCM_ATTN_BACKEND", "auto")
+    for var, value, allowed in (("RCM_ATTN_KERNEL", kernel, KERNELS), ("RCM_ATTN_PRIMAL", primal, PRIMAL_BACKENDS),
+                                ("RCM_ATTN_BACKEND", tangent, TANGENT_BACKENDS)):
+        if value not in allowed:
+            raise ValueError(f"{var}={value!r}: expected one of {allowed} (unset it for the default)")
+    cuda = device.type == "cuda"
+    where = (f"{torch.cuda.get_device_name(device)} (compute capability "
+             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})") if cuda else f"the {device.type}"
+    cap = torch.cuda.get_device_capability(device) if cuda else (0, 0)
+    if kernel == "hopper":
+        interpret = device.type == "cpu" and env("TRITON_INTERPRET") == "1"      # the kernel's CPU tests
+        if not interpret and (cap[0] != 9 or dtype not in (torch.float16, torch.bfloat16)):
+            raise ValueError(f"RCM_ATTN_KERNEL=hopper: the Hopper kernel needs compute capability 9.x and "
+                             f"bf16/fp16; this run computes in {str(dtype).replace('torch.', '')} on {where}. "
+                             "Unset RCM_ATTN_KERNEL (the portable kernel) or run on an H100/H200")
+    if primal == "fa3":
+        why = ("it runs on CUDA only" if not cuda else "it needs compute capability 9.x" if cap[0] != 9 else
+               "it needs bf16/fp16" if dtype not in (torch.float16, torch.bfloat16) else
+               "flash_attn_interface is not installed (build flash-attn's hopper/ folder)" if _fa3() is None else "")
+        if why:
+            raise ValueError(f"RCM_ATTN_PRIMAL=fa3 on {where}: FlashAttention-3 cannot run ({why}). "
+                             "Use RCM_ATTN_PRIMAL=auto (SDPA where FA3 cannot run) or sdpa")
+    out = {"kernel": kernel, "primal": primal, "tangent": tangent}
+    if cuda and tangent == "auto":
+        try:
+            from rcm_kernels import flash_jvp  # noqa: F401
+        except ImportError as e:
+            out["tangent"] = "exact"
+            _log_once(f"attention: the Triton forward-with-tangent kernel is unavailable on {where} ({e}); "
+                      "tangent passes take the exact (chunked PyTorch) path, several times slower")
+    return out
+
+
 def _kernels(*plain):
     """The kernel module for these storage-backed tensors: ``rcm_kernels.flash_jvp`` (portable), or
     ``flash_jvp_hopper`` with ``RCM_ATTN_KERNEL=hopper`` (opt-in, experimental: its first GPU run found a wrong
@@ -249,6 +311,9 @@ def _kernels(*plain):
         from rcm_kernels import flash_jvp_hopper
         if flash_jvp_hopper.applies(*plain):
             return flash_jvp_hopper
+        _log_once(f"attention: RCM_ATTN_KERNEL=hopper does not apply to tensors of shape {tuple(plain[0].shape)}, "
+                  f"{plain[0].dtype}, strides {plain[0].stride()} (TMA alignment / head dim); the portable kernel "
+                  "runs them")
     return flash_jvp
 
 

@@ -9,8 +9,10 @@ from typing import Callable, Optional
 import torch
 
 from ..method.config import DistillConfig
+from ..nets.attention import check_attention_request
 from ..nets.denoiser import TrigFlowDenoiser
 from ..nets.library_logs import cast_quietly
+from ..nets.norms import install_matched_norms
 from ..method.ema import PowerEMA
 from ..parallel.fsdp import ParallelConfig, fsdp_mesh, is_sharded, parallelize
 from .update import _world
@@ -68,6 +70,11 @@ class _Setup:
                  student_param=None):
         self.cfg = config.validate()
         self.device = torch.device(device)
+        # attention settings asked for in the environment that cannot run here fail now, not as a slow fallback
+        check_attention_request(self.device, _DTYPES[self.cfg.dtype])
+        if self.cfg.teacher_fp8:
+            from ..nets.fp8 import check_fp8_device
+            check_fp8_device(self.device)
         rank, world = _world()
         # context parallel: consecutive ranks share a sample; the data-parallel index keys its randomness
         self.cp_group, self.dp_rank, self.dp_size = None, rank, world
@@ -99,6 +106,8 @@ class _Setup:
             net = copy.deepcopy(src)
             keep = not trainable and self._autocast_dtype is not None and _is_low_precision(net)
             net = _place(net, None if keep else net_dtype, self.device, mesh, trainable or _has_blocks(net))
+            if self._autocast_dtype is not None:        # fp32 norm weights meet bf16 inputs: the fused kernel
+                install_matched_norms(net)
             if trainable:
                 net = parallelize(net, pcfg, mesh)
             elif self.cfg.fsdp and _has_blocks(net):   # the frozen teacher is sharded too (its forward gathers)
@@ -115,6 +124,9 @@ class _Setup:
             self._build_lora(teacher, param, call, net_dtype, pcfg, mesh, student_net, fake_net, student_param)
         else:
             self.teacher = clone(teacher.net, False)
+            if self.cfg.teacher_fp8:            # its no-grad passes in FP8 (the device was checked above)
+                from ..nets.fp8 import quantize_fp8
+                quantize_fp8(self.teacher.net)
             self.student = clone(student_net if student_net is not None else teacher.net, True)
             self.fake = clone(fake_net if fake_net is not None else teacher.net, True) if self.cfg.uses_dmd else None
         betas = tuple(self.cfg.betas)
@@ -129,6 +141,8 @@ class _Setup:
         elif self.sharded:   # the EMA is sharded like the student (a deep copy of an FSDP module is not)
             ema_net = _place(copy.deepcopy(student_net if student_net is not None else teacher.net), net_dtype,
                              self.device, mesh, True)
+            if self._autocast_dtype is not None:
+                install_matched_norms(ema_net)
             self.ema = PowerEMA(parallelize(ema_net, ParallelConfig(fsdp=True), mesh), self.cfg.ema_sigma_rel,
                                 copy_module=False)
         else:
@@ -168,6 +182,8 @@ class _Setup:
         net = copy.deepcopy(teacher.net)
         keep = self._autocast_dtype is not None and _is_low_precision(net)   # a frozen bf16 base stays bf16
         net = _place(net, None if keep else net_dtype, self.device, mesh, True)
+        if self._autocast_dtype is not None:
+            install_matched_norms(net)
         net.requires_grad_(False).eval()
         roles = [STUDENT] + ([FAKE] if self.cfg.uses_dmd else [])
         # adapters keep fp32 master weights under autocast (as full fine-tuning's trainable copies)
