@@ -9,8 +9,11 @@ part gpu_tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_norms.p
 # 2. step times with their op-class profile and cast census (plain, sCM fused/separate, rCM n=1/3, critic)
 part steps 420 python3 bench/bench_real.py --phases steps,rcm --ac full --repeats 2 --profile \
   --out "$OUT/real_steps_profile.json" --label "issue22-cuts-1"
-tar czf "$OUT/results.tgz" -C "$OUT" . 2>/dev/null || true
 # 3. the FP8 teacher option (DistillConfig.teacher_fp8): the same rows with teacher_fp8=True
 part steps_fp8 300 python3 bench/bench_real.py --phases steps,rcm --ac full --repeats 2 --teacher-fp8 \
   --out "$OUT/real_steps_fp8.json" --label "issue22-teacher-fp8"
 tar czf "$OUT/results.tgz" -C "$OUT" . 2>/dev/null || true
+# 4. the FP8 teacher's error on g and on the DMD direction against bf16, same inputs
+part fp8_error 200 python3 bench/fp8_teacher_error.py --samples 4 --critic-steps 8 --out "$OUT/fp8_teacher_error.json"
+tar czf "$OUT/results.tgz" -C "$OUT" . 2>/dev/null || true
+
