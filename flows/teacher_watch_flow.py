@@ -57,6 +57,7 @@ class TeacherWatchFlow(FlowSpec):
 
     @step
     def start(self):
+        """Scan the teacher sources, skip versions already distilled, publish an rcm.new_teacher event per new one."""
         from mlflow.tracking import MlflowClient
 
         from rcm_steps.errors import ConfigError
@@ -87,7 +88,7 @@ class TeacherWatchFlow(FlowSpec):
 
     @step
     def end(self):
-        pass
+        """Nothing left to do: the events (or the dry-run lines) are out."""
 
 
 if __name__ == "__main__":

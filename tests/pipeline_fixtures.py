@@ -22,9 +22,11 @@ FLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def flow_env(tmp):
-    """Environment of a flow run in ``tmp``: Metaflow datastore and sqlite MLflow under it, quiet, 1 thread."""
+    """Environment of a flow run in ``tmp``: Metaflow datastore and sqlite MLflow under it, quiet, 1 thread. The
+    cards go where the client (``metaflow.cards.get_cards``) looks for them: under the datastore root."""
     return {"METAFLOW_USER": "tester", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1",
             "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp / "mf"), "GX_ANALYTICS_ENABLED": "false",
+            "METAFLOW_CARD_LOCALROOT": str(tmp / "mf" / ".metaflow" / "mf.cards"),
             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
 
 
@@ -34,12 +36,14 @@ def _finished(running):
     return run, running.stdout, running.stderr + tasks_err
 
 
-def run_flow(tmp, **params):
-    """Run the DAG through metaflow.Runner (smoke profile unless given) in ``tmp``; returns (run, stdout, stderr)."""
+def run_flow(tmp, extra_env=None, **params):
+    """Run the DAG through metaflow.Runner (smoke profile unless given) in ``tmp``; returns (run, stdout, stderr).
+    ``extra_env``: more environment for that run only (e.g. the test hook ``RCM_FAULT_AT_STEP``)."""
     from metaflow import Runner
 
     env = flow_env(tmp)
     os.environ.update(env)
+    env = {**env, **(extra_env or {})}
     params.setdefault("storage_root", str(tmp / "store"))
     params.setdefault("profile", "smoke")
     with Runner(FLOW, show_output=False, env=env, cwd=str(tmp)).run(
