@@ -85,6 +85,7 @@ class ExecutionTarget(FlowMutator):
 
 @ExecutionTarget
 class RCMDistillFlow(FlowSpec):
+    """rCM distillation of a teacher into a few-step student, registered in MLflow (commands: the module docstring)."""
     execution = Config("execution", default_value={"target": "local", "gpus_per_node": 8},
                        help='{"target": "local"|"kubernetes", "gpus_per_node": 8, "image": ..., "namespace": ..., '
                             '"schedule": "0 3 * * 0", "trigger_on_new_teacher": true, "project": ..., '

@@ -47,6 +47,7 @@ class WatchTarget(FlowMutator):
 
 @WatchTarget
 class TeacherWatchFlow(FlowSpec):
+    """Start a distillation for every teacher version not distilled yet (commands: the module docstring)."""
     execution = Config("execution", default_value={"target": "local"},
                        help='{"target": "local"|"kubernetes", "schedule": "hourly", "image": ..., "secrets": [...]}')
     sources = Parameter("sources", default=os.environ.get("RCM_TEACHER_SOURCES", ""),

@@ -22,11 +22,9 @@ FLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def flow_env(tmp):
-    """Environment of a flow run in ``tmp``: Metaflow datastore and sqlite MLflow under it, quiet, 1 thread. The
-    cards go where the client (``metaflow.cards.get_cards``) looks for them: under the datastore root."""
+    """Environment of a flow run in ``tmp``: Metaflow datastore and sqlite MLflow under it, quiet, 1 thread."""
     return {"METAFLOW_USER": "tester", "MLFLOW_DISABLE_TELEMETRY": "true", "TQDM_DISABLE": "1",
             "METAFLOW_DATASTORE_SYSROOT_LOCAL": str(tmp / "mf"), "GX_ANALYTICS_ENABLED": "false",
-            "METAFLOW_CARD_LOCALROOT": str(tmp / "mf" / ".metaflow" / "mf.cards"),
             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
 
 

@@ -93,3 +93,29 @@ def test_param_values_are_rounded():
     assert param_value(None) == "None" and param_value(3) == "3" and param_value("x" * 600) == "x" * 500
     assert run_name("wan2.1-1.3b", "rcm", "default", "17") == "rcm-wan2.1-1.3b-rcm-default-17"
     assert source_tags("ann", "flows/distill_flow.py", "kubernetes")["mlflow.source.type"] == "JOB"
+
+
+def test_preview_thumbnails_decode_only_the_first_latent_frame_of_large_videos():
+    """Samples over training stay cheap for real videos: a large latent is decoded from its first latent frame,
+    a small one whole; thumbnails are uint8 at most 64 px high."""
+    import torch
+
+    from rcm_steps.previews import grid_png, thumbnails
+
+    class VAE:                                       # a video VAE: 4x time (causal: 1 + 4 (T - 1)), 8x space
+        net = torch.nn.Linear(1, 1)
+        seen = []
+
+        def decode(self, lat):
+            self.seen.append(tuple(lat.shape))
+            b, _, t, h, w = lat.shape
+            return torch.rand(b, 3, 1 + 4 * (t - 1), 8 * h, 8 * w)
+
+    vae = VAE()
+    big = thumbnails(vae, torch.randn(2, 16, 21, 30, 52))
+    small = thumbnails(vae, torch.randn(2, 4, 3, 8, 8))
+    assert vae.seen == [(2, 16, 1, 30, 52), (2, 4, 3, 8, 8)]
+    assert big.dtype == torch.uint8 and big.shape == (2, 3, 1, 64, 111) and small.shape == (2, 3, 8, 64, 64)
+    png = grid_png({"prompts": ["a", "b"], "student_steps": 4, "clips": {0: small, 10: small, 20: small}},
+                   max_columns=2)
+    assert png[:4] == b"\x89PNG"

@@ -48,7 +48,7 @@ def test_smoke_flow_end_to_end(tmp_path):
     assert set(d.train_diagnostics["series"]) >= {"dmd_scm_ratio_out", "critic_loss_rel", "nan_masked_frac"}
     assert {f.path for f in client.list_artifacts(d.mlflow_run_id, "train")} == {
         "train/diagnostics.png", "train/diagnostics.json", "train/losses.png", "train/samples_over_training.png"}
-    _check_cards(run)
+    _check_cards(tmp_path, run)
     mv = client.get_model_version_by_alias(d.model_name, "champion")
     assert str(mv.version) == str(d.model_version) and mv.tags["metaflow.run_id"] == run.id
     assert mv.tags["data_hash"] == d.data_hash and mv.tags["teacher"] == "embedded" and mv.tags["method"] == "rcm"
@@ -88,36 +88,38 @@ def _check_mlflow_conventions(client, mrun, run):
     assert not [k for k in metrics if glossary.term(k) not in glossary.GLOSSARY]
 
 
-def _card_data(task):
-    """The components of each Metaflow card of ``task``, as JSON text (decoded from the card's HTML)."""
+def _card_data(tmp, run, step):
+    """The components of the Metaflow cards of ``step`` (card files of a local run, under ``tmp``), as JSON text
+    decoded from each card's HTML."""
     import base64
     import re
 
-    from metaflow.cards import get_cards
-
     out = []
-    for c in get_cards(task):
-        blob = re.search(r'window.__MF_DATA__\["[^"]+"\] = "([^"]+)"', c.get()).group(1)
+    for f in tmp.rglob("*.html"):                   # (rglob enters .metaflow, glob's ** does not)
+        if f.parent.name != "cards" or f"/runs/{run.id}/steps/{step}/tasks/" not in f.as_posix():
+            continue
+        blob = re.search(r'window.__MF_DATA__\["[^"]+"\] = "([^"]+)"', f.read_text()).group(1)
         out.append(base64.b64decode(blob).decode())
+    assert out, f"no card for {step}"
     return "\n".join(out)
 
 
-def _check_cards(run):
+def _check_cards(tmp, run):
     """The distill card (loss curves, samples over training, glossary), the evaluate card's glossary, and the
     Data Docs pages inside the curate and cache cards (``card server`` serves cards, not files: a link to a
     local path or an s3:// URL cannot open there)."""
     import html
 
-    distill = json.loads(_card_data(run["distill"].task))
+    distill = json.loads(_card_data(tmp, run, "distill"))
     text = json.dumps(distill)
     assert text.count('"type": "image"') >= 2 and "samples over training" in text
     assert "student loss (top) and critic loss (bottom)" in text and "`g_norm`" in text
-    evaluate = _card_data(run["evaluate"].task)
+    evaluate = _card_data(tmp, run, "evaluate")
     assert "`dmd_scm_ratio_out`" in evaluate and "`fd_teacher`" in evaluate and "`diversity_rel`" in evaluate
     d = run.data
     page = d.data_docs_html[d.data_docs_page.rsplit("/data_docs/", 1)[1]].decode()
     for step, gate in (("curate", "prompts_suite"), ("cache_teacher", "latents_suite")):
-        card = json.loads(_card_data(run[step].task))
+        card = json.loads(_card_data(tmp, run, step))
         md = [c["source"] for c in _walk(card) if c.get("type") == "markdown"]
         frames = [m for m in md if "<iframe" in m and "srcdoc=" in m]
         assert len(frames) == 1 and "\n\n" not in frames[0].split("</details>")[0], step  # one HTML block

@@ -3,7 +3,11 @@
 * Initialises the process group when launched by torchrun (gloo on CPU, NCCL on GPU).
 * Reads and verifies the cache shards through fsspec (each rank its share).
 * Trains with :class:`rcm_core.trainer.RCMTrainer` (gradients averaged across ranks).
-* Rank 0 logs to MLflow (params, per-step losses, grad norms, NaN counts, samples/s).
+* Rank 0 logs to MLflow (params, per-step losses, grad norms, NaN counts, samples/s): :func:`train_metrics`
+  names each step's loss after the network it trained (``train/student_loss``, ``train/critic_loss``: their
+  steps alternate, so one series each); the step is MLflow's own.
+* Samples over training (the distill card): the EMA student samples a few fixed prompts and noises at the start
+  and at every checkpoint (``--previews``, :mod:`rcm_steps.previews`, ``previews.safetensors``).
 * Checkpoints under ``--out`` (any fsspec URL): with FSDP a DCP directory
   ``ckpt/step-XXXXXXX.dcp/`` that every rank writes its own shards into (nothing gathered;
   loadable on any number of ranks, see :mod:`rcm_core.checkpoint`), else one file

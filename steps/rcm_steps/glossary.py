@@ -2,7 +2,7 @@
 
 MLflow names carry a prefix: ``train/<name>`` (distill, per step), ``eval/<model>/<name>`` (evaluate; model
 ``teacher`` or ``student_<k>``: k sampling steps), ``curate/<name>``, ``cache/<name>``. :func:`term` strips it,
-:func:`markdown` writes a table for the cards. ``tests/test_conventions.py`` checks that every metric a
+:func:`markdown` writes a table for the cards. ``tests/test_flow_distill.py`` checks that every metric a
 smoke run logs is here.
 """
 from __future__ import annotations
