@@ -206,9 +206,12 @@ class Node:
         return self._client.create_run(self._exp, run_name=name).info.run_id
 
     def history(self, run_id: str, key: str = "loss") -> Dict[int, float]:
-        """step -> value of ``train/<key>`` (the last logged value of each step)."""
+        """step -> value of ``train/<key>`` (the last logged value of each step); ``loss``: the step's loss,
+        ``train/student_loss`` or ``train/critic_loss`` (one series each in MLflow)."""
+        keys = ["student_loss", "critic_loss"] if key == "loss" else [key]
+        hist = [m for k in keys for m in self._client.get_metric_history(run_id, f"train/{k}")]
         out: Dict[int, float] = {}
-        for m in sorted(self._client.get_metric_history(run_id, f"train/{key}"), key=lambda m: (m.step, m.timestamp)):
+        for m in sorted(hist, key=lambda m: (m.step, m.timestamp)):
             out[int(m.step)] = float(m.value)
         return out
 
@@ -218,7 +221,7 @@ class Node:
         return ["--teacher", t["dir"], "--teacher-options", json.dumps(t["options"]), "--cache", t["cache"],
                 "--out", out, "--method", "rcm", "--iterations", str(iterations), "--batch-size", str(batch),
                 "--seed", "0", "--config", json.dumps(config), "--ckpt-every", str(self.a.ckpt_every),
-                "--log-every", "1", "--mlflow-run-id", run_id]
+                "--log-every", "1", "--mlflow-run-id", run_id, "--previews", "0"]     # training only, no samples
 
     def env(self) -> Dict[str, str]:
         env = {"MLFLOW_TRACKING_URI": self.mlflow_uri, "TQDM_DISABLE": "1", "RCM_FAULT_AT_STEP": "0"}

@@ -31,25 +31,13 @@ import json
 import os
 import tempfile
 
-from metaflow import (Config, FlowMutator, FlowSpec, Parameter, card, current, parallel, retry, step)
+from metaflow import (Config, FlowMutator, FlowSpec, JSONType, Parameter, card, current, parallel, retry, step)
 from rcm_steps.errors import ConfigError
+from rcm_steps.profiles import PROFILE_KEYS, PROFILES, parse_profiles
 from rcm_steps.step_guard import step_guard
 
 PROJECT_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 DEFAULT_TRACKING = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(PROJECT_ROOT, 'mlflow.db')}"
-
-# Per-profile settings; every value can be overridden by the matching Parameter (0 / "" = profile value).
-PROFILES = {
-    "smoke": dict(max_train=4, max_eval=2, min_prompts=4, samples_per_prompt=1, teacher_steps=2, shard_size=2,
-                  iterations=2, batch_size=2, ckpt_every=1, eval_seeds=2, eval_teacher_steps=2, real_clips=32,
-                  gates={"min_digit_acc": 0.0, "min_diversity_rel": 0.0},
-                  # warm-ups must fit the run (DistillConfig checks it): a 2-step run warms up for 1 step
-                  config={"tangent_warmup_steps": 1, "lr_warmup_steps": 1}),
-    "default": dict(max_train=None, max_eval=8, min_prompts=16, samples_per_prompt=1, teacher_steps=12,
-                    shard_size=64, iterations=150, batch_size=16, ckpt_every=50, eval_seeds=3,
-                    eval_teacher_steps=12, real_clips=256, gates={}),
-}
-
 
 class ExecutionTarget(FlowMutator):
     """Local vs Kubernetes, chosen by the ``execution`` Config.
@@ -97,10 +85,14 @@ class ExecutionTarget(FlowMutator):
 
 @ExecutionTarget
 class RCMDistillFlow(FlowSpec):
+    """rCM distillation of a teacher into a few-step student, registered in MLflow (commands: the module docstring)."""
     execution = Config("execution", default_value={"target": "local", "gpus_per_node": 8},
                        help='{"target": "local"|"kubernetes", "gpus_per_node": 8, "image": ..., "namespace": ..., '
                             '"schedule": "0 3 * * 0", "trigger_on_new_teacher": true, "project": ..., '
                             '"shared_memory_mb": ..., "node_selector": {...}, "tolerations": [...], "secrets": [...]}')
+    profiles = Config("profiles", default_value=PROFILES, parser=parse_profiles,
+                      help="the run profiles --profile picks from: a JSON file {name: {settings}} adds to (or "
+                           "replaces) the built-in smoke and default; keys: " + ", ".join(PROFILE_KEYS) + ", config")
 
     teacher = Parameter("teacher", default="embedded",
                         help="teacher name (rcm_core.teachers) or a directory in diffusers layout")
@@ -125,7 +117,8 @@ class RCMDistillFlow(FlowSpec):
                              help="any fsspec URL (local path, s3://...)")
     mlflow_tracking_uri = Parameter("mlflow_tracking_uri", default=DEFAULT_TRACKING)
     seed = Parameter("seed", default=0, type=int)
-    profile = Parameter("profile", default="default", help="smoke | default")
+    profile = Parameter("profile", default="default",
+                        help="smoke | default | a profile of your own (--config profiles <file>)")
     prompts = Parameter("prompts", default="embedded", help="'embedded', a path/URL (.txt/.csv/.parquet)")
     prompt_column = Parameter("prompt_column", default="", help="column of a CSV/parquet prompt source")
     max_prompt_chars = Parameter("max_prompt_chars", default=0, type=int,
@@ -137,10 +130,10 @@ class RCMDistillFlow(FlowSpec):
                                  help="real teachers: how the registered model carries the text encoder, tokenizer, "
                                       "VAE and configs: reference (sha256 into <storage_root>/components) | copy "
                                       "(in the model version's artifacts)")
-    gates = Parameter("gates", default="{}", help='JSON evaluation gates, e.g. {"min_digit_acc": 0.5}')
-    distill_config = Parameter("distill_config", default="{}", help="JSON DistillConfig overrides")
-    fault_at_step = Parameter("fault_at_step", default=0, type=int,
-                              help="testing: the first distill attempt dies after this step")
+    gates = Parameter("gates", default="{}", type=JSONType,
+                      help='JSON object: evaluation gates, e.g. {"min_digit_acc": 0.5}')
+    distill_config = Parameter("distill_config", default="{}", type=JSONType,
+                               help='JSON object: DistillConfig overrides, e.g. {"lr_student": 1e-5}')
 
     # ------------------------------------------------------------------ helpers
     def _mlflow(self):
@@ -189,11 +182,16 @@ class RCMDistillFlow(FlowSpec):
     @step_guard
     @step
     def start(self):
+        """Check everything that can be checked before work starts (profile, options, teacher checkpoint, memory,
+        MLflow server and storage reachable), then open the run's MLflow run."""
         from rcm_steps.teacher import (check_teacher_name, describe_teacher, teacher_label,
                                        teacher_options)
 
-        if self.profile not in PROFILES:
-            raise ConfigError(f"unknown profile {self.profile!r}; known: {sorted(PROFILES)}")
+        from rcm_steps.profiles import json_object_option, profile_settings
+
+        profile = profile_settings(self.profiles, self.profile)   # unknown name, bad --config profiles file: here
+        gates, overrides = json_object_option("gates", self.gates), json_object_option("distill_config",
+                                                                                         self.distill_config)
         if self.method not in ("rcm", "scm", "dmd", "dcm"):
             raise ConfigError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
         from rcm_steps.services import check_services
@@ -219,14 +217,14 @@ class RCMDistillFlow(FlowSpec):
         if self.nodes < 1:
             raise ConfigError(f"nodes must be >= 1, got {self.nodes}")
         self.nproc = self.procs_per_node or (max(1, int(self.execution.get("gpus_per_node", 8))) if on_k8s else 1)
-        s = dict(PROFILES[self.profile])
+        s = dict(profile)
         if self.iterations:
             s["iterations"] = self.iterations
         if self.batch_size:
             s["batch_size"] = self.batch_size
-        s["gates"] = {**s["gates"], **json.loads(self.gates or "{}")}
+        s["gates"] = {**s["gates"], **gates}
         # DistillConfig overrides: the profile's, then the user's --distill_config
-        s["config"] = {**s.get("config", {}), **json.loads(self.distill_config or "{}")}
+        s["config"] = {**s.get("config", {}), **overrides}
         self.settings = s
         self.teacher_options = teacher_options(self.teacher, self.frames, self.height, self.width, self.text_len,
                                                self.teacher_dtype, device=None if on_k8s else "auto")
@@ -252,9 +250,12 @@ class RCMDistillFlow(FlowSpec):
         loc = None
         if self.mlflow_tracking_uri.startswith("sqlite:///"):
             loc = "file://" + os.path.join(os.path.dirname(self.mlflow_tracking_uri[len("sqlite:///"):]), "mlruns")
-        from rcm_steps.mlflow_run import experiment_id   # concurrent starts against one server: no lost race
-        exp_id = experiment_id(client, exp_name, loc)
-        run = client.create_run(exp_id, run_name=f"{current.flow_name}-{current.run_id}", tags={
+        from rcm_steps.mlflow_run import experiment_id, param_value, run_name, source_tags
+        exp_id = experiment_id(client, exp_name, loc)   # concurrent starts against one server: no lost race
+        run = client.create_run(exp_id, run_name=run_name(teacher_label(self.teacher), self.method, self.profile,
+                                                          current.run_id), tags={
+            **source_tags(current.username, os.path.relpath(os.path.abspath(__file__), PROJECT_ROOT),
+                          self.execution.get("target", "local")),
             "metaflow.flow": current.flow_name, "metaflow.run_id": str(current.run_id),
             "metaflow.run_ids": str(current.run_id), "rcm.storage_run_id": self.storage_run_id,
             **({"metaflow.origin_run_id": str(current.origin_run_id)} if current.origin_run_id else {}),
@@ -268,7 +269,7 @@ class RCMDistillFlow(FlowSpec):
                   **{f"settings.{k}": v for k, v in s.items()}}
         from mlflow.entities import Param
 
-        client.log_batch(self.mlflow_run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+        client.log_batch(self.mlflow_run_id, params=[Param(k, param_value(v)) for k, v in params.items()])
         print(f"MLflow run {self.mlflow_run_id} at {self.mlflow_tracking_uri}")
         self.next(self.curate)
 
@@ -276,10 +277,11 @@ class RCMDistillFlow(FlowSpec):
     @step_guard
     @step
     def curate(self):
+        """Load, clean and split the prompts; the Great Expectations prompt gate (Data Docs in the card)."""
         from metaflow.cards import Markdown, Table
 
         from rcm_steps.curate import CurateConfig, curate_prompts, load_prompts, prompt_limits, validate_prompts
-        from rcm_steps.validation import DataValidationError, collect_html
+        from rcm_steps.validation import DataValidationError, collect_html, docs_markdown
 
         s = self.settings
         limits, tokenizer = prompt_limits(self.teacher_info, self.max_prompt_chars, self.long_prompts)
@@ -294,13 +296,14 @@ class RCMDistillFlow(FlowSpec):
             self.data_docs_url = st.upload_dir(d, docs_key)
             self.data_docs_html = collect_html(d)
         self.data_docs_page = f"{self.data_docs_url}/{report.docs_page}"
-        current.card.append(Markdown(f"# Prompt curation\nsource `{self.prompts}` - "
-                                     f"[Great Expectations Data Docs]({self.data_docs_page}) "
-                                     f"(also artifact `data_docs_html`)"))
+        current.card.append(Markdown(f"# Prompt curation\nsource `{self.prompts}` (Data Docs: below, and artifact "
+                                     f"`data_docs_html`)"))
         current.card.append(Table([[k, v] for k, v in res.stats.items()], headers=["stat", "count"]))
         current.card.append(Table([[r["type"], json.dumps(r["kwargs"]), "pass" if r["success"] else "FAIL",
                                     str(r.get("observed_value") or r.get("unexpected_sample") or "")]
                                    for r in report.results], headers=["expectation", "kwargs", "result", "observed"]))
+        current.card.append(Markdown(docs_markdown(self.data_docs_html.get(report.docs_page), "prompt gate",
+                                                   self.data_docs_page)))
         if not report.success:
             raise DataValidationError(f"prompt gate failed on --prompts {self.prompts!r}: "
                                       f"{len(report.failed)} expectation(s) not met:\n"
@@ -315,12 +318,14 @@ class RCMDistillFlow(FlowSpec):
     @step_guard
     @step
     def cache_teacher(self):
+        """Sample the teacher on the training prompts into verified latent shards (skips shards already cached)."""
         import torch
         from metaflow.cards import Image, Markdown, Table
 
         from rcm_steps.cache import CacheConfig, cache_teacher, load_cache
         from rcm_steps.evaluate import as_clips, clip_grid_png
         from rcm_steps.teacher import decode, load_teacher, pick_device
+        from rcm_steps.validation import collect_html, docs_markdown
 
         s = self.settings
         teacher = load_teacher(self.teacher, device=pick_device("auto"), options=self.teacher_options)
@@ -330,6 +335,7 @@ class RCMDistillFlow(FlowSpec):
         with tempfile.TemporaryDirectory() as d:
             res = cache_teacher(teacher, self.train_prompts, st, cfg, docs_dir=d)
             docs = st.upload_dir(d, f"{self._run_prefix()}/cache/data_docs")
+            latent_docs = collect_html(d).get(res.report.docs_page)
         self.cache_url, self.data_hash = res.url, res.data_hash
         self.cache_summary = {"total": res.total, "computed_shards": res.computed_shards,
                               "skipped_shards": res.skipped_shards, "seconds": res.seconds, **res.stats}
@@ -338,8 +344,8 @@ class RCMDistillFlow(FlowSpec):
         n = min(6, data.latents.shape[0])
         clips = as_clips(decode(teacher, data.latents[:n])).unsqueeze(1)
         png = clip_grid_png({"teacher cache": clips}, [data.prompts[i] for i in data.prompt_idx[:n].tolist()])
-        current.card.append(Markdown(f"# Teacher cache\n`{res.url}` - data hash `{res.data_hash[:16]}` - "
-                                     f"[latent gate Data Docs]({self.latent_docs_page})"))
+        current.card.append(Markdown(f"# Teacher cache\n`{res.url}` - data hash `{res.data_hash[:16]}`"))
+        current.card.append(Markdown(docs_markdown(latent_docs, "latent gate", self.latent_docs_page)))
         current.card.append(Table([[k, v] for k, v in self.cache_summary.items()], headers=["", ""]))
         current.card.append(Image(png, label="teacher samples (cached latents)"))
         self._mlflow().log_batch(self.mlflow_run_id, metrics=_metrics(
@@ -347,11 +353,14 @@ class RCMDistillFlow(FlowSpec):
         del torch
         self.next(self.distill, num_parallel=self.nodes)
 
+    @card
     @parallel
     @retry(times=1)
     @step_guard
     @step
     def distill(self):
+        """Train the student with rCM under torchrun on every node (resumes from the last checkpoint); card: loss
+        curves and samples over training."""
         from rcm_steps.launcher import port_for, run_torchrun
 
         st = self._storage()
@@ -361,31 +370,38 @@ class RCMDistillFlow(FlowSpec):
                 "--cache", self.cache_url, "--out", self.distill_url,
                 "--method", self.method, "--iterations", s["iterations"], "--batch-size", s["batch_size"],
                 "--seed", self.seed, "--config", json.dumps(s["config"]), "--ckpt-every", s["ckpt_every"],
-                "--mlflow-run-id", self.mlflow_run_id]
+                "--mlflow-run-id", self.mlflow_run_id, "--preview-steps", self.student_steps]
         env = {"MLFLOW_TRACKING_URI": self.mlflow_tracking_uri}
-        if self.fault_at_step and current.retry_count == 0:
-            env["RCM_FAULT_AT_STEP"] = str(self.fault_at_step)
-        else:
-            env["RCM_FAULT_AT_STEP"] = "0"
+        # test hook (not an option): RCM_FAULT_AT_STEP=<n> in the flow's environment kills the first attempt's
+        # workers after step n; retries run clean
+        env["RCM_FAULT_AT_STEP"] = os.environ.get("RCM_FAULT_AT_STEP", "0") if current.retry_count == 0 else "0"
         self.attempt = current.retry_count
         run_torchrun("rcm_steps.distill", args, env=env, nnodes=current.parallel.num_nodes,
                      node_rank=current.parallel.node_index, master_addr=current.parallel.main_ip,
                      master_port=port_for(f"{current.run_id}/{current.retry_count}"),
                      nproc_per_node=self.nproc)
         self.distill_result = st.read_json(f"{self._distill_prefix()}/distill/result.json")
+        if current.parallel.node_index == 0:     # the card: loss curves, samples over training, glossary
+            from metaflow.cards import Image, Markdown
+            from rcm_steps.distill_card import build
+
+            for kind, data, label in build(self.distill_result, self._mlflow(), self.mlflow_run_id):
+                current.card.append(Markdown(data) if kind == "markdown" else Image(data, label=label))
         self.next(self.evaluate)
 
     @card
     @step_guard
     @step
     def evaluate(self, inputs):
+        """Teacher vs the EMA student at 1, 2, 4 steps: quality, diversity, speed; the gates; card with samples,
+        the metric table and glossary, and the training diagnostics."""
         import torch
         from metaflow.cards import Image, Markdown, Table
         from rcm_core.config import DistillConfig
         from safetensors.torch import load
 
         from rcm_steps.evaluate import (EvalConfig, check_gates, clip_grid_png, clips_gif, clips_mp4, evaluate,
-                                        student_denoiser, uses_digit_metrics)
+                                        metric_table, student_denoiser, uses_digit_metrics)
         from rcm_steps.storage import Storage
         from rcm_steps.teacher import load_teacher
 
@@ -424,11 +440,13 @@ class RCMDistillFlow(FlowSpec):
                     f.write(data)
                 client.log_artifact(self.mlflow_run_id, os.path.join(d, name), artifact_path="eval")
         models = list(res.clips)
-        keys = (["nfe", "sec_per_sample", "digit_acc", "direction_acc", "fd_data", "fd_teacher", "diversity",
-                 "diversity_rel"] if digits else
-                ["nfe", "sec_per_sample", "speedup", "fd_teacher", "fd_teacher_latent", "latent_rmse_teacher",
-                 "diversity", "diversity_rel"])
-        rows = [[m] + [_fmt(res.metrics.get(f"{m}/{k}")) for k in keys] for m in models]
+        table = metric_table(res.metrics, models, digits)     # the card's table, and MLflow's (UI: compare runs)
+        import mlflow
+
+        mlflow.log_table(table, artifact_file="eval/metrics_table.json", run_id=self.mlflow_run_id)
+        keys = [k for k in table if k != "model"]
+        rows = [[m] + [_fmt(table[k][i]) if table[k][i] == table[k][i] else "" for k in keys]
+                for i, m in enumerate(models)]
         current.card.append(Markdown(f"# Evaluation\n{len(res.prompts)} eval prompts x {cfg.seeds} seeds. "
                                      f"Gates: {'PASS' if self.gate_result['passed'] else 'FAIL'} "
                                      f"{self.gate_result['failures']}"))
@@ -448,11 +466,16 @@ class RCMDistillFlow(FlowSpec):
         current.card.append(Markdown(diagnostics.markdown(self.train_diagnostics)))
         current.card.append(Image(diag_png, label="training diagnostics: DMD/sCM gradient ratio, critic loss "
                                                   "relative to its start, NaN-masked fractions; dashed: phases"))
+        from rcm_steps import glossary
+
+        current.card.append(Markdown(glossary.markdown([*keys, *sorted({glossary.term(k) for k in res.metrics}),
+                                                        "gates_passed", *diagnostics.SERIES], title="Glossary")))
         self.next(self.register)
 
     @step_guard
     @step
     def register(self):
+        """Register the student in the MLflow model registry (candidate; champion when it beats the current one)."""
         from rcm_steps.register import model_name_for, register_student
         from rcm_steps.storage import Storage
         from rcm_steps.teacher import teacher_label
@@ -499,6 +522,7 @@ class RCMDistillFlow(FlowSpec):
     @step_guard
     @step
     def end(self):
+        """Close the MLflow run (FINISHED) and print the registered model."""
         self._mlflow().set_terminated(self.mlflow_run_id, "FINISHED")
         k = "digit_acc" if f"student_{self.student_steps}/digit_acc" in self.eval_metrics else "fd_teacher"
         print(f"done: model {self.model_name} v{self.model_version} {self.model_aliases}; "

@@ -47,6 +47,7 @@ class WatchTarget(FlowMutator):
 
 @WatchTarget
 class TeacherWatchFlow(FlowSpec):
+    """Start a distillation for every teacher version not distilled yet (commands: the module docstring)."""
     execution = Config("execution", default_value={"target": "local"},
                        help='{"target": "local"|"kubernetes", "schedule": "hourly", "image": ..., "secrets": [...]}')
     sources = Parameter("sources", default=os.environ.get("RCM_TEACHER_SOURCES", ""),
@@ -57,6 +58,7 @@ class TeacherWatchFlow(FlowSpec):
 
     @step
     def start(self):
+        """Scan the teacher sources, skip versions already distilled, publish an rcm.new_teacher event per new one."""
         from mlflow.tracking import MlflowClient
 
         from rcm_steps.errors import ConfigError
@@ -87,7 +89,7 @@ class TeacherWatchFlow(FlowSpec):
 
     @step
     def end(self):
-        pass
+        """Nothing left to do: the events (or the dry-run lines) are out."""
 
 
 if __name__ == "__main__":

@@ -34,12 +34,14 @@ def _finished(running):
     return run, running.stdout, running.stderr + tasks_err
 
 
-def run_flow(tmp, **params):
-    """Run the DAG through metaflow.Runner (smoke profile unless given) in ``tmp``; returns (run, stdout, stderr)."""
+def run_flow(tmp, extra_env=None, **params):
+    """Run the DAG through metaflow.Runner (smoke profile unless given) in ``tmp``; returns (run, stdout, stderr).
+    ``extra_env``: more environment for that run only (e.g. the test hook ``RCM_FAULT_AT_STEP``)."""
     from metaflow import Runner
 
     env = flow_env(tmp)
     os.environ.update(env)
+    env = {**env, **(extra_env or {})}
     params.setdefault("storage_root", str(tmp / "store"))
     params.setdefault("profile", "smoke")
     with Runner(FLOW, show_output=False, env=env, cwd=str(tmp)).run(

@@ -9,11 +9,11 @@ import time
 # Import torch.export before Metaflow: reading Metaflow artifacts loads metaflow._vendor.typing_extensions,
 # which re-patches typing so that torch.export's generics (TypeVar defaults) fail to import later on
 # (seen when mlflow.pyfunc.load_model runs after Runner in the same process).
+import pytest
 import torch.export  # noqa: F401
 
 from pipeline_fixtures import *  # noqa: F401,F403
 from pipeline_fixtures import FLOW, run_flow
-
 
 
 def test_smoke_flow_end_to_end(tmp_path):
@@ -21,7 +21,7 @@ def test_smoke_flow_end_to_end(tmp_path):
     import pandas as pd
 
     t0 = time.perf_counter()
-    run, out, err = run_flow(tmp_path, fault_at_step=1)
+    run, out, err = run_flow(tmp_path, extra_env={"RCM_FAULT_AT_STEP": "1"})
     elapsed = time.perf_counter() - t0
     assert run is not None and run.successful, err[-3000:]
     print(f"smoke flow wall time: {elapsed:.1f}s")
@@ -41,12 +41,14 @@ def test_smoke_flow_end_to_end(tmp_path):
     client = mlflow.MlflowClient()
     mrun = client.get_run(d.mlflow_run_id)
     assert mrun.info.status == "FINISHED" and mrun.data.tags["metaflow.run_id"] == run.id
-    assert len(client.get_metric_history(d.mlflow_run_id, "train/loss")) == 2
     assert "eval/student_4/digit_acc" in mrun.data.metrics
-    # training diagnostics: distill's diagnostics.json, in the evaluate card and in MLflow under train/
+    _check_mlflow_conventions(client, mrun, run)
+    # training diagnostics: distill's diagnostics.json, in the evaluate card and in MLflow under train/; the
+    # distill card's loss curves and samples over training there too
     assert set(d.train_diagnostics["series"]) >= {"dmd_scm_ratio_out", "critic_loss_rel", "nan_masked_frac"}
-    assert {f.path for f in client.list_artifacts(d.mlflow_run_id, "train")} == {"train/diagnostics.png",
-                                                                                 "train/diagnostics.json"}
+    assert {f.path for f in client.list_artifacts(d.mlflow_run_id, "train")} == {
+        "train/diagnostics.png", "train/diagnostics.json", "train/losses.png", "train/samples_over_training.png"}
+    _check_cards(tmp_path, run)
     # issue 24: the run ends with the exact model URI (a smoke run's name); curate, cache_teacher and evaluate
     # print progress lines; no MLflow noise at log_model; the history holds only the killed distill attempt's
     # reopen (register no longer ends the run FINISHED, so `end` has nothing to reopen)
@@ -69,6 +71,82 @@ def test_smoke_flow_end_to_end(tmp_path):
     gif = tmp_path / "x.gif"
     generate(["--model", f"models:/{d.model_name}@champion", "--prompt", "a 3 drifting up", "--out", str(gif)])
     assert gif.read_bytes()[:3] == b"GIF"
+
+
+def _check_mlflow_conventions(client, mrun, run):
+    """Issue 24: a descriptive run name, user and source set, student and critic losses apart (no train/loss
+    sawtooth, no train/step), the eval table as an MLflow table, rounded params, every metric in the glossary."""
+    import re
+
+    from rcm_steps import glossary
+
+    rid, tags = mrun.info.run_id, mrun.data.tags
+    assert mrun.info.run_name == f"rcm-embedded-rcm-smoke-{run.id}"
+    assert tags["mlflow.user"] == "tester" and tags["mlflow.source.name"] == "flows/distill_flow.py"
+    assert tags["mlflow.source.type"] == "LOCAL"
+    metrics = set(mrun.data.metrics)
+    assert not {"train/loss", "train/step", "train/loss_fake"} & metrics
+    student = [m.step for m in client.get_metric_history(rid, "train/student_loss")]
+    critic = [m.step for m in client.get_metric_history(rid, "train/critic_loss")]
+    assert sorted(student + critic) == [1, 2] and student        # smoke: both student steps (the warm-up)
+    table = client.load_table(mrun.info.experiment_id, "eval/metrics_table.json", run_ids=[rid])
+    assert list(table["model"]) == ["teacher", "student_1", "student_2", "student_4"]
+    assert table.loc[table["model"] == "student_4", "digit_acc"].item() == pytest.approx(
+        mrun.data.metrics["eval/student_4/digit_acc"], rel=1e-5)
+    long_floats = {k: v for k, v in {**mrun.data.params, **tags}.items()
+                   if k != "rcm.history" and re.search(r"\d\.\d{7,}", v)}
+    assert not long_floats                                       # e.g. distill.rollout_t_max 1.5707963267948966
+    assert not [k for k in metrics if glossary.term(k) not in glossary.GLOSSARY]
+
+
+def _card_data(tmp, run, step):
+    """The components of the Metaflow cards of ``step`` (card files of a local run, under ``tmp``), as JSON text
+    decoded from each card's HTML."""
+    import base64
+    import re
+
+    out = []
+    for f in tmp.rglob("*.html"):                   # (rglob enters .metaflow, glob's ** does not)
+        if f.parent.name != "cards" or f"/runs/{run.id}/steps/{step}/tasks/" not in f.as_posix():
+            continue
+        blob = re.search(r'window.__MF_DATA__\["[^"]+"\] = "([^"]+)"', f.read_text()).group(1)
+        out.append(base64.b64decode(blob).decode())
+    assert out, f"no card for {step}"
+    return "\n".join(out)
+
+
+def _check_cards(tmp, run):
+    """The distill card (loss curves, samples over training, glossary), the evaluate card's glossary, and the
+    Data Docs pages inside the curate and cache cards (``card server`` serves cards, not files: a link to a
+    local path or an s3:// URL cannot open there)."""
+    import html
+
+    distill = json.loads(_card_data(tmp, run, "distill"))
+    text = json.dumps(distill)
+    assert text.count('"type": "image"') >= 2 and "samples over training" in text
+    assert "student loss (top) and critic loss (bottom)" in text and "`g_norm`" in text
+    evaluate = _card_data(tmp, run, "evaluate")
+    assert "`dmd_scm_ratio_out`" in evaluate and "`fd_teacher`" in evaluate and "`diversity_rel`" in evaluate
+    d = run.data
+    page = d.data_docs_html[d.data_docs_page.rsplit("/data_docs/", 1)[1]].decode()
+    for step, gate in (("curate", "prompts_suite"), ("cache_teacher", "latents_suite")):
+        card = json.loads(_card_data(tmp, run, step))
+        md = [c["source"] for c in _walk(card) if c.get("type") == "markdown"]
+        frames = [m for m in md if "<iframe" in m and "srcdoc=" in m]
+        assert len(frames) == 1 and "\n\n" not in frames[0].split("</details>")[0], step  # one HTML block
+        doc = html.unescape(frames[0].split('srcdoc="', 1)[1].split('"', 1)[0])
+        assert gate in doc and doc.lstrip().lower().startswith("<!doctype html"), step
+        assert not any("](/" in m or "](s3://" in m for m in md), step                  # no dead links
+    assert html.unescape(frames[0].split('srcdoc="', 1)[1].split('"', 1)[0]) != page    # the cache's own page
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        yield node
+        node = list(node.values())
+    if isinstance(node, list):
+        for x in node:
+            yield from _walk(x)
 
 
 def test_flow_stops_at_the_prompt_gate(tmp_path, s3_bucket):

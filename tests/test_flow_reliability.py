@@ -74,21 +74,21 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(tmp_path):
     """Kill the flow (SIGTERM to its process group) once distill has checkpointed, ``resume`` it: distill starts
     at the killed run's last checkpoint and the final weights equal an uninterrupted run's, bit for bit.
 
-    The killed run's first distill attempt also dies after step 1 (``fault_at_step``): Metaflow's retry resumes
-    inside the run, and the kill comes after the retry's first checkpoint, so both kinds of resume are covered
+    The killed run's first distill attempt also dies after step 1 (test hook ``RCM_FAULT_AT_STEP``): Metaflow's
+    retry resumes inside the run, and the kill comes after the retry's first checkpoint, so both kinds of resume are covered
     (and the MLflow run goes FAILED -> reopened -> KILLED -> reopened -> FINISHED).
     """
     env = {**os.environ, **flow_env(tmp_path)}
     store = tmp_path / "store"
     params = {"profile": "smoke", "iterations": ITERATIONS, "storage_root": str(store),
               "mlflow_tracking_uri": env["MLFLOW_TRACKING_URI"]}
-    cmd = [sys.executable, FLOW, "run", "--run-id-file", str(tmp_path / "run_id"), "--fault_at_step", "1"]
+    cmd = [sys.executable, FLOW, "run", "--run-id-file", str(tmp_path / "run_id")]
     for k, v in params.items():
         cmd += [f"--{k}", str(v)]
     t0 = time.perf_counter()
     with open(tmp_path / "killed_run.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=str(tmp_path), env={**env, "RCM_FAULT_AT_STEP": "1"}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             step, deadline = 0, time.time() + 600
             while step < 2:                     # the retried attempt (resumed at 1) has checkpointed step 2
@@ -153,7 +153,8 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(tmp_path):
     assert mv.tags["metaflow.origin_run_id"] == origin and mv.tags["mlflow_run_id"] == mrun.info.run_id
     assert mv.tags["rcm.storage_run_id"] == origin
     # both segments of training logged to the one MLflow run
-    loss_steps = {m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")}
+    loss_steps = {m.step for k in ("train/student_loss", "train/critic_loss")
+                  for m in client.get_metric_history(mrun.info.run_id, k)}
     assert set(range(1, ITERATIONS + 1)) <= loss_steps
 
     # the reference: the same flow, uninterrupted (same cache, same MLflow store)

@@ -167,11 +167,11 @@ def test_run_reads_back_over_the_rest_api(scenario, stack):
     assert params["profile"] == "smoke" and params["teacher"] == "embedded" and params["storage_root"] == scenario["root"]
     assert any(k.startswith("settings.") for k in params) and "lr_student" in json.dumps(params)   # DistillConfig
     metrics = {m["key"] for m in run["data"]["metrics"]}
-    for k in ("train/loss", "train/step_time_s", "eval/student_4/digit_acc", "eval/teacher/digit_acc",
+    for k in ("train/student_loss", "train/step_time_s", "eval/student_4/digit_acc", "eval/teacher/digit_acc",
               "eval/gates_passed"):
         assert k in metrics, (k, sorted(metrics))
     assert any(k.startswith("train/grad_norm") for k in metrics) and any("nan_masked" in k for k in metrics)
-    hist = _rest(stack, "metrics/get-history", run_id=d.mlflow_run_id, metric_key="train/loss")["metrics"]
+    hist = _rest(stack, "metrics/get-history", run_id=d.mlflow_run_id, metric_key="train/student_loss")["metrics"]
     assert len(hist) == 2 and len({m["step"] for m in hist}) == 2          # per-step curve
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     assert tags["metaflow.run_id"] == scenario["runs"][0].id and tags["teacher_revision"].startswith("version:")
@@ -308,7 +308,7 @@ def test_mlflow_ui_shows_metrics_and_champion(scenario, stack, tmp_path):
             page = browser.new_context(http_credentials={"username": "admin", "password": stack.admin_password},
                                        viewport={"width": 1400, "height": 1000}).new_page()
             page.goto(f"{stack.mlflow.url}/#/experiments/{exp}/runs/{d.mlflow_run_id}", timeout=90_000)
-            page.get_by_text("train/loss").first.wait_for(timeout=90_000)
+            page.get_by_text("train/student_loss").first.wait_for(timeout=90_000)
             page.screenshot(path=str(tmp_path / "run.png"), full_page=True)
             body = page.inner_text("body")
             assert "eval/student_4/digit_acc" in body or "eval/teacher/digit_acc" in body

@@ -31,6 +31,7 @@ def cache_url(tmp_path):
 
 def test_two_processes_gloo_with_mlflow(tmp_path, cache_url):
     import mlflow
+    import torch
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = mlflow.MlflowClient().create_run(mlflow.set_experiment("t").experiment_id).info.run_id
@@ -43,8 +44,13 @@ def test_two_processes_gloo_with_mlflow(tmp_path, cache_url):
     assert res["world_size"] == 2 and res["backend"] == "gloo" and res["steps"] == 6
     assert os.path.exists(os.path.join(out, "student_ema.safetensors"))
     client = mlflow.MlflowClient()
-    hist = client.get_metric_history(run_id, "train/loss")
-    assert [m.step for m in hist] == [1, 2, 3, 4, 5, 6]
+    # the student's and the critic's losses are two series (their steps alternate), no mixed train/loss, and the
+    # step is MLflow's own (no train/step metric)
+    student = [m.step for m in client.get_metric_history(run_id, "train/student_loss")]
+    critic = [m.step for m in client.get_metric_history(run_id, "train/critic_loss")]
+    assert student and critic and sorted(student + critic) == [1, 2, 3, 4, 5, 6]
+    logged = client.get_run(run_id).data.metrics
+    assert not {"train/loss", "train/step", "train/loss_fake"} & set(logged), sorted(logged)
     assert client.get_run(run_id).data.params["distill.world_size"] == "2"
     assert client.get_metric_history(run_id, "train/grad_norm_student")
     # diagnostics.json next to result.json (rank 0): the series of the steps that reported them, the phases
@@ -53,6 +59,13 @@ def test_two_processes_gloo_with_mlflow(tmp_path, cache_url):
     assert set(diag["series"]) == {"dmd_scm_ratio_out", "dmd_scm_ratio_w", "critic_loss_rel", "critic_behind",
                                    "nan_masked_frac", "dmd_nan_masked_frac"}
     assert all(1 <= int(s) <= 6 for series in diag["series"].values() for s in series)
+    assert sorted(int(k) for v in diag["losses"].values() for k in v) == [1, 2, 3, 4, 5, 6]
+    # samples over training: before training and at each checkpoint (the FSDP test samples collectively)
+    from rcm_steps.previews import load_previews_url
+
+    prev = load_previews_url(res["previews_url"])
+    assert sorted(prev["clips"]) == [0, 3, 6] and len(prev["prompts"]) == 2 and prev["student_steps"] == 4
+    assert prev["clips"][6].dtype == torch.uint8 and prev["clips"][6].shape[:2] == (2, 1)
     if diag["stages"]:               # the trainer reports its phase: the run's tag names the current one
         last = diag["stages"][-1]
         assert client.get_run(run_id).data.tags["rcm.current_stage"] == f"{last['stage']}:{last['method']}"
@@ -124,6 +137,8 @@ def test_fsdp_dcp_checkpoint_of_4_ranks_resumes_on_2_and_ema_is_full(tmp_path, c
     res = json.load(open(os.path.join(out, "result.json")))
     assert res["world_size"] == 2 and res["steps"] == 4 and res["config"]["fsdp"] is True
     assert res["resumed_from"] == 2 and res["start_step"] == 2 and res["checkpoint"] == "ckpt/step-0000004.dcp"
+    from rcm_steps.previews import load_previews_url      # FSDP: every rank samples the sharded EMA student
+    assert sorted(load_previews_url(res["previews_url"])["clips"]) == [0, 2, 4]    # 4 ranks wrote 0, 2; 2 ranks 4
     ck = os.path.join(out, res["checkpoint"])
     assert sorted(os.listdir(ck)) == [".metadata", "__0_0.distcp", "__1_0.distcp", MARKER]
     meta = read_meta(ck)

@@ -5,7 +5,8 @@ for the evaluate step's card (and MLflow: ``train/diagnostics.png``, ``train/dia
 ``diagnostics.json``: ``series`` {name: {"<step>": value}} for :data:`SERIES` (only the steps where the
 trainer reported it; non-finite values are null), ``stages`` [{"stage", "method", "start_step"}] (each phase
 of a staged schedule as it began), ``planned_stages`` [[method, student_updates]] (DistillConfig.stages),
-``critic_lag_warn`` and ``warnings`` [{"step", "kind": "critic_behind", "critic_loss_rel"}]. Every
+``critic_lag_warn`` and ``warnings`` [{"step", "kind": "critic_behind", "critic_loss_rel"}], and ``losses``
+{name: {"<step>": value}} for :data:`LOSSES` (the distill card's loss curves, :func:`loss_plot_png`). Every
 diagnostic may be missing (a trainer that does not report it): the plot then says "no data".
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 SERIES = ("dmd_scm_ratio_out", "dmd_scm_ratio_w", "critic_loss_rel", "critic_behind", "nan_masked_frac",
           "dmd_nan_masked_frac")
+LOSSES = ("student_loss", "critic_loss")      # rcm_steps.distill.train_metrics names them
 FILE = "diagnostics.json"
 
 
@@ -39,6 +41,8 @@ class DiagnosticsCollector:
             k: {int(s): v for s, v in (prev.get("series", {}).get(k) or {}).items() if keep(s)} for k in SERIES}
         self.stages: List[Dict[str, Any]] = [dict(s) for s in prev.get("stages", []) if keep(s["start_step"])]
         self.warnings: List[Dict[str, Any]] = [dict(w) for w in prev.get("warnings", []) if keep(w["step"])]
+        self.losses: Dict[str, Dict[int, Optional[float]]] = {
+            k: {int(s): v for s, v in (prev.get("losses", {}).get(k) or {}).items() if keep(s)} for k in LOSSES}
         self.planned = [_phase(p) for p in planned_stages or ()]
         self.critic_lag_warn = critic_lag_warn
 
@@ -48,6 +52,9 @@ class DiagnosticsCollector:
         for k in SERIES:
             if isinstance(metrics.get(k), (bool, int, float)):
                 self.series[k][step] = _num(metrics[k])
+        for k in LOSSES:
+            if isinstance(metrics.get(k), (int, float)):
+                self.losses[k][step] = _num(metrics[k])
         if _num(metrics.get("critic_behind")):
             self.warnings.append({"step": step, "kind": "critic_behind",
                                   "critic_loss_rel": _num(metrics.get("critic_loss_rel"))})
@@ -63,7 +70,8 @@ class DiagnosticsCollector:
     def to_dict(self) -> Dict[str, Any]:
         return {"series": {k: {str(s): v for s, v in sorted(d.items())} for k, d in self.series.items()},
                 "stages": self.stages, "planned_stages": self.planned, "critic_lag_warn": self.critic_lag_warn,
-                "warnings": self.warnings}
+                "warnings": self.warnings,
+                "losses": {k: {str(s): v for s, v in sorted(d.items())} for k, d in self.losses.items()}}
 
     def save(self, out) -> str:
         """Write ``diagnostics.json`` into ``out`` (a :class:`rcm_steps.storage.Storage`); returns its URL."""
@@ -101,7 +109,8 @@ def load(url: str) -> Dict[str, Any]:
 
 
 def _points(diag: Mapping[str, Any], name: str) -> List[Tuple[int, Optional[float]]]:
-    return sorted((int(s), v) for s, v in ((diag.get("series") or {}).get(name) or {}).items())
+    src = (diag.get("losses") or {}) if name in LOSSES else (diag.get("series") or {})
+    return sorted((int(s), v) for s, v in (src.get(name) or {}).items())
 
 
 def _ranges(warned: Sequence[int], reported: Sequence[int], limit: int = 12) -> str:
@@ -159,24 +168,38 @@ _PANELS = [("DMD / sCM gradient ratio (log)", ["dmd_scm_ratio_out", "dmd_scm_rat
            ("NaN-masked fraction of the batch", ["nan_masked_frac", "dmd_nan_masked_frac"], False)]
 
 
-def plot_png(diag: Mapping[str, Any], width: int = 960, panel_h: int = 230) -> bytes:
+_LOSS_PANELS = [("student loss: loss_scale x sCM + loss_scale_dmd x DMD (log)", ["student_loss"], True),
+                ("critic (fake score) loss (log)", ["critic_loss"], True)]
+
+
+def loss_plot_png(diag: Mapping[str, Any], width: int = 960, panel_h: int = 230) -> bytes:
+    """The distill card's loss curves: the student's and the critic's loss, each on its own log axis (their
+    steps alternate and their scales differ by orders of magnitude), phase starts as dashed lines."""
+    return plot_png(diag, width, panel_h, panels=_LOSS_PANELS)
+
+
+def plot_png(diag: Mapping[str, Any], width: int = 960, panel_h: int = 230, panels=None) -> bytes:
     """Three panels (DMD/sCM ratios on a log axis with a line at 1; critic loss relative to its start with
-    the warning level and the warning steps in red; NaN-masked fractions), phase starts as dashed lines."""
+    the warning level and the warning steps in red; NaN-masked fractions), phase starts as dashed lines.
+    ``panels``: other [(title, [series names], log axis)] (the warning marks are for the default panels)."""
     from PIL import Image, ImageDraw, ImageFont
 
     try:
         font = ImageFont.load_default(size=12)
     except TypeError:                                      # Pillow < 10.1
         font = ImageFont.load_default()
-    img = Image.new("RGB", (width, panel_h * len(_PANELS)), "white")
+    diag_panels = panels is None
+    panels = _PANELS if panels is None else panels
+    img = Image.new("RGB", (width, panel_h * len(panels)), "white")
     d = ImageDraw.Draw(img)
-    steps = [s for n in SERIES for s, _ in _points(diag, n)] + [s["start_step"] for s in diag.get("stages") or []]
+    names = [n for _, ns, _ in panels for n in ns]
+    steps = [s for n in names for s, _ in _points(diag, n)] + [s["start_step"] for s in diag.get("stages") or []]
     x0, x1 = (min(steps), max(steps)) if steps else (0, 1)
     x0, x1 = (x0, x1) if x1 > x0 else (x0 - 1, x0 + 1)
     L, R, T, B = 70, 20, 24, 28
-    warn_steps = {w["step"] for w in diag.get("warnings") or []}
-    thr = diag.get("critic_lag_warn")
-    for i, (title, names, log) in enumerate(_PANELS):
+    warn_steps = {w["step"] for w in diag.get("warnings") or []} if diag_panels else set()
+    thr = diag.get("critic_lag_warn") if diag_panels else None
+    for i, (title, names, log) in enumerate(panels):
         top, bot = i * panel_h + T, (i + 1) * panel_h - B
         d.rectangle([L, top, width - R, bot], outline="black")
         d.text((L, top - 16), title, fill="black", font=font)
@@ -184,7 +207,7 @@ def plot_png(diag: Mapping[str, Any], width: int = 960, panel_h: int = 230) -> b
         for s in sorted({round(x0 + (x1 - x0) * k / 4) for k in range(5)}):
             d.text((px(s) - 10, bot + 4), str(s), fill="black", font=font)
         series = [(n, [(s, v) for s, v in _points(diag, n) if v is not None and (v > 0 or not log)]) for n in names]
-        hlines = [1.0] if log else ([thr] if i == 1 and thr is not None else [])
+        hlines = ([1.0] if log else ([thr] if i == 1 and thr is not None else [])) if diag_panels else []
         vals = [v for _, p in series for _, v in p]
         for j, s in enumerate(diag.get("stages") or []):
             x = px(s["start_step"])

@@ -3,7 +3,11 @@
 * Initialises the process group when launched by torchrun (gloo on CPU, NCCL on GPU).
 * Reads and verifies the cache shards through fsspec (each rank its share).
 * Trains with :class:`rcm_core.trainer.RCMTrainer` (gradients averaged across ranks).
-* Rank 0 logs to MLflow (params, per-step losses, grad norms, NaN counts, samples/s).
+* Rank 0 logs to MLflow (params, per-step losses, grad norms, NaN counts, samples/s): :func:`train_metrics`
+  names each step's loss after the network it trained (``train/student_loss``, ``train/critic_loss``: their
+  steps alternate, so one series each); the step is MLflow's own.
+* Samples over training (the distill card): the EMA student samples a few fixed prompts and noises at the start
+  and at every checkpoint (``--previews``, :mod:`rcm_steps.previews`, ``previews.safetensors``).
 * Checkpoints under ``--out`` (any fsspec URL): with FSDP a DCP directory
   ``ckpt/step-XXXXXXX.dcp/`` that every rank writes its own shards into (nothing gathered;
   loadable on any number of ranks, see :mod:`rcm_core.checkpoint`), else one file
@@ -45,7 +49,11 @@ import torch.distributed as dist
 
 from .storage import Storage
 
-__all__ = ["main", "build_config", "parse_args"]
+__all__ = ["main", "build_config", "parse_args", "train_metrics"]
+
+# trainer metrics that MLflow does not get: the step (MLflow's own step), the loss (logged as student_loss /
+# critic_loss: the two networks' steps alternate, one series each) and loss_fake (= critic_loss)
+_NOT_LOGGED = ("step", "loss", "loss_fake")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,8 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--mlflow-run-id", default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--previews", type=int, default=2,
+                   help="samples over training: prompts the EMA student samples at the start and every checkpoint "
+                        "(previews.safetensors, the distill card); 0: none")
+    p.add_argument("--preview-steps", type=int, default=4, help="student steps of those samples")
+    # test hook, not for users: exit(17) after this step on a fresh (non-resumed) attempt
     p.add_argument("--fault-at-step", type=int, default=int(os.environ.get("RCM_FAULT_AT_STEP", "0") or 0),
-                   help="testing: exit(17) after this step on a fresh (non-resumed) attempt")
+                   help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -81,6 +94,17 @@ def build_config(teacher_name: str, method: str, iterations: Optional[int], batc
         base["batch_size"] = batch_size
     base.update(overrides)
     return DistillConfig.from_dict(base)
+
+
+def train_metrics(m: Dict[str, Any]) -> Dict[str, Any]:
+    """A trainer step's metrics as logged (MLflow ``train/*``, diagnostics): the step's ``loss`` under the name of
+    the network it trained, ``student_loss`` (loss_scale x sCM + loss_scale_dmd x DMD) or ``critic_loss`` (the
+    fake score's), never one sawtooth series of both; no ``step`` (MLflow has its own). Non-numbers (``kind``,
+    ``stage_method``) are kept for the diagnostics; the MLflow logger drops them."""
+    out = {k: v for k, v in m.items() if k not in _NOT_LOGGED}
+    if m.get("kind") in ("student", "critic") and "loss" in m:
+        out[f"{m['kind']}_loss"] = m["loss"]
+    return out
 
 
 def _init_dist():
@@ -118,7 +142,9 @@ class _MlflowLogger:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        new = [Param(f"distill.{k}", str(v)[:500]) for k, v in d.items() if f"distill.{k}" not in existing]
+        from .mlflow_run import param_value
+
+        new = [Param(f"distill.{k}", param_value(v)) for k, v in d.items() if f"distill.{k}" not in existing]
         for i in range(0, len(new), 100):
             self.client.log_batch(self.run_id, params=new[i:i + 100])
 
@@ -133,7 +159,7 @@ class _MlflowLogger:
 
         ts = int(time.time() * 1000)
         self.buf += [Metric(f"train/{k}", float(v), ts, step) for k, v in d.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"]
 
     def flush(self) -> None:
         if self.enabled and self.buf:
@@ -183,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .cache import load_cache
     from .diagnostics import FILE as DIAG_FILE, DiagnosticsCollector, load as load_diagnostics
+    from .previews import FILE as PREVIEWS_FILE
     from .teacher import is_real_teacher, load_teacher
 
     rank, world, backend = _init_dist()
@@ -234,6 +261,10 @@ def _run(args: argparse.Namespace) -> int:
     diag = DiagnosticsCollector(cfg.stages, cfg.critic_lag_warn,
                                 previous=load_diagnostics(out.url(DIAG_FILE)) if rank == 0 else None,
                                 upto=start)
+    from .previews import PreviewRecorder
+
+    # samples over training (the distill card): every rank samples (collective under FSDP / CP), rank 0 writes
+    previews = PreviewRecorder(out, data, args.previews, args.preview_steps, cfg.seed, upto=start, write=rank == 0)
     if rank == 0:
         print(f"distill: teacher={teacher.name} method={cfg.method} world={world} backend={backend} "
               f"device={device} samples={n}/rank batch={per_rank}/rank iterations={cfg.iterations} "
@@ -252,11 +283,13 @@ def _run(args: argparse.Namespace) -> int:
 
     bar = tqdm(total=cfg.iterations, initial=start, desc="distill", unit="it",
                disable=rank != 0 or os.environ.get("TQDM_DISABLE") == "1")
+    if start == 0:
+        previews.record(trainer, teacher, 0)          # the student before training (a copy of the teacher)
     while trainer.step < cfg.iterations:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + trainer.step * 7919 + dp_rank)
         idx = torch.randint(0, n, (per_rank,), generator=g)
         batch = {"latents": data.latents[idx], "cond": data.cond[idx], "uncond": data.uncond}
-        m = trainer.train_step(batch)
+        m = train_metrics(trainer.train_step(batch))
         step = trainer.step
         if rank == 0:
             changed = diag.add(step, m)               # before the numeric filter: stage_method is a string
@@ -283,6 +316,7 @@ def _run(args: argparse.Namespace) -> int:
                 _save(trainer, out, step)
             if rank == 0:
                 diag.save(out)
+            previews.record(trainer, teacher, step)
         if args.fault_at_step and resumed_from is None and step == args.fault_at_step:
             log.flush()
             print(f"distill: injected fault after step {step}", flush=True)
@@ -326,6 +360,7 @@ def _run(args: argparse.Namespace) -> int:
                   "lora_2_url": out.url("student_lora_2.safetensors") if lora_bytes_2 is not None else None,
                   "checkpoint": (_latest(out) or {}).get("file")}
         result["diagnostics_url"] = diag.save(out)
+        result["previews_url"] = out.url(PREVIEWS_FILE) if out.exists(PREVIEWS_FILE) else None
         out.write_json("result.json", result)
         log.metrics(trainer.step, {"wall_s": seconds})
         log.flush()

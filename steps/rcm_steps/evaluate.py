@@ -43,7 +43,7 @@ from . import teacher as T
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate", "student_denoiser", "clip_grid_png", "clips_gif", "clips_mp4",
            "as_clips", "pooled_features", "uses_digit_metrics", "check_gates", "DEFAULT_GATES", "eval_settings",
-           "decode_latents", "fast_decode_device", "fast_decode_label"]
+           "decode_latents", "fast_decode_device", "fast_decode_label", "metric_table"]
 
 DEFAULT_GATES = {"min_digit_acc": 0.2, "max_fd_data": 1e9, "min_diversity_rel": 0.05}
 
@@ -327,6 +327,19 @@ def _relative_metrics(models, metrics) -> None:
         metrics[f"{m}/latent_rmse_teacher"] = float((v["latents"] - ref["latents"]).pow(2).mean().sqrt())
         if len(v["lat_feats"]) > 2:
             metrics[f"{m}/fd_teacher_latent"] = dc.frechet_distance(v["lat_feats"], ref["lat_feats"])
+
+
+def metric_table(metrics: Dict[str, float], models: Sequence[str], digits: bool) -> Dict[str, List[Any]]:
+    """The evaluation as a table, a row per model (teacher, student_1, ...) and a column per metric (NaN where a
+    model has none; floats at 6 significant digits): the card's table and the MLflow table
+    ``eval/metrics_table.json``."""
+    keys = (["nfe", "sec_per_sample", "digit_acc", "direction_acc", "fd_data", "fd_teacher", "diversity",
+             "diversity_rel"] if digits else
+            ["nfe", "sec_per_sample", "speedup", "fd_teacher", "fd_teacher_latent", "latent_rmse_teacher",
+             "diversity", "diversity_rel"])
+    def cell(v):
+        return float(f"{float(v):.6g}") if isinstance(v, (int, float)) else float("nan")
+    return {"model": list(models), **{k: [cell(metrics.get(f"{m}/{k}")) for m in models] for k in keys}}
 
 
 def check_gates(metrics: Dict[str, float], gates: Dict[str, float], steps: int = 4) -> Dict[str, Any]:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import time
 from typing import Dict, Optional
 
-__all__ = ["client_for", "already_exists", "experiment_id", "begin_step", "end_failed", "end_killed", "finish", "ERROR_TAGS", "HISTORY_TAG"]
+__all__ = ["client_for", "already_exists", "experiment_id", "begin_step", "end_failed", "end_killed", "finish", "ERROR_TAGS",
+           "HISTORY_TAG", "run_name", "source_tags", "param_value", "SIGNIFICANT"]
 
 ERROR_TAGS = ("error", "error.type", "error.where", "error.retry_pending", "killed_by", "killed.where")
 HISTORY_TAG = "rcm.history"
@@ -59,6 +60,48 @@ def experiment_id(client, name: str, artifact_location: Optional[str] = None) ->
         if exp is None:
             raise
         return exp.experiment_id
+
+
+SIGNIFICANT = 6          # significant digits of a float in a param or tag (1.5707963267948966 -> 1.5708)
+
+
+def run_name(teacher: str, method: str, profile: str, flow_run_id: str) -> str:
+    """The MLflow run's name: what was distilled how, findable by its Metaflow run id
+    (``rcm-embedded-rcm-smoke-1733...``)."""
+    return f"rcm-{teacher}-{method}-{profile}-{flow_run_id}"
+
+
+def source_tags(user: str, flow_file: str, target: str) -> Dict[str, str]:
+    """MLflow's own tags for who ran what: ``mlflow.user`` (the Metaflow user), ``mlflow.source.name`` (the
+    flow file), ``mlflow.source.type`` (JOB on a cluster, LOCAL otherwise)."""
+    return {"mlflow.user": user, "mlflow.source.name": flow_file,
+            "mlflow.source.type": "JOB" if target == "kubernetes" else "LOCAL"}
+
+
+def _rounded(v):
+    if isinstance(v, float):
+        return float(f"{v:.{SIGNIFICANT}g}")
+    if isinstance(v, dict):
+        return {str(k): _rounded(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_rounded(x) for x in v]
+    return v
+
+
+def param_value(v, limit: int = 500) -> str:
+    """A param's (or tag's) text: floats at :data:`SIGNIFICANT` significant digits, containers as JSON (floats
+    rounded the same way), everything else as ``str``; at most ``limit`` characters."""
+    import json
+
+    if isinstance(v, bool) or v is None:
+        text = str(v)
+    elif isinstance(v, float):
+        text = f"{v:.{SIGNIFICANT}g}"
+    elif isinstance(v, (dict, list, tuple)):
+        text = json.dumps(_rounded(v), default=str)
+    else:
+        text = str(v)
+    return text[:limit]
 
 
 def _history(tags: Dict[str, str], entry: str) -> str:

@@ -1,8 +1,8 @@
 """Great Expectations gates: validate a DataFrame, write Data Docs, raise on failure.
 
 Each gate runs in an ephemeral GE context with one Data Docs site rooted at a folder
-the caller chooses (the step then copies it under the storage root and links it from
-its card). A failing gate raises :class:`DataValidationError` whose message names
+the caller chooses (the step then copies it under the storage root and shows its page in
+the card: :func:`docs_markdown`). A failing gate raises :class:`DataValidationError` whose message names
 every failed expectation with its column and observed/unexpected values.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["DataValidationError", "GateReport", "run_gate", "collect_html"]
+__all__ = ["DataValidationError", "GateReport", "run_gate", "collect_html", "docs_markdown"]
 
 # (expectation class name in great_expectations.expectations, kwargs)
 ExpectationSpec = Tuple[str, Dict[str, Any]]
@@ -163,3 +163,21 @@ def collect_html(docs_dir: str) -> Dict[str, bytes]:
                 with open(p, "rb") as fh:
                     out[os.path.relpath(p, docs_dir).replace(os.sep, "/")] = fh.read()
     return out
+
+
+def docs_markdown(page_html, title: str, stored_at: str, height: int = 760) -> str:
+    """Markdown that shows a Data Docs page inside a Metaflow card, where it opens also under ``card server``
+    (which serves cards, not files: a link to the stored page, a local path or an ``s3://`` URL, cannot open
+    there): the page itself in an iframe's ``srcdoc``, in a collapsed ``<details>``, on ONE line (a Markdown
+    HTML block ends at a blank line), then the stored location as text."""
+    import html
+
+    if page_html is None:
+        return f"{title}: no Data Docs page was written; stored Data Docs: `{stored_at}`"
+    text = page_html.decode("utf-8", "replace") if isinstance(page_html, bytes) else str(page_html)
+    doc = html.escape(text, quote=True).replace("\r", "&#13;").replace("\n", "&#10;")
+    frame = (f'<iframe title="{html.escape(title)}" srcdoc="{doc}" sandbox="allow-scripts allow-popups" '
+             f'style="width:100%;height:{int(height)}px;border:1px solid #ccc"></iframe>')
+    return (f"<details><summary>{html.escape(title)}: Great Expectations Data Docs (click to open)</summary>"
+            f"{frame}</details>\n\nStored Data Docs (open with a browser on that filesystem / bucket): "
+            f"`{stored_at}`")
