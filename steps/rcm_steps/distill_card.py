@@ -54,8 +54,8 @@ def card_parts(result: Mapping[str, Any], diag: Mapping[str, Any],
         parts.append(("image", grid, f"samples over training: the EMA student at {previews['student_steps']} "
                                      f"steps, same prompts and noise; columns: training steps"))
     else:
-        parts.append(("markdown", "Samples over training: none recorded (the worker's `--previews 0`, or previews "
-                                  "failed: see the distill log).", None))
+        parts.append(("markdown", "Samples over training: none recorded (previews turned off for the distill "
+                                  "worker (bench/node_run.py does), or they failed: see the distill log).", None))
     parts.append(("markdown", glossary.markdown(glossary.TRAIN, title="Training metrics (MLflow train/*)"), None))
     return parts, images
 
