@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     try:
         model = mlflow.pyfunc.load_model(a.model)
     except MissingComponentError as e:
-        print(f"rcm_steps.generate: {e}\nfix: {e.fix}", file=sys.stderr)
+        print(f"rcm_steps.generate: {e}", file=sys.stderr)      # the message ends with the fix
         return 2
     rows = [{"prompt": pr, "seed": a.seed + s, **({"steps": a.steps} if a.steps else {})}
             for pr in a.prompt for s in range(a.seeds)]
