@@ -92,3 +92,17 @@ def test_embedded_version_card_signature_and_no_diffusers_export(tmp_path, capsy
               "`models:/emb@champion`", f"`{uri}`", "mlflow.set_tracking_uri('sqlite:///m.db')",
               f"model = mlflow.pyfunc.load_model({uri!r})", "Components: in code"):
         assert s in md, s
+
+
+def test_mlflow_asks_for_no_predict_type_hint(tmp_path):
+    """MLflow warns "Add type hints to the `predict` method" when a PythonModel subclass is defined without them
+    (at import: every registration and every load printed it)."""
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-W", "always::UserWarning", "-c", "import rcm_steps.serving"], cwd=tmp_path,
+                       env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "type hint" not in p.stderr.lower(), p.stderr[-2000:]
