@@ -254,3 +254,39 @@ def mlflow_artifacts(client, mv):
 
     root = mlflow.artifacts.download_artifacts(mv.source)
     return {os.path.relpath(os.path.join(b, f), root).replace(os.sep, "/") for b, _, fs in os.walk(root) for f in fs}
+
+
+def test_text_to_image_version_says_it_returns_images(cosmos_dir, tmp_path, mlflow_env, capsys):
+    """A Cosmos-Predict2 (text-to-image) student returns (N, 3, H, W), and its signature, card and the generate CLI
+    say and handle so (README and the cards once said (N, 3, F, H, W) for every model)."""
+    from safetensors.torch import save
+
+    from rcm_steps.generate import main as generate
+    from rcm_steps.register import register_student
+    from real_fixtures import tiny_cosmos
+
+    client, exp = mlflow_env
+    g = torch.Generator().manual_seed(5)
+    state = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).contiguous()
+             for k, v in tiny_cosmos().state_dict().items()}
+    meta = {"teacher": str(cosmos_dir), "teacher_version": "v", "latent_shape": [4, 1, 8, 8], "default_steps": 2,
+            "sigma_max": 80.0, "mid_t": [1.3, 1.0, 0.6], "method": "rcm",
+            "teacher_options": {"frames": 1, "height": 16, "width": 16, "text_len": 8, "dtype": "float32"}}
+    r = register_student(save(state), meta, client.create_run(exp).info.run_id, {}, {}, True, model_name="c",
+                         components="copy")
+    sig = _load_info(r.model_uri).signature
+    assert [c.name for c in sig.inputs.inputs] == ["prompt", "steps", "seed", "height", "width"]
+    assert tuple(sig.outputs.inputs[0].shape) == (-1, 3, -1, -1)
+    assert "# (N, 3, H, W) images float32 in [0, 1]" in r.card and "Components: `copy`" in r.card
+    model = _load(r.model_uri)
+    assert model.predict(PROMPTS).shape == (2, 3, 16, 16)
+    assert model.predict(pd.DataFrame({"prompt": ["a red cat"], "width": [32]})).shape == (1, 3, 16, 32)
+    out = tmp_path / "x.png"
+    assert generate(["--model", r.model_uri, "--prompt", "a red cat", "--out", str(out), "--seeds", "2"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and "clip(s) of shape (3, 16, 16)" in capsys.readouterr().out
+
+
+def _load_info(uri):
+    import mlflow
+
+    return mlflow.models.get_model_info(uri)
