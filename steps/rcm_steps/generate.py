@@ -6,7 +6,8 @@
 Writes an MP4 (H.264 through ffmpeg: ``imageio-ffmpeg`` or ``ffmpeg`` on PATH; several seeds side
 by side with --seeds); without ffmpeg it writes a GIF next to it (``x.gif``) and says so. A ``.gif``
 out path writes the GIF, a ``.png`` a frame strip grid (for a text-to-image model, whose predict returns
-(N, 3, H, W) images: ``--out x.png``). Uses MLFLOW_TRACKING_URI (or --tracking-uri). The model runs on the GPU (bf16) when there is one, else on the CPU (``--device`` overrides).
+(N, 3, H, W) images: ``--out x.png``). Uses MLFLOW_TRACKING_URI (or --tracking-uri).
+The model runs on the GPU (bf16) when there is one, else on the CPU (``--device`` overrides).
 
 A real teacher's model version carries its text encoder, tokenizer and VAE by sha256 reference
 into the content store (or as copies); ``--component-store`` points at the store when it moved
