@@ -109,7 +109,8 @@ def load_snippet(uri: str, meta: Dict[str, Any], task: Optional[str], tracking_u
                f"clips = model.predict(pd.DataFrame({{\"prompt\": [{prompt!r}], \"seed\": [0]}}))   # "
                + predict_comment(meta, task), "```",
                f"CLI: `python -m rcm_steps.generate --model {uri} --prompt {prompt!r} --out x."
-               + {"t2v": "mp4", "t2i": "png"}.get(task, "gif") + "`"])
+               + {"t2v": "mp4", "t2i": "png"}.get(task, "gif")
+               + (f" --tracking-uri {tracking_uri}" if tracking_uri else "") + "`"])
 
 
 def plain_card(name: str, version: str, meta: Dict[str, Any], lineage: Dict[str, str], metrics: Dict[str, Any],
