@@ -2,7 +2,8 @@
 
     model = mlflow.pyfunc.load_model("models:/rcm-student-embedded@champion")
     clips = model.predict(pd.DataFrame({"prompt": ["a 3 drifting up"], "seed": [0]}))
-    # -> float32 array (N, C, T, H, W) in [0, 1]; optional columns "seed", "steps"
+    # -> float32 array in [0, 1]: (N, 3, F, H, W) text-to-video, (N, 3, H, W) text-to-image (Cosmos-Predict2),
+    #    (N, 1, 4, 16, 16) embedded; optional columns "seed", "steps" (real teachers: "height", "width", "frames")
 
 * One registered model per teacher (``rcm-student-<teacher>``); each flow run adds a
   version, created with its lineage tags in the same call (flow/run id, teacher
