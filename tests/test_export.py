@@ -336,6 +336,13 @@ def test_registered_version_carries_export_and_model_card(distilled, wan_dir, tm
         ("prompt", "string", True), ("steps", "long", False), ("seed", "long", False), ("frames", "long", False),
         ("height", "long", False), ("width", "long", False)]
     assert tuple(sig.outputs.inputs[0].shape) == (-1, 3, -1, -1, -1)
+    from rcm_steps.register import register_card
+
+    md = register_card(r)                                   # the register step's Metaflow card
+    for s in (f"# Registered: {NAME} v{r.version}", f"`models:/{NAME}@champion`", "Components: `reference`",
+              f"pipe = load_diffusers_pipeline({uri!r})", f"python -m rcm_steps.register export --model {uri} --out DIR",
+              "# (N, 3, F, H, W) videos float32 in [0, 1]", "--out x.mp4"):
+        assert s in md, s
     root = mlflow.artifacts.download_artifacts(mv.source, dst_path=str(tmp_path / "dl"))
     import os
 
