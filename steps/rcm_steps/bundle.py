@@ -36,7 +36,7 @@ class MissingComponentError(RuntimeError):
     def __init__(self, message: str, fix: Optional[str] = None, missing: Optional[List[Dict[str, Any]]] = None):
         if fix:
             self.fix = fix
-        self.detail, self.missing = message, list(missing or [])
+        self.missing = list(missing or [])
         super().__init__(f"{message}\nfix: {self.fix}")
 
 
@@ -216,7 +216,9 @@ def _fetch(rel: str, e: Dict[str, Any], obj: str, local: Optional[str], stores: 
         except FileNotFoundError:
             tried[f"content store {url} ({label})"] = "absent"
         except Exception as ex:  # noqa: BLE001 - every store tried, each reason reported
-            tried[f"content store {url} ({label})"] = f"{type(ex).__name__}: {ex}"
+            # the object's own key left out, so that one cause (credentials, endpoint) reads as one reason
+            tried[f"content store {url} ({label})"] = f"{type(ex).__name__}: {ex}".replace(
+                ContentStore.key(e["sha256"]), "sha256/<aa>/<sha256>")
     return tried
 
 

@@ -107,8 +107,8 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
         dev = torch.device(getattr(self, "device", "cpu"))
         outs = []
         for r in self._rows(model_input):
-            steps = int(r.get("steps") or params.get("steps") or self.meta["default_steps"])
-            seed = int(r.get("seed") if r.get("seed") is not None else params.get("seed", 0))
+            steps = int(r["steps"] if _given(r.get("steps")) else params.get("steps") or self.meta["default_steps"])
+            seed = int(r["seed"] if _given(r.get("seed")) else params.get("seed") or 0)
             cond = T.encode(self.teacher, [str(r["prompt"])]).to(dev)
             # the noise comes from a generator on the serving device: a seed gives other clips on a GPU
             g = torch.Generator(device=dev).manual_seed(seed)
