@@ -16,6 +16,9 @@ writes, for a teacher whose ``model_index.json`` names a known pipeline class (:
                                                 original release's tensor names, which ``from_single_file`` reads)
     exports/wan-rcm/README.md, rcm_export.json  model card; sampler, teacher, components, files
 
+:func:`self_contained_export` turns an export by reference (a model version's ``diffusers`` artifact) into one
+that ``from_pretrained`` loads alone, copying the components in.
+
 Load it (``guidance_scale=1``: the student is CFG-distilled, so the pipeline must not apply CFG again)::
 
     import torch, rcm_core.scheduler                     # diffusers resolves RCMScheduler from the imported module
