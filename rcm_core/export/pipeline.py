@@ -430,9 +430,11 @@ def _write_info_and_card(out: Path, info: Dict[str, Any]) -> None:
     hf_id = info["teacher"].get("hf_id")
     front = ["---", "library_name: diffusers",
              f"pipeline_tag: {'text-to-video' if info['task'] == 't2v' else 'text-to-image'}",
-             "tags: [rcm, consistency-distillation, few-step]"] + ([f"base_model: {hf_id}"] if hf_id else []) + ["---", ""]
+             "tags: [rcm, consistency-distillation, few-step]"] + ([f"base_model: {hf_id}"] if hf_id else [])
+    front += ["---", ""]
     card = {k: v for k, v in (info.get("card") or {}).items() if k != "export_path"}
-    (out / "README.md").write_text("\n".join(front) + model_card(info, export_path=f"path/to/{out.name}", **card) + "\n")
+    text = model_card(info, export_path=f"path/to/{out.name}", **card)
+    (out / "README.md").write_text("\n".join(front) + text + "\n")
 
 
 def self_contained_export(export_dir, components_dir, out_dir, *, source: Optional[str] = None,

@@ -196,7 +196,8 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             # mlflow.pyfunc.log_model, less its serving check of the input example (_PYFUNC)
             info = mlflow.models.Model.log(
-                None, name="student", flavor=_PYFUNC, flavor_name="pyfunc.CustomPythonModel", validate_serving_input=False,
+                None, name="student", flavor=_PYFUNC, flavor_name="pyfunc.CustomPythonModel",
+                validate_serving_input=False,
                 python_model=RCMStudentModel(), artifacts={**weights_art, "meta": mpath, **extra},
                 code_paths=[_HERE, os.path.dirname(os.path.abspath(rcm_core.__file__))],
                 pip_requirements=reqs, signature=signature, input_example=example)
