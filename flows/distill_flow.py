@@ -472,11 +472,13 @@ class RCMDistillFlow(FlowSpec):
                                                         "gates_passed", *diagnostics.SERIES], title="Glossary")))
         self.next(self.register)
 
+    @card
     @step_guard
     @step
     def register(self):
         """Register the student in the MLflow model registry (candidate; champion when it beats the current one)."""
-        from rcm_steps.register import model_name_for, register_student
+        from metaflow.cards import Markdown
+        from rcm_steps.register import model_name_for, register_card, register_student
         from rcm_steps.storage import Storage
         from rcm_steps.teacher import teacher_label
 
@@ -512,9 +514,7 @@ class RCMDistillFlow(FlowSpec):
                              lora_adapter_2=lora_2)
         del metrics
         self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
-        if not getattr(r, "card", None):      # real teachers: the export's model card is the description
-            _describe_version(r, self.teacher, getattr(self, "teacher_lineage", {}), self.method,
-                              self.student_steps, self.eval_metrics, current.pathspec)
+        current.card.append(Markdown(register_card(r, self.mlflow_tracking_uri)))
         self.champion, self.champion_reason = r.champion, r.reason
         print(f"registered {r.name} v{r.version} aliases={r.aliases}: {r.reason}")
         self.next(self.end)
@@ -529,20 +529,6 @@ class RCMDistillFlow(FlowSpec):
               f"student_{self.student_steps} {k}={self.eval_metrics.get(f'student_{self.student_steps}/{k}')}")
         from rcm_steps.generate import how_to_load      # the exact models:/<name>@<alias> URI, and how to use it
         print(how_to_load(self.model_name, self.model_aliases, self.mlflow_tracking_uri, self.eval_prompts[0]))
-
-
-def _describe_version(r, teacher, lineage, method, steps, metrics, pathspec):
-    """The model version's description (MLflow UI): what it is, where it came from, student vs teacher."""
-    from mlflow.tracking import MlflowClient
-
-    keys = sorted({k.split("/", 1)[1] for k in metrics if k.startswith(f"student_{steps}/")})
-    rows = [f"| {k} | {_fmt(metrics.get(f'student_{steps}/{k}'))} | {_fmt(metrics.get(f'teacher/{k}'))} |"
-            for k in keys]
-    text = (f"rCM student ({method}, {steps} steps) distilled from teacher `{teacher}` "
-            f"(revision `{lineage.get('teacher_revision', '?')}`, location `{lineage.get('teacher_location', '?')}`) "
-            f"by Metaflow `{pathspec}`. Aliases: {', '.join(r.aliases)} ({r.reason}).\n\n"
-            f"| metric | student_{steps} | teacher (baseline) |\n|---|---|---|\n" + "\n".join(rows))
-    MlflowClient().update_model_version(r.name, r.version, description=text[:5000])
 
 
 def _teacher_lineage(teacher, info, revision, source):

@@ -326,8 +326,23 @@ def test_registered_version_carries_export_and_model_card(distilled, wan_dir, tm
               "metaflow.run_id: 1234", "data_hash: abcdef", "teacher version: v7", "steps: 2 by default",
               "sigma_max 80", "guidance_scale=1.0", "weight 5", "| model |", "| student_2 | 2 |", "1.5",
               "samples_grid.png", f"mlflow.pyfunc.load_model({uri!r})", f'load_diffusers_pipeline("{uri}")',
-              "RCMScheduler"):
+              "RCMScheduler", "# (N, 3, F, H, W) videos float32 in [0, 1]",
+              f"Components: `reference` - the teacher's text encoder, tokenizer and VAE are fetched by sha256 from "
+              f"content store {tmp_path / 'store'}", "python -m rcm_steps.register export --model"):
         assert s in card, s
+    # the signature: prompt, steps, seed and the size -> videos (N, 3, F, H, W); an input example with the size
+    sig = mlflow.models.get_model_info(uri).signature
+    assert [(c.name, c.type.name, c.required) for c in sig.inputs.inputs] == [
+        ("prompt", "string", True), ("steps", "long", False), ("seed", "long", False), ("frames", "long", False),
+        ("height", "long", False), ("width", "long", False)]
+    assert tuple(sig.outputs.inputs[0].shape) == (-1, 3, -1, -1, -1)
+    from rcm_steps.register import register_card
+
+    md = register_card(r)                                   # the register step's Metaflow card
+    for s in (f"# Registered: {NAME} v{r.version}", f"`models:/{NAME}@champion`", "Components: `reference`",
+              f"pipe = load_diffusers_pipeline({uri!r})", f"python -m rcm_steps.register export --model {uri} --out DIR",
+              "# (N, 3, F, H, W) videos float32 in [0, 1]", "--out x.mp4"):
+        assert s in md, s
     root = mlflow.artifacts.download_artifacts(mv.source, dst_path=str(tmp_path / "dl"))
     import os
 
@@ -340,6 +355,9 @@ def test_registered_version_carries_export_and_model_card(distilled, wan_dir, tm
     assert not any(a.endswith("student_ema.safetensors") for a in arts)  # the export holds the weights
     info = json.loads(open(os.path.join(root, "artifacts", "diffusers", "rcm_export.json")).read())
     assert info["components"]["registry"]["mode"] == "reference" and info["scheduler"]["num_inference_steps"] == 2
+    example = json.loads(open(os.path.join(root, "input_example.json")).read())
+    assert dict(zip(example["columns"], example["data"][0])) == {"prompt": "a red fox runs through snow", "steps": 2,
+                                                                  "seed": 0, "frames": 5, "height": 16, "width": 16}
     with safe_open_meta(os.path.join(root, "artifacts", "diffusers", f"{NAME}.safetensors")) as dtypes:
         assert dtypes == {"BF16"}                                       # the single file in bf16
 
@@ -349,6 +367,10 @@ def test_registered_version_carries_export_and_model_card(distilled, wan_dir, tm
     assert py.device == "cpu" and py.student.dtype == torch.float32
     clips = model.predict(pd.DataFrame({"prompt": PROMPT, "seed": [0]}))
     assert clips.shape == (1, 3, 5, 16, 16) and np.isfinite(clips).all()
+    other = model.predict(pd.DataFrame({"prompt": PROMPT, "seed": [0], "height": [32], "steps": [1]}))
+    assert other.shape == (1, 3, 5, 32, 16) and np.isfinite(other).all()          # another size, as the signature says
+    with pytest.raises(ValueError, match="unsupported resolution: height 17 is not a multiple of 4.*nearest valid 16"):
+        model.predict(pd.DataFrame({"prompt": PROMPT, "height": [17]}))
     pipe = load_diffusers_pipeline(uri, dst=str(tmp_path / "dl2"))
     assert isinstance(pipe.scheduler, RCMScheduler) and pipe.transformer.dtype == torch.float32
     g = torch.Generator().manual_seed(2)
@@ -360,6 +382,27 @@ def test_registered_version_carries_export_and_model_card(distilled, wan_dir, tm
     cond = py.teacher.encode_text(PROMPT)
     ref = sample_student(py.student, cond, noise, steps=2, generator=g)
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
+
+    # one command: the registry's version as a folder that diffusers loads alone (components copied in)
+    from rcm_steps.register import main as register_cli
+
+    folder = tmp_path / "wan-rcm-alone"
+    capsys.readouterr()
+    assert register_cli(["export", "--model", f"models:/{NAME}@champion", "--out", str(folder)]) == 0
+    assert f"diffusers.WanPipeline.from_pretrained({str(folder)!r}) loads it alone" in capsys.readouterr().out
+    for rel in ("text_encoder/model.safetensors", "tokenizer/tokenizer.json", "vae/diffusion_pytorch_model.safetensors",
+                "transformer/diffusion_pytorch_model.safetensors", f"{NAME}.safetensors", "samples_grid.png"):
+        assert (folder / rel).is_file(), rel
+    info2 = json.loads((folder / "rcm_export.json").read_text())
+    assert info2["components"]["mode"] == "copy" and info2["components"]["source"] == f"models:/{NAME}@champion"
+    readme = (folder / "README.md").read_text()
+    assert "WanPipeline.from_pretrained('path/to/wan-rcm-alone'" in readme and "load_pipeline(" not in readme
+    assert "data_hash: abcdef" in readme and "the teacher's, copied (text_encoder, tokenizer, vae)" in readme
+    alone = diffusers.WanPipeline.from_pretrained(str(folder))
+    assert isinstance(alone.scheduler, RCMScheduler)
+    g.set_state(st)
+    alone.scheduler.set_noise_generator(g)
+    torch.testing.assert_close(_run(alone, 2, prompt=PROMPT, latents=initial_latents(alone, noise)), out, rtol=0, atol=0)
 
     # the generate CLI: MP4, and a GIF (saying why) when there is no ffmpeg
     assert generate.main(["--model", uri, "--prompt", PROMPT[0], "--out",

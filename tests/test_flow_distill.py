@@ -63,6 +63,21 @@ def test_smoke_flow_end_to_end(tmp_path):
     mv = client.get_model_version_by_alias(d.model_name, "champion")
     assert str(mv.version) == str(d.model_version) and mv.tags["metaflow.run_id"] == run.id
     assert mv.tags["data_hash"] == d.data_hash and mv.tags["teacher"] == "embedded" and mv.tags["method"] == "rcm"
+    # the version's card (its description): load code, the sample grid artifact; the register step's Metaflow card
+    assert "mlflow.pyfunc.load_model(" in mv.description and "artifact `samples_grid.png`" in mv.description
+    # (read from the card store the tasks wrote, <cwd>/.metaflow/mf.cards: metaflow.cards.get_cards looks under the
+    # datastore root, another folder when METAFLOW_DATASTORE_SYSROOT_LOCAL is set as here)
+    import base64
+    import glob
+    import re
+
+    html = "".join(open(f).read() for f in glob.glob(f"{tmp_path}/.metaflow/mf.cards/RCMDistillFlow/runs/{run.id}/"
+                                                       "steps/register/tasks/*/cards/*.html"))
+    html = "".join(base64.b64decode(b).decode() for b in re.findall(r'__MF_DATA__\["[^"]+"\] = "([A-Za-z0-9+/=]+)"',
+                                                                     html))    # the card's components (JSON)
+    for s in (f"Registered: {d.model_name} v{d.model_version}", f"models:/{d.model_name}@champion",
+              f"models:/{d.model_name}/{d.model_version}", "mlflow.pyfunc.load_model(", "rcm_steps.generate --model"):
+        assert s in html, s
     model = mlflow.pyfunc.load_model(f"models:/{d.model_name}@champion")
     clips = model.predict(pd.DataFrame({"prompt": ["a 3 drifting up", "a 7 drifting left"], "seed": [0, 1]}))
     assert clips.shape == (2, 1, 4, 16, 16) and 0 <= clips.min() and clips.max() <= 1

@@ -105,7 +105,10 @@ def test_reference_version_loads_after_the_teacher_moved(wan_dir, tmp_path, mlfl
 
     moved = tmp_path / "elsewhere" / "wan-moved"
     shutil.move(str(teacher), str(moved))                               # the training machine's path is gone
-    got = _load(r.model_uri).predict(PROMPTS)
+    if where == "s3":       # another machine: a fresh process elsewhere, S3 credentials only (no endpoint option)
+        got = _load_elsewhere(r.model_uri, tmp_path, request.getfixturevalue("monkeypatch"))
+    else:
+        got = _load(r.model_uri).predict(PROMPTS)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
     # the content store lost the text encoder and the local cache is cold: named, with what to do
@@ -114,12 +117,30 @@ def test_reference_version_loads_after_the_teacher_moved(wan_dir, tmp_path, mlfl
     with pytest.raises(MissingComponentError) as e:
         _load(r.model_uri)
     msg = str(e.value)
-    assert "teacher component(s) text_encoder not found" in msg and "text_encoder/model.safetensors" in msg
-    assert f"sha256 {digest[:16]}" in msg and ContentStore(Storage(store)).url(digest) in msg
-    assert "RCM_COMPONENT_STORE" in e.value.fix and "--model_components copy" in e.value.fix
+    assert "1 teacher file(s) of text_encoder not found here: text_encoder/model.safetensors" in msg
+    assert f"sha256 {digest[:16]}" in msg and f"content store {store} (recorded at registration): absent" in msg
+    assert e.value.missing[0]["sha256"] == digest and e.value.missing[0]["file"] == "text_encoder/model.safetensors"
+    fix = msg.split("\nfix: ", 1)[1]                                    # the message itself says what to do
+    assert "RCM_COMPONENT_STORE" in fix and "RCM_TEACHER_DIR" in fix and "--model_components copy" in fix
     # a local copy of the teacher fills the gap (hash-checked); so does a store that moved
     request.getfixturevalue("monkeypatch").setenv("RCM_TEACHER_DIR", str(moved))
     np.testing.assert_allclose(_load(r.model_uri).predict(PROMPTS), want, rtol=1e-5, atol=1e-6)
+
+
+def _load_elsewhere(uri, tmp_path, monkeypatch):
+    """predict(PROMPTS) of ``uri`` as on another machine: in an empty folder, with a cold component cache and no
+    RCM_STORAGE_OPTIONS (S3 credentials only: the store's endpoint comes from the version)."""
+    import os
+
+    saved = os.environ.pop("RCM_STORAGE_OPTIONS", None)
+    assert not (tmp_path / "component-cache").exists()
+    (tmp_path / "other-machine").mkdir()
+    monkeypatch.chdir(tmp_path / "other-machine")
+    try:
+        return _load(uri).predict(PROMPTS)
+    finally:
+        if saved is not None:
+            os.environ["RCM_STORAGE_OPTIONS"] = saved
 
 
 def test_store_that_moved_and_a_corrupt_object(wan_dir, tmp_path, mlflow_env, monkeypatch, capsys):
@@ -133,14 +154,24 @@ def test_store_that_moved_and_a_corrupt_object(wan_dir, tmp_path, mlflow_env, mo
     r = _register(client, exp, teacher, str(store))
     shutil.rmtree(teacher)
     shutil.move(str(store), str(tmp_path / "new-store"))
-    with pytest.raises(MissingComponentError, match="not found"):
+    with pytest.raises(MissingComponentError) as e:
         _load(r.model_uri)
+    # every file named once, compactly, with where it looked; the fix in the message itself
+    old = str(tmp_path / "old-store" / "components")
+    head, looked, fix = str(e.value).split("\n")
+    assert head == ("cannot load the model: 8 teacher file(s) of pipeline index, text_encoder, tokenizer, transformer "
+                    "config, vae not found here: model_index.json, transformer/config.json, text_encoder/{config.json, "
+                    "model.safetensors}, tokenizer/{tokenizer.json, tokenizer_config.json}, vae/{config.json, "
+                    "diffusion_pytorch_model.safetensors}")
+    assert f"content store {old} (recorded at registration): absent (all 8)" in looked
+    assert fix.startswith("fix: if the component store moved, set RCM_COMPONENT_STORE=") and "RCM_TEACHER_DIR" in fix
+    assert len(e.value.missing) == 8 and all(len(m["sha256"]) == 64 for m in e.value.missing)
     from rcm_steps.generate import main as generate
 
     out = tmp_path / "x.gif"
     assert generate(["--model", r.model_uri, "--prompt", "a red cat", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "teacher component(s)" in err and "fix: make the component store reachable" in err and not out.exists()
+    assert "8 teacher file(s)" in err and err.count("fix: if the component store moved") == 1 and not out.exists()
     assert generate(["--model", r.model_uri, "--prompt", "a red cat", "--out", str(out), "--steps", "1",
                      "--component-store", str(tmp_path / "new-store")]) == 0
     assert out.read_bytes()[:3] == b"GIF"
@@ -151,7 +182,8 @@ def test_store_that_moved_and_a_corrupt_object(wan_dir, tmp_path, mlflow_env, mo
     vae_digest = sha256_file(str(wan_dir / "vae" / "diffusion_pytorch_model.safetensors"))
     obj = Storage(str(tmp_path / "new-store"))
     obj.write_bytes(ContentStore.key(vae_digest), b"not the vae")
-    with pytest.raises(MissingComponentError, match=r"vae: vae/diffusion_pytorch_model.safetensors .*is corrupt"):
+    with pytest.raises(MissingComponentError, match=r"(?s)vae not found here: vae/diffusion_pytorch_model.safetensors "
+                       r"\(sha256 .*\(RCM_COMPONENT_STORE\): ShardError: .* is corrupt: its sha256 is"):
         _load(r.model_uri)
 
 
@@ -222,3 +254,39 @@ def mlflow_artifacts(client, mv):
 
     root = mlflow.artifacts.download_artifacts(mv.source)
     return {os.path.relpath(os.path.join(b, f), root).replace(os.sep, "/") for b, _, fs in os.walk(root) for f in fs}
+
+
+def test_text_to_image_version_says_it_returns_images(cosmos_dir, tmp_path, mlflow_env, capsys):
+    """A Cosmos-Predict2 (text-to-image) student returns (N, 3, H, W), and its signature, card and the generate CLI
+    say and handle so (README and the cards once said (N, 3, F, H, W) for every model)."""
+    from safetensors.torch import save
+
+    from rcm_steps.generate import main as generate
+    from rcm_steps.register import register_student
+    from real_fixtures import tiny_cosmos
+
+    client, exp = mlflow_env
+    g = torch.Generator().manual_seed(5)
+    state = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).contiguous()
+             for k, v in tiny_cosmos().state_dict().items()}
+    meta = {"teacher": str(cosmos_dir), "teacher_version": "v", "latent_shape": [4, 1, 8, 8], "default_steps": 2,
+            "sigma_max": 80.0, "mid_t": [1.3, 1.0, 0.6], "method": "rcm",
+            "teacher_options": {"frames": 1, "height": 16, "width": 16, "text_len": 8, "dtype": "float32"}}
+    r = register_student(save(state), meta, client.create_run(exp).info.run_id, {}, {}, True, model_name="c",
+                         components="copy")
+    sig = _load_info(r.model_uri).signature
+    assert [c.name for c in sig.inputs.inputs] == ["prompt", "steps", "seed", "height", "width"]
+    assert tuple(sig.outputs.inputs[0].shape) == (-1, 3, -1, -1)
+    assert "# (N, 3, H, W) images float32 in [0, 1]" in r.card and "Components: `copy`" in r.card
+    model = _load(r.model_uri)
+    assert model.predict(PROMPTS).shape == (2, 3, 16, 16)
+    assert model.predict(pd.DataFrame({"prompt": ["a red cat"], "width": [32]})).shape == (1, 3, 16, 32)
+    out = tmp_path / "x.png"
+    assert generate(["--model", r.model_uri, "--prompt", "a red cat", "--out", str(out), "--seeds", "2"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and "clip(s) of shape (3, 16, 16)" in capsys.readouterr().out
+
+
+def _load_info(uri):
+    import mlflow
+
+    return mlflow.models.get_model_info(uri)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["model_card", "eval_table"]
+__all__ = ["model_card", "eval_table", "output_shape"]
 
 
 _CARD_KEYS = ("nfe", "sec_per_sample", "speedup", "digit_acc", "fd_data", "fd_teacher", "fd_teacher_latent",
@@ -19,6 +19,12 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
+
+
+def output_shape(task: Optional[str]) -> str:
+    """What a registered model's ``predict`` returns, by task: clips (N, 3, F, H, W) for text-to-video, images
+    (N, 3, H, W) for text-to-image (Cosmos-Predict2)."""
+    return "(N, 3, H, W) images" if task == "t2i" else "(N, 3, F, H, W) videos"
 
 
 def eval_table(metrics: Mapping[str, Any]) -> str:
@@ -66,8 +72,8 @@ def model_card(info: Mapping[str, Any], *, lineage: Optional[Mapping[str, Any]] 
     load_mlflow = ["## Load", "MLflow (GPU with bf16 and the fused attention kernel when there is one, else CPU):",
                    "```python", "import mlflow, pandas as pd",
                    f"model = mlflow.pyfunc.load_model({model_uri or 'models:/<name>@champion'!r})",
-                   "clips = model.predict(pd.DataFrame({\"prompt\": [\"...\"], \"seed\": [0]}))   # (N, 3, F, H, W) "
-                   "in [0, 1]", "```"] if model_uri else ["## Load"]
+                   "clips = model.predict(pd.DataFrame({\"prompt\": [\"...\"], \"seed\": [0]}))   # "
+                   + output_shape(info.get("task")) + " float32 in [0, 1]", "```"] if model_uri else ["## Load"]
     ref = comps.get("mode") == "reference"
     load_diff = ["diffusers" + (" (components by reference: `load_pipeline` adds the teacher's text encoder, "
                                 "tokenizer and VAE)" if ref else "") + ":", "```python"]
@@ -116,7 +122,7 @@ def model_card(info: Mapping[str, Any], *, lineage: Optional[Mapping[str, Any]] 
             text = render([head, ev, lin, load_mlflow + load_diff, files, [extra] if extra else []])
         if len(text) > max_chars:
             text = render([head, [f"({len(ev)} evaluation lines: see the README.md artifact)"] if ev else [], lin,
-                           load_mlflow + load_diff, files])
+                           load_mlflow + load_diff, files, [extra] if extra else []])
         text = text[:max_chars]
     return text
 

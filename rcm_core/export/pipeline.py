@@ -16,6 +16,9 @@ writes, for a teacher whose ``model_index.json`` names a known pipeline class (:
                                                 original release's tensor names, which ``from_single_file`` reads)
     exports/wan-rcm/README.md, rcm_export.json  model card; sampler, teacher, components, files
 
+:func:`self_contained_export` turns an export by reference (a model version's ``diffusers`` artifact) into one
+that ``from_pretrained`` loads alone, copying the components in.
+
 Load it (``guidance_scale=1``: the student is CFG-distilled, so the pipeline must not apply CFG again)::
 
     import torch, rcm_core.scheduler                     # diffusers resolves RCMScheduler from the imported module
@@ -42,7 +45,7 @@ import torch
 from .card import model_card
 
 __all__ = ["ExportError", "PipelineKind", "PIPELINES", "pipeline_kind", "check_exportable", "export_student",
-           "ExportResult", "load_pipeline", "initial_latents", "read_export_info",
+           "ExportResult", "load_pipeline", "initial_latents", "read_export_info", "self_contained_export",
            "wan_original_state_dict", "wan_original_key", "EXPORT_FORMAT", "COMPONENT_MODES"]
 
 EXPORT_FORMAT = "rcm-diffusers-export/1"
@@ -415,15 +418,66 @@ def export_student(student_state, teacher_dir, out_dir, *, sigma_max: float = 80
             "single_file": sf_name, "single_file_format": kind.single_file_format if sf_name else None,
             **({"single_file_2": sf_names.get("transformer_2"), "experts": list(nets),
                 "boundary_ratio": new_index.get("boundary_ratio")} if len(nets) > 1 else {}),
-            "single_file_dtype": (str(single_file_dtype).replace("torch.", "") if single_file_dtype else None)}
-    (out / "rcm_export.json").write_text(json.dumps(info, indent=1) + "\n")
-    front = ["---", "library_name: diffusers", f"pipeline_tag: {'text-to-video' if kind.task == 't2v' else 'text-to-image'}",
-             "tags: [rcm, consistency-distillation, few-step]"] + (
-        [f"base_model: {spec.hf_id}"] if spec is not None else []) + ["---", ""]
-    (out / "README.md").write_text("\n".join(front) + model_card(info, **{"export_path": f"path/to/{out.name}",
-                                                                      **dict(card or {})}) + "\n")
+            "single_file_dtype": (str(single_file_dtype).replace("torch.", "") if single_file_dtype else None),
+            "card": dict(card or {})}            # the card's fields, so that a copy of the export rewrites it
+    _write_info_and_card(out, info)
     return ExportResult(path=str(out), pipeline_class=kind.pipeline_class,
                         single_file=str(out / sf_name) if sf_name else None, components=components, info=info)
+
+
+def _write_info_and_card(out: Path, info: Dict[str, Any]) -> None:
+    """rcm_export.json and README.md (front matter + :func:`model_card`) of an export."""
+    (out / "rcm_export.json").write_text(json.dumps(info, indent=1) + "\n")
+    hf_id = info["teacher"].get("hf_id")
+    front = ["---", "library_name: diffusers",
+             f"pipeline_tag: {'text-to-video' if info['task'] == 't2v' else 'text-to-image'}",
+             "tags: [rcm, consistency-distillation, few-step]"] + ([f"base_model: {hf_id}"] if hf_id else [])
+    front += ["---", ""]
+    card = {k: v for k, v in (info.get("card") or {}).items() if k != "export_path"}
+    text = model_card(info, export_path=f"path/to/{out.name}", **card)
+    (out / "README.md").write_text("\n".join(front) + text + "\n")
+
+
+def self_contained_export(export_dir, components_dir, out_dir, *, source: Optional[str] = None,
+                          overwrite: bool = False, move: bool = False) -> ExportResult:
+    """A copy of an export whose components are by reference that ``<pipeline class>.from_pretrained(out_dir)``
+    loads alone: the export's files plus the components it left out, copied from ``components_dir`` (the
+    teacher's directory, or a model version's materialised bundle; hard links where possible). Its
+    rcm_export.json and README.md then say ``copy``. ``move``: move the export's own files (a temporary copy)."""
+    src, out, comp_root = Path(export_dir), Path(out_dir), Path(components_dir)
+    info = read_export_info(src)
+    index = json.loads((src / "model_index.json").read_text())
+    kind = PIPELINES.get(index.get("_class_name"))
+    if kind is None:
+        raise ExportError(f"{src}: pipeline class {index.get('_class_name')!r} is unknown; known: {sorted(PIPELINES)}")
+    absent = [c for c in _component_names(index, kind) if not (src / c).is_dir()]
+    lacking = [c for c in absent if c in kind.required and not (comp_root / c).is_dir()]
+    if lacking:
+        raise ExportError(f"{comp_root} lacks the component folder(s) {lacking} that {kind.pipeline_class} needs "
+                          f"(the export {src} refers to them)")
+    if out.resolve() == src.resolve():
+        raise ExportError(f"{out} is the export itself: pass another folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"export directory {out} is not empty (pass overwrite=True to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in [f for f in sorted(src.rglob("*")) if f.is_file()]:
+        dst = out / f.relative_to(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(f), str(dst)) if move else _link_or_copy(f, dst)
+    copied = [c for c in absent if (comp_root / c).is_dir()]
+    for c in copied:
+        for rel in _files_of(comp_root / c):
+            _link_or_copy(comp_root / c / rel, out / c / rel)
+    was = info.get("components", {})
+    info = {**info, "components": {"mode": "copy", "copied": sorted({*was.get("copied", []), *copied}),
+                                   "source": source or was.get("source"),
+                                   **({"registry": was["registry"]} if was.get("registry") else {})}}
+    _write_info_and_card(out, info)
+    sf = info.get("single_file")
+    return ExportResult(path=str(out), pipeline_class=kind.pipeline_class, single_file=str(out / sf) if sf else None,
+                        components="copy", info=info)
 
 
 def read_export_info(export_dir) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from .champion import settings_hash
 from .model_card import _card_lineage, _guidance
@@ -23,16 +23,21 @@ COMPONENT_MODES = ("reference", "copy")
 
 
 class MissingComponentError(RuntimeError):
-    """A model version cannot be loaded: a teacher component it needs is not available here."""
+    """A model version cannot be loaded: a teacher component it needs is not available here.
 
-    fix = ("make the component store reachable (RCM_COMPONENT_STORE=<url> if it moved; S3 credentials and "
-           "RCM_STORAGE_OPTIONS), or set RCM_TEACHER_DIR to a local copy of the teacher directory, or re-register "
-           "the model with --model_components copy")
+    The message ends with the fix (``fix: ...``, also the ``fix`` attribute); ``missing`` lists every missing
+    file with its sha256, size and what each place said."""
 
-    def __init__(self, message: str, fix: Optional[str] = None):
-        super().__init__(message)
+    fix = ("if the component store moved, set RCM_COMPONENT_STORE=<its URL now> (`rcm_steps.generate "
+           "--component-store`; s3:// needs credentials, and RCM_STORAGE_OPTIONS for another endpoint); or set "
+           "RCM_TEACHER_DIR=<a local copy of the teacher directory> (`--teacher-dir`; files are hash-checked); or "
+           "run the flow again with --model_components copy (the version then carries the files itself)")
+
+    def __init__(self, message: str, fix: Optional[str] = None, missing: Optional[List[Dict[str, Any]]] = None):
         if fix:
             self.fix = fix
+        self.missing = list(missing or [])
+        super().__init__(f"{message}\nfix: {self.fix}")
 
 
 def check_components_mode(mode: str) -> None:
@@ -99,7 +104,22 @@ def bundle_teacher(meta: Dict[str, Any], mode: str, store_url: Optional[str], wo
     for rel, p in files.items():
         store.put(p, entries[rel]["sha256"])
     bundle["store"] = store.storage.url()
+    opts = portable_storage_options(store.storage.storage_options)
+    if opts:
+        bundle["store_options"] = opts
     return {}, bundle
+
+
+# storage options that say where a store is, not who reads it: recorded with a bundle so that any machine with
+# credentials reaches the store (an S3 endpoint other than AWS's); keys, secrets, tokens and profiles are not
+_PORTABLE_OPTIONS = ("endpoint_url", "anon", "use_ssl", "requester_pays")
+
+
+def portable_storage_options(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """The part of fsspec storage options that locates a store (no credentials)."""
+    out = {k: opts[k] for k in _PORTABLE_OPTIONS if k in opts}
+    ck = {k: v for k, v in (opts.get("client_kwargs") or {}).items() if k in ("endpoint_url", "region_name")}
+    return {**out, **({"client_kwargs": ck} if ck else {})}
 
 
 def _cache_dir() -> str:
@@ -123,11 +143,10 @@ def materialize_bundle(bundle: Dict[str, Any], artifacts: Dict[str, str]) -> str
 
     ``copy``: the version's own artifact (each file checked). ``reference``: files from the local cache,
     else ``$RCM_TEACHER_DIR`` (a local copy of the teacher, hash-checked), else the content store
-    (``$RCM_COMPONENT_STORE`` first, then the one recorded at registration), verified by sha256.
-    Raises :class:`MissingComponentError` naming every missing component and where it looked.
+    (``$RCM_COMPONENT_STORE`` first, then the one recorded at registration, with its recorded endpoint unless
+    ``RCM_STORAGE_OPTIONS`` says otherwise), verified by sha256.
+    Raises :class:`MissingComponentError` naming every missing file, where it looked and the fix.
     """
-    from .storage import ContentStore, Storage, sha256_file
-
     files = bundle["files"]
     if bundle["mode"] == "copy":
         root = artifacts.get("teacher")
@@ -137,48 +156,104 @@ def materialize_bundle(bundle: Dict[str, Any], artifacts: Dict[str, str]) -> str
         if bad:
             raise MissingComponentError(
                 f"the model version's artifact 'teacher' lacks {len(bad)} file(s) it was registered with: "
-                + ", ".join(f"{_component_name(r)} ({r})" for r in bad[:5]),
+                + _file_list(bad),
                 fix="download the model version again (an interrupted download leaves files out); if the "
-                    "artifact store lost them, re-register the model")
+                    "artifact store lost them, run the flow again (a new version)")
         return root
     cache = _cache_dir()
-    bundle_id = settings_hash(files)
-    broot = os.path.join(cache, "bundles", bundle_id)
-    stores = list(dict.fromkeys(u for u in (os.environ.get("RCM_COMPONENT_STORE"), bundle.get("store")) if u))
+    broot = os.path.join(cache, "bundles", settings_hash(files))
+    stores = _stores(bundle)
     local = os.environ.get("RCM_TEACHER_DIR")
     missing = []
     for rel, e in files.items():
         obj = os.path.join(cache, "objects", e["sha256"])
-        tried = []
         if not (os.path.isfile(obj) and os.path.getsize(obj) == e["bytes"]):
-            cand = os.path.join(local, rel) if local else None
-            if cand and os.path.isfile(cand) and sha256_file(cand) == e["sha256"]:
-                _link_or_copy(cand, obj)
-            else:
-                if cand:
-                    tried.append(f"RCM_TEACHER_DIR {cand}: " + ("other content" if os.path.isfile(cand) else "absent"))
-                for url in stores:
-                    try:
-                        ContentStore(Storage(url)).get(e["sha256"], obj)
-                        break
-                    except Exception as ex:  # noqa: BLE001 - every store tried, each reason reported
-                        tried.append(f"{url}: {type(ex).__name__}: {ex}")
-                else:
-                    missing.append((rel, e, tried))
-                    continue
+            tried = _fetch(rel, e, obj, local, stores)
+            if tried is not None:
+                missing.append({"file": rel, "sha256": e["sha256"], "bytes": e["bytes"], "tried": tried})
+                continue
         dst = os.path.join(broot, rel)
         if not (os.path.isfile(dst) and os.path.getsize(dst) == e["bytes"]):
             _link_or_copy(obj, dst)
     if missing:
-        lines = [f"  - {_component_name(rel)}: {rel} (sha256 {e['sha256'][:16]}..., {e['bytes']} bytes); tried "
-                 + ("; ".join(t) if t else "no store (none recorded, RCM_COMPONENT_STORE unset)")
-                 for rel, e, t in missing[:8]]
-        more = f"\n  ... and {len(missing) - 8} more" if len(missing) > 8 else ""
-        comps = sorted({_component_name(r) for r, _, _ in missing})
-        raise MissingComponentError(
-            f"cannot load the model: teacher component(s) {', '.join(comps)} not found (local cache "
-            f"{os.path.join(cache, 'objects')}):\n" + "\n".join(lines) + more)
+        raise MissingComponentError(_missing_message(missing, os.path.join(cache, "objects"), local, stores),
+                                    missing=missing)
     return broot
+
+
+def _stores(bundle: Dict[str, Any]) -> Dict[str, tuple]:
+    """Content stores to try, in order: URL -> (label, storage options). ``$RCM_COMPONENT_STORE`` first; the
+    recorded store with its recorded (non-secret) options under ``$RCM_STORAGE_OPTIONS``."""
+    from .storage import storage_options_from_env
+
+    env, rec = os.environ.get("RCM_COMPONENT_STORE"), bundle.get("store")
+    out: Dict[str, tuple] = {}
+    if env:
+        out[env] = ("RCM_COMPONENT_STORE", {})
+    if rec:
+        label = "RCM_COMPONENT_STORE, as registered" if rec == env else "recorded at registration"
+        out[rec] = (label, {**bundle.get("store_options", {}), **storage_options_from_env()})
+    return out
+
+
+def _fetch(rel: str, e: Dict[str, Any], obj: str, local: Optional[str], stores: Dict[str, tuple]
+           ) -> Optional[Dict[str, str]]:
+    """Put one file into the cache (``obj``) from ``$RCM_TEACHER_DIR`` or a store; None when done, else what
+    each place said (place -> reason)."""
+    from .storage import ContentStore, Storage, sha256_file
+
+    tried: Dict[str, str] = {}
+    if local:
+        cand = os.path.join(local, rel)
+        if os.path.isfile(cand) and sha256_file(cand) == e["sha256"]:
+            _link_or_copy(cand, obj)
+            return None
+        tried[f"RCM_TEACHER_DIR {local}"] = "other content" if os.path.isfile(cand) else "absent"
+    for url, (label, opts) in stores.items():
+        try:
+            ContentStore(Storage(url, opts)).get(e["sha256"], obj)
+            return None
+        except FileNotFoundError:
+            tried[f"content store {url} ({label})"] = "absent"
+        except Exception as ex:  # noqa: BLE001 - every store tried, each reason reported
+            # the object's own key left out, so that one cause (credentials, endpoint) reads as one reason
+            tried[f"content store {url} ({label})"] = f"{type(ex).__name__}: {ex}".replace(
+                ContentStore.key(e["sha256"]), "sha256/<aa>/<sha256>")
+    return tried
+
+
+def _file_list(rels) -> str:
+    """``model_index.json, text_encoder/{config.json, model.safetensors}, vae/x.safetensors``."""
+    groups: Dict[str, List[str]] = {}
+    for r in rels:
+        top, _, rest = r.partition("/")
+        groups.setdefault(top if rest else "", []).append(rest or top)
+    parts = list(groups.get("", []))
+    for top, names in groups.items():
+        if top:
+            parts.append(f"{top}/{names[0]}" if len(names) == 1 else f"{top}/{{{', '.join(names)}}}")
+    return ", ".join(parts)
+
+
+def _missing_message(missing: List[Dict[str, Any]], cache: str, local: Optional[str],
+                     stores: Dict[str, tuple]) -> str:
+    """Which files are missing (compactly; sha256 when few), and what each place said about them."""
+    comps = sorted({_component_name(m["file"]) for m in missing})
+    what = _file_list(m["file"] for m in missing)
+    if len(missing) <= 2:
+        what = "; ".join(f"{m['file']} (sha256 {m['sha256'][:16]}..., {m['bytes']} bytes)" for m in missing)
+    places: Dict[str, Dict[str, List[str]]] = {}
+    for m in missing:
+        for place, reason in m["tried"].items():
+            places.setdefault(place, {}).setdefault(reason, []).append(m["file"])
+    looked = [f"local cache {cache}"] + ([] if local else ["RCM_TEACHER_DIR (unset)"])
+    looked += [f"{place}: " + "; ".join(
+        f"{reason} ({'all ' + str(len(fs)) if len(fs) == len(missing) > 1 else _file_list(fs)})"
+        for reason, fs in reasons.items()) for place, reasons in places.items()]
+    if not stores:
+        looked.append("no content store (none recorded, RCM_COMPONENT_STORE unset)")
+    return (f"cannot load the model: {len(missing)} teacher file(s) of {', '.join(comps)} not found here: {what}\n"
+            "looked in: " + "; ".join(looked))
 
 
 def _export_real(weights: bytes, meta: Dict[str, Any], bundle: Dict[str, Any], run_id: str, lineage: Dict[str, str],
@@ -207,7 +282,9 @@ def _export_real(weights: bytes, meta: Dict[str, Any], bundle: Dict[str, Any], r
     if grid:
         with open(os.path.join(out, "samples_grid.png"), "wb") as f:
             f.write(grid)
-    return out, {**res.info, "fps": int(getattr(spec, "fps", 16))}, card
+    opts = meta.get("teacher_options") or {}
+    size = {k: int(opts.get(k) or getattr(spec, k)) for k in ("frames", "height", "width")}   # the registered size
+    return out, {**res.info, "fps": int(getattr(spec, "fps", 16)), "size": size}, card
 
 
 def _teacher_boundary(export_info: Dict[str, Any]) -> Optional[float]:

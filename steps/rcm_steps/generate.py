@@ -5,7 +5,8 @@
 
 Writes an MP4 (H.264 through ffmpeg: ``imageio-ffmpeg`` or ``ffmpeg`` on PATH; several seeds side
 by side with --seeds); without ffmpeg it writes a GIF next to it (``x.gif``) and says so. A ``.gif``
-out path writes the GIF, a ``.png`` a frame strip grid. Uses MLFLOW_TRACKING_URI (or --tracking-uri).
+out path writes the GIF, a ``.png`` a frame strip grid (for a text-to-image model, whose predict returns
+(N, 3, H, W) images: ``--out x.png``). Uses MLFLOW_TRACKING_URI (or --tracking-uri).
 The model runs on the GPU (bf16) when there is one, else on the CPU (``--device`` overrides).
 
 A real teacher's model version carries its text encoder, tokenizer and VAE by sha256 reference
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     try:
         model = mlflow.pyfunc.load_model(a.model)
     except MissingComponentError as e:
-        print(f"rcm_steps.generate: {e}\nfix: {e.fix}", file=sys.stderr)
+        print(f"rcm_steps.generate: {e}", file=sys.stderr)      # the message ends with the fix
         return 2
     except mlflow.exceptions.MlflowException as e:      # e.g. a version that does not exist
         print(f"rcm_steps.generate: cannot load {a.model}: {e.message}; {_uri_help(mlflow.get_registry_uri(), True)}",
@@ -81,6 +82,9 @@ def main(argv=None) -> int:
     rows = [{"prompt": pr, "seed": a.seed + s, **({"steps": a.steps} if a.steps else {})}
             for pr in a.prompt for s in range(a.seeds)]
     clips = torch.from_numpy(model.predict(pd.DataFrame(rows)))
+    shape = tuple(clips.shape[1:])
+    if clips.dim() == 4:        # a text-to-image model (Cosmos-Predict2): (N, 3, H, W) -> one-frame clips
+        clips = clips[:, :, None]
     out, low = a.out, a.out.lower()
     rgb_video = clips.shape[1] == 3
     if low.endswith(".png"):
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
         data = clips_gif(clips, scale=None if rgb_video else 6)
     with open(out, "wb") as f:
         f.write(data)
-    print(f"wrote {out}: {len(rows)} clip(s) of shape {tuple(clips.shape[1:])}")
+    print(f"wrote {out}: {len(rows)} clip(s) of shape {shape}")
     return 0
 
 

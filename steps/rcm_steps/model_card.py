@@ -2,7 +2,10 @@
 sample grid, and the description text (:func:`student_card`, :func:`rcm_core.export.model_card` with the
 registry's load code).
 
-Part of :mod:`rcm_steps.register` (which re-exports :func:`student_card`); see its module doc.
+Versions without a diffusers export (embedded teacher) get :func:`plain_card`; :func:`register_card` is the
+register step's Metaflow card.
+
+Part of :mod:`rcm_steps.register` (which re-exports these); see its module doc.
 """
 from __future__ import annotations
 
@@ -63,10 +66,95 @@ def student_card(name: str, version: str, info: Dict[str, Any], card: Dict[str, 
             "from rcm_steps.register import load_diffusers_pipeline",
             f"pipe = load_diffusers_pipeline(\"models:/{name}/{version}\")   # RCMScheduler; GPU bf16 when there is one",
             f"out = pipe(\"...\", num_inference_steps={steps}, guidance_scale=1.0).{out_attr}[0]", "```"]
+    reg = info.get("components", {}).get("registry", {})
+    store = reg.get("bundle", "").replace(" (sha256)", "") or None
     extra = ("Artifacts: `diffusers/` (this pipeline without text encoder/tokenizer/VAE, README.md, single file), "
-             "`meta.json`" + (", `teacher/` (text encoder, tokenizer, VAE)"
-                              if info.get("components", {}).get("registry", {}).get("mode") == "copy" else ""))
+             "`meta.json`" + (", `teacher/` (text encoder, tokenizer, VAE)" if reg.get("mode") == "copy" else "")
+             + "\n\n" + components_note(reg.get("mode"), store))
     return model_card(info, lineage=card.get("lineage"), metrics=card.get("metrics"),
                       grid="artifact:diffusers/samples_grid.png" if card.get("grid") else None,
                       model_uri=f"models:/{name}/{version}", export_path="<artifacts>/diffusers", version=version,
                       extra=extra, max_chars=max_chars, diffusers_load=load)
+
+
+def components_note(mode: Optional[str], store: Optional[str] = None) -> str:
+    """One line of the card: how the version's teacher components (text encoder, tokenizer, VAE) travel."""
+    if mode == "copy":
+        return ("Components: `copy` - the teacher's text encoder, tokenizer and VAE are in this version's `teacher/` "
+                "artifact: it loads wherever the model's artifacts can be read.")
+    if mode == "reference":
+        return (f"Components: `reference` - the teacher's text encoder, tokenizer and VAE are fetched by sha256 from "
+                f"{store or 'the content store'} (read access needed; if it moved, set RCM_COMPONENT_STORE, or "
+                "RCM_TEACHER_DIR to a local copy of the teacher). A self-contained diffusers folder: `python -m "
+                "rcm_steps.register export --model <model URI> --out DIR`.")
+    return ("Components: in code - the embedded teacher ships in the package code this version carries; nothing "
+            "else to fetch. No diffusers export (the teacher is not a diffusers pipeline).")
+
+
+def predict_comment(meta: Dict[str, Any], task: Optional[str]) -> str:
+    """What ``predict`` returns, for the load snippets: by task for real teachers, the latent shape for others."""
+    from rcm_core.export import output_shape
+
+    if task:
+        return output_shape(task) + " float32 in [0, 1]"
+    return f"(N, {', '.join(str(x) for x in meta['latent_shape'])}) float32 in [0, 1]"
+
+
+def load_snippet(uri: str, meta: Dict[str, Any], task: Optional[str], tracking_uri: Optional[str] = None) -> list:
+    """Markdown lines: load the version with MLflow and sample it; the generate CLI."""
+    prompt = "a 3 drifting up" if meta.get("teacher") == "embedded" else "a red fox runs through snow"
+    return (["```python", "import mlflow, pandas as pd"]
+            + ([f"mlflow.set_tracking_uri({tracking_uri!r})"] if tracking_uri else [])
+            + [f"model = mlflow.pyfunc.load_model({uri!r})",
+               f"clips = model.predict(pd.DataFrame({{\"prompt\": [{prompt!r}], \"seed\": [0]}}))   # "
+               + predict_comment(meta, task), "```",
+               f"CLI: `python -m rcm_steps.generate --model {uri} --prompt {prompt!r} --out x."
+               + {"t2v": "mp4", "t2i": "png"}.get(task, "gif")
+               + (f" --tracking-uri {tracking_uri}" if tracking_uri else "") + "`"])
+
+
+def plain_card(name: str, version: str, meta: Dict[str, Any], lineage: Dict[str, str], metrics: Dict[str, Any],
+               aliases: list, reason: str, grid: bool, max_chars: int = 5000) -> str:
+    """The description of a version without a diffusers export (embedded and module:factory teachers): what it is,
+    where it came from, student vs teacher, the sample grid artifact, how to load it, its components."""
+    from rcm_core.export import _fmt
+
+    steps = int(meta.get("default_steps", 4))
+    keys = sorted({k.split("/", 1)[1] for k in metrics if k.startswith(f"student_{steps}/")})
+    rows = [f"| {k} | {_fmt(metrics.get(f'student_{steps}/{k}'))} | {_fmt(metrics.get(f'teacher/{k}'))} |"
+            for k in keys]
+    uri = f"models:/{name}/{version}"
+    text = "\n".join(
+        [f"# {name} v{version}",
+         f"rCM student ({meta.get('method')}, {steps} steps) distilled from teacher `{meta['teacher']}` (revision "
+         f"`{lineage.get('teacher_revision', meta.get('teacher_version', '?'))}`, location "
+         f"`{lineage.get('teacher_location', '?')}`) by Metaflow `{lineage.get('metaflow.pathspec', '?')}`. "
+         f"Aliases: {', '.join(aliases)} ({reason}).", ""]
+        + ([f"| metric | student_{steps} | teacher (baseline) |", "|---|---|---|", *rows, ""] if rows else [])
+        + ([f"Sample grid (rows: prompts; columns: teacher, students): artifact `samples_grid.png` "
+            f"(`mlflow.artifacts.download_artifacts(\"{uri}\")` -> `artifacts/samples_grid.png`).", ""] if grid else [])
+        + ["## Load", *load_snippet(uri, meta, None), "", components_note(None)])
+    return text[:max_chars]
+
+
+def register_card(r, tracking_uri: Optional[str] = None) -> str:
+    """Markdown of the register step's Metaflow card: the version, its aliases, the model URI, how to load it
+    (``r``: :class:`rcm_steps.register.RegistrationResult`)."""
+    import re
+
+    meta, task = r.meta or {}, r.task
+    alias = "champion" if "champion" in r.aliases else r.aliases[-1]
+    bundle = meta.get("teacher_bundle") or {}
+    safe_uri = re.sub(r"//[^/@]+@", "//***@", tracking_uri) if tracking_uri else None
+    lines = [f"# Registered: {r.name} v{r.version}",
+             f"- aliases: {', '.join(r.aliases)} - {r.reason}",
+             f"- model URI: `models:/{r.name}@{alias}` (the alias moves with later runs); this version: "
+             f"`{r.model_uri}`"] + ([f"- MLflow tracking URI: `{safe_uri}`"] if safe_uri else []) + [
+             f"- {components_note(bundle.get('mode'), bundle.get('store'))}", "", "## Load",
+             *load_snippet(r.model_uri, meta, task, safe_uri)]
+    if task:
+        lines += ["", "diffusers:", "```python", "from rcm_steps.register import load_diffusers_pipeline",
+                  f"pipe = load_diffusers_pipeline({r.model_uri!r})", "```",
+                  f"Self-contained diffusers folder: `python -m rcm_steps.register export --model {r.model_uri} "
+                  "--out DIR`"]
+    return "\n".join(lines)

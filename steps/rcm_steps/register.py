@@ -2,7 +2,8 @@
 
     model = mlflow.pyfunc.load_model("models:/rcm-student-embedded@champion")
     clips = model.predict(pd.DataFrame({"prompt": ["a 3 drifting up"], "seed": [0]}))
-    # -> float32 array (N, C, T, H, W) in [0, 1]; optional columns "seed", "steps"
+    # -> float32 array in [0, 1]: (N, 3, F, H, W) text-to-video, (N, 3, H, W) text-to-image (Cosmos-Predict2),
+    #    (N, 1, 4, 16, 16) embedded; optional columns "seed", "steps" (real teachers: "height", "width", "frames")
 
 * One registered model per teacher (``rcm-student-<teacher>``); each flow run adds a
   version, created with its lineage tags in the same call (flow/run id, teacher
@@ -33,7 +34,7 @@
   copies in the version's artifacts (``components="copy"``). Loading never reads the training
   machine's teacher directory; a missing component raises :class:`MissingComponentError`
   naming it, where it looked and what to do (``RCM_COMPONENT_STORE`` when the store moved,
-  ``RCM_TEACHER_DIR`` to use a local copy of the teacher, or re-register with ``copy``).
+  ``RCM_TEACHER_DIR`` to use a local copy of the teacher, or a new run with ``--model_components copy``).
   The embedded teacher ships inside the package code the version carries.
 * Nothing half-registered: if anything fails after the version exists (tags,
   aliases), the version is deleted again and the error re-raised.
@@ -45,6 +46,13 @@
   transformer weights live there only (the pyfunc reads them from it). The version's description is
   its model card: teacher lineage, steps, guidance, evaluation table, sample grid, how to load it.
   A teacher whose pipeline class the exporter does not know is refused before any version exists.
+  ``python -m rcm_steps.register export --model models:/<name>@champion --out DIR`` writes a self-contained
+  folder (components copied in) that ``WanPipeline.from_pretrained(DIR)`` loads alone
+  (:func:`export_diffusers`). Other teachers' versions (embedded) get a card too: lineage, metrics, load code,
+  the sample grid (artifact ``samples_grid.png``).
+* Signature: ``prompt`` (string), optional ``steps``, ``seed`` and, for real teachers, ``height``, ``width``
+  (``frames`` for video) -> float32 clips in [0, 1]: (N, 3, F, H, W) text-to-video, (N, 3, H, W) text-to-image
+  (Cosmos-Predict2), (N, 1, 4, 16, 16) embedded (:func:`model_signature`), with an input example.
 * Serving: ``mlflow.pyfunc.load_model`` runs on the GPU when there is one (bf16 weights, the
   project attention with its fused kernel, the fast VAE decode) and on the CPU (float32) otherwise;
   ``RCM_DEVICE`` / ``RCM_DTYPE`` override.
@@ -56,6 +64,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 # the export bundle, the pyfunc model, the model card and the champion policy live in their own modules; the
@@ -65,15 +74,29 @@ from .bundle import (COMPONENT_MODES, MissingComponentError, _export_real, _teac
                      bundle_teacher, check_components_mode, check_export, materialize_bundle)
 from .champion import (POLICIES, ChampionError, ChampionPolicy, _champion, _decide, _promote,  # noqa: F401
                        policy_for, rollback_champion, score_of, set_champion, settings_hash)
-from .model_card import _run_grid, student_card  # noqa: F401
-from .serving import RCMStudentModel, load_diffusers_pipeline, serving_device  # noqa: F401
+from .model_card import _run_grid, plain_card, register_card, student_card  # noqa: F401
+from .serving import (RCMStudentModel, export_diffusers, load_diffusers_pipeline, model_signature,  # noqa: F401
+                      serving_device)
 
 __all__ = ["RCMStudentModel", "model_name_for", "register_student", "RegistrationResult", "score_of",
            "ChampionPolicy", "POLICIES", "policy_for", "settings_hash", "set_champion", "rollback_champion",
            "ChampionError", "MissingComponentError", "bundle_teacher", "materialize_bundle", "COMPONENT_MODES",
-           "check_components_mode", "load_diffusers_pipeline", "serving_device", "student_card"]
+           "check_components_mode", "load_diffusers_pipeline", "export_diffusers", "model_signature",
+           "serving_device", "student_card", "register_card"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _save_pyfunc(validate_serving_input: bool = True, **kw):
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.save_model(**kw)
+
+
+# mlflow.pyfunc as the flavor of Model.log, which then skips its serving check of the input example: that check
+# loads the model and generates from the example at log time (a real teacher's components fetched and a clip
+# sampled on the registering machine); Model.log hands validate_serving_input on to save_model, which takes none
+_PYFUNC = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
 
 
 def model_name_for(teacher: str) -> str:
@@ -87,7 +110,9 @@ class RegistrationResult:
     champion: bool
     reason: str
     model_uri: str
-    card: Optional[str] = None          # the version's description (model card) when register_student wrote one
+    card: Optional[str] = None          # the version's description (model card)
+    meta: Optional[Dict[str, Any]] = None   # the version's meta.json (teacher, components bundle, sizes...)
+    task: Optional[str] = None          # t2v | t2i for a real teacher's student (its diffusers export), else None
 
 def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str, lineage: Dict[str, str],
                      metrics: Dict[str, float], gates_passed: bool, model_name: Optional[str] = None,
@@ -124,6 +149,7 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
     policy = policy_for(meta["teacher"])
     settings = {**(eval_settings or {}), "student_steps": steps, "policy": policy.name}
     export_info = card = None
+    grid = sample_grid if sample_grid is not None else _run_grid(run_id)
     with tempfile.TemporaryDirectory() as d:
         extra, bundle = bundle_teacher(meta, components, component_store, d)
         meta = {**meta, **({"teacher_bundle": bundle} if bundle else {})}
@@ -131,8 +157,7 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
         if bundle:      # real teacher: the diffusers export holds the transformer (read by the pyfunc too)
             export_dir, export_info, card = _export_real(ema_weights_bytes, {**meta, "model_name": name}, bundle,
                                                          run_id, lineage, metrics,
-                                                         d, sample_grid if sample_grid is not None
-                                                         else _run_grid(run_id))
+                                                         d, grid)
             meta["diffusers_export"] = {"artifact": "diffusers", "pipeline_class": export_info["pipeline_class"],
                                         "single_file": export_info["single_file"]}
             if bundle["files"].get("transformer_2/config.json"):      # a two-expert teacher (Wan2.2 A14B)
@@ -140,12 +165,17 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
                 meta.setdefault("student_layout", "two experts (switched at the boundary)"
                                 if export_info.get("experts") else "one network")
             meta.setdefault("fps", export_info["fps"])
+            meta.setdefault("size", export_info["size"])
             extra = {**extra, "diffusers": export_dir}
             weights_art = {}
         else:
             with open(wpath, "wb") as f:
                 f.write(ema_weights_bytes)
             weights_art = {"weights": wpath}
+            if grid:                    # the card's sample grid (a real teacher's is in diffusers/)
+                with open(os.path.join(d, "samples_grid.png"), "wb") as f:
+                    f.write(grid)
+                extra = {**extra, "samples_grid": os.path.join(d, "samples_grid.png")}
         for art, fname, data in (("lora", "student_lora.safetensors", lora_adapter),      # LoRA run: the adapter
                                  ("lora_2", "student_lora_2.safetensors", lora_adapter_2)):  # file(s) too
             if data is not None:                                                      # (the weights are merged)
@@ -162,13 +192,16 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
 
         reqs = ["torch", "numpy", "pandas", "safetensors", "mlflow"] + (
             ["diffusers", "transformers", "accelerate", "sentencepiece"] if bundle else [])
+        signature, example = model_signature(meta, export_info["task"] if export_info else None)
         from .quiet import logging_model      # quiet, and leaves the run RUNNING (start_run's exit ends it)
         with logging_model(run_id):
-            info = mlflow.pyfunc.log_model(
-                name="student", python_model=RCMStudentModel(),
-                artifacts={**weights_art, "meta": mpath, **extra},
+            # mlflow.pyfunc.log_model, less its serving check of the input example (_PYFUNC)
+            info = mlflow.models.Model.log(
+                None, name="student", flavor=_PYFUNC, flavor_name="pyfunc.CustomPythonModel",
+                validate_serving_input=False,
+                python_model=RCMStudentModel(), artifacts={**weights_art, "meta": mpath, **extra},
                 code_paths=[_HERE, os.path.dirname(os.path.abspath(rcm_core.__file__))],
-                pip_requirements=reqs)
+                pip_requirements=reqs, signature=signature, input_example=example)
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001
@@ -210,22 +243,35 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
             card = {**card, "lineage": {"registered as": f"{', '.join(aliases)} ({reason}); aliases move later: "
                                                          "see the champion.history tag", **card["lineage"]}}
             card_text = student_card(name, str(mv.version), export_info, card)
-            client.update_model_version(name, mv.version, description=card_text)
+        else:           # the embedded teacher and module:factory teachers: no diffusers export
+            card_text = plain_card(name, str(mv.version), meta, lineage, metrics, aliases, reason, bool(grid))
+        client.update_model_version(name, mv.version, description=card_text)
     except BaseException:
         try:
             client.delete_model_version(name, mv.version)
         finally:
             raise
     return RegistrationResult(name=name, version=str(mv.version), aliases=aliases, champion=champion,
-                              reason=reason, model_uri=f"models:/{name}/{mv.version}", card=card_text)
+                              reason=reason, model_uri=f"models:/{name}/{mv.version}", card=card_text, meta=meta,
+                              task=export_info["task"] if export_info else None)
 
 
 def main(argv=None) -> int:
-    """``python -m rcm_steps.register promote|rollback --model NAME ...`` (uses MLFLOW_TRACKING_URI)."""
+    """``python -m rcm_steps.register promote|rollback --model NAME ...`` and ``export --model URI --out DIR``
+    (uses MLFLOW_TRACKING_URI)."""
     import argparse
 
-    p = argparse.ArgumentParser("rcm_steps.register", description="move the champion alias of a registered student")
+    p = argparse.ArgumentParser("rcm_steps.register", description="move the champion alias of a registered student; "
+                                "export a version as a self-contained diffusers folder")
     sub = p.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write a real teacher's version as a folder that diffusers loads alone")
+    ex.add_argument("--model", required=True, help="model URI, e.g. models:/rcm-student-my-wan@champion")
+    ex.add_argument("--out", required=True, help="a new (or empty) folder")
+    ex.add_argument("--overwrite", action="store_true", help="replace a folder that is not empty")
+    ex.add_argument("--component-store", default=None,
+                    help="URL of the teacher-component store, if it moved since registration (RCM_COMPONENT_STORE)")
+    ex.add_argument("--teacher-dir", default=None,
+                    help="a local copy of the teacher directory to take components from (RCM_TEACHER_DIR)")
     pr = sub.add_parser("promote", help="make a version champion")
     pr.add_argument("--model", required=True)
     pr.add_argument("--version", required=True)
@@ -235,19 +281,41 @@ def main(argv=None) -> int:
     rb.add_argument("--model", required=True)
     rb.add_argument("--to", default=None)
     rb.add_argument("--reason", default="")
-    for q in (pr, rb):
+    for q in (pr, rb, ex):
         q.add_argument("--tracking-uri", default=None)
     a = p.parse_args(argv)
     if a.tracking_uri:
         import mlflow
 
         mlflow.set_tracking_uri(a.tracking_uri)
+    if a.cmd == "export":
+        return _export_cli(a)
     if a.cmd == "promote":
         prev = set_champion(a.model, a.version, reason=a.reason, force=a.force)
         print(f"{a.model}: champion v{a.version} (was v{prev or '-'})")
     else:
         now = rollback_champion(a.model, a.to, reason=a.reason)
         print(f"{a.model}: champion rolled back to v{now}")
+    return 0
+
+
+def _export_cli(a) -> int:
+    import sys
+
+    from rcm_core.export import ExportError
+
+    for flag, var in ((a.component_store, "RCM_COMPONENT_STORE"), (a.teacher_dir, "RCM_TEACHER_DIR")):
+        if flag:
+            os.environ[var] = flag
+    try:
+        out = export_diffusers(a.model, a.out, overwrite=a.overwrite)
+    except (MissingComponentError, ExportError) as e:
+        print(f"rcm_steps.register export: {e}", file=sys.stderr)
+        return 2
+    with open(os.path.join(out, "rcm_export.json")) as f:
+        cls = json.load(f)["pipeline_class"]
+    print(f"wrote {out}: diffusers.{cls}.from_pretrained({out!r}) loads it alone (rcm_core installed, for its "
+          "RCMScheduler); sample with guidance_scale=1.0")
     return 0
 
 

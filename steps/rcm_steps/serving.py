@@ -2,7 +2,11 @@
 
 ``mlflow.pyfunc.load_model`` runs on the GPU when there is one (bf16 weights) and on the CPU (float32)
 otherwise (:func:`serving_device`; ``RCM_DEVICE`` / ``RCM_DTYPE`` override); :func:`load_diffusers_pipeline`
-assembles a real teacher's version as its diffusers pipeline. Versions registered before this module existed
+assembles a real teacher's version as its diffusers pipeline, :func:`export_diffusers` writes it as a
+self-contained folder (``python -m rcm_steps.register export``). :func:`model_signature` is what a version
+declares: columns ``prompt`` (string), ``steps``, ``seed`` and, for real teachers, ``height``, ``width``
+(``frames`` for video) -> float32 clips in [0, 1]: (N, 3, F, H, W) for text-to-video, (N, 3, H, W) for
+text-to-image (Cosmos-Predict2), (N, 1, 4, 16, 16) for the embedded teacher. Versions registered before this module existed
 pickled ``rcm_steps.register.RCMStudentModel``: :mod:`rcm_steps.register` re-exports it (and the other public
 names here), so they still load.
 """
@@ -14,6 +18,7 @@ import tempfile
 from typing import Any, Dict, List, Optional
 
 import mlflow.pyfunc
+import pandas as pd
 
 from .bundle import MissingComponentError, materialize_bundle
 
@@ -92,7 +97,8 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"input needs a 'prompt' column, got {list(model_input.columns)}")
         return model_input.to_dict("records")
 
-    def predict(self, context, model_input, params: Optional[Dict[str, Any]] = None):
+    # the type hint keeps MLflow from asking for one (its warning); the registered signature validates the input
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[Dict[str, Any]] = None):
         import numpy as np
         from rcm_core.sampling import sample_student
 
@@ -105,16 +111,71 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
         dev = torch.device(getattr(self, "device", "cpu"))
         outs = []
         for r in self._rows(model_input):
-            steps = int(r.get("steps") or params.get("steps") or self.meta["default_steps"])
-            seed = int(r.get("seed") if r.get("seed") is not None else params.get("seed", 0))
+            steps = int(r["steps"] if _given(r.get("steps")) else params.get("steps") or self.meta["default_steps"])
+            seed = int(r["seed"] if _given(r.get("seed")) else params.get("seed") or 0)
             cond = T.encode(self.teacher, [str(r["prompt"])]).to(dev)
             # the noise comes from a generator on the serving device: a seed gives other clips on a GPU
             g = torch.Generator(device=dev).manual_seed(seed)
-            noise = torch.randn((1, *self.meta["latent_shape"]), generator=g, dtype=torch.float64, device=dev)
+            noise = torch.randn((1, *self._latent_shape(r)), generator=g, dtype=torch.float64, device=dev)
             lat = sample_student(self.student, cond, noise, steps=steps, sigma_max=self.meta["sigma_max"],
                                  mid_t=tuple(self.meta["mid_t"]), generator=g)
             outs.append(decode_latents(self.teacher, lat.float(), inplace=True).numpy())
+        if len({o.shape for o in outs}) > 1:
+            raise ValueError(f"the rows ask for clips of different sizes {sorted({o.shape[1:] for o in outs})}: "
+                             "call predict once per size")
         return np.concatenate(outs).astype(np.float32)
+
+    def _latent_shape(self, row: Dict[str, Any]) -> tuple:
+        """The latent shape of one row: the registered size, or its ``frames``/``height``/``width`` (real teachers;
+        sizes the VAE/patch factors do not divide are rejected, naming the nearest valid one)."""
+        asked = {k: int(row[k]) for k in SIZE_COLUMNS if _given(row.get(k))}
+        if not asked:
+            return tuple(self.meta["latent_shape"])
+        tm = getattr(self.teacher, "meta", None) or {}
+        if "codec" not in tm:
+            raise ValueError(f"{sorted(asked)}: the student of teacher {self.meta['teacher']!r} samples one size "
+                             f"only (latents {tuple(self.meta['latent_shape'])}); leave those columns out")
+        from rcm_core.real.loading import latent_shape_for
+
+        size = {**{k: int(tm[k]) for k in SIZE_COLUMNS}, **asked}
+        return latent_shape_for(size["frames"], size["height"], size["width"], vae_config=dict(tm["codec"].vae.config),
+                                transformer_config=tm["transformer_config"], video=tm.get("task") != "t2i")
+
+
+SIZE_COLUMNS = ("frames", "height", "width")
+
+
+def _given(v) -> bool:
+    return v is not None and not (isinstance(v, float) and v != v)
+
+
+def model_signature(meta: Dict[str, Any], task: Optional[str]):
+    """(signature, input example) of a version: ``task`` t2v / t2i for a real teacher's student, None for others.
+
+    Inputs: ``prompt`` (string), optional ``steps``, ``seed`` (long; also as params) and, for real teachers, optional
+    ``height``, ``width`` (and ``frames`` for video). Output: float32 clips in [0, 1], (N, 3, F, H, W) for t2v,
+    (N, 3, H, W) for t2i; the embedded teacher's (N, 1, 4, 16, 16) (its latents are its pixels); other teachers'
+    is not declared (their decoder decides)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    sizes = {"t2v": SIZE_COLUMNS, "t2i": ("height", "width")}.get(task, ())
+    cols = [ColSpec("string", "prompt"), ColSpec("long", "steps", required=False),
+            ColSpec("long", "seed", required=False)] + [ColSpec("long", k, required=False) for k in sizes]
+    if task == "t2v":
+        out = (-1, 3, -1, -1, -1)
+    elif task == "t2i":
+        out = (-1, 3, -1, -1)
+    else:
+        out = (-1, *meta["latent_shape"]) if meta.get("teacher") == "embedded" else None
+    steps = int(meta.get("default_steps", 4))
+    sig = ModelSignature(inputs=Schema(cols),
+                         outputs=Schema([TensorSpec(np.dtype("float32"), out)]) if out else None,
+                         params=ParamSchema([ParamSpec("steps", "long", steps), ParamSpec("seed", "long", 0)]))
+    size = {k: int(v) for k, v in (meta.get("size") or {}).items() if k in sizes and v}
+    prompt = "a 3 drifting up" if meta.get("teacher") == "embedded" else "a red fox runs through snow"
+    return sig, pd.DataFrame([{"prompt": prompt, "steps": steps, "seed": 0, **size}])
 
 
 def serving_device() -> tuple:
@@ -152,7 +213,7 @@ def _student_weights(artifacts: Dict[str, str]) -> Dict[str, Any]:
         raise MissingComponentError(f"the model version has no student weights: no 'weights' artifact and no "
                                     f"safetensors in {folder}",
                                     fix="download the model version again; if the artifact store lost them, "
-                                        "re-register the model")
+                                        "run the flow again (a new version)")
     folder2, state2 = read("transformer_2")
     if state2:
         return {**{f"transformer.{k}": v for k, v in state.items()},
@@ -173,13 +234,50 @@ def load_diffusers_pipeline(model_uri: str, device: Optional[str] = None, dtype=
     root = mlflow.artifacts.download_artifacts(model_uri, dst_path=dst or tempfile.mkdtemp(prefix="rcm-model-"))
     arts = os.path.join(root, "artifacts")
     export_dir = os.path.join(arts, "diffusers")
-    if not os.path.isdir(export_dir):
-        raise MissingComponentError(f"{model_uri} has no diffusers export (artifact 'diffusers'): registered "
-                                    "before exports existed, or not a real teacher's student",
-                                    fix="re-register the model (a new flow run exports it)")
     with open(os.path.join(arts, "meta.json")) as f:
         meta = json.load(f)
+    if not os.path.isdir(export_dir):
+        _no_export(model_uri, meta)
     artifacts = {k: os.path.join(arts, k) for k in os.listdir(arts)}
     components = materialize_bundle(meta["teacher_bundle"], artifacts)
     dev, dt = serving_device()
     return load_pipeline(export_dir, components_dir=components, torch_dtype=dtype or dt, device=device or dev)
+
+
+def _no_export(model_uri: str, meta: Dict[str, Any]):
+    """Raise: the version has no diffusers export; the fix depends on why."""
+    from rcm_steps.teacher import is_real_teacher
+
+    if not is_real_teacher(meta.get("teacher", "")):
+        raise MissingComponentError(
+            f"{model_uri} has no diffusers export: its teacher {meta.get('teacher')!r} is not a diffusers pipeline "
+            "(the embedded teacher and module:factory teachers have none), so no run of it exports one",
+            fix=f"load it with mlflow.pyfunc.load_model({model_uri!r}) (prompts -> clips) or `python -m "
+                f"rcm_steps.generate --model {model_uri} --prompt ... --out x.mp4`")
+    raise MissingComponentError(f"{model_uri} has no diffusers export (artifact 'diffusers'): registered before "
+                                "exports existed",
+                                fix="run the flow again on this teacher: a new version carries the export")
+
+
+def export_diffusers(model_uri: str, out_dir: str, overwrite: bool = False) -> str:
+    """Write a registered real-teacher version as a self-contained diffusers folder: the export with the
+    version's text encoder, tokenizer and VAE copied in (fetched and hash-checked as for serving), so that
+    ``WanPipeline.from_pretrained(out_dir)`` (``Cosmos2TextToImagePipeline`` for Cosmos) loads it alone (with
+    ``rcm_core`` installed for its ``RCMScheduler``). Returns ``out_dir``."""
+    import shutil
+
+    import mlflow
+    from rcm_core.export import self_contained_export
+
+    with tempfile.TemporaryDirectory(prefix="rcm-export-") as tmp:
+        root = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
+        arts = os.path.join(root, "artifacts")
+        with open(os.path.join(arts, "meta.json")) as f:
+            meta = json.load(f)
+        if not os.path.isdir(os.path.join(arts, "diffusers")):
+            _no_export(model_uri, meta)
+        components = materialize_bundle(meta["teacher_bundle"], {k: os.path.join(arts, k) for k in os.listdir(arts)})
+        self_contained_export(os.path.join(arts, "diffusers"), components, out_dir, source=model_uri,
+                              overwrite=overwrite, move=True)
+        shutil.rmtree(root, ignore_errors=True)
+    return out_dir
