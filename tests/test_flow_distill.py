@@ -69,7 +69,6 @@ def test_smoke_flow_end_to_end(tmp_path):
     # datastore root, another folder when METAFLOW_DATASTORE_SYSROOT_LOCAL is set as here)
     import base64
     import glob
-    import re
 
     html = "".join(open(f).read() for f in glob.glob(f"{tmp_path}/.metaflow/mf.cards/RCMDistillFlow/runs/{run.id}/"
                                                        "steps/register/tasks/*/cards/*.html"))
