@@ -58,7 +58,8 @@ def clis():
         "flows/teacher_watch_flow.py": _help_options(["flows/teacher_watch_flow.py", "run"]),
         "rcm_steps.generate": _argparse_options(generate.main),
         "rcm_steps.register": _argparse_options(register.main, "promote") | _argparse_options(register.main,
-                                                                                                "rollback"),
+                                                                                                "rollback")
+        | _argparse_options(register.main, "export"),
         "rcm_steps.watch": _argparse_options(watch.main, "scan") | _argparse_options(watch.main, "publish"),
         "rcm_steps.services": _argparse_options(services.main, "check") | _argparse_options(services.main, "up"),
     }
@@ -68,7 +69,10 @@ def clis():
 # CLIs only; the distill worker's own options (rcm_steps.distill: --config, --batch-size...) are internal.
 OWN = {"generate.py": ["rcm_steps.generate"], "champion.py": ["rcm_steps.register"],
        "register.py": ["rcm_steps.register"], "watch.py": ["rcm_steps.watch", "flows/teacher_watch_flow.py"],
-       "teacher_watch_flow.py": ["flows/teacher_watch_flow.py"], "services.py": ["rcm_steps.services"]}
+       "teacher_watch_flow.py": ["flows/teacher_watch_flow.py"], "services.py": ["rcm_steps.services"],
+       # a registered version's loading texts: the generate CLI and `rcm_steps.register export`
+       "bundle.py": ["rcm_steps.generate", "rcm_steps.register"],
+       "model_card.py": ["rcm_steps.generate", "rcm_steps.register"]}
 SOURCES = (sorted((ROOT / "steps" / "rcm_steps").glob("*.py")) + sorted((ROOT / "flows").glob("*.py"))
            + sorted((ROOT / "rcm_core" / "teachers" / "real").glob("*.py"))
            + sorted((ROOT / "rcm_core" / "export").glob("*.py")))
