@@ -245,3 +245,32 @@ def test_hygiene_flags_a_pod_default_from_a_missing_configmap_key():
     flag = "podSpecPatch env RCM_STORAGE_ROOT from missing ConfigMap key rcm-endpoints/RCM_STORAGE_ROOT"
     assert [e["name"] for e in V.workflow_pod_env([wc, ok])] == ["RCM_STORAGE_ROOT"]
     assert not any(flag in p for p in V.hygiene([wc, ok])) and any(flag in p for p in V.hygiene([wc, bad]))
+
+
+def test_endpoints_precedence_and_what_reaches_the_distill_pods():
+    """A parameter beats the environment, the environment beats the local default (local runs only); what start
+    forwards to the distill JobSet holds the endpoint settings and no credential field."""
+    from rcm_steps.endpoints import apply_env, forwarded_env, start_checks, watch_checks
+
+    env = {"RCM_STORAGE_ROOT": "s3://env/rcm", "MLFLOW_TRACKING_URI": "http://env:5000"}
+    ep = start_checks("s3://param/rcm", "", env, "kubernetes", "/local", "sqlite:///local.db")
+    assert (ep.storage_root, ep.storage_from, ep.tracking_uri, ep.tracking_from) == \
+        ("s3://param/rcm", "--storage_root", "http://env:5000", "$MLFLOW_TRACKING_URI")
+    ep = start_checks("", "", {}, "local", "/local", "sqlite:///local.db")
+    assert (ep.storage_root, ep.tracking_uri, ep.storage_from) == ("/local", "sqlite:///local.db", "local default")
+    with pytest.raises(ValueError, match=r"storage_root '/data/rcm' \(from \$RCM_STORAGE_ROOT\) is a local path"):
+        start_checks("", "", {**env, "RCM_STORAGE_ROOT": "/data/rcm"}, "kubernetes", "/local", "sqlite:///l.db")
+    with pytest.raises(ValueError, match=r"'sqlite:///x.db' \(from --mlflow_tracking_uri\) is a local store"):
+        start_checks("", "sqlite:///x.db", env, "kubernetes", "/local", "sqlite:///l.db")
+    with pytest.raises(ValueError, match=r"no teacher sources.*RCM_TEACHER_SOURCES"):
+        watch_checks("", "", env, "kubernetes", "sqlite:///l.db")
+    opts = {"endpoint_url": "http://minio:9000", "key": SECRET_ID, "secret": SECRET_KEY,
+            "client_kwargs": {"region_name": "us-east-1", "aws_secret_access_key": SECRET_KEY}}
+    fwd = forwarded_env({"RCM_STORAGE_OPTIONS": json.dumps(opts), "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                         "AWS_ENDPOINT_URL_S3": "http://minio:9000"})
+    assert json.loads(fwd["RCM_STORAGE_OPTIONS"]) == {"endpoint_url": "http://minio:9000",
+                                                      "client_kwargs": {"region_name": "us-east-1"}}
+    assert SECRET_KEY not in json.dumps(fwd) and SECRET_ID not in json.dumps(fwd)
+    pod = {"AWS_ENDPOINT_URL_S3": "http://own:9000"}
+    assert apply_env(fwd, pod) == {"RCM_STORAGE_OPTIONS": fwd["RCM_STORAGE_OPTIONS"]}
+    assert pod["AWS_ENDPOINT_URL_S3"] == "http://own:9000"          # the pod's own value wins

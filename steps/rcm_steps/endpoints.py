@@ -110,22 +110,26 @@ def watch_checks(sources: str, tracking_uri: str, environ: Mapping[str, str], ta
     return srcs, uri
 
 
-def _no_credentials(raw: str) -> str:
-    """RCM_STORAGE_OPTIONS without any credential-like field (those travel only through Secrets)."""
-    try:
-        opts = json.loads(raw)
-    except ValueError:
-        return raw                    # Storage names the bad JSON where it is used
-    if not isinstance(opts, dict):
-        return raw
-    return json.dumps({k: v for k, v in opts.items() if not any(w in k.lower() for w in _CREDENTIAL_WORDS)})
+def _no_credentials(opts):
+    """Storage options without any credential-like field, nested ones too (credentials travel only in Secrets)."""
+    if isinstance(opts, dict):
+        return {k: _no_credentials(v) for k, v in opts.items() if not any(w in k.lower() for w in _CREDENTIAL_WORDS)}
+    return opts
 
 
 def forwarded_env(environ: Mapping[str, str]) -> Dict[str, str]:
-    """The endpoint settings (``FORWARDED``) set in ``environ``, credential fields removed."""
+    """The endpoint settings (``FORWARDED``) set in ``environ``; RCM_STORAGE_OPTIONS without credential fields (left
+    out when it is not a JSON object: Storage names the problem where the variable is set)."""
     out = {k: environ[k] for k in FORWARDED if environ.get(k)}
     if "RCM_STORAGE_OPTIONS" in out:
-        out["RCM_STORAGE_OPTIONS"] = _no_credentials(out["RCM_STORAGE_OPTIONS"])
+        try:
+            opts = json.loads(out["RCM_STORAGE_OPTIONS"])
+        except ValueError:
+            opts = None
+        if isinstance(opts, dict):
+            out["RCM_STORAGE_OPTIONS"] = json.dumps(_no_credentials(opts))
+        else:
+            del out["RCM_STORAGE_OPTIONS"]
     return out
 
 
