@@ -37,7 +37,9 @@ from rcm_steps.profiles import PROFILE_KEYS, PROFILES, parse_profiles
 from rcm_steps.step_guard import step_guard
 
 PROJECT_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-DEFAULT_TRACKING = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(PROJECT_ROOT, 'mlflow.db')}"
+# local runs' fallbacks; read in start, never when the flow is compiled for Argo (rcm_steps.endpoints)
+LOCAL_STORAGE = os.path.join(PROJECT_ROOT, "runs", "storage")
+LOCAL_TRACKING = f"sqlite:///{os.path.join(PROJECT_ROOT, 'mlflow.db')}"
 
 class ExecutionTarget(FlowMutator):
     """Local vs Kubernetes, chosen by the ``execution`` Config.
@@ -113,9 +115,12 @@ class RCMDistillFlow(FlowSpec):
     nodes = Parameter("nodes", default=1, type=int)
     procs_per_node = Parameter("procs_per_node", default=0, type=int,
                                help="torchrun processes per node; 0: gpus_per_node on Kubernetes, 1 locally")
-    storage_root = Parameter("storage_root", default=os.path.join(PROJECT_ROOT, "runs", "storage"),
-                             help="any fsspec URL (local path, s3://...)")
-    mlflow_tracking_uri = Parameter("mlflow_tracking_uri", default=DEFAULT_TRACKING)
+    storage_root = Parameter("storage_root", default="",
+                             help="any fsspec URL (local path, s3://...); empty: $RCM_STORAGE_ROOT when the run "
+                                  "starts (Kubernetes: ConfigMap rcm-endpoints), else ./runs/storage")
+    mlflow_tracking_uri = Parameter("mlflow_tracking_uri", default="",
+                                    help="empty: $MLFLOW_TRACKING_URI when the run starts (Kubernetes: ConfigMap "
+                                         "rcm-endpoints), else sqlite:///<repo>/mlflow.db")
     seed = Parameter("seed", default=0, type=int)
     profile = Parameter("profile", default="default",
                         help="smoke | default | a profile of your own (--config profiles <file>)")
@@ -139,14 +144,16 @@ class RCMDistillFlow(FlowSpec):
     def _mlflow(self):
         import mlflow
 
-        mlflow.set_tracking_uri(self.mlflow_tracking_uri)
-        os.environ["MLFLOW_TRACKING_URI"] = self.mlflow_tracking_uri
+        mlflow.set_tracking_uri(self.run_tracking_uri)
+        os.environ["MLFLOW_TRACKING_URI"] = self.run_tracking_uri
         return mlflow.tracking.MlflowClient()
 
     def _storage(self):
+        from rcm_steps.endpoints import apply_env
         from rcm_steps.storage import Storage
 
-        return Storage(self.storage_root)
+        apply_env(getattr(self, "endpoint_env", {}))    # distill's JobSet pods: the endpoints start saw
+        return Storage(self.run_storage_root)
 
     def _run_prefix(self):
         return f"runs/{current.flow_name}/{current.run_id}"
@@ -194,26 +201,26 @@ class RCMDistillFlow(FlowSpec):
                                                                                          self.distill_config)
         if self.method not in ("rcm", "scm", "dmd", "dcm"):
             raise ConfigError(f"unknown method {self.method!r}; known: rcm, scm, dmd, dcm")
+        from rcm_steps.endpoints import forwarded_env, start_checks
         from rcm_steps.services import check_services
-        from rcm_steps.watch import check_event_env
 
         import re
 
-        where = re.sub(r"//[^/@]+@", "//***@", f"MLflow {self.mlflow_tracking_uri}, storage {self.storage_root}")
-        print(f"rCM: start: checking the trigger event and the services ({where})", flush=True)
-        check_event_env(os.environ)          # a new-teacher event without a teacher location stops here
+        on_k8s = self.execution.get("target", "local") == "kubernetes"
+        print("rCM: start: checking the trigger event, storage root, tracking URI and services", flush=True)
+        # a new-teacher event without a teacher location stops here; the storage root and tracking URI: the
+        # parameters, else (deployed runs) the pod's environment, else the local defaults; checked for the target
+        ep = start_checks(self.storage_root, self.mlflow_tracking_uri, os.environ,
+                          self.execution.get("target", "local"), LOCAL_STORAGE, LOCAL_TRACKING)
+        self.run_storage_root, self.run_tracking_uri = ep.storage_root, ep.tracking_uri
+        self.endpoint_env = forwarded_env(os.environ) if on_k8s else {}
+        print(re.sub(r"//[^/@]+@", "//***@", f"rCM: start: MLflow {ep.tracking_uri} (from {ep.tracking_from}), "
+                                             f"storage {ep.storage_root} (from {ep.storage_from})"), flush=True)
         # an unreachable MLflow server / S3 endpoint, or a wrong credential, fails here in seconds, naming it
-        self.services = check_services(self.mlflow_tracking_uri, self.storage_root)
+        self.services = check_services(self.run_tracking_uri, self.run_storage_root)
         check_teacher_name(self.teacher)      # unknown names list the known ones; a bad directory says what it lacks
         from rcm_steps.register import check_components_mode
         check_components_mode(self.model_components)
-        on_k8s = self.execution.get("target", "local") == "kubernetes"
-        if on_k8s and "://" not in self.storage_root:
-            raise ConfigError(f"storage_root {self.storage_root!r} is a local path, but execution target is "
-                             "kubernetes: pass a shared URL such as s3://bucket/rcm")
-        if on_k8s and self.mlflow_tracking_uri.startswith("sqlite:"):
-            raise ConfigError(f"mlflow_tracking_uri {self.mlflow_tracking_uri!r} is a local sqlite file, but "
-                             "execution target is kubernetes: pass an MLflow server URL")
         if self.nodes < 1:
             raise ConfigError(f"nodes must be >= 1, got {self.nodes}")
         self.nproc = self.procs_per_node or (max(1, int(self.execution.get("gpus_per_node", 8))) if on_k8s else 1)
@@ -248,8 +255,8 @@ class RCMDistillFlow(FlowSpec):
         client = self._mlflow()
         exp_name = f"rcm-distill-{teacher_label(self.teacher)}"
         loc = None
-        if self.mlflow_tracking_uri.startswith("sqlite:///"):
-            loc = "file://" + os.path.join(os.path.dirname(self.mlflow_tracking_uri[len("sqlite:///"):]), "mlruns")
+        if self.run_tracking_uri.startswith("sqlite:///"):
+            loc = "file://" + os.path.join(os.path.dirname(self.run_tracking_uri[len("sqlite:///"):]), "mlruns")
         from rcm_steps.mlflow_run import experiment_id, param_value, run_name, source_tags
         exp_id = experiment_id(client, exp_name, loc)   # concurrent starts against one server: no lost race
         run = client.create_run(exp_id, run_name=run_name(teacher_label(self.teacher), self.method, self.profile,
@@ -265,12 +272,12 @@ class RCMDistillFlow(FlowSpec):
         params = {"teacher": self.teacher, "teacher_options": json.dumps(self.teacher_options),
                   "method": self.method, "nodes": self.nodes,
                   "procs_per_node": self.nproc, "seed": self.seed, "profile": self.profile,
-                  "storage_root": self.storage_root, "prompts": self.prompts,
+                  "storage_root": self.run_storage_root, "prompts": self.prompts,
                   **{f"settings.{k}": v for k, v in s.items()}}
         from mlflow.entities import Param
 
         client.log_batch(self.mlflow_run_id, params=[Param(k, param_value(v)) for k, v in params.items()])
-        print(f"MLflow run {self.mlflow_run_id} at {self.mlflow_tracking_uri}")
+        print(f"MLflow run {self.mlflow_run_id} at {self.run_tracking_uri}")
         self.next(self.curate)
 
     @card
@@ -371,7 +378,7 @@ class RCMDistillFlow(FlowSpec):
                 "--method", self.method, "--iterations", s["iterations"], "--batch-size", s["batch_size"],
                 "--seed", self.seed, "--config", json.dumps(s["config"]), "--ckpt-every", s["ckpt_every"],
                 "--mlflow-run-id", self.mlflow_run_id, "--preview-steps", self.student_steps]
-        env = {"MLFLOW_TRACKING_URI": self.mlflow_tracking_uri}
+        env = {"MLFLOW_TRACKING_URI": self.run_tracking_uri}
         # test hook (not an option): RCM_FAULT_AT_STEP=<n> in the flow's environment kills the first attempt's
         # workers after step n; retries run clean
         env["RCM_FAULT_AT_STEP"] = os.environ.get("RCM_FAULT_AT_STEP", "0") if current.retry_count == 0 else "0"
@@ -409,6 +416,8 @@ class RCMDistillFlow(FlowSpec):
         for k in ("settings", "teacher_info", "teacher_lineage", "teacher_options", "memory_estimate", "mlflow_run_id", "eval_prompts", "train_prompts", "cache_url",
                   "data_hash", "distill_url", "distill_result", "storage_run_id", "prompts_hash", "data_docs_page",
                   "latent_docs_page", "cache_summary", "curate_stats", "data_docs_html", "data_docs_url"):
+            setattr(self, k, getattr(first, k))
+        for k in ("run_storage_root", "run_tracking_uri", "endpoint_env"):     # start's (rcm_steps.endpoints)
             setattr(self, k, getattr(first, k))
         self.distill_attempts = max(i.attempt for i in inputs) + 1
         s = self.settings
@@ -514,7 +523,7 @@ class RCMDistillFlow(FlowSpec):
                              lora_adapter_2=lora_2)
         del metrics
         self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
-        current.card.append(Markdown(register_card(r, self.mlflow_tracking_uri)))
+        current.card.append(Markdown(register_card(r, self.run_tracking_uri)))
         self.champion, self.champion_reason = r.champion, r.reason
         print(f"registered {r.name} v{r.version} aliases={r.aliases}: {r.reason}")
         self.next(self.end)
@@ -528,7 +537,7 @@ class RCMDistillFlow(FlowSpec):
         print(f"done: model {self.model_name} v{self.model_version} {self.model_aliases}; "
               f"student_{self.student_steps} {k}={self.eval_metrics.get(f'student_{self.student_steps}/{k}')}")
         from rcm_steps.generate import how_to_load      # the exact models:/<name>@<alias> URI, and how to use it
-        print(how_to_load(self.model_name, self.model_aliases, self.mlflow_tracking_uri, self.eval_prompts[0]))
+        print(how_to_load(self.model_name, self.model_aliases, self.run_tracking_uri, self.eval_prompts[0]))
 
 
 def _teacher_lineage(teacher, info, revision, source):

@@ -23,8 +23,9 @@ import os
 
 from metaflow import Config, FlowMutator, FlowSpec, Parameter, current, step
 
-DEFAULT_TRACKING = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.join(
-    os.path.abspath(os.path.join(os.path.dirname(__file__), "..")), "mlflow.db")
+# local runs' fallback; the environment is read in start, never when the flow is compiled for Argo
+LOCAL_TRACKING = "sqlite:///" + os.path.join(os.path.abspath(os.path.join(os.path.dirname(__file__), "..")),
+                                             "mlflow.db")
 
 
 class WatchTarget(FlowMutator):
@@ -50,9 +51,12 @@ class TeacherWatchFlow(FlowSpec):
     """Start a distillation for every teacher version not distilled yet (commands: the module docstring)."""
     execution = Config("execution", default_value={"target": "local"},
                        help='{"target": "local"|"kubernetes", "schedule": "hourly", "image": ..., "secrets": [...]}')
-    sources = Parameter("sources", default=os.environ.get("RCM_TEACHER_SOURCES", ""),
-                        help="comma-separated teacher sources: folders, s3:// prefixes, mlflow:<model name>")
-    mlflow_tracking_uri = Parameter("mlflow_tracking_uri", default=DEFAULT_TRACKING)
+    sources = Parameter("sources", default="",
+                        help="comma-separated teacher sources: folders, s3:// prefixes, mlflow:<model name>; empty: "
+                             "$RCM_TEACHER_SOURCES when the run starts (Kubernetes: ConfigMap rcm-endpoints)")
+    mlflow_tracking_uri = Parameter("mlflow_tracking_uri", default="",
+                                    help="empty: $MLFLOW_TRACKING_URI when the run starts (Kubernetes: ConfigMap "
+                                         "rcm-endpoints), else sqlite:///<repo>/mlflow.db")
     publish = Parameter("publish", default="argo", help="argo (Argo Events webhook) | print (dry run)")
     max_events = Parameter("max_events", default=4, type=int, help="at most this many events per scan")
 
@@ -61,17 +65,18 @@ class TeacherWatchFlow(FlowSpec):
         """Scan the teacher sources, skip versions already distilled, publish an rcm.new_teacher event per new one."""
         from mlflow.tracking import MlflowClient
 
+        from rcm_steps.endpoints import watch_checks
         from rcm_steps.errors import ConfigError
         from rcm_steps.services import check_tracking
         from rcm_steps.watch import event_payload, new_teachers, publish, scan
 
-        srcs = [s.strip() for s in self.sources.split(",") if s.strip()]
-        if not srcs:
-            raise ConfigError("no teacher sources: pass --sources (folders, s3:// prefixes, mlflow:<model name>)")
         if self.publish not in ("argo", "print"):
             raise ConfigError(f"--publish {self.publish!r}; known: argo, print")
-        check_tracking(self.mlflow_tracking_uri)
-        client = MlflowClient(tracking_uri=self.mlflow_tracking_uri)
+        # sources and tracking URI: the parameters, else (deployed runs) the pod's environment
+        srcs, uri = watch_checks(self.sources, self.mlflow_tracking_uri, os.environ,
+                                 self.execution.get("target", "local"), LOCAL_TRACKING)
+        check_tracking(uri)
+        client = MlflowClient(tracking_uri=uri)
         cands = [c for s in srcs for c in scan(s, client)]
         new, self.skipped = new_teachers(cands, client)
         self.new = [c.to_dict() for c in new]

@@ -23,3 +23,18 @@ def _reset_mlflow_uris():
 
         _tracking_service.utils._tracking_uri = None
         _model_registry.utils._registry_uri = None
+
+
+@pytest.fixture(autouse=True)
+def _reset_default_aws_sessions():
+    """``boto3.client(...)`` signs with boto3's default session, whose credentials are read once, at its first use,
+    and kept for the process; fsspec's S3 filesystems are cached on their arguments with the credentials of their
+    first use too. A test that changes AWS_* (another moto server, a rotated key) then signed with an earlier test's
+    key (InvalidAccessKeyId in a grouped -k run). Drop both after each test."""
+    yield
+    boto3 = sys.modules.get("boto3")
+    if boto3 is not None:
+        boto3.DEFAULT_SESSION = None
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is not None:
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -75,8 +75,9 @@ def test_scan_finds_checkpoints_and_skips_distilled(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def s3_auth(tmp_path_factory):
     """moto's S3 server (a subprocess, so its auth switch is its own) on 127.0.0.1 with IAM authentication on:
-    an IAM user with an s3:* policy and its access key, a bucket; then every request must be signed by a
-    known key (POST /moto-api/reset-auth 0), so a wrong key or secret gets HTTP 403 as from real S3."""
+    an IAM user with an s3:* and iam:* policy (tests make users and rotate keys with it) and its access key, a
+    bucket; then every request must be signed by a known key (POST /moto-api/reset-auth 0), so a wrong key or
+    secret gets HTTP 403 as from real S3."""
     import boto3
     import requests
 
@@ -93,7 +94,8 @@ def s3_auth(tmp_path_factory):
         iam = boto3.client("iam", **setup)
         iam.create_user(UserName="rcm-test")
         iam.put_user_policy(UserName="rcm-test", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:*", "iam:*"],
+                                                     "Resource": "*"}]}))
         key = iam.create_access_key(UserName="rcm-test")["AccessKey"]
         boto3.client("s3", **setup).create_bucket(Bucket="rcm-teachers")
         r = requests.post(f"{url}/moto-api/reset-auth", data=b"0", timeout=10)
@@ -125,7 +127,9 @@ def test_scan_s3_prefix_finds_new_teacher_and_skips_distilled(s3_auth, tmp_path,
 
     _s3_env(monkeypatch, s3_auth)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    s3 = boto3.client("s3", endpoint_url=s3_auth["url"], region_name="us-east-1")
+    # a new session reads the credentials now; boto3.client() would reuse the default session's, cached by the
+    # first test that made one (the grouped -k run failed with InvalidAccessKeyId here)
+    s3 = boto3.session.Session().client("s3", endpoint_url=s3_auth["url"], region_name="us-east-1")
     b = s3_auth["bucket"]
 
     def put_teacher(prefix, weights):
@@ -162,6 +166,37 @@ def test_scan_s3_prefix_finds_new_teacher_and_skips_distilled(s3_auth, tmp_path,
     again = {c.name: c for c in scan(source)}
     assert again["wan-v1"].revision != v1.revision and again["wan-v2"].revision == v2.revision
     assert sorted(c.name for c in new_teachers(again.values(), client)[0]) == ["wan-v1", "wan-v2"]
+
+
+def test_scan_after_a_key_rotation_signs_with_the_new_key(s3_auth, monkeypatch):
+    """A long-lived watcher scans an s3:// source, the access key is rotated (a new key in the environment, the
+    old one deleted), and the next scan signs with the new key: no filesystem made with the old key is reused."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    _s3_env(monkeypatch, s3_auth)
+    admin = dict(endpoint_url=s3_auth["url"], region_name="us-east-1")
+    iam = boto3.session.Session().client("iam", **admin)            # a new session: today's environment
+    user = f"rotator-{os.getpid()}-{time.monotonic_ns()}"          # its own user: the module's key stays valid
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    old = iam.create_access_key(UserName=user)["AccessKey"]
+    b = s3_auth["bucket"]
+    iam_s3 = boto3.session.Session().client("s3", **admin)
+    iam_s3.put_object(Bucket=b, Key="rot/wan-r/model_index.json", Body=b"{}")
+    _s3_env(monkeypatch, s3_auth, old["AccessKeyId"], old["SecretAccessKey"])
+    first = scan(f"s3://{b}/rot/")
+    new = iam.create_access_key(UserName=user)["AccessKey"]          # rotation: new key out, old key deleted
+    iam.delete_access_key(UserName=user, AccessKeyId=old["AccessKeyId"])
+    with pytest.raises(ClientError, match="InvalidAccessKeyId"):     # the old key is refused from now on
+        boto3.session.Session().client("s3", aws_access_key_id=old["AccessKeyId"],
+                                       aws_secret_access_key=old["SecretAccessKey"],
+                                       **admin).list_objects_v2(Bucket=b, Prefix="rot/")
+    _s3_env(monkeypatch, s3_auth, new["AccessKeyId"], new["SecretAccessKey"])
+    second = scan(f"s3://{b}/rot/")
+    assert [(c.location, c.revision) for c in second] == [(c.location, c.revision) for c in first]
+    assert [c.location for c in first] == [f"s3://{b}/rot/wan-r"]
 
 
 def test_wrong_s3_credential_names_the_service(s3_auth, monkeypatch):

@@ -54,3 +54,22 @@ def test_s3_without_credentials_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("RCM_STORAGE_OPTIONS", raising=False)
     with pytest.raises(StorageError, match="s3://bucket/x.*credentials"):
         Storage("s3://bucket/x")
+
+
+def test_remote_filesystem_is_reused_only_while_the_credentials_are_unchanged(monkeypatch, tmp_path):
+    """fsspec keys its instance cache on the arguments only; url_to_fs (Storage, the watcher, checkpoints) makes a
+    new S3 filesystem when the credential environment or a credential file changed, and reuses it otherwise."""
+    from rcm_core.io.files import url_to_fs
+
+    opts = {"endpoint_url": "http://127.0.0.1:9"}          # nothing is contacted: filesystems connect lazily
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAOLD")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "old")
+    a, path = url_to_fs("s3://bucket/root/x", opts)
+    assert path == "bucket/root/x" and url_to_fs("s3://bucket/other", opts)[0] is a
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANEW")
+    b = url_to_fs("s3://bucket/root/x", opts)[0]
+    assert b is not a and url_to_fs("s3://bucket/root/x", opts)[0] is b
+    (tmp_path / "credentials").write_text("[default]\naws_access_key_id = AKIAFILE\n")     # a rotation agent
+    assert url_to_fs("s3://bucket/root/x", opts)[0] is not b
+    assert Storage("s3://bucket/root", opts).fs is url_to_fs("s3://bucket/root", opts)[0]

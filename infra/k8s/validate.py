@@ -122,6 +122,18 @@ def _containers(pod: Dict):
     return list(pod.get("initContainers") or []) + list(pod.get("containers") or [])
 
 
+def workflow_pod_env(objs: List[Dict]) -> List[Dict]:
+    """The env entries that ``workflowDefaults``' podSpecPatch (ConfigMap workflow-controller-configmap) adds to the
+    main container of every Argo step pod of the flows."""
+    import yaml
+
+    wc = next((o for o in objs if o.get("kind") == "ConfigMap"
+               and o["metadata"]["name"] == "workflow-controller-configmap"), None)
+    spec = (yaml.safe_load((wc or {}).get("data", {}).get("workflowDefaults") or "{}") or {}).get("spec") or {}
+    patch = yaml.safe_load(spec.get("podSpecPatch") or "{}") or {}
+    return [e for c in patch.get("containers") or [] if c.get("name") == "main" for e in c.get("env") or []]
+
+
 def hygiene(objs: List[Dict], project_images=("rcm-pipeline",)) -> List[str]:
     problems = []
     secrets = {o["metadata"]["name"]: o for o in objs if o.get("kind") == "Secret"}
@@ -174,6 +186,11 @@ def hygiene(objs: List[Dict], project_images=("rcm-pipeline",)) -> List[str]:
                     sc = {**(pod.get("securityContext") or {}), **(c.get("securityContext") or {})}
                     if not sc.get("runAsNonRoot") or sc.get("runAsUser") == 0:
                         problems.append(f"{where}/{c['name']}: image {c['image']} not forced to run as non-root")
+    for e in workflow_pod_env(objs):      # the flows' pods read these when they start: they must exist
+        ref = (e.get("valueFrom") or {}).get("configMapKeyRef") or {}
+        if ref and ref.get("key") not in ((configmaps.get(ref.get("name")) or {}).get("data") or {}):
+            problems.append(f"workflow-controller-configmap: podSpecPatch env {e['name']} from missing ConfigMap key "
+                            f"{ref.get('name')}/{ref.get('key')}")
     ml = [o for o in objs if o.get("kind") == "Deployment" and o["metadata"]["name"] == "mlflow"]
     if not ml:
         problems.append("no Deployment mlflow")

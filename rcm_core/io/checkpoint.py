@@ -39,6 +39,8 @@ import fsspec
 import torch
 import torch.distributed as dist
 
+from .files import url_to_fs
+
 __all__ = ["FILE", "DCP", "MARKER", "DCP_FORMAT", "IncompleteCheckpointError", "detect_format", "is_complete",
            "read_meta", "save_dcp", "load_dcp", "ema_safetensors", "lora_safetensors", "lora_experts"]
 
@@ -53,7 +55,7 @@ class IncompleteCheckpointError(RuntimeError):
 
 
 def _fs(url: str, storage_options: Optional[dict]):
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return url_to_fs(url, storage_options)
 
 
 def _is_local(fs) -> bool:

@@ -323,7 +323,8 @@ class LocalS3:
     def create_bucket(self, name: str) -> None:
         import boto3
 
-        boto3.client("s3", endpoint_url=self.url, region_name="us-east-1").create_bucket(Bucket=name)
+        # a new session: boto3.client() would sign with the default session's credentials, cached at its first use
+        boto3.session.Session().client("s3", endpoint_url=self.url, region_name="us-east-1").create_bucket(Bucket=name)
 
     def stop(self) -> None:
         self.server.stop()

@@ -55,10 +55,10 @@ def _user_retries(flow, step_name: str) -> int:
         return 0
 
 
-def _mlflow_run_id(flow, inputs) -> Optional[str]:
+def _mlflow_run_id(flow, inputs, name="mlflow_run_id") -> Optional[str]:
     for obj in [flow, *(inputs or [])]:
         try:
-            rid = getattr(obj, "mlflow_run_id", None)
+            rid = getattr(obj, name, None)
         except Exception:  # noqa: BLE001 - a join's own artifacts are not merged yet
             rid = None
         if rid:
@@ -120,7 +120,8 @@ def sigterm_as_interrupt() -> None:
 def step_guard(step_name, flow, inputs):
     where = f"{current.run_id}/{step_name}/{current.task_id} attempt {current.retry_count}"
     node0 = os.environ.get("MF_PARALLEL_NODE_INDEX", "0") == "0"
-    uri = getattr(flow, "mlflow_tracking_uri", None)
+    # the tracking URI start resolved (rcm_steps.endpoints), else the parameter (start itself, older runs)
+    uri = _mlflow_run_id(flow, inputs, "run_tracking_uri") or getattr(flow, "mlflow_tracking_uri", None)
     client = None
     if uri and node0:
         try:
@@ -134,6 +135,15 @@ def step_guard(step_name, flow, inputs):
         except Exception as e:  # noqa: BLE001 - the step itself reports an unreachable MLflow
             _warn(f"MLflow run not reopened at {where}: {type(e).__name__}: {e}")
     resume_cmd = f"{_flow_cmd()} resume --origin-run-id {current.run_id}"
+
+    def _client_now():      # start resolves the tracking URI in its body: a client made then
+        late = _mlflow_run_id(flow, inputs, "run_tracking_uri")
+        if client is not None or not (late and node0):
+            return client
+        try:
+            return M.client_for(late)
+        except Exception:  # noqa: BLE001
+            return None
     state = {"killed": False}
 
     def on_signal(signum, frame):
@@ -142,6 +152,7 @@ def step_guard(step_name, flow, inputs):
             return
         state["killed"] = True
         rid = _mlflow_run_id(flow, inputs)
+        client = _client_now()
         if client is not None and rid:
             try:
                 M.end_killed(client, rid, signal_name=name, where=where)
@@ -173,6 +184,7 @@ def step_guard(step_name, flow, inputs):
                 "same parameters, keeping the finished steps")
         report(e, step_name, resume_hint=hint)
         rid = _mlflow_run_id(flow, inputs)
+        client = _client_now()
         if client is not None and rid:
             try:
                 M.end_failed(client, rid, headline(e), error_type=type(e).__name__, where=where,

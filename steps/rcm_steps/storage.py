@@ -96,7 +96,7 @@ class Storage:
     """A root URL plus an fsspec filesystem. Relative keys use '/'."""
 
     def __init__(self, root: str, storage_options: Optional[Mapping[str, Any]] = None):
-        import fsspec
+        from rcm_core.io.files import url_to_fs
 
         if not isinstance(root, str) or not root.strip():
             raise StorageError(f"storage root must be a non-empty URL or path, got {root!r}")
@@ -108,7 +108,7 @@ class Storage:
         if self.protocol in ("s3", "s3a"):
             _check_s3_credentials(root, opts)
         try:
-            self.fs, path = fsspec.core.url_to_fs(root, **opts)
+            self.fs, path = url_to_fs(root, opts)       # a rotated credential gets a new filesystem
         except (ImportError, ValueError) as e:
             raise StorageError(f"cannot open storage URL {root!r}: {e}") from e
         if self.protocol == "file":

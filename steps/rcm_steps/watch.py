@@ -108,11 +108,12 @@ def _hf_snapshot_commit(root: str) -> Optional[str]:
 
 
 def _s3_fs(url: str):
-    import fsspec
+    """The filesystem of an s3:// source; made anew when the credentials in the environment were rotated."""
+    from rcm_core.io.files import url_to_fs
 
     from .storage import storage_options_from_env
 
-    return fsspec.core.url_to_fs(url, **storage_options_from_env())
+    return url_to_fs(url, storage_options_from_env())
 
 
 def _s3_revision(url: str) -> str:
