@@ -72,7 +72,9 @@ OWN = {"generate.py": ["rcm_steps.generate"], "champion.py": ["rcm_steps.registe
        "teacher_watch_flow.py": ["flows/teacher_watch_flow.py"], "services.py": ["rcm_steps.services"],
        # a registered version's loading texts: the generate CLI and `rcm_steps.register export`
        "bundle.py": ["rcm_steps.generate", "rcm_steps.register"],
-       "model_card.py": ["rcm_steps.generate", "rcm_steps.register"]}
+       "model_card.py": ["rcm_steps.generate", "rcm_steps.register"],
+       # the run-time endpoints of both flows (the watcher's --sources)
+       "endpoints.py": ["flows/teacher_watch_flow.py"]}
 SOURCES = (sorted((ROOT / "steps" / "rcm_steps").glob("*.py")) + sorted((ROOT / "flows").glob("*.py"))
            + sorted((ROOT / "rcm_core" / "teachers" / "real").glob("*.py"))
            + sorted((ROOT / "rcm_core" / "export").glob("*.py")))
