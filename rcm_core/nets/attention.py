@@ -274,9 +274,9 @@ def check_attention_request(device: torch.device | str, dtype: torch.dtype) -> d
         if value not in allowed:
             raise ValueError(f"{var}={value!r}: expected one of {allowed} (unset it for the default)")
     cuda = device.type == "cuda"
-    where = (f"{torch.cuda.get_device_name(device)} (compute capability "
-             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})") if cuda else f"the {device.type}"
     cap = torch.cuda.get_device_capability(device) if cuda else (0, 0)
+    where = f"{torch.cuda.get_device_name(device)} (compute capability {cap[0]}.{cap[1]})" if cuda else \
+        f"the {device.type}"
     if kernel == "hopper":
         interpret = device.type == "cpu" and env("TRITON_INTERPRET") == "1"      # the kernel's CPU tests
         if not interpret and (cap[0] != 9 or dtype not in (torch.float16, torch.bfloat16)):

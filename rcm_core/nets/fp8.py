@@ -26,6 +26,7 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as fwAD
 
 __all__ = ["Fp8Linear", "check_fp8_device", "quantize_fp8", "calibrate", "fp8_layers", "E4M3_MAX"]
 
@@ -78,7 +79,6 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("Fp8Linear is for frozen no-grad passes; this input requires grad")
-        from torch.autograd import forward_ad as fwAD
         if fwAD.unpack_dual(x).tangent is not None:
             raise RuntimeError("Fp8Linear has no forward-mode rule; it is for frozen no-grad passes")
         shape = x.shape

@@ -42,8 +42,12 @@ def _sq_norm(tensors) -> float:
     and sCM steps in bench/step_profile.py's census); the per-tensor squares are summed in float64."""
     sharded, replicated = [], []
     for t in tensors:
-        if t is not None:
-            (sharded if _is_dtensor(t) else replicated).append(t.to_local() if _is_dtensor(t) else t)
+        if t is None:
+            continue
+        if _is_dtensor(t):
+            sharded.append(t.to_local())
+        else:
+            replicated.append(t)
 
     def total(ts):
         return torch.stack([n.double() for n in torch._foreach_norm(ts)]).square().sum()
