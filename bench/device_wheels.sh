@@ -12,5 +12,6 @@ while read -r line; do
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$dest" "$line"
 done < bench/device_wheels.txt
+mkdir -p .git/info; touch .git/info/exclude
 grep -qx '/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
 grep -qx '/.whl_extra/' .git/info/exclude || echo /.whl_extra/ >> .git/info/exclude

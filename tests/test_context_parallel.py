@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.autograd import forward_ad as fwAD
+from spawn_ranks import end_rank
 
 B, N, H, D, M = 2, 24, 4, 8, 10          # M: text tokens of the cross-attention (not split)
 ATOL = 1e-12
@@ -120,10 +121,12 @@ def _worker(rank, world, port, out_dir):
                 raise AssertionError(f"rank {rank}, cp={cp}: {len(c.failures)} of {c.n} checks failed:\n  "
                                      + "\n  ".join(c.failures))
             done[cp] = c.n
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
     with open(os.path.join(out_dir, f"ok_{rank}"), "w") as f:
         f.write(f"{done[world]} {done[2]}")
+    end_rank()
 
 
 def _run_checks(c: _Checks, group, seed: int):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn_ranks import end_rank
 
 STEPS = 3          # student (sCM + DMD), critic, student
 
@@ -63,9 +64,12 @@ def _worker(rank, world, port, out, cp, fsdp, device="cpu", job="steps", extra=N
         res = _JOBS[job](rank, world, cp, fsdp, device, dict(extra or {}))
         if rank == 0:
             torch.save(res, out)
-    finally:
+    except BaseException:
         if world > 1:
             dist.destroy_process_group()
+        raise
+    if world > 1:
+        end_rank()
 
 
 def _local_rows(tr, full):
@@ -332,8 +336,10 @@ def _wan_worker(rank, world, port, out):
             dist.all_reduce(g)                        # each rank holds its tokens' share: the sum is the gradient
         if rank == 0:
             torch.save(res, out)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_rank()
 
 
 def _wan_fwd_bwd(cp_group=None):

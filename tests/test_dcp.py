@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rcm_core.checkpoint import MARKER, IncompleteCheckpointError, detect_format, is_complete
+from spawn_ranks import end_rank
 
 
 def _free_port() -> int:
@@ -72,9 +73,12 @@ def _worker(rank, world, port, out_dir, phase):
         res = _PHASES[phase](rank, world, out_dir)
         if rank == 0:
             torch.save(res, os.path.join(out_dir, f"res_{phase}.pt"))
-    finally:
+    except BaseException:
         if world > 1:
             dist.destroy_process_group()
+        raise
+    if world > 1:
+        end_rank()
 
 
 def _save_on_4(rank, world, out_dir):

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawn_ranks import end_rank
 
 
 def _free_port() -> int:
@@ -68,8 +69,10 @@ def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64", fus
         if rank == 0:
             torch.save({"ms": ms, "student": sd["student"], "fake": sd["fake"], "ema": sd["ema"]["module"],
                         "next": nxt}, os.path.join(out_dir, f"res_{tag}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_rank()
 
 
 def _run(out_dir, fsdp, device="cpu", dtype="float64", fused=False, resume=True):

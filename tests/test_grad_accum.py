@@ -17,6 +17,7 @@ from rcm_core.denoiser import Parameterization
 from rcm_core.gaussian import AffineTimeNet, GaussianTeacher
 from rcm_core.rng import SampleRNG
 from rcm_core.trainer import RCMTrainer
+from spawn_ranks import end_rank
 
 D = torch.float64
 STEPS = 6          # student (sCM), student (sCM), student (sCM + DMD), critic, student, critic
@@ -93,8 +94,10 @@ def _worker(rank, world, port, out):
         ms = _run(tr, global_batches(te), rows=slice(rank * per, (rank + 1) * per), offset=rank * per)
         if rank == 0:
             torch.save({"ms": ms, "w": _weights(tr)}, out)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_rank()
 
 
 def test_two_ranks_give_the_single_process_result(tmp_path):

@@ -18,6 +18,7 @@ from rcm_core.denoiser import Parameterization, TrigFlowDenoiser
 from rcm_core.lora import EMA, FAKE, STUDENT, LoRALinear, use_adapter
 from rcm_core.teachers import Teacher
 from rcm_core.trainer import RCMTrainer
+from spawn_ranks import end_rank
 
 D = torch.float64
 RF = Parameterization("rf", 1000.0)
@@ -391,8 +392,10 @@ def _fsdp_worker(rank, world, port, out_dir, fsdp):
             torch.save({"losses": losses, "student": sd["student"], "fake": sd["fake"], "ema": sd["ema"]["module"],
                         "merged_keys": sorted(merged), "adapter": load(adapter), "next": nxt},
                        os.path.join(out_dir, f"res_{fsdp}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    end_rank()
 
 
 @pytest.mark.slow

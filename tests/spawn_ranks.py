@@ -1,0 +1,21 @@
+"""Ending a spawned gloo rank (``torch.multiprocessing.start_processes`` workers of the tests).
+
+A rank that returns normally ends through the interpreter's finalization, where gloo's worker threads can
+still hold work objects; destroying them then aborts the process ("terminate called without an active
+exception", SIGABRT) although every check passed (seen once in CI on the 2-rank Wan context-parallel
+test). ``steps/rcm_steps/distill.py``'s ``_exit_worker`` ends torchrun workers the same way."""
+import os
+import sys
+
+import torch.distributed as dist
+
+
+def end_rank() -> None:
+    """Call last in a worker whose work succeeded: wait for the peers, leave the group, flush and exit 0
+    without the interpreter's finalization (spawn reads exit code 0 as success)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
