@@ -22,13 +22,14 @@ alignment) are left as they are. Frozen only: no gradients and no forward-mode t
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 from torch.autograd import forward_ad as fwAD
 
-__all__ = ["Fp8Linear", "check_fp8_device", "quantize_fp8", "calibrate", "fp8_layers", "E4M3_MAX"]
+__all__ = ["Fp8Linear", "check_fp8_device", "quantize_fp8", "calibrate", "activation_scales", "fp8_layers", "E4M3_MAX"]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)          # 448
@@ -109,24 +110,40 @@ def _block_linears(net: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]
     return out
 
 
+@contextmanager
+def activation_scales(net: nn.Module) -> Iterator[Dict[str, float]]:
+    """Record FP8 static scales while ``net`` runs inside the block: yields a dict that holds, on exit,
+    {layer: amax of its input over every call / 448} for the layers :func:`rcm_core.nets.fp8.quantize_fp8`
+    replaces (empty when ``net`` has no transformer blocks). No extra passes: wrap the sampling already done."""
+    try:
+        layers = _block_linears(net)
+    except ValueError:                          # no transformer blocks (e.g. a module:factory teacher's net)
+        layers = []
+    amax: Dict[str, torch.Tensor] = {}
+
+    def hook(_mod, args, _out, key):
+        a = args[0].detach().abs().amax().float()
+        amax[key] = torch.maximum(amax[key], a) if key in amax else a
+
+    handles = [lin.register_forward_hook(lambda m, a, o, key=q: hook(m, a, o, key)) for q, _, _, lin in layers]
+    out: Dict[str, float] = {}
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+        out.update({k: max(float(v), 1e-12) / E4M3_MAX for k, v in amax.items()})
+
+
 @torch.no_grad()
 def calibrate(net: nn.Module, batches: Iterable, run) -> dict[str, float]:
     """Static activation scales: ``run(net, batch)`` for each calibration batch (e.g. the teacher's own CFG
     forwards on cached prompts and noise levels); returns {layer name: amax/448} over all batches, the form
     stored with a quantised model."""
-    amax: dict[str, float] = {}
-    hooks = []
-    for qual, _, _, lin in _block_linears(net):
-        def hook(mod, args, _out, key=qual):
-            amax[key] = max(amax.get(key, 0.0), float(args[0].detach().abs().amax()))
-        hooks.append(lin.register_forward_hook(hook))
-    try:
+    with activation_scales(net) as scales:
         for batch in batches:
             run(net, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: max(v, _TINY) / E4M3_MAX for k, v in amax.items()}
+    return scales
 
 
 def quantize_fp8(net: nn.Module, calibration: Optional[dict[str, float]] = None,

@@ -1,0 +1,133 @@
+"""Serving options for a frozen student network (issue 23): FP8 linear layers and a compiled, fixed-shape
+forward, as data (:class:`ServingOptions`) applied from outside the network (:func:`apply_serving_options`).
+
+    opts = ServingOptions.resolve(meta.get("serving"), os.environ, model_config)   # registered < env < call
+    check_serving_options(opts, device, scales)      # clear errors before anything loads onto the GPU
+    apply_serving_options(denoiser, opts, scales)    # in place: Fp8Linear layers, compiled blocks
+
+* ``fp8``: ``off``; ``dynamic`` (one activation scale per token row, measured at run time: no calibration,
+  an extra amax pass per linear); ``static`` (one calibrated scale per layer, stored with the registered model:
+  the ``fp8_scales`` artifact, see :func:`rcm_core.nets.fp8.activation_scales`). E4M3 weights with one scale per output row
+  either way (:mod:`rcm_core.nets.fp8`). Needs FP8 tensor cores (sm89+); refused elsewhere, naming the device.
+* ``compile``: ``off``; ``default``, ``max-autotune-no-cudagraphs`` or ``reduce-overhead`` (the last captures
+  CUDA graphs): ``torch.compile`` of each transformer block with static shapes, as torchtitan compiles its
+  blocks (identical blocks share one compiled graph; the first call at a new size pays the compile, measured
+  separately as the first-call latency in ``bench/serving.py``).
+
+Scales are calibrated on the network's own activations (the student's, while it samples the eval prompts at
+1, 2 and 4 steps in the flow's evaluate step): the layers quantised are the student's, so its activation
+ranges are the ones that matter (the issue's "teacher's own activations" is the teacher's case of the same
+rule).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["ServingOptions", "FP8_MODES", "COMPILE_MODES", "check_serving_options", "apply_serving_options",
+           "check_scales", "ENV"]
+
+FP8_MODES = ("off", "dynamic", "static")
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
+ENV = {"fp8": "RCM_FP8", "compile": "RCM_COMPILE"}          # environment overrides of a registered setting
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """How a loaded student runs. Stored in a registered version's ``meta.json`` (``serving``), overridden by
+    ``RCM_FP8`` / ``RCM_COMPILE`` and by the load call (``mlflow.pyfunc.load_model(uri, model_config={...})``,
+    the generate CLI's ``--fp8`` / ``--compile``)."""
+    fp8: str = "off"
+    compile: str = "off"
+
+    def __post_init__(self):
+        for key, known in (("fp8", FP8_MODES), ("compile", COMPILE_MODES)):
+            if getattr(self, key) not in known:
+                raise ValueError(f"serving option {key}={getattr(self, key)!r}: known values are {', '.join(known)}")
+
+    @classmethod
+    def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "ServingOptions":
+        d = dict(d or {})
+        unknown = sorted(set(d) - {"fp8", "compile"})
+        if unknown:
+            raise ValueError(f"serving options {unknown}: unknown (known: fp8, compile)")
+        return cls(**{k: str(v) for k, v in d.items()})
+
+    @classmethod
+    def resolve(cls, registered: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
+                call: Optional[Mapping[str, Any]] = None) -> "ServingOptions":
+        """The registered settings, then the environment (``RCM_FP8``, ``RCM_COMPILE``), then the call's
+        (``model_config``; keys other than ``fp8``/``compile`` are ignored here), later ones winning."""
+        env = os.environ if env is None else env
+        merged = dict(registered or {})
+        merged.update({k: env[v] for k, v in ENV.items() if env.get(v)})
+        merged.update({k: v for k, v in (call or {}).items() if k in ("fp8", "compile") and v is not None})
+        return cls.from_dict(merged)
+
+    def to_dict(self) -> Dict[str, str]:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        return f"fp8={self.fp8}, compile={self.compile}"
+
+
+def check_scales(scales: Any, where: str = "fp8_scales") -> Dict[str, float]:
+    """A {layer name: activation scale} map, every scale a positive finite float; else ``ValueError`` naming
+    ``where`` and the first bad entry."""
+    if not isinstance(scales, Mapping) or not scales:
+        raise ValueError(f"{where}: FP8 static scales must be a non-empty {{layer name: scale}} map, got "
+                         f"{type(scales).__name__}{'' if scales else ' (empty)'}")
+    out = {}
+    for k, v in scales.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not (math.isfinite(f) and f > 0):
+            raise ValueError(f"{where}: the scale of layer {k!r} is {v!r}; scales are positive finite numbers "
+                             "(amax / 448 of the layer's input)")
+        out[str(k)] = f
+    return out
+
+
+def check_serving_options(opts: ServingOptions, device, scales: Optional[Mapping[str, float]] = None) -> None:
+    """Raise before anything is loaded: FP8 on a device without FP8 tensor cores (naming it), static FP8 without
+    scales, CUDA graphs off a GPU."""
+    if opts.fp8 != "off":
+        from .fp8 import check_fp8_device
+        check_fp8_device(device)
+    if opts.fp8 == "static":
+        if scales is None:
+            raise ValueError("serving option fp8=static needs the FP8 activation scales stored with the model "
+                             "(artifact fp8_scales); this model has none: use fp8=dynamic, or register a version "
+                             "with scales (flow runs calibrate them in evaluate)")
+        check_scales(scales)
+    if opts.compile == "reduce-overhead" and torch.device(device).type != "cuda":
+        raise ValueError(f"serving option compile=reduce-overhead captures CUDA graphs; this model runs on "
+                         f"{torch.device(device).type}: use compile=default or off")
+
+
+def apply_serving_options(denoiser: nn.Module, opts: ServingOptions,
+                          scales: Optional[Mapping[str, float]] = None) -> nn.Module:
+    """Apply ``opts`` to ``denoiser`` (a :class:`rcm_core.nets.denoiser.TrigFlowDenoiser`; its ``net`` is changed
+    in place) and return it. FP8 layers compute in the denoiser's dtype (bf16 on a GPU)."""
+    from .base import transformer_blocks
+    from .fp8 import quantize_fp8
+
+    net = denoiser.net
+    dtype = denoiser.dtype
+    denoiser._dtype = dtype                     # the FP8 weights are buffers: keep the dtype the net had
+    device = next(iter(net.parameters())).device
+    check_serving_options(opts, device, scales)
+    if opts.fp8 != "off":
+        quantize_fp8(net, calibration=dict(check_scales(scales)) if opts.fp8 == "static" else None, out_dtype=dtype)
+    if opts.compile != "off":
+        for block in transformer_blocks(net):
+            block.compile(dynamic=False, **({} if opts.compile == "default" else {"mode": opts.compile}))
+    return denoiser
