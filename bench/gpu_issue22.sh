@@ -6,9 +6,13 @@
 PARTS=${1:-"1 2 3 4"}
 want() { case " $PARTS " in *" $1 "*) return 0;; esac; return 1; }
 . bench/gpu_common.sh
-# 1. the fused RMSNorm path and the start checks on CUDA (CPU tests cover the maths; these cover the dispatch)
-want 1 && part gpu_tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_norms.py tests/test_attention_request.py \
-  "tests/test_real_teachers.py::test_bf16_autocast_step_with_project_attention"
+# 1. the fused RMSNorm path, the start checks and the Hopper kernel (now the default on sm90) on CUDA
+want 1 && part gpu_tests 150 bash -c 'python3 -m pytest -q -p no:cacheprovider tests/test_norms.py tests/test_attention_request.py \
+  "tests/test_real_teachers.py::test_bf16_autocast_step_with_project_attention"; python3 -m pytest -q -p no:cacheprovider \
+  -m gpu tests/test_kernel_flash_jvp_hopper.py tests/test_norms.py' 
+# the Hopper default only if its GPU tests passed in this call (else the step rows run the portable kernel)
+want 1 && { grep -q -E "[0-9]+ passed" "$OUT/gpu_tests.log" && ! grep -q -E "[0-9]+ (failed|error)" "$OUT/gpu_tests.log" \
+  || { export RCM_ATTN_KERNEL=portable; echo "gpu tests failed: RCM_ATTN_KERNEL=portable for the rows"; }; }
 # 2. step times with their op-class profile and cast census (plain, sCM fused/separate, rCM n=1/3, critic)
 want 2 && part steps 420 python3 bench/bench_real.py --phases steps,rcm --ac full --repeats 2 --profile \
   --out "$OUT/real_steps_profile.json" --label "issue22-cuts-1"

@@ -168,7 +168,8 @@ def test_applies_and_rejections():
 @cpu_only
 def test_dispatch_opt_in_cpu_interpreter(monkeypatch, hopper_env):
     """RCM_ATTN_KERNEL=hopper sends rcm_core.attention's kernel calls to the Hopper module where it
-    applies (forced onto CPU tensors here), the portable module otherwise; default portable."""
+    applies (forced onto CPU tensors here), the portable module otherwise; the default (auto) on CPU tensors:
+    portable (auto picks Hopper on sm90 CUDA tensors: test_gpu_hopper_project_op)."""
     import rcm_core.attention as A
     monkeypatch.setattr(A, "_use_kernel", lambda q_, v_: True)
     calls = []
@@ -274,9 +275,14 @@ def test_gpu_hopper_backward_bf16(gpu_one_config, B, H, Nq, Nk, Dqk, Dv, layout)
 
 @gpu
 @needs_hopper
-def test_gpu_hopper_project_op(gpu_one_config, monkeypatch):
-    """rcm_core.attention with RCM_ATTN_KERNEL=hopper: jvp and backward through the Hopper kernels."""
-    monkeypatch.setenv("RCM_ATTN_KERNEL", "hopper")
+@pytest.mark.parametrize("asked", ["hopper", None])
+def test_gpu_hopper_project_op(gpu_one_config, monkeypatch, asked):
+    """rcm_core.attention with RCM_ATTN_KERNEL=hopper, and by default (auto) on sm90: jvp and backward
+    through the Hopper kernels."""
+    if asked:
+        monkeypatch.setenv("RCM_ATTN_KERNEL", asked)
+    else:
+        monkeypatch.delenv("RCM_ATTN_KERNEL", raising=False)
     monkeypatch.setenv("RCM_ATTN_PRIMAL", "op")
     calls = []
     for fn in ("forward", "forward_tangent", "backward"):

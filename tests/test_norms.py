@@ -43,9 +43,14 @@ def _norm():
     return m
 
 
-def test_bf16_input_and_fp32_weight_take_the_fused_kernel_and_match_the_formula():
-    m = _norm()
-    x = torch.randn(8, D).to(torch.bfloat16)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_bf16_input_and_fp32_weight_take_the_fused_kernel_and_match_the_formula(dev):
+    m = _norm().to(dev)
+    x = torch.randn(8, D).to(torch.bfloat16).to(dev)
     stock = _ops(lambda: m(x))
     assert "aten::_fused_rms_norm" not in stock            # today's behaviour: the composite path
     assert install_matched_norms(m) == 1 and uses_matched_norms(m)
@@ -58,18 +63,19 @@ def test_bf16_input_and_fp32_weight_take_the_fused_kernel_and_match_the_formula(
     ref = _ref(x, m.weight)
     assert ((y.double() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-6).all()      # bf16 output rounding + weight's
     # the weight's gradient reaches the fp32 master: dL/dw = sum_rows G * x * r
-    g = torch.randn(8, D)
+    g = torch.randn(8, D).to(dev)
     y.backward(g.to(torch.bfloat16))
-    xr = _ref(x, torch.ones(D))
+    xr = _ref(x, torch.ones(D, device=dev))
     gw = (g.to(torch.bfloat16).double() * xr).sum(0)
     assert m.weight.grad.dtype == torch.float32
     torch.testing.assert_close(m.weight.grad.double(), gw, rtol=2e-2, atol=2e-2)
 
 
-def test_tangent_matches_the_formulas_derivative():
-    m = _norm()
+@pytest.mark.parametrize("dev", DEVICES)
+def test_tangent_matches_the_formulas_derivative(dev):
+    m = _norm().to(dev)
     install_matched_norms(m)
-    x, dx = torch.randn(8, D), torch.randn(8, D)
+    x, dx = torch.randn(8, D).to(dev), torch.randn(8, D).to(dev)
     with fwAD.dual_level():                                 # float32: compare tightly with float64
         t = fwAD.unpack_dual(m(fwAD.make_dual(x, dx))).tangent
     torch.testing.assert_close(t.double(), _ref_jvp(x, dx, m.weight.detach()), rtol=1e-4, atol=1e-5)

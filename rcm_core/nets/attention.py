@@ -243,7 +243,7 @@ def _primal_attention(q, k, v, s, backend: str):
     return F.scaled_dot_product_attention(q, k, v, scale=s)
 
 
-KERNELS = ("portable", "hopper")
+KERNELS = ("auto", "portable", "hopper")      # auto: hopper where it applies (sm90), else portable
 TANGENT_BACKENDS = ("auto", "exact")
 
 
@@ -267,7 +267,7 @@ def check_attention_request(device: torch.device | str, dtype: torch.dtype) -> d
     """
     device = torch.device(device)
     env = os.environ.get
-    kernel, primal, tangent = env("RCM_ATTN_KERNEL", "portable"), env("RCM_ATTN_PRIMAL", "auto"), \
+    kernel, primal, tangent = env("RCM_ATTN_KERNEL", "auto"), env("RCM_ATTN_PRIMAL", "auto"), \
         env("RCM_ATTN_BACKEND", "auto")
     for var, value, allowed in (("RCM_ATTN_KERNEL", kernel, KERNELS), ("RCM_ATTN_PRIMAL", primal, PRIMAL_BACKENDS),
                                 ("RCM_ATTN_BACKEND", tangent, TANGENT_BACKENDS)):
@@ -290,6 +290,8 @@ def check_attention_request(device: torch.device | str, dtype: torch.dtype) -> d
         if why:
             raise ValueError(f"RCM_ATTN_PRIMAL=fa3 on {where}: FlashAttention-3 cannot run ({why}). "
                              "Use RCM_ATTN_PRIMAL=auto (SDPA where FA3 cannot run) or sdpa")
+    if kernel == "auto":        # as _kernels decides per call (tensors it cannot take go to the portable one)
+        kernel = "hopper" if cap[0] == 9 and dtype in (torch.float16, torch.bfloat16) else "portable"
     out = {"kernel": kernel, "primal": primal, "tangent": tangent}
     if cuda and tangent == "auto":
         try:
@@ -302,18 +304,22 @@ def check_attention_request(device: torch.device | str, dtype: torch.dtype) -> d
 
 
 def _kernels(*plain):
-    """The kernel module for these storage-backed tensors: ``rcm_kernels.flash_jvp`` (portable), or
-    ``flash_jvp_hopper`` with ``RCM_ATTN_KERNEL=hopper`` (opt-in, experimental: its first GPU run found a wrong
-    LSE with warp specialisation, now off by default; see the kernel module) where it applies
-    (compute capability 9.x, fp16/bf16, TMA-aligned strides); default ``portable``."""
+    """The kernel module for these storage-backed tensors: ``rcm_kernels.flash_jvp_hopper`` where it applies
+    (compute capability 9.x, fp16/bf16, TMA-aligned strides, head dim 32/64/128; its forward, tangent and
+    backward passed the GPU tests on an H200, without warp specialisation, whose LSE was wrong), else
+    ``rcm_kernels.flash_jvp`` (portable). ``RCM_ATTN_KERNEL``: ``auto`` (default), ``portable`` (always the
+    portable kernel), ``hopper`` (asked for: the start check refuses it off sm90; tensors it cannot take are
+    logged once and run on the portable kernel)."""
     from rcm_kernels import flash_jvp
-    if os.environ.get("RCM_ATTN_KERNEL", "portable") == "hopper":
+    kernel = os.environ.get("RCM_ATTN_KERNEL", "auto")
+    if kernel in ("auto", "hopper") and (plain[0].is_cuda or kernel == "hopper"):
         from rcm_kernels import flash_jvp_hopper
         if flash_jvp_hopper.applies(*plain):
             return flash_jvp_hopper
-        _log_once(f"attention: RCM_ATTN_KERNEL=hopper does not apply to tensors of shape {tuple(plain[0].shape)}, "
-                  f"{plain[0].dtype}, strides {plain[0].stride()} (TMA alignment / head dim); the portable kernel "
-                  "runs them")
+        if kernel == "hopper" or torch.cuda.get_device_capability(plain[0].device)[0] == 9:
+            _log_once(f"attention: the Hopper kernel does not apply to tensors of shape {tuple(plain[0].shape)}, "
+                      f"{plain[0].dtype}, strides {plain[0].stride()} (TMA alignment / head dim); the portable "
+                      "kernel runs them")
     return flash_jvp
 
 
