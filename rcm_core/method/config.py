@@ -97,6 +97,10 @@ class DistillConfig:
     # FP8 tensor cores (compute capability >= 8.9). Opt-in: its error on g and the DMD gradient is measured
     # by the bench before it may become a default (issue 22)
     teacher_fp8: bool = False
+    # the frozen teacher's transformer blocks under torch.compile (rcm_core.nets.serving.compile_blocks) for its
+    # no-grad passes; same conditions as teacher_fp8 (a teacher of its own, not sharded). Not for the student:
+    # a compiled block drops forward-AD tangents (bench/compile_fwad_probe.py). Opt-in until measured
+    teacher_compile: bool = False
     # FSDP2: shard the student's, fake score's and EMA's transformer blocks (weights, grads, AdamW
     # states) over all ranks; with fused_tangent it needs activation_checkpointing="full"
     fsdp: bool = False
@@ -231,6 +235,10 @@ class DistillConfig:
                              "hooks accept; an unchecked block would carry forward-AD tangents through FSDP's "
                              "unshard while recording (it fails). Use activation_checkpointing='full' or "
                              "fused_tangent=False (a separate no-grad JVP pass)")
+        if self.teacher_compile and (self.lora is not None or self.fsdp):
+            raise ValueError("DistillConfig.teacher_compile=True needs a teacher of its own: not with lora (one shared "
+                             "network, whose student passes carry tangents a compiled block would drop; "
+                             f"lora={'set' if self.lora is not None else 'None'}), not with fsdp (fsdp={self.fsdp})")
         if self.teacher_fp8 and (self.lora is not None or self.fsdp or self.dtype not in ("bfloat16", "float16")):
             raise ValueError("DistillConfig.teacher_fp8=True needs a teacher of its own in bf16/fp16: not with lora "
                              f"(one shared network; lora={'set' if self.lora is not None else 'None'}), not with fsdp "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ["ServingOptions", "FP8_MODES", "COMPILE_MODES", "check_serving_options", "apply_serving_options",
-           "check_scales", "ENV"]
+           "check_scales", "compile_blocks", "ENV"]
 
 FP8_MODES = ("off", "dynamic", "static")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -117,7 +117,6 @@ def apply_serving_options(denoiser: nn.Module, opts: ServingOptions,
                           scales: Optional[Mapping[str, float]] = None) -> nn.Module:
     """Apply ``opts`` to ``denoiser`` (a :class:`rcm_core.nets.denoiser.TrigFlowDenoiser`; its ``net`` is changed
     in place) and return it. FP8 layers compute in the denoiser's dtype (bf16 on a GPU)."""
-    from .base import transformer_blocks
     from .fp8 import quantize_fp8
 
     net = denoiser.net
@@ -128,6 +127,29 @@ def apply_serving_options(denoiser: nn.Module, opts: ServingOptions,
     if opts.fp8 != "off":
         quantize_fp8(net, calibration=dict(check_scales(scales)) if opts.fp8 == "static" else None, out_dtype=dtype)
     if opts.compile != "off":
-        for block in transformer_blocks(net):
-            block.compile(dynamic=False, **({} if opts.compile == "default" else {"mode": opts.compile}))
+        compile_blocks(net, opts.compile)
     return denoiser
+
+
+def compile_blocks(net: nn.Module, mode: str = "default") -> int:
+    """``torch.compile`` each transformer block's forward (static shapes; ``mode`` as :data:`COMPILE_MODES`) for
+    no-grad passes; returns how many. A compiled block drops forward-mode tangents silently (measured:
+    ``bench/compile_fwad_probe.py``), so a call with ``forward_ad`` dual inputs raises instead."""
+    from torch.autograd import forward_ad as fwAD
+
+    from .base import transformer_blocks
+
+    if mode not in COMPILE_MODES[1:]:
+        raise ValueError(f"compile mode {mode!r}: known {', '.join(COMPILE_MODES[1:])}")
+    blocks = transformer_blocks(net)
+    for block in blocks:
+        compiled = torch.compile(block.forward, dynamic=False, **({} if mode == "default" else {"mode": mode}))
+
+        def forward(*args, _compiled=compiled, **kwargs):
+            if any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None
+                   for a in (*args, *kwargs.values())):
+                raise RuntimeError("a compiled block got forward-AD dual inputs: torch.compile drops their "
+                                   "tangents; compiled blocks are for no-grad passes only")
+            return _compiled(*args, **kwargs)
+        block.forward = forward
+    return len(blocks)

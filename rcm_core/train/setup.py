@@ -127,6 +127,9 @@ class _Setup:
             if self.cfg.teacher_fp8:            # its no-grad passes in FP8 (the device was checked above)
                 from ..nets.fp8 import quantize_fp8
                 quantize_fp8(self.teacher.net)
+            if self.cfg.teacher_compile:        # no-grad passes only (a dual input raises there)
+                from ..nets.serving import compile_blocks
+                compile_blocks(self.teacher.net)
             self.student = clone(student_net if student_net is not None else teacher.net, True)
             self.fake = clone(fake_net if fake_net is not None else teacher.net, True) if self.cfg.uses_dmd else None
         betas = tuple(self.cfg.betas)

@@ -1,0 +1,69 @@
+"""torch.compile of transformer blocks for no-grad passes (rcm_core.nets.serving.compile_blocks): the frozen
+teacher's (DistillConfig.teacher_compile) and a served student's. Expected values come from the same network
+run eagerly (a second, uncompiled copy), not from the compiled code."""
+import copy
+import math
+
+import pytest
+import torch
+from torch.autograd import forward_ad as fwAD
+
+from real_fixtures import SMALL, tiny_wan, wan_dir  # noqa: F401  (wan_dir: a fixture)
+from rcm_core.nets.serving import compile_blocks
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 2, 16, 16, generator=g)
+    ctx = torch.randn(1, 8, 16, generator=g)
+    return x, torch.tensor([500.0]), ctx
+
+
+def test_compiled_blocks_match_eager_and_refuse_tangents():
+    from rcm_core.real import install_rcm_attention
+    net = tiny_wan().float().eval()
+    install_rcm_attention(net)
+    eager = copy.deepcopy(net)
+    assert compile_blocks(net) == len(net.blocks)
+    x, t, ctx = _inputs()
+    with torch.no_grad():
+        want = eager(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+        got = net(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="dual inputs: torch.compile drops their tangents"):
+        net(hidden_states=fwAD.make_dual(x, torch.randn_like(x)), timestep=t, encoder_hidden_states=ctx,
+            return_dict=False)
+    with pytest.raises(ValueError, match="compile mode 'fast'"):
+        compile_blocks(net, "fast")
+
+
+def test_teacher_compile_option_in_the_trainer(wan_dir):
+    """DistillConfig.teacher_compile: refused with LoRA/FSDP; an rCM run (sCM target CFG pair, DMD real score
+    through the compiled teacher) gives the losses of the same run with an eager teacher."""
+    from rcm_core.config import DistillConfig, LoRAConfig
+    from rcm_core.real import load_teacher_from_path
+    from rcm_core.trainer import RCMTrainer
+    te = load_teacher_from_path(wan_dir, **SMALL)
+    kw = dict(tangent_warmup_steps=0, batch_size=1, iterations=2, lr_warmup_steps=0, student_update_freq=2)
+    with pytest.raises(ValueError, match="teacher_compile=True needs a teacher of its own: not with lora"):
+        DistillConfig.preset(te.preset, method="rcm", lora=LoRAConfig(rank=4), teacher_compile=True, **kw)
+    batch = dict(latents=torch.randn(1, *te.latent_shape), cond=te.encode_text(["a red cat runs"]),
+                 uncond=te.negative_embedding())
+    runs = {}
+    for comp in (False, True):
+        torch.manual_seed(0)
+        tr = RCMTrainer(te, DistillConfig.preset(te.preset, method="rcm", teacher_compile=comp, seed=3, **kw))
+        runs[comp] = (tr, [tr.train_step(batch) for _ in range(2)])
+    # the teacher's output itself, eager vs compiled, same input
+    x = torch.randn(1, *te.latent_shape, dtype=torch.float64)
+    t = torch.full((1,), 1.1, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = (runs[c][0].teacher.x0(x, t, batch["cond"]) for c in (False, True))
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    # the losses that are not a difference of two nearly equal scores agree; the DMD loss (fake - real score,
+    # equal networks at step 0: a difference of rounding errors) is only finite
+    for a, b in zip(runs[False][1], runs[True][1]):
+        for k in ("loss_cm", "loss_fake"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4), k
+        assert all(math.isfinite(v) for v in b.values() if isinstance(v, float)), b
