@@ -217,6 +217,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--teacher-fp8", action="store_true",
                     help="steps/rcm phases: the teacher's no-grad passes in FP8 (DistillConfig.teacher_fp8); rows get "
                          "teacher_fp8=True")
+    ap.add_argument("--teacher-compile", action="store_true",
+                    help="DistillConfig.teacher_compile=True (the teacher's blocks compiled for its no-grad passes); "
+                         "rows get teacher_compile: true")
     ap.add_argument("--profile", action="store_true",
                     help="steps/rcm phases: after the timed calls, one call under torch.profiler (time by op class) "
                          "and one under a cast/copy census (bench/step_profile.py), stored in the row")
@@ -250,8 +253,8 @@ def main(argv=None) -> dict:
     uncond = torch.randn((1, 512, text_dim), generator=g, device=dev)
     phases = a.phases.split(",")
     base = dict(batch_size=1, dtype="bfloat16", tangent_warmup_steps=0, student_update_freq=2,
-                teacher_fp8=a.teacher_fp8)
-    fp8 = {"teacher_fp8": True} if a.teacher_fp8 else {}
+                teacher_fp8=a.teacher_fp8, teacher_compile=a.teacher_compile)
+    fp8 = {**({"teacher_fp8": True} if a.teacher_fp8 else {}), **({"teacher_compile": True} if a.teacher_compile else {})}
 
     def profiled(row: dict, fn, params) -> None:
         """--profile: the op-class profile and the cast census of one more call, in ``row``."""
