@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save
 
 from pipeline_fixtures import FakeTeacher
+from real_fixtures import wan_dir  # noqa: F401  (a fixture)
 from rcm_core.nets.serving import ServingOptions
 
 PROMPTS = ["a 3 drifting up", "a 7 drifting left"]
@@ -261,3 +262,43 @@ def test_compiled_blocks_give_the_same_clips(registry):
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
     out = model.predict(ROWS)
     assert _rel(out, ref) < 1e-5
+
+
+# ---- a real (diffusers) teacher's version: its own card and load path --------------------------------------------
+
+def test_real_teachers_version_serves_its_registered_fp8_setting(wan_dir, tmp_path, monkeypatch):
+    """A tiny Wan2.1 student registered with fp8=dynamic: its model card says so and how to switch; the pyfunc
+    (the bundle load path) quantises the blocks' linears without a load-time option, and model_config turns it
+    off again. The upper bound is the static test's; the decoded clips of this random tiny network move far less
+    (relative L2 about 2e-4): the lower bound says only that FP8 ran (off is bit-identical run to run)."""
+    from rcm_core.nets.fp8 import fp8_layers
+    from rcm_steps.register import register_student
+
+    from real_fixtures import tiny_wan
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("RCM_COMPONENT_CACHE", str(tmp_path / "component-cache"))
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("e", artifact_location=f"file://{tmp_path / 'art'}")
+    opts = {"frames": 5, "height": 8, "width": 8, "text_len": 8, "dtype": "float32"}
+    meta = {"teacher": str(wan_dir), "teacher_version": "v", "latent_shape": [4, 3, 4, 4], "default_steps": 2,
+            "sigma_max": 80.0, "mid_t": [1.3, 1.0, 0.6], "method": "rcm", "teacher_options": opts}
+    state = {k: v.float().contiguous() for k, v in tiny_wan(seed=3).state_dict().items()}
+    r = register_student(save(state), meta, client.create_run(exp).info.run_id, {}, {}, True, model_name="w",
+                         component_store=str(tmp_path / "store"), serving={"fp8": "dynamic"})
+    card = client.get_model_version("w", r.version).description
+    assert "Serving: fp8=dynamic, compile=off; no FP8 static scales" in card
+    assert f"model_config={{\"fp8\": \"static\", \"compile\": \"default\"}}" in card and "--fp8" in card
+    rows = pd.DataFrame({"prompt": ["a red cat runs"], "seed": [0], "steps": [2]})
+    ref_model = mlflow.pyfunc.load_model(r.model_uri, model_config={"fp8": "off"})
+    assert fp8_layers(_student(ref_model).net) == []
+    ref = ref_model.predict(rows)
+    with pytest.raises(ValueError, match="this run is on the cpu"):          # the registered setting applies
+        mlflow.pyfunc.load_model(r.model_uri)
+    monkeypatch.setenv("RCM_FP8_EMULATE", "1")
+    model = mlflow.pyfunc.load_model(r.model_uri)
+    assert len(fp8_layers(_student(model).net)) > 0
+    err = _rel(model.predict(rows), ref)
+    assert 1e-5 < err < 0.15, err
