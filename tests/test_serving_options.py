@@ -302,3 +302,30 @@ def test_real_teachers_version_serves_its_registered_fp8_setting(wan_dir, tmp_pa
     assert len(fp8_layers(_student(model).net)) > 0
     err = _rel(model.predict(rows), ref)
     assert 1e-5 < err < 0.15, err
+
+
+def test_a_version_that_drops_load_options_is_named_by_generate(registry, tmp_path, monkeypatch, capsys):
+    """Versions logged without the ``model_config`` keys (before issue 23): MLflow drops --fp8 / --compile
+    silently, so generate says so instead of sampling with other settings than asked."""
+    from rcm_steps import register
+    from rcm_steps.generate import main
+
+    client = _use(registry)
+    monkeypatch.setattr(register, "LOAD_CONFIG", None)
+    old = register.register_student(registry["weights"], registry["meta"],
+                                    client.create_run(registry["exp"]).info.run_id, {}, {}, True, model_name="old")
+    out = tmp_path / "x.gif"
+    rc = main(["--model", old.model_uri, "--tracking-uri", registry["uri"], "--prompt", "a 3 drifting up",
+               "--out", str(out), "--compile", "default"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "registered before its serving options could be set at load time: --compile default" in err
+    assert "loaded with fp8=off, compile=off" in err and not out.exists()
+
+
+def test_two_expert_students_refuse_fp8_and_compile():
+    from rcm_steps.serving import _check_layout
+
+    _check_layout(ServingOptions(), True)                      # the default: nothing to refuse
+    _check_layout(ServingOptions("dynamic", "default"), False)
+    with pytest.raises(ValueError, match=r"fp8=dynamic, compile=off: the student is two experts.*\"fp8\": \"off\""):
+        _check_layout(ServingOptions("dynamic"), True)

@@ -94,6 +94,12 @@ def main(argv=None) -> int:
         print(f"rcm_steps.generate: cannot load {a.model}: {e.message}; {_uri_help(mlflow.get_registry_uri(), True)}",
               file=sys.stderr)
         return 2
+    ignored = _ignored_options(model, config)
+    if ignored:
+        print(f"rcm_steps.generate: {a.model} was registered before its serving options could be set at load "
+              f"time: {ignored} not applied (it loaded with {_serving_label(model)}); set RCM_FP8 / RCM_COMPILE "
+              "instead, or register a new version (a new flow run)", file=sys.stderr)
+        return 2
     rows = [{"prompt": pr, "seed": a.seed + s, **({"steps": a.steps} if a.steps else {})}
             for pr in a.prompt for s in range(a.seeds)]
     clips = torch.from_numpy(model.predict(pd.DataFrame(rows)))
@@ -172,6 +178,18 @@ def how_to_load(name: str, aliases: Sequence[str], tracking_uri: str, prompt: st
             f"load it: mlflow.pyfunc.load_model({model!r}) with MLFLOW_TRACKING_URI={_safe(tracking_uri)}\n"
             f"generate: python -m rcm_steps.generate --model {model} --tracking-uri {shlex.quote(_safe(tracking_uri))} "
             f"--prompt {shlex.quote(prompt)} --out sample.mp4")
+
+
+def _ignored_options(model, asked) -> str:
+    """The asked serving options the loaded model does not run with ('' when all apply): MLflow drops
+    ``model_config`` keys a version did not declare when it was logged (versions registered before issue 23)."""
+    got = getattr(model.unwrap_python_model(), "serving", None)
+    return ", ".join(f"--{k} {v}" for k, v in asked.items() if got is None or getattr(got, k) != v)
+
+
+def _serving_label(model) -> str:
+    got = getattr(model.unwrap_python_model(), "serving", None)
+    return got.label if got is not None else "no serving options"
 
 
 def _fps(model) -> int:
