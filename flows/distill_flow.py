@@ -431,6 +431,7 @@ class RCMDistillFlow(FlowSpec):
         res = evaluate(teacher, student, self.eval_prompts, cfg, sigma_max=dcfg.sigma_max, mid_t=dcfg.mid_t)
         self.eval_metrics = res.metrics
         self.eval_settings = res.settings          # champion compares only versions evaluated alike
+        self.fp8_scales = res.fp8_scales           # FP8 static scales of the student's own sampling (serving)
         self.gate_result = check_gates(res.metrics, s["gates"], steps=self.student_steps)
         png = clip_grid_png(res.clips, res.prompts)
         digits = uses_digit_metrics(teacher)
@@ -520,7 +521,7 @@ class RCMDistillFlow(FlowSpec):
                              self.gate_result["passed"], model_name=name, eval_settings=self.eval_settings,
                              gates=self.gate_result["gates"], components=self.model_components,
                              component_store=self._storage().url("components"), lora_adapter=lora,
-                             lora_adapter_2=lora_2)
+                             lora_adapter_2=lora_2, fp8_scales=getattr(self, "fp8_scales", None))
         del metrics
         self.model_name, self.model_version, self.model_aliases = r.name, r.version, r.aliases
         current.card.append(Markdown(register_card(r, self.run_tracking_uri)))

@@ -43,6 +43,9 @@ def test_smoke_flow_end_to_end(tmp_path):
     assert mrun.info.status == "FINISHED" and mrun.data.tags["metaflow.run_id"] == run.id
     assert "eval/student_4/digit_acc" in mrun.data.metrics
     _check_mlflow_conventions(client, mrun, run)
+    # issue 23: the student's FP8 static scales, recorded while evaluate sampled, travel with the version
+    assert len(d.fp8_scales) == 40 and client.get_model_version(d.model_name, d.model_version).tags["serving"] \
+        == "fp8=off, compile=off; FP8 scales: 40 layers"
     # training diagnostics: distill's diagnostics.json, in the evaluate card and in MLflow under train/; the
     # distill card's loss curves and samples over training there too
     assert set(d.train_diagnostics["series"]) >= {"dmd_scm_ratio_out", "critic_loss_rel", "nan_masked_frac"}

@@ -67,6 +67,10 @@ class EvalResult:
     # what the metrics depend on besides the student (see eval_settings): only versions evaluated with
     # equal settings are compared for "champion"
     settings: Dict[str, Any] = field(default_factory=dict)
+    # FP8 static activation scales {layer: amax / 448} of the student's block linears, recorded while it sampled
+    # the eval prompts (rcm_core.nets.fp8.activation_scales): stored with the registered model for fp8=static
+    # serving; None when the student's network has no transformer blocks
+    fp8_scales: Optional[Dict[str, float]] = None
 
 
 def eval_settings(teacher_info: Dict[str, Any], prompts: Sequence[str], cfg: "EvalConfig",
@@ -205,7 +209,9 @@ def _thumbs(clips: torch.Tensor, max_side: int = 64, max_frames: int = 33) -> to
 def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: float = 80.0,
              mid_t: Sequence[float] = (1.3, 1.0, 0.6), progress: bool = True) -> EvalResult:
     """Sample teacher and students from the same noise, decode, and measure (module doc). ``progress``:
-    lines in sampler steps and decode batches (:class:`rcm_steps.progress.Progress`)."""
+    lines in sampler steps and decode batches (:class:`rcm_steps.progress.Progress`). The student's sampling
+    also records the FP8 static scales of its block linears (``EvalResult.fp8_scales``, no extra passes)."""
+    from rcm_core.nets.fp8 import activation_scales
     from rcm_core.sampling import sample_student
 
     from .progress import Progress
@@ -253,15 +259,17 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
 
     run("teacher", lambda c, n, i: T.sample_teacher_latents(teacher, c, uncond, n, steps=t_steps,
                                                             callback=bar.update), 2 * t_steps)
-    for k in cfg.student_steps:
-        def fn(c, n, i, k=k):
-            sg = torch.Generator().manual_seed(cfg.seed * 7919 + 31 * k + i)
-            dev = next(student.parameters()).device
-            x = sample_student(student, c.to(dev), n.to(dev), steps=k, sigma_max=sigma_max, mid_t=mid_t,
-                               generator=sg if dev.type == "cpu" else None).cpu()
-            bar.update(k)
-            return x
-        run(f"student_{k}", fn, k)
+    # the FP8 calibration comes free: the scales are recorded over the student's own sampling of the eval prompts
+    with activation_scales(getattr(student, "net", student)) as fp8_scales:
+        for k in cfg.student_steps:
+            def fn(c, n, i, k=k):
+                sg = torch.Generator().manual_seed(cfg.seed * 7919 + 31 * k + i)
+                dev = next(student.parameters()).device
+                x = sample_student(student, c.to(dev), n.to(dev), steps=k, sigma_max=sigma_max, mid_t=mid_t,
+                                   generator=sg if dev.type == "cpu" else None).cpu()
+                bar.update(k)
+                return x
+            run(f"student_{k}", fn, k)
 
     metrics: Dict[str, float] = {"eval_prompts": P, "seeds_per_prompt": S}
     if digits:
@@ -288,7 +296,8 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
         settings["decode"] = fast_decode_label()
     bar.update(1)                                   # the metrics
     bar.close()
-    return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts), settings=settings)
+    return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts), settings=settings,
+                      fp8_scales=dict(fp8_scales) or None)
 
 
 def _digit_metrics(models, prompts, S, cfg, metrics) -> None:

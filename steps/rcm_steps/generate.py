@@ -1,13 +1,21 @@
 """Generate clips from a registered student.
 
     python -m rcm_steps.generate --model models:/rcm-student-embedded@champion \
-        --prompt "a 3 drifting up" --out x.mp4 [--steps 4] [--seed 0] [--seeds 4] [--fps 16]
+        --prompt "a 3 drifting up" --out x.mp4 [--steps 4] [--seed 0] [--seeds 4] [--fps 16] \
+        [--fp8 off|dynamic|static] [--compile off|default|max-autotune-no-cudagraphs|reduce-overhead]
 
 Writes an MP4 (H.264 through ffmpeg: ``imageio-ffmpeg`` or ``ffmpeg`` on PATH; several seeds side
 by side with --seeds); without ffmpeg it writes a GIF next to it (``x.gif``) and says so. A ``.gif``
 out path writes the GIF, a ``.png`` a frame strip grid (for a text-to-image model, whose predict returns
 (N, 3, H, W) images: ``--out x.png``). Uses MLFLOW_TRACKING_URI (or --tracking-uri).
 The model runs on the GPU (bf16) when there is one, else on the CPU (``--device`` overrides).
+
+Serving options (default: the version's registered settings, see its card; ``RCM_FP8`` / ``RCM_COMPILE``):
+``--fp8 dynamic`` (FP8 linears, per-token activation scales), ``--fp8 static`` (the scales stored with the
+version, artifact ``fp8_scales``), ``--fp8 off``; ``--compile default`` (``torch.compile`` of each transformer
+block, static shapes; the first clip pays the compile), ``max-autotune-no-cudagraphs``, ``reduce-overhead``
+(CUDA graphs), ``off``. FP8 needs a GPU of compute capability 8.9 or newer: elsewhere (e.g. the CPU) the
+options are refused before anything loads, naming the device (exit code 2, nothing written).
 
 A real teacher's model version carries its text encoder, tokenizer and VAE by sha256 reference
 into the content store (or as copies); ``--component-store`` points at the store when it moved
@@ -35,6 +43,8 @@ FLOW_DEFAULT_DB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(o
 
 
 def main(argv=None) -> int:
+    from rcm_core.nets.serving import COMPILE_MODES, FP8_MODES
+
     p = argparse.ArgumentParser("rcm_steps.generate")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/rcm-student-embedded@champion")
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
@@ -44,6 +54,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1, help="samples per prompt (seed, seed+1, ...)")
+    p.add_argument("--fp8", default=None, choices=FP8_MODES,
+                   help="FP8 linear layers (default: the version's registered setting; RCM_FP8)")
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the transformer blocks (default: the registered setting; RCM_COMPILE)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--component-store", default=None,
                    help="URL of the teacher-component store, if it moved since registration (RCM_COMPONENT_STORE)")
@@ -70,14 +84,21 @@ def main(argv=None) -> int:
     if problem:
         print(f"rcm_steps.generate: {problem}", file=sys.stderr)
         return 2
+    config = {k: v for k, v in (("fp8", a.fp8), ("compile", a.compile)) if v is not None}
     try:
-        model = mlflow.pyfunc.load_model(a.model)
-    except MissingComponentError as e:
+        model = mlflow.pyfunc.load_model(a.model, model_config=config or None)
+    except (MissingComponentError, ValueError) as e:     # ValueError: serving options (FP8 on the CPU...)
         print(f"rcm_steps.generate: {e}", file=sys.stderr)      # the message ends with the fix
         return 2
     except mlflow.exceptions.MlflowException as e:      # e.g. a version that does not exist
         print(f"rcm_steps.generate: cannot load {a.model}: {e.message}; {_uri_help(mlflow.get_registry_uri(), True)}",
               file=sys.stderr)
+        return 2
+    ignored = _ignored_options(model, config)
+    if ignored:
+        print(f"rcm_steps.generate: {a.model} was registered before its serving options could be set at load "
+              f"time: {ignored} not applied (it loaded with {_serving_label(model)}); set RCM_FP8 / RCM_COMPILE "
+              "instead, or register a new version (a new flow run)", file=sys.stderr)
         return 2
     rows = [{"prompt": pr, "seed": a.seed + s, **({"steps": a.steps} if a.steps else {})}
             for pr in a.prompt for s in range(a.seeds)]
@@ -157,6 +178,18 @@ def how_to_load(name: str, aliases: Sequence[str], tracking_uri: str, prompt: st
             f"load it: mlflow.pyfunc.load_model({model!r}) with MLFLOW_TRACKING_URI={_safe(tracking_uri)}\n"
             f"generate: python -m rcm_steps.generate --model {model} --tracking-uri {shlex.quote(_safe(tracking_uri))} "
             f"--prompt {shlex.quote(prompt)} --out sample.mp4")
+
+
+def _ignored_options(model, asked) -> str:
+    """The asked serving options the loaded model does not run with ('' when all apply): MLflow drops
+    ``model_config`` keys a version did not declare when it was logged (versions registered before issue 23)."""
+    got = getattr(model.unwrap_python_model(), "serving", None)
+    return ", ".join(f"--{k} {v}" for k, v in asked.items() if got is None or getattr(got, k) != v)
+
+
+def _serving_label(model) -> str:
+    got = getattr(model.unwrap_python_model(), "serving", None)
+    return got.label if got is not None else "no serving options"
 
 
 def _fps(model) -> int:

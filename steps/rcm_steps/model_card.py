@@ -70,7 +70,8 @@ def student_card(name: str, version: str, info: Dict[str, Any], card: Dict[str, 
     store = reg.get("bundle", "").replace(" (sha256)", "") or None
     extra = ("Artifacts: `diffusers/` (this pipeline without text encoder/tokenizer/VAE, README.md, single file), "
              "`meta.json`" + (", `teacher/` (text encoder, tokenizer, VAE)" if reg.get("mode") == "copy" else "")
-             + "\n\n" + components_note(reg.get("mode"), store))
+             + "\n\n" + components_note(reg.get("mode"), store)
+             + (f"\n\n{card['serving']}" if card.get("serving") else ""))
     return model_card(info, lineage=card.get("lineage"), metrics=card.get("metrics"),
                       grid="artifact:diffusers/samples_grid.png" if card.get("grid") else None,
                       model_uri=f"models:/{name}/{version}", export_path="<artifacts>/diffusers", version=version,
@@ -89,6 +90,22 @@ def components_note(mode: Optional[str], store: Optional[str] = None) -> str:
                 "rcm_steps.register export --model <model URI> --out DIR`.")
     return ("Components: in code - the embedded teacher ships in the package code this version carries; nothing "
             "else to fetch. No diffusers export (the teacher is not a diffusers pipeline).")
+
+
+def serving_note(meta: Dict[str, Any], uri: str) -> str:
+    """Markdown lines of the card: the version's serving settings (FP8 linears, compiled blocks), its FP8
+    scales and how to switch them at load time (the load call, the environment, the generate CLI)."""
+    sv = {"fp8": "off", "compile": "off", **(meta.get("serving") or {})}
+    cal = meta.get("fp8_calibration")
+    scales = (f"FP8 static scales: artifact `{cal['artifact']}` ({cal['layers']} layers, {cal['source']})" if cal
+              else "no FP8 static scales (fp8=static is refused; fp8=dynamic needs none)")
+    return "\n".join([
+        f"Serving: fp8={sv['fp8']}, compile={sv['compile']}; {scales}. FP8 needs a GPU of compute capability 8.9+ "
+        "(L40S, H100, H200); reduce-overhead compiles CUDA graphs.",
+        f"Switch at load time: `mlflow.pyfunc.load_model({uri!r}, model_config={{\"fp8\": \"static\", "
+        "\"compile\": \"default\"})`, the environment (`RCM_FP8`, `RCM_COMPILE`) or "
+        f"`python -m rcm_steps.generate --model {uri} --fp8 dynamic --compile default ...` "
+        "(fp8: off | dynamic | static; compile: off | default | max-autotune-no-cudagraphs | reduce-overhead)."])
 
 
 def predict_comment(meta: Dict[str, Any], task: Optional[str]) -> str:
@@ -133,7 +150,8 @@ def plain_card(name: str, version: str, meta: Dict[str, Any], lineage: Dict[str,
         + ([f"| metric | student_{steps} | teacher (baseline) |", "|---|---|---|", *rows, ""] if rows else [])
         + ([f"Sample grid (rows: prompts; columns: teacher, students): artifact `samples_grid.png` "
             f"(`mlflow.artifacts.download_artifacts(\"{uri}\")` -> `artifacts/samples_grid.png`).", ""] if grid else [])
-        + ["## Load", *load_snippet(uri, meta, None), "", components_note(None)])
+        + ["## Load", *load_snippet(uri, meta, None), "", components_note(None), "", "## Serving",
+           serving_note(meta, uri)])
     return text[:max_chars]
 
 

@@ -55,7 +55,11 @@
   (Cosmos-Predict2), (N, 1, 4, 16, 16) embedded (:func:`model_signature`), with an input example.
 * Serving: ``mlflow.pyfunc.load_model`` runs on the GPU when there is one (bf16 weights, the
   project attention with its fused kernel, the fast VAE decode) and on the CPU (float32) otherwise;
-  ``RCM_DEVICE`` / ``RCM_DTYPE`` override.
+  ``RCM_DEVICE`` / ``RCM_DTYPE`` override. Serving options (issue 23, :mod:`rcm_core.nets.serving`): FP8
+  linears (``fp8`` off | dynamic | static) and compiled blocks (``compile``), registered in ``meta.json``
+  (``serving``, tag ``serving``) with the student's FP8 static scales (artifact ``fp8_scales``, calibrated in
+  the evaluate step), switched by ``mlflow.pyfunc.load_model(uri, model_config={"fp8": "static"})``,
+  ``RCM_FP8`` / ``RCM_COMPILE`` or generate's ``--fp8`` / ``--compile``.
 """
 from __future__ import annotations
 
@@ -74,7 +78,7 @@ from .bundle import (COMPONENT_MODES, MissingComponentError, _export_real, _teac
                      bundle_teacher, check_components_mode, check_export, materialize_bundle)
 from .champion import (POLICIES, ChampionError, ChampionPolicy, _champion, _decide, _promote,  # noqa: F401
                        policy_for, rollback_champion, score_of, set_champion, settings_hash)
-from .model_card import _run_grid, plain_card, register_card, student_card  # noqa: F401
+from .model_card import _run_grid, plain_card, register_card, serving_note, student_card  # noqa: F401
 from .serving import (RCMStudentModel, export_diffusers, load_diffusers_pipeline, model_signature,  # noqa: F401
                       serving_device)
 
@@ -82,7 +86,7 @@ __all__ = ["RCMStudentModel", "model_name_for", "register_student", "Registratio
            "ChampionPolicy", "POLICIES", "policy_for", "settings_hash", "set_champion", "rollback_champion",
            "ChampionError", "MissingComponentError", "bundle_teacher", "materialize_bundle", "COMPONENT_MODES",
            "check_components_mode", "load_diffusers_pipeline", "export_diffusers", "model_signature",
-           "serving_device", "student_card", "register_card"]
+           "serving_device", "student_card", "register_card", "serving_settings"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -97,6 +101,11 @@ def _save_pyfunc(validate_serving_input: bool = True, **kw):
 # loads the model and generates from the example at log time (a real teacher's components fetched and a clip
 # sampled on the registering machine); Model.log hands validate_serving_input on to save_model, which takes none
 _PYFUNC = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
+
+
+# the keys a load call may set (mlflow.pyfunc.load_model(uri, model_config={...}) drops keys the logged model does
+# not declare); None: not given, so the registered setting and RCM_FP8 / RCM_COMPILE apply (ServingOptions.resolve)
+LOAD_CONFIG = {"fp8": None, "compile": None}
 
 
 def model_name_for(teacher: str) -> str:
@@ -114,12 +123,32 @@ class RegistrationResult:
     meta: Optional[Dict[str, Any]] = None   # the version's meta.json (teacher, components bundle, sizes...)
     task: Optional[str] = None          # t2v | t2i for a real teacher's student (its diffusers export), else None
 
+def serving_settings(serving: Optional[Dict[str, str]], fp8_scales: Optional[Dict[str, float]]):
+    """(:class:`ServingOptions`, checked scales or None) of a version to register; ``ValueError`` naming the
+    option or the layer: a bad setting, or a quantised model (``fp8=static``) without its scales, is refused
+    before anything is written."""
+    from rcm_core.nets.serving import ServingOptions, check_scales
+
+    opts = ServingOptions.from_dict(serving)
+    if opts.fp8 == "static" and not fp8_scales:
+        raise ValueError("register_student: serving fp8=static without fp8_scales: a quantised model registered "
+                         "without its scales is refused before anything is written; pass the evaluate step's "
+                         "EvalResult.fp8_scales, or register with fp8=dynamic / off")
+    return opts, (check_scales(fp8_scales) if fp8_scales else None)
+
+
+def serving_tag(opts, fp8_scales: Optional[Dict[str, float]]) -> str:
+    """The version's ``serving`` tag: its settings and whether it carries FP8 scales."""
+    return opts.label + (f"; FP8 scales: {len(fp8_scales)} layers" if fp8_scales else "; no FP8 scales")
+
+
 def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str, lineage: Dict[str, str],
                      metrics: Dict[str, float], gates_passed: bool, model_name: Optional[str] = None,
                      fail_after_version: bool = False, eval_settings: Optional[Dict[str, Any]] = None,
                      gates: Optional[Dict[str, float]] = None, components: str = "reference",
                      component_store: Optional[str] = None, sample_grid: Optional[bytes] = None,
-                     lora_adapter: Optional[bytes] = None, lora_adapter_2: Optional[bytes] = None
+                     lora_adapter: Optional[bytes] = None, lora_adapter_2: Optional[bytes] = None,
+                     fp8_scales: Optional[Dict[str, float]] = None, serving: Optional[Dict[str, str]] = None
                      ) -> RegistrationResult:
     """Log the pyfunc model into ``run_id`` and register it (see module doc).
 
@@ -137,12 +166,18 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
     (``student_lora.safetensors``, loadable with ``WanPipeline.load_lora_weights``) next to the merged weights.
     ``lora_adapter_2``: a two-expert (Wan2.2 A14B) student's second expert's adapter, the artifact ``lora_2``
     (``student_lora_2.safetensors``, ``load_lora_weights(..., load_into_transformer_2=True)``).
+    ``fp8_scales``: the student's FP8 static activation scales {layer: amax / 448} (the evaluate step's
+    ``EvalResult.fp8_scales``), the artifact ``fp8_scales`` (``fp8_scales.json``); ``serving``: the version's
+    serving settings (:class:`rcm_core.nets.serving.ServingOptions`, default FP8 and compile off) in
+    ``meta.json``, which the load call, ``RCM_FP8`` / ``RCM_COMPILE`` and generate's ``--fp8`` / ``--compile``
+    override. Both are checked before anything is written (:func:`serving_settings`).
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
     if lora_adapter_2 is not None and lora_adapter is None:       # before anything is written
         raise ValueError("register_student: lora_adapter_2 (transformer_2's adapter) without lora_adapter")
+    opts, fp8_scales = serving_settings(serving, fp8_scales)      # before anything is written too
     client = MlflowClient()
     name = model_name or model_name_for(meta["teacher"])
     steps = int(meta.get("default_steps", 4))
@@ -186,6 +221,14 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
                 meta["lora_adapter" if art == "lora" else "lora_adapter_2"] = {
                     "artifact": art, "file": fname, "format": "peft/diffusers",
                     **({"load_into_transformer_2": True} if art == "lora_2" else {})}
+        meta["serving"] = opts.to_dict()
+        if fp8_scales:                  # static FP8 scales travel with the weights they were measured on
+            spath = os.path.join(d, "fp8_scales.json")
+            with open(spath, "w") as f:
+                json.dump(fp8_scales, f, indent=1, sort_keys=True)
+            extra = {**extra, "fp8_scales": spath}
+            meta["fp8_calibration"] = {"artifact": "fp8_scales", "layers": len(fp8_scales),
+                                       "source": "the student's own activations while sampling the eval prompts"}
         with open(mpath, "w") as f:
             json.dump(meta, f, indent=1)
         import rcm_core
@@ -201,7 +244,7 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
                 validate_serving_input=False,
                 python_model=RCMStudentModel(), artifacts={**weights_art, "meta": mpath, **extra},
                 code_paths=[_HERE, os.path.dirname(os.path.abspath(rcm_core.__file__))],
-                pip_requirements=reqs, signature=signature, input_example=example)
+                pip_requirements=reqs, signature=signature, input_example=example, model_config=LOAD_CONFIG)
     try:
         client.get_registered_model(name)
     except Exception:  # noqa: BLE001
@@ -215,7 +258,7 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
             **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if isinstance(v, (int, float))},
             "gates_passed": str(bool(gates_passed)), "student_steps": str(steps),
             "eval_settings": settings_hash(settings), "eval_settings.json": json.dumps(settings, sort_keys=True)[:4900],
-            "champion_policy": policy.describe(steps),
+            "champion_policy": policy.describe(steps), "serving": serving_tag(opts, fp8_scales),
             **({"lora_adapter": "artifact lora/student_lora.safetensors (peft/diffusers LoRA format)" + (
                 "; transformer_2: artifact lora_2/student_lora_2.safetensors" if lora_adapter_2 is not None else "")}
                if lora_adapter is not None else {}),
@@ -240,7 +283,8 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
         else:
             client.set_model_version_tag(name, mv.version, "champion_decision", reason)
         if export_info is not None:
-            card = {**card, "lineage": {"registered as": f"{', '.join(aliases)} ({reason}); aliases move later: "
+            card = {**card, "serving": serving_note(meta, f"models:/{name}/{mv.version}"),
+                    "lineage": {"registered as": f"{', '.join(aliases)} ({reason}); aliases move later: "
                                                          "see the champion.history tag", **card["lineage"]}}
             card_text = student_card(name, str(mv.version), export_info, card)
         else:           # the embedded teacher and module:factory teachers: no diffusers export

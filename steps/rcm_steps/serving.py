@@ -1,7 +1,10 @@
 """The registered pyfunc model (:class:`RCMStudentModel`: prompts -> clips) and loading a version for serving.
 
 ``mlflow.pyfunc.load_model`` runs on the GPU when there is one (bf16 weights) and on the CPU (float32)
-otherwise (:func:`serving_device`; ``RCM_DEVICE`` / ``RCM_DTYPE`` override); :func:`load_diffusers_pipeline`
+otherwise (:func:`serving_device`; ``RCM_DEVICE`` / ``RCM_DTYPE`` override); FP8 linears and compiled blocks
+as the version's registered ``serving`` settings say, overridden by ``RCM_FP8`` / ``RCM_COMPILE`` and by
+``load_model(uri, model_config={"fp8": "static", "compile": "default"})`` (:func:`serving_options`, checked
+before the weights load; FP8 static scales: the version's ``fp8_scales`` artifact); :func:`load_diffusers_pipeline`
 assembles a real teacher's version as its diffusers pipeline, :func:`export_diffusers` writes it as a
 self-contained folder (``python -m rcm_steps.register export``). :func:`model_signature` is what a version
 declares: columns ``prompt`` (string), ``steps``, ``seed`` and, for real teachers, ``height``, ``width``
@@ -34,12 +37,16 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from rcm_steps import teacher as T
-        from rcm_steps.evaluate import student_denoiser
+        from rcm_steps.evaluate import is_two_expert_state, student_denoiser
 
         with open(context.artifacts["meta"]) as f:
             self.meta = json.load(f)
         self.device, dtype = serving_device()
+        # the serving options are checked before any weights load: FP8 on the CPU or an old GPU fails fast
+        self.serving, scales = serving_options(self.meta, dict(context.artifacts),
+                                               getattr(context, "model_config", None), self.device)
         ema = _student_weights(dict(context.artifacts))
+        _check_layout(self.serving, is_two_expert_state(ema))      # before the teacher loads
         bundle = self.meta.get("teacher_bundle")
         if bundle:      # self-contained: components from the version (copy) or the content store (reference)
             from rcm_core.denoiser import TrigFlowDenoiser
@@ -65,6 +72,7 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
                 warnings.warn(f"student was distilled from teacher {self.meta['teacher']} version "
                               f"{self.meta['teacher_version']}, loaded version {got}")
             self.student = student_denoiser(self.teacher, ema).to(self.device)
+        _apply_serving(self.student, self.serving, scales)
         self._torch = torch
 
     def _legacy_teacher(self, T):
@@ -143,6 +151,50 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
 
 
 SIZE_COLUMNS = ("frames", "height", "width")
+
+
+def serving_options(meta: Dict[str, Any], artifacts: Dict[str, str], model_config: Optional[Dict[str, Any]],
+                    device) -> tuple:
+    """(:class:`rcm_core.nets.serving.ServingOptions`, FP8 scales or None) a version loads with: its registered
+    ``serving``, then ``RCM_FP8`` / ``RCM_COMPILE``, then the load call's ``model_config``; checked on ``device``
+    before anything loads (``ValueError`` naming the option, the device or the missing ``fp8_scales``, and how to
+    switch it off)."""
+    from rcm_core.nets.serving import ServingOptions, check_serving_options
+
+    opts = ServingOptions.resolve(meta.get("serving"), os.environ, model_config or {})
+    scales = None
+    if artifacts.get("fp8_scales"):
+        with open(artifacts["fp8_scales"]) as f:
+            scales = json.load(f)
+    try:
+        check_serving_options(opts, device, scales)
+    except ValueError as e:
+        raise ValueError(f"serving options {opts.label}: {e}. Switch them with model_config={{\"fp8\": \"off\", "
+                         "\"compile\": \"off\"}} in mlflow.pyfunc.load_model, RCM_FP8 / RCM_COMPILE, or "
+                         "`python -m rcm_steps.generate --fp8 off --compile off`") from e
+    return opts, scales
+
+
+def _apply_serving(student, opts, scales) -> None:
+    """FP8 linears / compiled blocks on the loaded student (nothing for the default options). A two-expert
+    student (Wan2.2 A14B: ``transformer`` and ``transformer_2`` switched on the timestep) is refused: its scales
+    are not calibrated per expert and its blocks are not one list."""
+    from rcm_core.nets.serving import ServingOptions, apply_serving_options
+
+    if opts == ServingOptions():
+        return
+    _check_layout(opts, hasattr(getattr(student, "net", None), "experts"))
+    apply_serving_options(student, opts, scales)
+
+
+def _check_layout(opts, two_experts: bool) -> None:
+    """``ValueError`` for FP8 / compile asked of a two-expert student (see :func:`_apply_serving`)."""
+    from rcm_core.nets.serving import ServingOptions
+
+    if two_experts and opts != ServingOptions():
+        raise ValueError(f"serving options {opts.label}: the student is two experts (transformer and transformer_2, "
+                         "switched at the boundary); FP8 and compile serve one-network students only: load it with "
+                         "model_config={\"fp8\": \"off\", \"compile\": \"off\"}")
 
 
 def _given(v) -> bool:
