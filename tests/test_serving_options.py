@@ -259,7 +259,7 @@ def test_compiled_blocks_give_the_same_clips(registry):
     ref = mlflow.pyfunc.load_model(uri).predict(ROWS)
     model = mlflow.pyfunc.load_model(uri, model_config={"compile": "default"})
     blocks = _student(model).net.blocks
-    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+    assert all(getattr(b, "_rcm_compiled", None) == "default" and "forward" in vars(b) for b in blocks)
     out = model.predict(ROWS)
     assert _rel(out, ref) < 1e-5
 

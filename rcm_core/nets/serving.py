@@ -152,4 +152,5 @@ def compile_blocks(net: nn.Module, mode: str = "default") -> int:
                                    "tangents; compiled blocks are for no-grad passes only")
             return _compiled(*args, **kwargs)
         block.forward = forward
+        block._rcm_compiled = mode
     return len(blocks)
