@@ -67,3 +67,19 @@ def test_teacher_compile_option_in_the_trainer(wan_dir):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4), k
         assert all(math.isfinite(v) for v in b.values() if isinstance(v, float)), b
+
+
+def test_compile_works_after_metaflows_vendored_typing_extensions():
+    """torch, then Metaflow's vendored typing_extensions, then torch.compile (as in a flow step or this suite):
+    inductor's import fails without typing_truce (the two typing_extensions copies' PEP 696 checks) and works
+    with it (compile_blocks and the compiled decode call it)."""
+    import subprocess
+    import sys
+    code = ("import torch, metaflow._vendor.typing_extensions\n{truce}"
+            "f = torch.compile(lambda x: torch.sin(x) * 2)\nprint(float(f(torch.ones(3)).sum()))\n")
+    run = lambda truce: subprocess.run([sys.executable, "-c", code.format(truce=truce)], capture_output=True, text=True)
+    bare = run("")
+    assert bare.returncode != 0 and "follows type parameter with a default" in bare.stderr
+    fixed = run("from rcm_core.nets.serving import typing_truce\ntyping_truce()\n")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert float(fixed.stdout.split()[-1]) == pytest.approx(6 * math.sin(1.0), rel=1e-6)

@@ -74,6 +74,8 @@ def prepare_vae_for_decode(vae, dtype: torch.dtype = torch.bfloat16, channels_la
     vae._rcm_decode_chunk = chunk
     vae._rcm_compiled = compile
     if compile:
+        from rcm_core.nets.serving import typing_truce
+        typing_truce()                  # inductor beside Metaflow's vendored typing_extensions (see there)
         vae.decoder = torch.compile(vae.decoder, dynamic=False)
     return vae
 
