@@ -196,16 +196,23 @@ def _plain(*xs, allowed=()):
 PRIMAL_BACKENDS = ("auto", "fa3", "sdpa", "op")
 
 
-@functools.lru_cache(maxsize=None)
-def _fa3():
-    """FlashAttention-3's function (package ``flash_attn_interface``, built from flash-attn's
-    ``hopper/`` folder), or None where it is not installed. Looked up once: every primal call asks, and
-    a failed import searches sys.path each time."""
+def _find_fa3():
     try:
         from flash_attn_interface import flash_attn_func
     except ImportError:
         return None
     return flash_attn_func
+
+
+_FA3_FUNC = _find_fa3()
+
+
+def _fa3():
+    """FlashAttention-3's function (package ``flash_attn_interface``, built from flash-attn's ``hopper/`` folder),
+    or None where it is not installed. Looked up once, at import: every primal call asks (a failed import would
+    search sys.path each time), and a compiled block (serving ``compile``) reads a plain global where an
+    ``lru_cache`` wrapper broke its graph (H200 run, bench/serving.py)."""
+    return _FA3_FUNC
 
 
 def primal_backend(device_type: str, dtype: torch.dtype, head_dims: tuple, capability: tuple = (0, 0),
