@@ -1,8 +1,10 @@
 """Hopper variant of the forward-with-tangent attention kernels (issue 15, parts 1 and 2).
 
-STATUS: written, verified in the Triton interpreter (CPU, fp32/fp16), NOT YET RUN ON A GPU;
-opt-in (``RCM_ATTN_KERNEL=hopper``), never the default until measured. Nothing here is known
-to be faster than ``rcm_kernels.flash_jvp`` (the portable kernel).
+STATUS (2026-12-05): the DEFAULT on compute capability 9.x in bf16/fp16 (``RCM_ATTN_KERNEL=auto``;
+``portable`` forces the portable kernel). Its forward, tangent and backward pass the GPU tests on an H200
+without warp specialisation, and the training-step rows of BENCHMARKS.md (issue 22) ran on it. Warp
+specialisation stays off (``RCM_HOPPER_WS=1`` for experiments): its LSE was wrong. The history below says what
+was verified where before the first GPU run.
 
 Same maths and the same public functions as :mod:`rcm_kernels.flash_jvp` (``forward``,
 ``forward_tangent``, ``backward``), ``rcm-algorithm.md`` section 7:
