@@ -46,6 +46,12 @@ def test_smoke_flow_end_to_end(tmp_path):
     # issue 23: the student's FP8 static scales, recorded while evaluate sampled, travel with the version
     assert len(d.fp8_scales) == 40 and client.get_model_version(d.model_name, d.model_version).tags["serving"] \
         == "fp8=off, compile=off; FP8 scales: 40 layers"
+    # the card's speed table: evaluate's seconds per sample, the speedup = teacher's / student's, computed here
+    card = client.get_model_version(d.model_name, d.model_version).description
+    m = d.eval_metrics
+    for k in (1, 2, 4):
+        speedup = m["teacher/sec_per_sample"] / m[f"student_{k}/sec_per_sample"]
+        assert f"| student, {k} step{'s' if k > 1 else ''} | " in card and f"| {speedup:.4g}x |" in card, (k, card)
     # training diagnostics: distill's diagnostics.json, in the evaluate card and in MLflow under train/; the
     # distill card's loss curves and samples over training there too
     assert set(d.train_diagnostics["series"]) >= {"dmd_scm_ratio_out", "critic_loss_rel", "nan_masked_frac"}

@@ -92,14 +92,35 @@ def components_note(mode: Optional[str], store: Optional[str] = None) -> str:
             "else to fetch. No diffusers export (the teacher is not a diffusers pipeline).")
 
 
-def serving_note(meta: Dict[str, Any], uri: str) -> str:
-    """Markdown lines of the card: the version's serving settings (FP8 linears, compiled blocks), its FP8
-    scales and how to switch them at load time (the load call, the environment, the generate CLI)."""
+def speed_table(metrics: Optional[Dict[str, Any]]) -> list:
+    """Markdown lines: seconds per sample of the teacher and of each student step count, as evaluate measured them
+    in this run (sampling only, no decode, in evaluate's batches, on that step's machine), and the speedup."""
+    from rcm_core.export import _fmt
+
+    metrics = metrics or {}
+    steps = sorted(int(k.split("/")[0][8:]) for k in metrics
+                   if k.startswith("student_") and k.endswith("/sec_per_sample") and k.split("/")[0][8:].isdigit())
+    teacher = metrics.get("teacher/sec_per_sample")
+    if not steps or not teacher:
+        return []
+    rows = [f"| teacher ({_fmt(metrics.get('teacher/nfe'))} NFE) | {_fmt(teacher)} | 1 |"]
+    rows += [f"| student, {k} step{'s' if k > 1 else ''} | {_fmt(metrics[f'student_{k}/sec_per_sample'])} | "
+             f"{_fmt(teacher / metrics[f'student_{k}/sec_per_sample'])}x |"
+             for k in steps if metrics.get(f"student_{k}/sec_per_sample")]
+    return ["Speed measured by this run's evaluate step (sampling only, no decode; its machine, its batches; "
+            "GPU serving numbers per option: BENCHMARKS.md, issue 23):", "",
+            "| sampler | s per sample | speedup |", "|---|---|---|", *rows, ""]
+
+
+def serving_note(meta: Dict[str, Any], uri: str, metrics: Optional[Dict[str, Any]] = None) -> str:
+    """Markdown lines of the card: this run's measured speed per step count (:func:`speed_table`), the version's
+    serving settings (FP8 linears, compiled blocks), its FP8 scales and how to switch them at load time (the load
+    call, the environment, the generate CLI)."""
     sv = {"fp8": "off", "compile": "off", **(meta.get("serving") or {})}
     cal = meta.get("fp8_calibration")
     scales = (f"FP8 static scales: artifact `{cal['artifact']}` ({cal['layers']} layers, {cal['source']})" if cal
               else "no FP8 static scales (fp8=static is refused; fp8=dynamic needs none)")
-    return "\n".join([
+    return "\n".join(speed_table(metrics) + [
         f"Serving: fp8={sv['fp8']}, compile={sv['compile']}; {scales}. FP8 needs a GPU of compute capability 8.9+ "
         "(L40S, H100, H200); reduce-overhead compiles CUDA graphs.",
         f"Switch at load time: `mlflow.pyfunc.load_model({uri!r}, model_config={{\"fp8\": \"static\", "
@@ -151,7 +172,7 @@ def plain_card(name: str, version: str, meta: Dict[str, Any], lineage: Dict[str,
         + ([f"Sample grid (rows: prompts; columns: teacher, students): artifact `samples_grid.png` "
             f"(`mlflow.artifacts.download_artifacts(\"{uri}\")` -> `artifacts/samples_grid.png`).", ""] if grid else [])
         + ["## Load", *load_snippet(uri, meta, None), "", components_note(None), "", "## Serving",
-           serving_note(meta, uri)])
+           serving_note(meta, uri, metrics)])
     return text[:max_chars]
 
 

@@ -283,7 +283,7 @@ def register_student(ema_weights_bytes: bytes, meta: Dict[str, Any], run_id: str
         else:
             client.set_model_version_tag(name, mv.version, "champion_decision", reason)
         if export_info is not None:
-            card = {**card, "serving": serving_note(meta, f"models:/{name}/{mv.version}"),
+            card = {**card, "serving": serving_note(meta, f"models:/{name}/{mv.version}", metrics),
                     "lineage": {"registered as": f"{', '.join(aliases)} ({reason}); aliases move later: "
                                                          "see the champion.history tag", **card["lineage"]}}
             card_text = student_card(name, str(mv.version), export_info, card)
