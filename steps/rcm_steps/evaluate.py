@@ -122,10 +122,13 @@ def fast_decode_device(teacher) -> Optional[torch.device]:
 
 
 @torch.no_grad()
-def decode_latents(teacher, latents: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def decode_latents(teacher, latents: torch.Tensor, inplace: bool = False,
+                   compile: Optional[bool] = None) -> torch.Tensor:
     """Latents -> pixels in [0, 1] on the CPU: the fast decode on a GPU (see the module doc), else
     ``teacher.decode``. The prepared VAE is made once per teacher (``inplace``: convert the teacher's own
-    VAE instead of a copy, for a serving process that decodes only this way)."""
+    VAE instead of a copy, for a serving process that decodes only this way). ``compile``: also compile the
+    decoder (None: ``RCM_COMPILE_DECODE``; the served model passes its ``compile`` serving option); decided when
+    the prepared VAE is made."""
     dev = fast_decode_device(teacher)
     if dev is None:
         return T.decode(teacher, latents)
@@ -136,7 +139,7 @@ def decode_latents(teacher, latents: torch.Tensor, inplace: bool = False) -> tor
     if vae is None:
         vae = fast_vae.prepare_vae_for_decode(codec.vae, dtype=torch.bfloat16, channels_last=True,
                                               inplace=inplace, chunk=FAST_DECODE_CHUNK,
-                                              compile=_compile_decode()).to(dev)
+                                              compile=_compile_decode() if compile is None else compile).to(dev)
         codec._rcm_fast_vae = vae
     raw = latents.to(torch.float64).cpu() * codec.std + codec.mean
     x = fast_vae.decode(vae, raw.to(dev))
