@@ -249,6 +249,7 @@ def test_generate_with_fp8_on_the_cpu_exits_2_and_writes_nothing(registry, tmp_p
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("rcm_steps.generate: serving options fp8=dynamic"), err
     assert "this run is on the cpu" in err and not out.exists()
+    assert 'model_config={"fp8": "off", "compile": "off"} in' in err, err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -172,7 +172,7 @@ def serving_options(meta: Dict[str, Any], artifacts: Dict[str, str], model_confi
         check_serving_options(opts, device, scales)
     except ValueError as e:
         raise ValueError(f"serving options {opts.label}: {e}. Switch them with model_config={{\"fp8\": \"off\", "
-                         "\"compile\": \"off\"}} in mlflow.pyfunc.load_model, RCM_FP8 / RCM_COMPILE, or "
+                         "\"compile\": \"off\"} in mlflow.pyfunc.load_model, RCM_FP8 / RCM_COMPILE, or "
                          "`python -m rcm_steps.generate --fp8 off --compile off`") from e
     return opts, scales
 
