@@ -78,8 +78,8 @@ def test_compile_works_after_metaflows_vendored_typing_extensions():
     code = ("import torch, metaflow._vendor.typing_extensions\n{truce}"
             "f = torch.compile(lambda x: torch.sin(x) * 2)\nprint(float(f(torch.ones(3)).sum()))\n")
     run = lambda truce: subprocess.run([sys.executable, "-c", code.format(truce=truce)], capture_output=True, text=True)
-    bare = run("")
-    assert bare.returncode != 0 and "follows type parameter with a default" in bare.stderr
+    bare = run("")      # fails with these pins (metaflow 2.19+'s vendored copy, torch 2.13); a later metaflow may not
+    assert bare.returncode == 0 or "follows type parameter with a default" in bare.stderr, bare.stderr[-2000:]
     fixed = run("from rcm_core.nets.serving import typing_truce\ntyping_truce()\n")
     assert fixed.returncode == 0, fixed.stderr[-2000:]
     assert float(fixed.stdout.split()[-1]) == pytest.approx(6 * math.sin(1.0), rel=1e-6)
