@@ -132,7 +132,7 @@ def activation_scales(net: nn.Module) -> Iterator[Dict[str, float]]:
     finally:
         for h in handles:
             h.remove()
-        out.update({k: max(float(v), 1e-12) / E4M3_MAX for k, v in amax.items()})
+        out.update({k: max(float(v), _TINY) / E4M3_MAX for k, v in amax.items()})
 
 
 @torch.no_grad()

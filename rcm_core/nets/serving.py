@@ -35,6 +35,7 @@ __all__ = ["ServingOptions", "FP8_MODES", "COMPILE_MODES", "check_serving_option
 FP8_MODES = ("off", "dynamic", "static")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
 ENV = {"fp8": "RCM_FP8", "compile": "RCM_COMPILE"}          # environment overrides of a registered setting
+_KEYS = tuple(ENV)                                           # the options: ServingOptions' fields
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class ServingOptions:
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "ServingOptions":
         d = dict(d or {})
-        unknown = sorted(set(d) - {"fp8", "compile"})
+        unknown = sorted(set(d) - set(_KEYS))
         if unknown:
             raise ValueError(f"serving options {unknown}: unknown (known: fp8, compile)")
         return cls(**{k: str(v) for k, v in d.items()})
@@ -66,7 +67,7 @@ class ServingOptions:
         env = os.environ if env is None else env
         merged = dict(registered or {})
         merged.update({k: env[v] for k, v in ENV.items() if env.get(v)})
-        merged.update({k: v for k, v in (call or {}).items() if k in ("fp8", "compile") and v is not None})
+        merged.update({k: v for k, v in (call or {}).items() if k in _KEYS and v is not None})
         return cls.from_dict(merged)
 
     def to_dict(self) -> Dict[str, str]:

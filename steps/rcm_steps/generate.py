@@ -94,11 +94,12 @@ def main(argv=None) -> int:
         print(f"rcm_steps.generate: cannot load {a.model}: {e.message}; {_uri_help(mlflow.get_registry_uri(), True)}",
               file=sys.stderr)
         return 2
-    ignored = _ignored_options(model, config)
+    got = getattr(model.unwrap_python_model(), "serving", None)      # the options the model loaded with
+    ignored = _ignored_options(got, config)
     if ignored:
         print(f"rcm_steps.generate: {a.model} was registered before its serving options could be set at load "
-              f"time: {ignored} not applied (it loaded with {_serving_label(model)}); set RCM_FP8 / RCM_COMPILE "
-              "instead, or register a new version (a new flow run)", file=sys.stderr)
+              f"time: {ignored} not applied (it loaded with {got.label if got else 'no serving options'}); "
+              "set RCM_FP8 / RCM_COMPILE instead, or register a new version (a new flow run)", file=sys.stderr)
         return 2
     rows = [{"prompt": pr, "seed": a.seed + s, **({"steps": a.steps} if a.steps else {})}
             for pr in a.prompt for s in range(a.seeds)]
@@ -180,16 +181,11 @@ def how_to_load(name: str, aliases: Sequence[str], tracking_uri: str, prompt: st
             f"--prompt {shlex.quote(prompt)} --out sample.mp4")
 
 
-def _ignored_options(model, asked) -> str:
-    """The asked serving options the loaded model does not run with ('' when all apply): MLflow drops
-    ``model_config`` keys a version did not declare when it was logged (versions registered before issue 23)."""
-    got = getattr(model.unwrap_python_model(), "serving", None)
+def _ignored_options(got, asked) -> str:
+    """The asked serving options that ``got`` (the loaded model's ServingOptions, None for a model without them)
+    does not run with ('' when all apply): MLflow drops ``model_config`` keys a version did not declare when it
+    was logged (versions registered before issue 23)."""
     return ", ".join(f"--{k} {v}" for k, v in asked.items() if got is None or getattr(got, k) != v)
-
-
-def _serving_label(model) -> str:
-    got = getattr(model.unwrap_python_model(), "serving", None)
-    return got.label if got is not None else "no serving options"
 
 
 def _fps(model) -> int:

@@ -118,6 +118,8 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
         params = params or {}
         dev = torch.device(getattr(self, "device", "cpu"))
         outs = []
+        # the compile serving option compiles the decoder too (its one-off compile: 2-3 min on an H200)
+        compile_decode = True if self.serving.compile != "off" else None       # None: RCM_COMPILE_DECODE decides
         for r in self._rows(model_input):
             steps = int(r["steps"] if _given(r.get("steps")) else params.get("steps") or self.meta["default_steps"])
             seed = int(r["seed"] if _given(r.get("seed")) else params.get("seed") or 0)
@@ -127,9 +129,7 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
             noise = torch.randn((1, *self._latent_shape(r)), generator=g, dtype=torch.float64, device=dev)
             lat = sample_student(self.student, cond, noise, steps=steps, sigma_max=self.meta["sigma_max"],
                                  mid_t=tuple(self.meta["mid_t"]), generator=g)
-            # the compile serving option compiles the decoder too (its one-off compile: 2-3 min on an H200)
-            compiled = getattr(self, "serving", None) is not None and self.serving.compile != "off"
-            outs.append(decode_latents(self.teacher, lat.float(), inplace=True, compile=compiled or None).numpy())
+            outs.append(decode_latents(self.teacher, lat.float(), inplace=True, compile=compile_decode).numpy())
         if len({o.shape for o in outs}) > 1:
             raise ValueError(f"the rows ask for clips of different sizes {sorted({o.shape[1:] for o in outs})}: "
                              "call predict once per size")
@@ -178,19 +178,18 @@ def serving_options(meta: Dict[str, Any], artifacts: Dict[str, str], model_confi
 
 
 def _apply_serving(student, opts, scales) -> None:
-    """FP8 linears / compiled blocks on the loaded student (nothing for the default options). A two-expert
-    student (Wan2.2 A14B: ``transformer`` and ``transformer_2`` switched on the timestep) is refused: its scales
-    are not calibrated per expert and its blocks are not one list."""
+    """FP8 linears / compiled blocks on the loaded student (nothing for the default options; a two-expert student
+    was refused by :func:`_check_layout` before it loaded)."""
     from rcm_core.nets.serving import ServingOptions, apply_serving_options
 
-    if opts == ServingOptions():
-        return
-    _check_layout(opts, hasattr(getattr(student, "net", None), "experts"))
-    apply_serving_options(student, opts, scales)
+    if opts != ServingOptions():
+        apply_serving_options(student, opts, scales)
 
 
 def _check_layout(opts, two_experts: bool) -> None:
-    """``ValueError`` for FP8 / compile asked of a two-expert student (see :func:`_apply_serving`)."""
+    """``ValueError`` for FP8 / compile asked of a two-expert student (Wan2.2 A14B: ``transformer`` and
+    ``transformer_2`` switched on the timestep, known from its weights' names before anything loads): its scales
+    are not calibrated per expert and its blocks are not one list."""
     from rcm_core.nets.serving import ServingOptions
 
     if two_experts and opts != ServingOptions():
