@@ -125,6 +125,23 @@ class Bench:
         self.out.write_text(json.dumps({**self.meta, "rows": self.rows}, indent=1))
 
 
+def vae_variant(vae, v: str, flag: str):
+    """The Wan VAE prepared for decode as the variant name ``v`` says: options joined by ``-``: ``bf16`` (else
+    float32), ``cl3d`` (channels-last 3-D), ``bench`` (cuDNN autotuning), ``compile``, ``chunk<N>`` (latent frames
+    per decoder call); ``SystemExit`` naming ``flag`` for anything else."""
+    from rcm_core.real.fast_vae import prepare_vae_for_decode
+
+    opts = v.split("-")
+    chunks = [int(o[5:]) for o in opts if o.startswith("chunk") and o[5:].isdigit()]
+    unknown = [o for o in opts if o not in ("bf16", "fp32", "cl3d", "bench", "compile")
+               and not (o.startswith("chunk") and o[5:].isdigit())]
+    if unknown or len(chunks) > 1:
+        raise SystemExit(f"{flag}: cannot parse {v!r} (options: bf16, fp32, cl3d, bench, compile, chunk<N>)")
+    dtype = torch.bfloat16 if "bf16" in opts else torch.float32
+    return prepare_vae_for_decode(vae, dtype, channels_last="cl3d" in opts, compile="compile" in opts,
+                                  cudnn_benchmark="bench" in opts, chunk=chunks[0] if chunks else 1)
+
+
 def primal_phase(b: Bench, teacher, x0, cond, uncond, dev) -> None:
     """Rows for primal-only attention on ``RCM_ATTN_PRIMAL=op`` (before) and ``auto`` (after)."""
     import os
@@ -333,7 +350,7 @@ def main(argv=None) -> dict:
         from rcm_core.denoiser import TrigFlowDenoiser
         den = TrigFlowDenoiser(teacher.net, teacher.param, teacher.call)   # bf16 weights, as deployed
         noise = torch.randn((1, C, T, H, W), generator=g, device=dev, dtype=torch.float64)
-        from rcm_core.real.fast_vae import decode, decode_error, prepare_vae_for_decode
+        from rcm_core.real.fast_vae import decode, decode_error
         with torch.device(dev):
             vae = diffusers.AutoencoderKLWan(**({"base_dim": 8} if a.tiny else {})).eval().requires_grad_(False)
         student = lambda: sample_student(den, cond, noise, 4)
@@ -354,16 +371,7 @@ def main(argv=None) -> dict:
         for v in a.vae_variants.split(","):
             if v == "fp32":
                 continue
-            opts = v.split("-")
-            chunks = [int(o[5:]) for o in opts if o.startswith("chunk") and o[5:].isdigit()]
-            unknown = [o for o in opts if o not in ("bf16", "fp32", "cl3d", "bench", "compile")
-                       and not (o.startswith("chunk") and o[5:].isdigit())]
-            if unknown or len(chunks) > 1:
-                raise SystemExit(f"--vae-variants: cannot parse {v!r} (options: bf16, fp32, cl3d, bench, compile, "
-                                 f"chunk<N>)")
-            dtype = torch.bfloat16 if "bf16" in opts else torch.float32
-            vaes[v] = prepare_vae_for_decode(vae, dtype, channels_last="cl3d" in opts, compile="compile" in opts,
-                                             cudnn_benchmark="bench" in opts, chunk=chunks[0] if chunks else 1)
+            vaes[v] = vae_variant(vae, v, "--vae-variants")
         for v, m in vaes.items():
             info = {"kind": "vae", "variant": v}
             if v != "fp32":

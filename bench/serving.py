@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_real import Bench, build_teacher  # noqa: E402
+from bench_real import Bench, build_teacher, vae_variant  # noqa: E402
 
 
 def parse_variant(v: str):
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--variants", default="bf16,fp8-dynamic,fp8-static,compile,fp8-static+compile")
     ap.add_argument("--steps", default="4,2,1")
-    ap.add_argument("--decode", default="bf16-cl3d-chunk5", help="decode variant: bf16|fp32, cl3d, chunk<N>, compile")
+    ap.add_argument("--decode", default="bf16-cl3d-chunk5", help="decode variant, as bench_real.py --vae-variants: bf16 (else fp32), cl3d, bench, compile, chunk<N>")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (checks the script)")
     ap.add_argument("--out", default="bench/results/serving.json")
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     from rcm_core.denoiser import TrigFlowDenoiser
     from rcm_core.nets.fp8 import activation_scales, fp8_layers
     from rcm_core.nets.serving import apply_serving_options
-    from rcm_core.real.fast_vae import decode, prepare_vae_for_decode
+    from rcm_core.real.fast_vae import decode
     from rcm_core.sampling import sample_student
 
     dev = torch.device("cpu" if a.tiny else "cuda")
@@ -111,13 +111,9 @@ def main(argv=None) -> dict:
     cond = torch.randn((1, 512, text_dim), generator=g, device=dev)
     calib = [torch.randn((1, C, T, H, W), generator=g, device=dev, dtype=torch.float64) for _ in range(2)]
 
-    opts_dec = a.decode.split("-")
-    chunk = [int(o[5:]) for o in opts_dec if o.startswith("chunk")]
     with torch.device(dev):
         vae = diffusers.AutoencoderKLWan(**({"base_dim": 8} if a.tiny else {})).eval().requires_grad_(False)
-    vae = prepare_vae_for_decode(vae, torch.float32 if "fp32" in opts_dec else torch.bfloat16,
-                                 channels_last="cl3d" in opts_dec, compile="compile" in opts_dec,
-                                 chunk=chunk[0] if chunk else 1)
+    vae = vae_variant(vae, a.decode, "--decode")
 
     def to_pixels(lat):
         return ((decode(vae, lat.float()) + 1) / 2).clamp(0, 1)

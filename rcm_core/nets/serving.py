@@ -126,7 +126,7 @@ def apply_serving_options(denoiser: nn.Module, opts: ServingOptions,
     device = next(iter(net.parameters())).device
     check_serving_options(opts, device, scales)
     if opts.fp8 != "off":
-        quantize_fp8(net, calibration=dict(check_scales(scales)) if opts.fp8 == "static" else None, out_dtype=dtype)
+        quantize_fp8(net, calibration=check_scales(scales) if opts.fp8 == "static" else None, out_dtype=dtype)
     if opts.compile != "off":
         compile_blocks(net, opts.compile)
     return denoiser
