@@ -38,6 +38,15 @@ import torch
 GiB = 2 ** 30
 
 
+def size_args(ap) -> None:
+    """The benches' shared options: ``--teacher`` (a registered architecture, random weights) and the clip size
+    ``--frames``/``--height``/``--width`` (default Wan2.1 480p: 81 x 480 x 832)."""
+    ap.add_argument("--teacher", default="wan2.1-1.3b")
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--width", type=int, default=832)
+
+
 def build_teacher(name: str, frames: int, height: int, width: int, device, tiny: bool = False, layers: int = 0):
     """A :class:`rcm_core.teachers.Teacher` with the registered architecture and random weights."""
     import diffusers
@@ -211,10 +220,7 @@ def primal_phase(b: Bench, teacher, x0, cond, uncond, dev) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", default="wan2.1-1.3b")
-    ap.add_argument("--frames", type=int, default=81)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=832)
+    size_args(ap)
     ap.add_argument("--phases", default="steps,rcm,sampling", help="any of primal,steps,rcm,sampling,vae")
     ap.add_argument("--ac", default="none,full", help="activation checkpointing for the steps phase: none, full, selective:K (every K-th block)")
     ap.add_argument("--rcm-ac", default="full", help="activation checkpointing for the rcm phase")

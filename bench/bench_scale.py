@@ -40,10 +40,8 @@ GiB = 2 ** 30
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", default="wan2.1-1.3b")
-    ap.add_argument("--frames", type=int, default=81)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=832)
+    from bench_real import size_args
+    size_args(ap)
     ap.add_argument("--fsdp", action="store_true")
     ap.add_argument("--cp", type=int, default=1, help="context parallel degree (Ulysses; world = dp x cp)")
     ap.add_argument("--K", type=int, default=5, help="student update frequency (the 1.3B preset's 5)")

@@ -32,10 +32,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", default="wan2.1-1.3b")
-    ap.add_argument("--frames", type=int, default=81)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=832)
+    from bench_real import size_args
+    size_args(ap)
     ap.add_argument("--samples", type=int, default=4, help="noise levels / samples, one at a time")
     ap.add_argument("--critic-steps", type=int, default=8,
                     help="critic updates before measuring: at init the fake score IS the teacher, the DMD direction "

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_real import Bench, build_teacher, vae_variant  # noqa: E402
+from bench_real import Bench, build_teacher, size_args, vae_variant  # noqa: E402
 
 
 def parse_variant(v: str):
@@ -69,10 +69,7 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser("bench/serving.py")
-    ap.add_argument("--teacher", default="wan2.1-1.3b")
-    ap.add_argument("--frames", type=int, default=81)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--width", type=int, default=832)
+    size_args(ap)
     ap.add_argument("--variants", default="bf16,fp8-dynamic,fp8-static,compile,fp8-static+compile")
     ap.add_argument("--steps", default="4,2,1")
     ap.add_argument("--decode", default="bf16-cl3d-chunk5", help="decode variant, as bench_real.py --vae-variants: bf16 (else fp32), cl3d, bench, compile, chunk<N>")
