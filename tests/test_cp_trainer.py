@@ -25,7 +25,7 @@ def _free_port() -> int:
 def _config(**kw):
     from rcm_core.config import DistillConfig
     return DistillConfig.preset("embedded", method="rcm", dtype="float64", tangent_warmup_steps=0, lr_warmup_steps=0,
-                                student_update_freq=2, activation_checkpointing="full", **kw)
+                                student_update_freq=2, **{"activation_checkpointing": "full", **kw})
 
 
 def _batch(b):
@@ -273,6 +273,13 @@ _LORA = {"lora": {"rank": 2, "alpha": 3.0}, "lr_student": 1e-2, "lr_fake": 1e-2}
 def test_context_parallel_steps_equal_the_single_process_steps(tmp_path, world, cp, fsdp):
     got = _spawn(world, tmp_path / "r.pt", cp, fsdp)
     _compare(got, _reference(world // cp), world // cp)
+
+
+def test_keep_attention_under_context_parallel_equals_the_single_process_steps(tmp_path):
+    """Kept self-attention outputs (issue 22) through the Ulysses all-to-alls: the same steps as one process with
+    full checkpointing."""
+    got = _spawn(2, tmp_path / "r.pt", 2, False, "cpu", "steps", {"activation_checkpointing": "keep_attention"})
+    _compare(got, _reference(1), 1)
 
 
 @pytest.mark.parametrize("world,cp,fsdp,steps", [(2, 2, False, 3), (4, 2, True, 2)])

@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64", fused=False, resume=True):
+def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64", fused=False, resume=True, ac="full"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     if device == "cuda":
@@ -42,7 +42,7 @@ def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64", fus
 
         teacher = get_teacher("embedded")
         cfg = DistillConfig.preset("embedded", method="rcm", dtype=dtype, tangent_warmup_steps=0, lr_warmup_steps=0,
-                                   student_update_freq=2, activation_checkpointing="full", fsdp=fsdp,
+                                   student_update_freq=2, activation_checkpointing=ac, fsdp=fsdp,
                                    fused_tangent=fused)
         tr = RCMTrainer(teacher, cfg, device=device)
         assert tr.sharded == fsdp
@@ -54,7 +54,7 @@ def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64", fus
         batch = {"latents": torch.randn(2, *teacher.latent_shape, generator=g),
                  "cond": torch.randn(2, 16, 64, generator=g), "uncond": torch.zeros(1, 16, 64)}
         ms = [tr.train_step(batch) for _ in range(3)]               # student, critic, student
-        tag = f"{fsdp}_{dtype}_{fused}"
+        tag = f"{fsdp}_{dtype}_{fused}_{ac}"
         ckpt = os.path.join(out_dir, f"ckpt_{tag}.pt")
         if resume and (fsdp or rank == 0):                          # as distill: collective under FSDP
             tr.save_checkpoint(ckpt)
@@ -75,10 +75,10 @@ def _worker(rank, world, port, out_dir, fsdp, device="cpu", dtype="float64", fus
     end_rank()
 
 
-def _run(out_dir, fsdp, device="cpu", dtype="float64", fused=False, resume=True):
-    mp.start_processes(_worker, args=(2, _free_port(), str(out_dir), fsdp, device, dtype, fused, resume), nprocs=2,
+def _run(out_dir, fsdp, device="cpu", dtype="float64", fused=False, resume=True, ac="full"):
+    mp.start_processes(_worker, args=(2, _free_port(), str(out_dir), fsdp, device, dtype, fused, resume, ac), nprocs=2,
                        join=True, start_method="spawn")
-    return torch.load(os.path.join(out_dir, f"res_{fsdp}_{dtype}_{fused}.pt"), weights_only=False,
+    return torch.load(os.path.join(out_dir, f"res_{fsdp}_{dtype}_{fused}_{ac}.pt"), weights_only=False,
                       map_location="cpu")
 
 
@@ -89,6 +89,13 @@ def test_fsdp_matches_data_parallel_and_resumes(tmp_path):
 def test_fused_tangent_under_fsdp_matches_data_parallel(tmp_path):
     """With every block checkpointed, the fused sCM tangent runs under FSDP2 (issue 11, part 2)."""
     _compare(_run(tmp_path, True, fused=True), _run(tmp_path, False, fused=True))
+
+
+def test_keep_attention_under_fsdp_matches_data_parallel_with_full_checkpointing(tmp_path):
+    """Kept self-attention outputs (issue 22) under FSDP2 with the fused tangent take the same steps as data
+    parallel with full checkpointing."""
+    _compare(_run(tmp_path, True, fused=True, ac="keep_attention"),
+             _run(tmp_path, False, fused=True))
 
 
 @pytest.mark.gpu

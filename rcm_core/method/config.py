@@ -89,7 +89,8 @@ class DistillConfig:
     # separate no-grad JVP pass followed by the student's forward.
     fused_tangent: bool = True
     # memory: activation checkpointing of the student's and fake score's transformer blocks
-    # ("none" | "full" | "selective": every ac_every-th block), applied by rcm_core.parallel.parallelize
+    # ("none" | "full" | "selective": every ac_every-th block | "keep_attention": every block, its self-attention
+    # outputs kept so the backward's recomputation skips attention), applied by rcm_core.parallel.parallelize
     activation_checkpointing: str = "none"
     ac_every: int = 2
     # the frozen teacher's no-grad passes (sCM target CFG pair, DMD real score, dCM's Euler step) with its
@@ -223,14 +224,15 @@ class DistillConfig:
                                  "or change the phases")
         if self.time_derivative not in ("jvp", "semi_continuous"):
             raise ValueError(f"DistillConfig.time_derivative={self.time_derivative!r}; known: jvp, semi_continuous")
-        if self.activation_checkpointing not in ("none", "full", "selective"):
+        if self.activation_checkpointing not in ("none", "full", "selective", "keep_attention"):
             raise ValueError(f"DistillConfig.activation_checkpointing={self.activation_checkpointing!r}; "
-                             "known: none, full, selective")
+                             "known: none, full, selective, keep_attention")
         if self.ac_every < 1:
             raise ValueError(f"DistillConfig.ac_every must be >= 1, got {self.ac_every}")
         if self.fsdp and self.fused_tangent and self.time_derivative == "jvp" and \
-                self.activation_checkpointing != "full":
-            raise ValueError("DistillConfig.fsdp with fused_tangent=True needs activation_checkpointing='full': "
+                self.activation_checkpointing not in ("full", "keep_attention"):
+            raise ValueError("DistillConfig.fsdp with fused_tangent=True needs activation_checkpointing='full' "
+                             "or 'keep_attention' (every block checkpointed): "
                              "a checkpointed block computes its tangent without recording a graph, which FSDP's "
                              "hooks accept; an unchecked block would carry forward-AD tangents through FSDP's "
                              "unshard while recording (it fails). Use activation_checkpointing='full' or "

@@ -45,6 +45,7 @@ import torch
 from .base import _STATE, group_attention
 
 __all__ = ["attention", "attention_reference", "check_attention_inputs", "check_attention_request", "primal_backend",
+           "KeptAttention", "kept_attention", "is_attention_forward_op",
            "PRIMAL_BACKENDS"]
 
 _LAYOUTS = ("bhnd", "bnhd")
@@ -416,6 +417,84 @@ class _AttentionWithTangent(torch.autograd.Function):
         return gq, gk, gv, None, None, None, None
 
 
+def is_attention_forward_op(op) -> bool:
+    """Whether a dispatcher op is a fused attention forward of a primal call (PyTorch's SDPA backends, the CPU's
+    flash path, FlashAttention-3's forward where it is registered as an op): what torch's selective checkpointing
+    keeps under ``keep_attention``."""
+    name = str(op)
+    return (name.startswith("aten._scaled_dot_product_") and "backward" not in name) or \
+        (name.startswith("flash_attn_3.") and "fwd" in name and "bwd" not in name)
+
+
+# --- activation checkpointing that keeps attention (ParallelConfig "keep_attention") ----------------------------
+
+class KeptAttention:
+    """The self-attention outputs (O, LSE) of one checkpointed block's forward, handed back in the same order to
+    that block's recomputation in the backward, so the recomputation runs everything but attention.
+
+    Used by :func:`rcm_core.parallel.fsdp._checkpoint_block` for blocks that see forward-AD tangents (the fused sCM
+    step): their forward computes O (with its tangent) in the Triton kernel, and the recomputation's backward runs
+    that kernel's backward on the kept O and LSE. (Blocks without tangents keep attention through torch's selective
+    checkpointing instead, which keeps the outputs of the SDPA/FlashAttention op.) Self-attention: key length =
+    query length; cross-attention over the text is cheap to recompute and is not kept."""
+
+    def __init__(self):
+        self.kept: list = []
+        self.replaying = False
+        self.next = 0
+
+    @staticmethod
+    def wanted(q: torch.Tensor, k: torch.Tensor) -> bool:
+        return q.shape[-2] == k.shape[-2]
+
+    def record(self, o: torch.Tensor, lse: torch.Tensor) -> None:
+        self.kept.append((o.detach(), lse.detach()))
+
+    def take(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: float) -> torch.Tensor:
+        if self.next >= len(self.kept) or self.kept[self.next][0].shape[:-1] != q.shape[:-1]:
+            raise RuntimeError(
+                f"activation checkpointing keep_attention: the recomputation's self-attention call {self.next} "
+                f"(query {tuple(q.shape)}) does not match the forward's ({len(self.kept)} kept: "
+                f"{[tuple(o.shape) for o, _ in self.kept]}); checkpointed blocks must call attention in the same "
+                "order with the same shapes (deterministic blocks)")
+        o, lse = self.kept[self.next]
+        self.next += 1
+        return _KeptAttention.apply(q, k, v, s, o, lse)
+
+
+def kept_attention(store: Optional[KeptAttention], replay: bool = False):
+    """Context: this thread's attention calls record their self-attention outputs into ``store`` (``replay``
+    False) or take them from it in order (``replay`` True); ``store`` None: a no-op."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        before = getattr(_STATE, "keep", None)
+        store.replaying, store.next = replay, 0
+        _STATE.keep = store
+        try:
+            yield store
+        finally:
+            _STATE.keep = before
+    return contextlib.nullcontext() if store is None else ctx()
+
+
+class _KeptAttention(torch.autograd.Function):
+    """O kept from the forward, as the output of q, k, v: its backward is the op's backward with the kept LSE."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, s, o, lse):
+        ctx.s = s
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o.clone()
+
+    @staticmethod
+    def backward(ctx, go):
+        q, k, v, o, lse = ctx.saved_tensors
+        gq, gk, gv = _backward_impl(q, k, v, o, lse, go.contiguous(), ctx.s)
+        return gq, gk, gv, None, None, None
+
+
 def _dual_parts(*xs):
     """(primals, tangents) if any input is a ``forward_ad`` dual tensor (outside torch.func), else None."""
     from torch.autograd import forward_ad as fwAD
@@ -459,11 +538,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise ValueError(f"attention: scale must be finite, got {scale}")
     qb, kb, vb = (_to_bhnd(x, layout) for x in (q, k, v))
     duals = _dual_parts(qb, kb, vb)
+    keep = getattr(_STATE, "keep", None)        # a checkpointed block's kept attention (keep_attention)
     if duals is not None:                # forward-AD tangents with the graph kept: one fused pass
         from torch.autograd import forward_ad as fwAD
         (qp, kp, vp), (dq, dk, dv) = duals
-        o, do, _ = _AttentionWithTangent.apply(qp, kp, vp, dq, dk, dv, s)
+        o, do, lse = _AttentionWithTangent.apply(qp, kp, vp, dq, dk, dv, s)
+        if keep is not None and not keep.replaying and KeptAttention.wanted(qp, kp):
+            keep.record(o, lse)
         o = fwAD.make_dual(o, do)
+    elif keep is not None and keep.replaying and KeptAttention.wanted(qb, kb):
+        o = keep.take(qb, kb, vb, s)
     else:
         backend = "op"
         if not any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in (qb, kb, vb)):  # no torch.func

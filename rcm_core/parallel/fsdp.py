@@ -7,7 +7,11 @@ Cosmos-Predict2, the embedded VideoDiT); the network's code is not touched.
 
 * Activation checkpointing: a checkpointed block (``"full"``: all; ``"selective"``: every
   ``ac_every``-th) is wrapped by torch's ``checkpoint_wrapper`` (state-dict keys unchanged),
-  keeps only its inputs, and recomputes its activations in the backward.
+  keeps only its inputs, and recomputes its activations in the backward. ``"keep_attention"``: every
+  block, but each block also keeps its self-attention outputs (O and its log-sum-exp, ~B*N*D*2 bytes a
+  block in bf16) and the recomputation runs everything else: the backward skips the attention forward,
+  about half of a Wan forward at 32K tokens (torchtitan's op-level selective AC, restricted to attention;
+  the reference's "selective" checkpointing likewise keeps attention). Memory/time: BENCHMARKS.md.
 * FSDP2 (``fsdp=True`` with torch.distributed initialised), as torchtitan applies it: each block
   is ``fully_shard``-ed, then the root (patch/time/text embeddings, head), so every parameter is
   a DTensor and one optimiser steps them all (CUDA AdamW's foreach path refuses a mix of plain
@@ -24,13 +28,14 @@ primal forward with grad in the backward (under the forward's autocast state; bl
 deterministic: no dropout). FSDP's hooks cannot take dual tensors while a graph is being
 recorded (an unchecked block fails in FSDP's unshard), but a checkpointed block computes its
 tangent without a graph: so the fused tangent runs under FSDP when every block is checkpointed
-(``activation_checkpointing="full"``; tested against data parallel), else the trainer computes
+(``activation_checkpointing="full"`` or ``"keep_attention"``; tested against data parallel), else the trainer computes
 the tangent in a separate no-grad JVP pass (``fused_tangent=False``). A sharded block sits
 inside the checkpoint wrapper.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,18 +45,19 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.autograd import forward_ad as fwAD
 from torch.utils import _pytree as pytree
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..nets.attention import KeptAttention, is_attention_forward_op, kept_attention
 from ..nets.base import transformer_blocks
 
 __all__ = ["ParallelConfig", "parallelize", "transformer_blocks", "is_sharded", "fsdp_mesh"]
 
-_AC_MODES = ("none", "full", "selective")
+_AC_MODES = ("none", "full", "selective", "keep_attention")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    activation_checkpointing: str = "none"      # none | full | selective
+    activation_checkpointing: str = "none"      # none | full | selective | keep_attention
     ac_every: int = 2                           # selective: checkpoint blocks 0, k, 2k, ...
     fsdp: bool = False                          # shard blocks and root over the ranks (FSDP2)
     shard_size: int = 0                         # FSDP: 0 = shard over all ranks; else HSDP groups of this size
@@ -69,7 +75,7 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.param_dtype={self.param_dtype!r}")
 
     def checkpointed(self, i: int) -> bool:
-        return self.activation_checkpointing == "full" or (
+        return self.activation_checkpointing in ("full", "keep_attention") or (
             self.activation_checkpointing == "selective" and i % self.ac_every == 0)
 
 
@@ -108,11 +114,31 @@ class _Recompute(torch.autograd.Function):
                                           for x in inputs])
 
 
-def _checkpoint_block(block: nn.Module, *args, **kwargs):
+def _keep_attention_policy(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy of ``keep_attention``: keep the outputs of self-attention's fused forward
+    (query and key of one shape), recompute everything else."""
+    if is_attention_forward_op(op) and len(args) > 1 and isinstance(args[0], torch.Tensor) and \
+            isinstance(args[1], torch.Tensor) and args[0].shape == args[1].shape:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@contextlib.contextmanager
+def _together(*contexts):
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
+def _checkpoint_block(block: nn.Module, *args, keep_attention: bool = False, **kwargs):
     """``checkpoint_fn`` of the wrapper: torch's checkpoint, or the tangent-aware one for duals.
 
     The recomputation in the backward re-selects the LoRA adapter active in the forward
-    (:func:`rcm_core.lora.recompute_context`; student, fake score and teacher share one network)."""
+    (:func:`rcm_core.lora.recompute_context`; student, fake score and teacher share one network).
+    ``keep_attention``: the block's self-attention outputs are kept from the forward and the recomputation
+    runs everything else (torch's selective checkpointing of the SDPA/FA3 op for blocks without tangents;
+    :class:`rcm_core.nets.attention.KeptAttention` for blocks with forward-AD tangents)."""
     flat, spec = pytree.tree_flatten((args, kwargs))
     wrapped = any(isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x) for x in flat)
     if not torch.is_grad_enabled() or wrapped:        # nothing to save (or inside torch.func): run as is
@@ -121,10 +147,14 @@ def _checkpoint_block(block: nn.Module, *args, **kwargs):
     adapter = recompute_context(block)
     parts = [fwAD.unpack_dual(x) if isinstance(x, torch.Tensor) else None for x in flat]
     if not any(p is not None and p.tangent is not None for p in parts):
-        if adapter is contextlib.nullcontext:
+        if adapter is contextlib.nullcontext and not keep_attention:
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
-        return checkpoint(block, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), adapter()),
-                          **kwargs)
+
+        def contexts():
+            forward, recompute = (create_selective_checkpoint_contexts(_keep_attention_policy) if keep_attention
+                                  else (contextlib.nullcontext(), contextlib.nullcontext()))
+            return forward, _together(recompute, adapter())
+        return checkpoint(block, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     amp = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")]
 
@@ -135,7 +165,8 @@ def _checkpoint_block(block: nn.Module, *args, **kwargs):
                 stack.enter_context(torch.autocast(d, dtype=dtype, enabled=enabled))
             stack.enter_context(adapter())
             return block(*a, **kw)
-    with torch.no_grad():                     # output and tangent, no graph
+    keep = KeptAttention() if keep_attention else None
+    with torch.no_grad(), kept_attention(keep):          # output and tangent, no graph
         out = run_flat(*flat)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"checkpointed {type(block).__name__} returned {type(out).__name__}; expected one tensor")
@@ -143,7 +174,12 @@ def _checkpoint_block(block: nn.Module, *args, **kwargs):
     primals = [x if p is None else p.primal for x, p in zip(flat, parts)]
     params = [] if isinstance(block, FSDPModule) else [p for p in block.parameters() if p.requires_grad]
     anchor = torch.empty(0, device=y.device, requires_grad=any(p.requires_grad for p in block.parameters()))
-    y = _Recompute.apply(run_flat, len(flat), y, anchor, *primals, *params)
+    run = run_flat
+    if keep is not None:
+        def run(*leaves):                     # the recomputation takes the kept self-attention outputs
+            with kept_attention(keep, replay=True):
+                return run_flat(*leaves)
+    y = _Recompute.apply(run, len(flat), y, anchor, *primals, *params)
     return y if dy is None else fwAD.make_dual(y, dy)
 
 
@@ -189,7 +225,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
         if shard:
             fully_shard(block, reshard_after_forward=True, **kw)
         if cfg.checkpointed(i):
-            blocks[i] = checkpoint_wrapper(block, checkpoint_fn=_checkpoint_block)
+            blocks[i] = checkpoint_wrapper(block, checkpoint_fn=functools.partial(
+                _checkpoint_block, keep_attention=cfg.activation_checkpointing == "keep_attention"))
     if shard and not isinstance(model, FSDPModule):
         fully_shard(model, reshard_after_forward=True, **kw)    # the root last: every parameter a DTensor
     return model
