@@ -222,8 +222,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     size_args(ap)
     ap.add_argument("--phases", default="steps,rcm,sampling", help="any of primal,steps,rcm,sampling,vae")
-    ap.add_argument("--ac", default="none,full", help="activation checkpointing for the steps phase: none, full, selective:K (every K-th block)")
-    ap.add_argument("--rcm-ac", default="full", help="activation checkpointing for the rcm phase")
+    ap.add_argument("--ac", default="none,full", help="activation checkpointing for the steps phase: none, full, keep_attention, "
+                    "selective:K (every K-th block)")
+    ap.add_argument("--rcm-ac", default="full", help="activation checkpointing for the rcm phase (comma list: "
+                    "full, keep_attention, ...)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--teacher-steps", type=int, default=50)
     ap.add_argument("--vae-variants", default="fp32,bf16,bf16-cl3d",
@@ -333,23 +335,24 @@ def main(argv=None) -> dict:
             gc.collect()
 
     if "rcm" in phases:
-        tr = RCMTrainer(teacher, DistillConfig.preset(teacher.preset, method="rcm", activation_checkpointing=a.rcm_ac,
-                                                      **base), device=dev)
-        # The rollout length n is fixed per row so that trees of different versions compare: the current
-        # trainer cycles n over each network's own updates (H = 0, K = 2: student step s has n = s/2 % 4 + 1),
-        # the version before 2026-11-26 used n = s % 4 + 1 of the shared step (only n = 1, 3 for students).
-        own_counts = hasattr(tr, "updates_before")
-        trained = list(tr.student.parameters()) + list(tr.fake.parameters())
-        for n in (1, 3):
-            step = 2 * (n - 1) if own_counts else n - 1
-            row = b.run(f"rCM student step (sCM + DMD, rollout {n}) [AC {a.rcm_ac}]", step_fn(tr, step),
-                        repeats=a.repeats, kind="rcm", rollout=n, ac=a.rcm_ac, **fp8)
-            if n == 1:
-                profiled(row, step_fn(tr, step), trained)
-        profiled(b.run(f"critic step (rollout from step 11, fake-score fwd+bwd) [AC {a.rcm_ac}]", step_fn(tr, 11),
-                       repeats=a.repeats, kind="critic", ac=a.rcm_ac, **fp8), step_fn(tr, 11), trained)
-        del tr
-        gc.collect()
+        for rcm_ac in a.rcm_ac.split(","):
+            tr = RCMTrainer(teacher, DistillConfig.preset(teacher.preset, method="rcm", activation_checkpointing=rcm_ac,
+                                                          **base), device=dev)
+            # The rollout length n is fixed per row so that trees of different versions compare: the current
+            # trainer cycles n over each network's own updates (H = 0, K = 2: student step s has n = s/2 % 4 + 1),
+            # the version before 2026-11-26 used n = s % 4 + 1 of the shared step (only n = 1, 3 for students).
+            own_counts = hasattr(tr, "updates_before")
+            trained = list(tr.student.parameters()) + list(tr.fake.parameters())
+            for n in (1, 3):
+                step = 2 * (n - 1) if own_counts else n - 1
+                row = b.run(f"rCM student step (sCM + DMD, rollout {n}) [AC {rcm_ac}]", step_fn(tr, step),
+                            repeats=a.repeats, kind="rcm", rollout=n, ac=rcm_ac, **fp8)
+                if n == 1:
+                    profiled(row, step_fn(tr, step), trained)
+            profiled(b.run(f"critic step (rollout from step 11, fake-score fwd+bwd) [AC {rcm_ac}]", step_fn(tr, 11),
+                           repeats=a.repeats, kind="critic", ac=rcm_ac, **fp8), step_fn(tr, 11), trained)
+            del tr
+            gc.collect()
 
     if "sampling" in phases or "vae" in phases:
         import diffusers

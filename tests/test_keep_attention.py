@@ -125,6 +125,27 @@ def test_keep_attention_skips_self_attention_in_the_backward(mode, recomputed, m
     assert len(calls) - sum(calls) == 3                      # cross-attention is always recomputed (cheap)
 
 
+@pytest.mark.parametrize("primal", ["op", "sdpa"])
+def test_keep_attention_inside_an_autocast_region_that_cast_the_weights_before(primal, monkeypatch):
+    """An rCM rollout runs the student several times in one bf16 autocast region: the autocast cache then holds
+    the weights' casts before the checkpointed forward, which would issue fewer casts than its recomputation
+    (torch's selective checkpointing refused that: "aten._to_copy ... not found in storage")."""
+    monkeypatch.setenv("RCM_ATTN_PRIMAL", primal)
+    net, xs, cs, call = _wan_net()
+    net = net.float()
+    x, _, ts, _, ctx, w = (a.float() for a in _inputs(xs, cs))
+    grads = {}
+    for mode in ("full", "keep_attention"):
+        m = parallelize(copy.deepcopy(net), ParallelConfig(mode))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                call(m, x, ts, ctx)                              # casts (and caches) the weights
+            y = call(m, x, ts, ctx)
+        grads[mode] = torch.autograd.grad((y.float() * w).sum(), list(m.parameters()))
+    for a, b in zip(grads["keep_attention"], grads["full"]):
+        assert float((a - b).norm()) <= 1e-2 * float(b.norm()) + 1e-6
+
+
 def test_kept_attention_refuses_a_recomputation_that_differs():
     keep = attn_mod.KeptAttention()
     q = torch.randn(1, 2, 6, 4, dtype=D)

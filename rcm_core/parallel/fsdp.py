@@ -131,6 +131,16 @@ def _together(*contexts):
         yield
 
 
+@contextlib.contextmanager
+def _no_autocast_cache():
+    before = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(before)
+
+
 def _checkpoint_block(block: nn.Module, *args, keep_attention: bool = False, **kwargs):
     """``checkpoint_fn`` of the wrapper: torch's checkpoint, or the tangent-aware one for duals.
 
@@ -151,9 +161,13 @@ def _checkpoint_block(block: nn.Module, *args, keep_attention: bool = False, **k
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
 
         def contexts():
-            forward, recompute = (create_selective_checkpoint_contexts(_keep_attention_policy) if keep_attention
-                                  else (contextlib.nullcontext(), contextlib.nullcontext()))
-            return forward, _together(recompute, adapter())
+            if not keep_attention:
+                return contextlib.nullcontext(), adapter()
+            # torch's selective checkpointing replays ops by their count, so the forward and the recomputation
+            # must issue the same casts: without the autocast cache in both (a forward inside an autocast region
+            # that had already cast these weights, e.g. an rCM rollout's earlier passes, would issue fewer)
+            forward, recompute = create_selective_checkpoint_contexts(_keep_attention_policy)
+            return _together(forward, _no_autocast_cache()), _together(recompute, _no_autocast_cache(), adapter())
         return checkpoint(block, *args, use_reentrant=False, context_fn=contexts, **kwargs)
 
     amp = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu")]
