@@ -282,7 +282,32 @@ def block_tables(spec: TileSpec, block: int):
 
 
 def _mask_mod(spec: TileSpec):
-    """The flex mask function on tile-major positions (integer arithmetic only: no captured tensors)."""
+    """The flex mask function, evaluated in partial blocks only. Where every block lies inside one tile (the
+    tile's token count a multiple of the block) the tables already decide the tile pairs and partial blocks
+    are those with padded keys: the mask is the keys' validity, shared by all windows on a (grid, tile) (one
+    compiled kernel for them). Otherwise the whole sliding-tile rule."""
+    if spec.tile_tokens % _block_size(spec) == 0:
+        return _key_mask_mod(spec.grid, spec.tile)
+    return _tile_mask_mod(spec)
+
+
+@functools.lru_cache(maxsize=32)
+def _key_mask_mod(grid: Int3, tile: Int3):
+    """True for real (not padded) keys, on tile-major positions."""
+    (F, H, W), (tf, th, tw) = grid, tile
+    nh, nw = -(-H // th), -(-W // tw)
+    T = tf * th * tw
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        kt, local = kv_idx // T, kv_idx % T
+        kf, kh, kw = kt // (nh * nw), (kt // nw) % nh, kt % nw
+        lf, lh, lw = local // (th * tw), (local // tw) % th, local % tw
+        return (kf * tf + lf < F) & (kh * th + lh < H) & (kw * tw + lw < W)
+    return mask_mod
+
+
+def _tile_mask_mod(spec: TileSpec):
+    """The whole sliding-tile rule on tile-major positions (integer arithmetic only: no captured tensors)."""
     (F, H, W), (tf, th, tw), (nf, nh, nw), (wf, wh, ww) = spec.grid, spec.tile, spec.tiles, spec.window
     T, n_t = spec.tile_tokens, nf * nh * nw
 
