@@ -47,11 +47,7 @@ if ROOT not in sys.path:
 from rcm_core.nets import sparse_attention as sa  # noqa: E402
 from rcm_core.nets.sparse_attention import TileSpec, density, parse_sliding_tile, sliding_tile_attention  # noqa: E402
 
-# Tile (3, 8, 8) = 192 tokens on (21, 30, 52): tiles (7, 4, 7), the frames divide exactly, rows and columns
-# padded to 32 and 56 (37632 tile-major tokens, +15 %). 192 is a multiple of the 64-token block, so every
-# block lies in one tile (whole blocks skipped or computed unmasked; only blocks with padded keys evaluate the
-# mask). No tile of a multiple of 64 tokens divides (21, 30, 52) exactly (30 and 52 hold at most 2 x 4 as
-# powers of two), so some padding is unavoidable; (2, 8, 8) = 128 tokens pads the frames too (+20 %).
+# the tile: sa.WAN_480P_TILE, (3, 8, 8) (why: the comment at its definition)
 WAN = {"grid": sa.WAN_480P_GRID, "heads": 12, "head_dim": 128, "dtype": torch.bfloat16,
        "settings": ["sta:t3x8x8:w3x3x3", "sta:t3x8x8:w3x3x5", "sta:t3x8x8:w5x3x5"], "exact": "sta:t3x8x8:w3x3x5"}
 SMOKE = {"grid": (4, 8, 16), "heads": 2, "head_dim": 32, "dtype": torch.float32,

@@ -378,3 +378,21 @@ def test_serving_option_makes_every_denoiser_call_sparse(monkeypatch):
         with pytest.raises(ValueError, match=r"serving option sparse=sta:t3x2x2:w1x1x1 on latents \(1, 1, 2, 4, 6\)"
                                              r".*TileSpec.tile"):
             den(x2, tt[:1], ctx[:1])
+
+
+def test_compiled_blocks_follow_the_context():
+    """Serving's compile and sparse together: compiled blocks run sparse inside the context and dense outside it
+    (dynamo guards on the thread's sparse state), equal to the eager network either way."""
+    from rcm_core.nets.serving import compile_blocks
+
+    x, t, ctx = dit_inputs()
+    eager, net = tiny_dit(), tiny_dit()
+    compile_blocks(net)
+    spec = TileSpec(token_grid(net, x.shape), (1, 2, 2), (1, 1, 1))
+    with torch.no_grad():
+        with sparse_self_attention(spec):
+            sparse, sparse_eager = net(x, t, ctx), eager(x, t, ctx)
+        dense, dense_eager = net(x, t, ctx), eager(x, t, ctx)
+    torch.testing.assert_close(sparse, sparse_eager, rtol=0, atol=1e-10)
+    torch.testing.assert_close(dense, dense_eager, rtol=0, atol=1e-10)
+    assert (sparse - dense).abs().max() > 1e-3
