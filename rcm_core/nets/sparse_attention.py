@@ -375,7 +375,11 @@ def _flex_attention(q, k, v, spec: TileSpec, s: float):
     qt, kt, vt = (x.index_select(2, gather) for x in (q, k, v))
     block = _block_size(spec)
     opts = {"BLOCK_M": 64, "BLOCK_N": 64} if block == 64 and q.is_cuda else None
-    out = _flex()(qt, kt, vt, block_mask=bm, scale=s, kernel_options=opts)
+    if torch.compiler.is_compiling():        # inside a compiled region (serving's compiled blocks): traced there
+        from torch.nn.attention.flex_attention import flex_attention as flex
+    else:
+        flex = _flex()
+    out = flex(qt, kt, vt, block_mask=bm, scale=s, kernel_options=opts)
     return out.index_select(2, inverse)
 
 
