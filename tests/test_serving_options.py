@@ -24,7 +24,7 @@ PROMPTS = ["a 3 drifting up", "a 7 drifting left"]
 META = {"teacher": "embedded", "latent_shape": [1, 4, 16, 16], "default_steps": 2, "sigma_max": 80.0,
         "mid_t": [1.3, 1.0, 0.6], "method": "rcm"}
 ROWS = pd.DataFrame({"prompt": ["a 3 drifting up", "a 5 drifting down"], "seed": [0, 1], "steps": [2, 2]})
-SERVING_ENV = ("RCM_FP8", "RCM_COMPILE", "RCM_FP8_EMULATE", "RCM_DEVICE", "RCM_DTYPE")
+SERVING_ENV = ("RCM_FP8", "RCM_COMPILE", "RCM_SPARSE", "RCM_FP8_EMULATE", "RCM_DEVICE", "RCM_DTYPE")
 
 
 @pytest.fixture(autouse=True)

@@ -536,6 +536,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     s = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if not math.isfinite(s):
         raise ValueError(f"attention: scale must be finite, got {scale}")
+    sparse = getattr(_STATE, "sparse", None)     # sliding-tile self-attention (nets.sparse_attention) in force
+    if sparse is not None:
+        o = sparse(q, k, v, s, layout)           # None: not the grid's self-attention (cross-attention): dense
+        if o is not None:
+            return o
     qb, kb, vb = (_to_bhnd(x, layout) for x in (q, k, v))
     duals = _dual_parts(qb, kb, vb)
     keep = getattr(_STATE, "keep", None)        # a checkpointed block's kept attention (keep_attention)

@@ -5,7 +5,9 @@ Nothing here imports another rcm_core module, so :mod:`rcm_core.nets.attention`,
 all import it and none of them imports another one back:
 
 * ``_STATE`` (thread-local): the cp group while a context-parallel network's self-attention runs (set by
-  the hooks of :func:`rcm_core.parallel.context_parallel.apply_context_parallel`), and
+  the hooks of :func:`rcm_core.parallel.context_parallel.apply_context_parallel`); ``_STATE.sparse``, the
+  sliding-tile router while :func:`rcm_core.nets.sparse_attention.sparse_self_attention` is in force (the
+  attention op hands it every call; it answers None for calls that stay dense); and
   :func:`set_group_attention`, by which the context-parallel module hands the attention op its Ulysses
   attention (the op calls it, never imports it);
 * :func:`transformer_blocks`: a network's ModuleList of blocks (FSDP2 wrapping, CP hooks, LoRA targets);

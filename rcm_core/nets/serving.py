@@ -1,9 +1,10 @@
-"""Serving options for a frozen student network (issue 23): FP8 linear layers and a compiled, fixed-shape
-forward, as data (:class:`ServingOptions`) applied from outside the network (:func:`apply_serving_options`).
+"""Serving options for a frozen student network (issue 23): FP8 linear layers, a compiled, fixed-shape
+forward and sliding-tile sparse self-attention, as data (:class:`ServingOptions`) applied from outside the
+network (:func:`apply_serving_options`).
 
     opts = ServingOptions.resolve(meta.get("serving"), os.environ, model_config)   # registered < env < call
     check_serving_options(opts, device, scales)      # clear errors before anything loads onto the GPU
-    apply_serving_options(denoiser, opts, scales)    # in place: Fp8Linear layers, compiled blocks
+    apply_serving_options(denoiser, opts, scales)    # in place: Fp8Linear layers, compiled blocks, sparse calls
 
 * ``fp8``: ``off``; ``dynamic`` (one activation scale per token row, measured at run time: no calibration,
   an extra amax pass per linear); ``static`` (one calibrated scale per layer, stored with the registered model:
@@ -13,6 +14,13 @@ forward, as data (:class:`ServingOptions`) applied from outside the network (:fu
   CUDA graphs): ``torch.compile`` of each transformer block with static shapes, as torchtitan compiles its
   blocks (identical blocks share one compiled graph; the first call at a new size pays the compile, measured
   separately as the first-call latency in ``bench/serving.py``).
+* ``sparse``: ``off``; or ``sta:t<F>x<H>x<W>:w<F>x<H>x<W>`` (e.g. ``sta:t3x8x8:w3x3x5``): every forward of the
+  served denoiser runs its self-attention as sliding-tile attention (tile in tokens, window in tiles, odd;
+  :mod:`rcm_core.nets.sparse_attention`, flex_attention on CUDA), the token grid taken from each call's latent
+  shape; cross-attention stays dense. Opt-in; its quality on real weights is not measured yet. Stored in
+  ``meta.json`` only when on (versions registered before it keep their settings). To wire it into an entry
+  point, pass ``sparse`` like ``fp8`` / ``compile`` (``model_config={"sparse": "sta:t3x8x8:w3x3x5"}``, a
+  ``--sparse`` flag handed to ``resolve``'s call level); ``RCM_SPARSE`` already overrides the registered value.
 
 Scales are calibrated on the network's own activations (the student's, while it samples the eval prompts at
 1, 2 and 4 steps in the flow's evaluate step): the layers quantised are the student's, so its activation
@@ -30,40 +38,50 @@ import torch
 from torch import nn
 
 __all__ = ["ServingOptions", "FP8_MODES", "COMPILE_MODES", "check_serving_options", "apply_serving_options",
-           "check_scales", "compile_blocks", "typing_truce", "ENV"]
+           "check_scales", "compile_blocks", "sparse_forward", "typing_truce", "ENV"]
 
 FP8_MODES = ("off", "dynamic", "static")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
-ENV = {"fp8": "RCM_FP8", "compile": "RCM_COMPILE"}          # environment overrides of a registered setting
+# environment overrides of a registered setting
+ENV = {"fp8": "RCM_FP8", "compile": "RCM_COMPILE", "sparse": "RCM_SPARSE"}
 _KEYS = tuple(ENV)                                           # the options: ServingOptions' fields
 
 
 @dataclass(frozen=True)
 class ServingOptions:
     """How a loaded student runs. Stored in a registered version's ``meta.json`` (``serving``), overridden by
-    ``RCM_FP8`` / ``RCM_COMPILE`` and by the load call (``mlflow.pyfunc.load_model(uri, model_config={...})``,
-    the generate CLI's ``--fp8`` / ``--compile``)."""
+    ``RCM_FP8`` / ``RCM_COMPILE`` / ``RCM_SPARSE`` and by the load call
+    (``mlflow.pyfunc.load_model(uri, model_config={...})``, the generate CLI's ``--fp8`` / ``--compile``)."""
     fp8: str = "off"
     compile: str = "off"
+    sparse: str = "off"
 
     def __post_init__(self):
         for key, known in (("fp8", FP8_MODES), ("compile", COMPILE_MODES)):
             if getattr(self, key) not in known:
                 raise ValueError(f"serving option {key}={getattr(self, key)!r}: known values are {', '.join(known)}")
+        self.sliding_tile          # parses sparse: ValueError naming the option on a bad value
+
+    @property
+    def sliding_tile(self):
+        """The ``sparse`` option parsed: a :class:`rcm_core.nets.sparse_attention.SlidingTile`, or None (off)."""
+        from .sparse_attention import parse_sliding_tile
+        return parse_sliding_tile(self.sparse, "sparse")
 
     @classmethod
     def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "ServingOptions":
         d = dict(d or {})
         unknown = sorted(set(d) - set(_KEYS))
         if unknown:
-            raise ValueError(f"serving options {unknown}: unknown (known: fp8, compile)")
+            raise ValueError(f"serving options {unknown}: unknown (known: {', '.join(_KEYS)})")
         return cls(**{k: str(v) for k, v in d.items()})
 
     @classmethod
     def resolve(cls, registered: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
                 call: Optional[Mapping[str, Any]] = None) -> "ServingOptions":
-        """The registered settings, then the environment (``RCM_FP8``, ``RCM_COMPILE``), then the call's
-        (``model_config``; keys other than ``fp8``/``compile`` are ignored here), later ones winning."""
+        """The registered settings, then the environment (``RCM_FP8``, ``RCM_COMPILE``, ``RCM_SPARSE``), then the
+        call's (``model_config``; keys other than ``fp8``/``compile``/``sparse`` are ignored here), later ones
+        winning."""
         env = os.environ if env is None else env
         merged = dict(registered or {})
         merged.update({k: env[v] for k, v in ENV.items() if env.get(v)})
@@ -71,11 +89,15 @@ class ServingOptions:
         return cls.from_dict(merged)
 
     def to_dict(self) -> Dict[str, str]:
-        return asdict(self)
+        """The settings; ``sparse`` only when on (the settings of versions registered before it are unchanged)."""
+        d = asdict(self)
+        if d["sparse"] == "off":
+            del d["sparse"]
+        return d
 
     @property
     def label(self) -> str:
-        return f"fp8={self.fp8}, compile={self.compile}"
+        return f"fp8={self.fp8}, compile={self.compile}" + (f", sparse={self.sparse}" if self.sparse != "off" else "")
 
 
 def check_scales(scales: Any, where: str = "fp8_scales") -> Dict[str, float]:
@@ -129,6 +151,34 @@ def apply_serving_options(denoiser: nn.Module, opts: ServingOptions,
         quantize_fp8(net, calibration=check_scales(scales) if opts.fp8 == "static" else None, out_dtype=dtype)
     if opts.compile != "off":
         compile_blocks(net, opts.compile)
+    if opts.sparse != "off":
+        sparse_forward(denoiser, opts.sliding_tile)
+    return denoiser
+
+
+def sparse_forward(denoiser: nn.Module, sliding_tile) -> nn.Module:
+    """Make every network call of ``denoiser`` (a TrigFlowDenoiser) run sliding-tile self-attention
+    (``sliding_tile``: a :class:`rcm_core.nets.sparse_attention.SlidingTile`; None: dense again), the token grid
+    taken from the latent of each call. Wraps ``denoiser.call``; applying it again replaces the wrap."""
+    from .sparse_attention import sparse_self_attention, token_grid
+
+    inner = getattr(denoiser.call, "_rcm_dense_call", denoiser.call)
+    if sliding_tile is None:
+        denoiser.call = inner
+        return denoiser
+
+    def call(net, x, timestep, cond):
+        grid = token_grid(net, x.shape)
+        try:
+            spec = sliding_tile.spec(grid)
+        except ValueError as e:
+            raise ValueError(f"serving option sparse={sliding_tile.label} on latents {tuple(x.shape)} (token grid "
+                             f"{grid}): {e}") from e
+        with sparse_self_attention(spec):
+            return inner(net, x, timestep, cond)
+    call._rcm_dense_call = inner
+    call._rcm_sparse = sliding_tile
+    denoiser.call = call
     return denoiser
 
 
