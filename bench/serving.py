@@ -38,7 +38,8 @@ from bench_real import Bench, build_teacher, size_args, vae_variant  # noqa: E40
 
 
 def parse_variant(v: str):
-    """``bf16`` | ``fp8-dynamic`` | ``fp8-static`` | ``compile`` | ``compile-<mode>``, joined with ``+``."""
+    """``bf16`` | ``fp8-dynamic`` | ``fp8-static`` | ``compile`` | ``compile-<mode>`` | ``sta:t..:w..`` (sliding-tile
+    self-attention, the ``sparse`` option), joined with ``+``."""
     from rcm_core.nets.serving import ServingOptions
 
     opts = {}
@@ -51,9 +52,11 @@ def parse_variant(v: str):
             opts["compile"] = "default"
         elif part.startswith("compile-"):
             opts["compile"] = part[8:]
+        elif part.startswith("sta:"):
+            opts["sparse"] = part
         else:
             raise SystemExit(f"--variants: cannot parse {part!r} of {v!r} (bf16, fp8-dynamic, fp8-static, compile, "
-                             "compile-<mode>, joined with +)")
+                             "compile-<mode>, sta:t<F>x<H>x<W>:w<F>x<H>x<W>, joined with +)")
     return ServingOptions(**opts)
 
 
