@@ -290,7 +290,7 @@ def test_real_teachers_version_serves_its_registered_fp8_setting(wan_dir, tmp_pa
     r = register_student(save(state), meta, client.create_run(exp).info.run_id, {}, {}, True, model_name="w",
                          component_store=str(tmp_path / "store"), serving={"fp8": "dynamic"})
     card = client.get_model_version("w", r.version).description
-    assert "Serving: fp8=dynamic, compile=off; no FP8 static scales" in card
+    assert "Serving: fp8=dynamic, compile=off, sparse=off; no FP8 static scales" in card
     assert f"model_config={{\"fp8\": \"static\", \"compile\": \"default\"}}" in card and "--fp8" in card
     rows = pd.DataFrame({"prompt": ["a red cat runs"], "seed": [0], "steps": [2]})
     ref_model = mlflow.pyfunc.load_model(r.model_uri, model_config={"fp8": "off"})
@@ -330,3 +330,24 @@ def test_two_expert_students_refuse_fp8_and_compile():
     _check_layout(ServingOptions("dynamic", "default"), False)
     with pytest.raises(ValueError, match=r"fp8=dynamic, compile=off: the student is two experts.*\"fp8\": \"off\""):
         _check_layout(ServingOptions("dynamic"), True)
+
+
+def test_sparse_option_through_the_registered_model_and_generate(registry, tmp_path, capsys):
+    """sparse=sta:...: sliding-tile self-attention on the served student (the exact masked path on the CPU). A window
+    covering the whole token grid is dense attention; a one-tile window changes the clips; a bad value is refused by
+    generate before anything is written, naming the option."""
+    from rcm_steps.generate import main
+
+    _use(registry)
+    uri = registry["srv"].model_uri
+    ref = mlflow.pyfunc.load_model(uri).predict(ROWS)
+    whole = mlflow.pyfunc.load_model(uri, model_config={"sparse": "sta:t1x2x2:w9x9x9"})
+    assert _student(whole).call is not _student(mlflow.pyfunc.load_model(uri)).call      # the wrapped call
+    assert _rel(whole.predict(ROWS), ref) < 1e-5
+    local = mlflow.pyfunc.load_model(uri, model_config={"sparse": "sta:t1x2x2:w1x1x1"})
+    assert local.unwrap_python_model().serving.sparse == "sta:t1x2x2:w1x1x1"
+    assert _rel(local.predict(ROWS), ref) > 1e-3
+    out = tmp_path / "x.gif"
+    rc = main(["--model", uri, "--prompt", "a 3 drifting up", "--out", str(out), "--sparse", "sta:t1x2x2:w2x1x1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sparse" in err and not out.exists(), err

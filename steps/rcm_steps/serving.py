@@ -194,8 +194,8 @@ def _check_layout(opts, two_experts: bool) -> None:
 
     if two_experts and opts != ServingOptions():
         raise ValueError(f"serving options {opts.label}: the student is two experts (transformer and transformer_2, "
-                         "switched at the boundary); FP8 and compile serve one-network students only: load it with "
-                         "model_config={\"fp8\": \"off\", \"compile\": \"off\"}")
+                         "switched at the boundary); FP8, compile and sparse serve one-network students only: load it "
+                         "with model_config={\"fp8\": \"off\", \"compile\": \"off\", \"sparse\": \"off\"}")
 
 
 def _given(v) -> bool:
