@@ -150,13 +150,14 @@ def test_activation_checkpointing_keeps_outputs_tangents_and_gradients(mode):
         assert torch.allclose(a, b, atol=1e-12)
 
 
-def test_trainer_with_activation_checkpointing_takes_the_same_step():
+@pytest.mark.parametrize("modes", [("none", "full"), ("full", "keep_attention")])
+def test_trainer_with_activation_checkpointing_takes_the_same_step(modes):
     teacher = get_teacher("embedded")
     g = torch.Generator().manual_seed(4)
     batch = {"latents": torch.randn(2, *teacher.latent_shape, generator=g),
              "cond": torch.randn(2, 16, 64, generator=g), "uncond": torch.zeros(1, 16, 64)}
     states = []
-    for ac in ("none", "full"):
+    for ac in modes:
         cfg = DistillConfig.preset("embedded", method="rcm", dtype="float64", tangent_warmup_steps=0,
                                    student_update_freq=2, activation_checkpointing=ac)
         tr = RCMTrainer(teacher, cfg)

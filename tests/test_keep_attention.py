@@ -16,34 +16,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import rcm_core.nets.attention as attn_mod
 from rcm_core.config import DistillConfig
 from rcm_core.parallel import ParallelConfig, parallelize
-from rcm_core.teachers import get_teacher
-from rcm_core.trainer import RCMTrainer
+from test_fused_tangent import _embedded_net as _fused_tangent_embedded, _wan_net  # the same small networks
 
 D = torch.float64
 
 
 def _embedded_net():
-    from rcm_core.embedded.dit import VideoDiT, VideoDiTConfig
-    torch.manual_seed(0)
-    net = VideoDiT(VideoDiTConfig(dim=24, heads=2, layers=3, ffn_dim=48, text_dim=16, freq_dim=16))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return net.double(), (2, 1, 2, 4, 4), (2, 5, 16), lambda n, x, t, c: n(x, t, c)
-
-
-def _wan_net():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    net = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
-                                          num_layers=2, rope_max_seq_len=32)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(0.3 * torch.randn_like(p) / max(1, p.shape[-1]) ** 0.5 + (p == 1) * 1.0)
-    from rcm_core.real import diffusers_rf_call, install_rcm_attention
-    install_rcm_attention(net)
-    return net.double(), (2, 4, 2, 4, 4), (2, 6, 16), diffusers_rf_call
+    """test_fused_tangent's embedded VideoDiT with a third block (a copy of the first)."""
+    net, xs, cs, call = _fused_tangent_embedded()
+    net.blocks.append(copy.deepcopy(net.blocks[0]))
+    return net, xs, cs, call
 
 
 def _inputs(xs, cs, seed=2):
@@ -157,26 +139,9 @@ def test_kept_attention_refuses_a_recomputation_that_differs():
         attn_mod.attention(q[:, :, :5], q[:, :, :5], q[:, :, :5])
 
 
-def test_trainer_with_keep_attention_takes_the_same_steps_as_full():
-    teacher = get_teacher("embedded")
-    g = torch.Generator().manual_seed(4)
-    batch = {"latents": torch.randn(2, *teacher.latent_shape, generator=g),
-             "cond": torch.randn(2, 16, 64, generator=g), "uncond": torch.zeros(1, 16, 64)}
-    states = []
-    for ac in ("full", "keep_attention"):
-        cfg = DistillConfig.preset("embedded", method="rcm", dtype="float64", tangent_warmup_steps=0,
-                                   student_update_freq=2, activation_checkpointing=ac)
-        tr = RCMTrainer(teacher, cfg)
-        ms = [tr.train_step(batch) for _ in range(2)]            # a student (sCM + DMD) and a critic step
-        assert [m["kind"] for m in ms] == ["student", "critic"]
-        states.append((ms, tr.student.net.state_dict(), tr.fake.net.state_dict()))
-    (m0, s0, f0), (m1, s1, f1) = states
-    for a, b in zip(m0, m1):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-10)
-    for k in list(s0) + list(f0):
-        a, b = (s0[k], s1[k]) if k in s0 else (f0[k], f1[k])
-        assert torch.allclose(a, b, atol=1e-12, rtol=0), k
-    # FSDP's fused tangent needs every block checkpointed: keep_attention qualifies, selective does not
+def test_fsdp_fused_tangent_takes_keep_attention():
+    """FSDP's fused tangent needs every block checkpointed: keep_attention qualifies, selective does not (the
+    trainer's steps under keep_attention: test_fused_tangent.py, test_fsdp.py, test_cp_trainer.py)."""
     DistillConfig.preset("embedded", fsdp=True, activation_checkpointing="keep_attention")
     with pytest.raises(ValueError, match="keep_attention"):
         DistillConfig.preset("embedded", fsdp=True, activation_checkpointing="selective")
