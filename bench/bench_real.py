@@ -242,6 +242,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--teacher-fp8", action="store_true",
                     help="steps/rcm phases: the teacher's no-grad passes in FP8 (DistillConfig.teacher_fp8); rows get "
                          "teacher_fp8=True")
+    ap.add_argument("--compile-nograd", action="store_true",
+                    help="DistillConfig.compile_nograd=True (every network's no-grad passes through compiled blocks: "
+                         "teacher targets, rollouts, the fake score's DMD pass); rows get compile_nograd: true")
+    ap.add_argument("--fused-only", action="store_true", help="steps phase: no separate-JVP sCM row")
     ap.add_argument("--teacher-compile", action="store_true",
                     help="DistillConfig.teacher_compile=True (the teacher's blocks compiled for its no-grad passes); "
                          "rows get teacher_compile: true")
@@ -278,8 +282,8 @@ def main(argv=None) -> dict:
     uncond = torch.randn((1, 512, text_dim), generator=g, device=dev)
     phases = a.phases.split(",")
     base = dict(batch_size=1, dtype="bfloat16", tangent_warmup_steps=0, student_update_freq=2,
-                teacher_fp8=a.teacher_fp8, teacher_compile=a.teacher_compile)
-    fp8 = {**({"teacher_fp8": True} if a.teacher_fp8 else {}), **({"teacher_compile": True} if a.teacher_compile else {})}
+                teacher_fp8=a.teacher_fp8, teacher_compile=a.teacher_compile, compile_nograd=a.compile_nograd)
+    fp8 = {k: True for k in ("teacher_fp8", "teacher_compile", "compile_nograd") if getattr(a, k)}
 
     def profiled(row: dict, fn, params) -> None:
         """--profile: the op-class profile and the cast census of one more call, in ``row``."""
@@ -327,7 +331,7 @@ def main(argv=None) -> dict:
                 opt.step()
             trained = list(net.parameters())
             profiled(b.run(f"plain fwd+bwd step [AC {ac}]", plain_step, kind="plain", ac=ac), plain_step, trained)
-            for fused in (True, False):
+            for fused in (True,) if a.fused_only else (True, False):
                 tr.cfg = tr.cfg.replace(fused_tangent=fused)
                 profiled(b.run(f"sCM student step, {'fused' if fused else 'separate JVP'} tangent [AC {ac}]",
                                step_fn(tr, 10), kind="scm", fused=fused, ac=ac, **fp8), step_fn(tr, 10), trained)

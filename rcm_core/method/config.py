@@ -102,6 +102,11 @@ class DistillConfig:
     # no-grad passes; same conditions as teacher_fp8 (a teacher of its own, not sharded). Not for the student:
     # a compiled block drops forward-AD tangents (bench/compile_fwad_probe.py). Opt-in until measured
     teacher_compile: bool = False
+    # every network's no-grad passes through compiled blocks: the teacher's (as teacher_compile), the student's
+    # rollout and the fake score's DMD evaluation; passes with gradients or tangents run the same blocks eagerly
+    # (rcm_core.nets.serving.compile_blocks(nograd_only=True)). Not with lora / fsdp / context_parallel. Opt-in
+    # until measured on a GPU (bench_real.py --compile-nograd)
+    compile_nograd: bool = False
     # FSDP2: shard the student's, fake score's and EMA's transformer blocks (weights, grads, AdamW
     # states) over all ranks; with fused_tangent it needs activation_checkpointing="full"
     fsdp: bool = False
@@ -241,6 +246,10 @@ class DistillConfig:
             raise ValueError("DistillConfig.teacher_compile=True needs a teacher of its own: not with lora (one shared "
                              "network, whose student passes carry tangents a compiled block would drop; "
                              f"lora={'set' if self.lora is not None else 'None'}), not with fsdp (fsdp={self.fsdp})")
+        if self.compile_nograd and (self.lora is not None or self.fsdp or self.context_parallel > 1):
+            raise ValueError("DistillConfig.compile_nograd=True compiles each network's own blocks: not with lora (one "
+                             f"shared network switching adapters; lora={'set' if self.lora is not None else 'None'}), "
+                             f"fsdp (fsdp={self.fsdp}) or context_parallel (context_parallel={self.context_parallel})")
         if self.teacher_fp8 and (self.lora is not None or self.fsdp or self.dtype not in ("bfloat16", "float16")):
             raise ValueError("DistillConfig.teacher_fp8=True needs a teacher of its own in bf16/fp16: not with lora "
                              f"(one shared network; lora={'set' if self.lora is not None else 'None'}), not with fsdp "

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping, Optional
 
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 __all__ = ["ServingOptions", "FP8_MODES", "COMPILE_MODES", "check_serving_options", "apply_serving_options",
-           "check_scales", "compile_blocks", "sparse_forward", "typing_truce", "ENV"]
+           "check_scales", "compile_blocks", "raised_recompile_limit", "RECOMPILE_LIMIT", "sparse_forward", "typing_truce", "ENV"]
 
 FP8_MODES = ("off", "dynamic", "static")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -182,12 +183,17 @@ def sparse_forward(denoiser: nn.Module, sliding_tile) -> nn.Module:
     return denoiser
 
 
-def compile_blocks(net: nn.Module, mode: str = "default") -> int:
+def compile_blocks(net: nn.Module, mode: str = "default", nograd_only: bool = False) -> int:
     """``torch.compile`` each transformer block's forward (static shapes; ``mode`` as :data:`COMPILE_MODES`) for
     no-grad passes; returns how many. A compiled block drops forward-mode tangents silently (measured:
-    ``bench/compile_fwad_probe.py``), so a call with ``forward_ad`` dual inputs raises instead."""
-    from torch.autograd import forward_ad as fwAD
+    ``bench/compile_fwad_probe.py``), so a call with ``forward_ad`` dual inputs raises instead; with
+    ``nograd_only`` (a trained network's blocks: :attr:`rcm_core.config.DistillConfig.compile_nograd`) such calls,
+    calls with gradients enabled and calls inside ``torch.func`` run the block eagerly instead, and only the
+    no-grad passes (rollouts, score evaluations) take the compiled graph. A checkpointed block
+    (``CheckpointWrapper``) has its inner block compiled, so checkpointing still wraps it.
 
+    Deep copies stay correct (an EMA copy, a copy for export): the block's ``forward`` becomes a method bound to
+    the block, which a deep copy rebinds to the copy, and each copy compiles its own forward on first use."""
     from .base import transformer_blocks
 
     if mode not in COMPILE_MODES[1:]:
@@ -195,17 +201,49 @@ def compile_blocks(net: nn.Module, mode: str = "default") -> int:
     typing_truce()
     blocks = transformer_blocks(net)
     for block in blocks:
-        compiled = torch.compile(block.forward, dynamic=False, **({} if mode == "default" else {"mode": mode}))
-
-        def forward(*args, _compiled=compiled, **kwargs):
-            if any(isinstance(a, torch.Tensor) and fwAD.unpack_dual(a).tangent is not None
-                   for a in (*args, *kwargs.values())):
-                raise RuntimeError("a compiled block got forward-AD dual inputs: torch.compile drops their "
-                                   "tangents; compiled blocks are for no-grad passes only")
-            return _compiled(*args, **kwargs)
-        block.forward = forward
+        block = getattr(block, "_checkpoint_wrapped_module", block)
+        block.forward = types.MethodType(_compiled_block_forward, block)
         block._rcm_compiled = mode
+        block._rcm_compile_nograd_only = nograd_only
     return len(blocks)
+
+
+def _compiled_block_forward(block: nn.Module, *args, **kwargs):
+    """The ``forward`` :func:`compile_blocks` installs: the block's class forward, compiled once per block."""
+    from torch.autograd import forward_ad as fwAD
+
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    dual = any(fwAD.unpack_dual(a).tangent is not None for a in tensors)
+    if block._rcm_compile_nograd_only and (dual or torch.is_grad_enabled() or any(
+            torch._C._functorch.is_functorch_wrapped_tensor(a) for a in tensors)):
+        return type(block).forward(block, *args, **kwargs)
+    if dual:
+        raise RuntimeError("a compiled block got forward-AD dual inputs: torch.compile drops their "
+                           "tangents; compiled blocks are for no-grad passes only")
+    compiled = block.__dict__.get("_rcm_compiled_fn")
+    # (id of the owner, compiled forward bound to it): a deep copy copies the id as is, so it compiles its own
+    # (the old id cannot be reused while the old block lives, and the old compiled forward keeps it alive)
+    if compiled is None or compiled[0] != id(block):
+        mode = block._rcm_compiled
+        fn = torch.compile(type(block).forward.__get__(block), dynamic=False,
+                           **({} if mode == "default" else {"mode": mode}))
+        compiled = block.__dict__["_rcm_compiled_fn"] = (id(block), fn)
+    with raised_recompile_limit():
+        return compiled[1](*args, **kwargs)
+
+
+RECOMPILE_LIMIT = 64
+
+
+def raised_recompile_limit(limit: int = RECOMPILE_LIMIT):
+    """Dynamo's recompile limit raised to ``limit`` while compiled code runs. Frames shared by many compiled modules
+    recompile once per variant: the attention processor's ``__call__`` (a frame of its own after a graph break)
+    per block, self- vs cross-attention and rotary or not; the Wan VAE decoder's up blocks per call kind. Past
+    dynamo's default of 8 the rest ran eager (H200: the compiled teacher's processor frame in
+    bench_real --teacher-compile, 2026-12-05; the decoder, 1.09 s instead of 0.81 s)."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"   # older PyTorch
+    return cfg.patch(**{name: max(getattr(cfg, name), limit)})
 
 
 def typing_truce() -> None:

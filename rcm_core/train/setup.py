@@ -127,7 +127,7 @@ class _Setup:
             if self.cfg.teacher_fp8:            # its no-grad passes in FP8 (the device was checked above)
                 from ..nets.fp8 import quantize_fp8
                 quantize_fp8(self.teacher.net)
-            if self.cfg.teacher_compile:        # no-grad passes only (a dual input raises there)
+            if self.cfg.teacher_compile or self.cfg.compile_nograd:   # no-grad passes only (duals raise there)
                 from ..nets.serving import compile_blocks
                 compile_blocks(self.teacher.net)
             self.student = clone(student_net if student_net is not None else teacher.net, True)
@@ -150,6 +150,11 @@ class _Setup:
                                 copy_module=False)
         else:
             self.ema = PowerEMA(self.student.net, self.cfg.ema_sigma_rel)
+        if self.cfg.compile_nograd:          # after the EMA's copy: the rollouts and score evaluations compiled
+            from ..nets.serving import compile_blocks
+            for den in (self.student, self.fake):
+                if den is not None:
+                    compile_blocks(den.net, nograd_only=True)
         if self.cp_group is not None:        # the EMA (a copy made above) stays whole: sampling is local
             from ..parallel.context_parallel import apply_context_parallel
             for den in (self.teacher, self.student, self.fake):

@@ -120,9 +120,8 @@ def _recompile_limit(vae):
     """Dynamo's recompile limit raised to RECOMPILE_LIMIT for a compiled decoder, else nothing."""
     if not getattr(vae, "_rcm_compiled", False):
         return contextlib.nullcontext()
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"   # older PyTorch
-    return cfg.patch(**{name: max(getattr(cfg, name), RECOMPILE_LIMIT)})
+    from rcm_core.nets.serving import raised_recompile_limit
+    return raised_recompile_limit(RECOMPILE_LIMIT)
 
 
 @torch.no_grad()
