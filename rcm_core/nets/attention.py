@@ -568,6 +568,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if o is not None:
             return o
     qb, kb, vb = (_to_bhnd(x, layout) for x in (q, k, v))
+    if torch.compiler.is_compiling():
+        # inside a compiled block (serving compile, the compiled teacher, compile_nograd): no-grad passes only,
+        # no tangents (compile_blocks refuses duals) and no torch.func, so SDPA, which inductor lowers to PyTorch's
+        # fused backends. The functorch checks below cannot be traced: each one broke the block's graph, and the
+        # attention processor's frame then recompiled per block past dynamo's limit (H200, 2026-12-05)
+        o = _primal_attention(qb, kb, vb, s, "sdpa")
+        return o if layout == "bhnd" else o.transpose(1, 2)
     duals = _dual_parts(qb, kb, vb)
     keep = getattr(_STATE, "keep", None)        # a checkpointed block's kept attention (keep_attention)
     if duals is not None:                # forward-AD tangents with the graph kept: one fused pass
