@@ -38,8 +38,11 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from .library_logs import typing_truce      # re-exported: callers import it from here
+
 __all__ = ["ServingOptions", "FP8_MODES", "COMPILE_MODES", "check_serving_options", "apply_serving_options",
-           "check_scales", "compile_blocks", "raised_recompile_limit", "RECOMPILE_LIMIT", "sparse_forward", "typing_truce", "ENV"]
+           "check_scales", "compile_blocks", "raised_recompile_limit", "RECOMPILE_LIMIT", "sparse_forward",
+           "typing_truce", "ENV"]
 
 FP8_MODES = ("off", "dynamic", "static")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -244,46 +247,3 @@ def raised_recompile_limit(limit: int = RECOMPILE_LIMIT):
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"   # older PyTorch
     return cfg.patch(**{name: max(getattr(cfg, name), limit)})
-
-
-def typing_truce() -> None:
-    """Let ``torch.compile`` import inductor in a process that also imported Metaflow's vendored
-    ``typing_extensions`` after torch (Metaflow runs, the pyfunc inside a flow step, the test suite).
-
-    Both copies of ``typing_extensions`` replace ``typing._collect_parameters``, each with a PEP 696 check that
-    knows only its own ``NoDefault`` sentinel: after Metaflow's copy wins, the site copy's ``ParamSpec`` looks as
-    if it had a default, and ``class _ConstantDecompTable(Generic[_P, _T])`` in ``torch._inductor.compile_fx``
-    raises "Type parameter ~_T without a default follows type parameter with a default". Reproduced with
-    ``import torch; import metaflow._vendor.typing_extensions; import torch._inductor.compile_fx``. The check
-    stays where it can be trusted: on that TypeError the parameters are collected without it, as Python 3.11's
-    own ``typing`` does. Idempotent."""
-    import typing
-
-    current = getattr(typing, "_collect_parameters", None)
-    if current is None or getattr(current, "_rcm_truce", False):
-        return
-
-    def collect_plain(args):
-        params = []
-        for t in args:
-            if isinstance(t, type):
-                continue
-            if isinstance(t, tuple):
-                found = collect_plain(t)
-            elif hasattr(t, "__typing_subst__"):
-                found = (t,)
-            else:
-                found = tuple(getattr(t, "__parameters__", ()))
-            params.extend(x for x in found if x not in params)
-        return tuple(params)
-
-    def collect(args, *a, **kw):
-        try:
-            return current(args, *a, **kw)
-        except TypeError as e:
-            if "follows type parameter with a default" not in str(e):
-                raise
-            return collect_plain(args)
-
-    collect._rcm_truce = True
-    typing._collect_parameters = collect

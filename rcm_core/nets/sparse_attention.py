@@ -358,7 +358,7 @@ def _flex():
     if "fn" not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        from .serving import typing_truce
+        from .library_logs import typing_truce
         typing_truce()
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     return _FLEX["fn"]
