@@ -179,13 +179,17 @@ def test_tangent_matches_finite_differences_fused_and_separate():
     assert not torch.allclose(F_sep, teacher_only)                       # the adapter is in the tangent's network
 
 
+@pytest.mark.parametrize("ac", ["full", "keep_attention"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "dual-inputs"])
-def test_adapter_gradients_match_finite_differences_across_adapter_switches(fused):
+def test_adapter_gradients_match_finite_differences_across_adapter_switches(fused, ac, monkeypatch):
     """Grad of sum(w * F_student) w.r.t. student adapter entries, with activation checkpointing, while the
     teacher and the fake score run between the forward and the backward (the recomputation must see the
-    student's adapter): against central differences."""
+    student's adapter; with keep_attention also the student's kept attention outputs, through PyTorch's SDPA so
+    that the selective checkpointing keeps them): against central differences."""
+    if ac == "keep_attention":
+        monkeypatch.setenv("RCM_ATTN_PRIMAL", "sdpa")
     te = _embedded_teacher()
-    tr = RCMTrainer(te, _cfg())
+    tr = RCMTrainer(te, _cfg(activation_checkpointing=ac))
     _randomise_adapters(tr)
     x, t, c = _xt(te)
     w = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=D)
