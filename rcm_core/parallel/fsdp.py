@@ -10,8 +10,8 @@ Cosmos-Predict2, the embedded VideoDiT); the network's code is not touched.
   keeps only its inputs, and recomputes its activations in the backward. ``"keep_attention"``: every
   block, but each block also keeps its self-attention outputs (O and its log-sum-exp, ~B*N*D*2 bytes a
   block in bf16) and the recomputation runs everything else: the backward skips the attention forward,
-  about half of a Wan forward at 32K tokens (torchtitan's op-level selective AC, restricted to attention;
-  the reference's "selective" checkpointing likewise keeps attention). Memory/time: BENCHMARKS.md.
+  about half of a Wan forward at 32K tokens (torchtitan's op-level selective AC, restricted to attention).
+  Memory/time: BENCHMARKS.md.
 * FSDP2 (``fsdp=True`` with torch.distributed initialised), as torchtitan applies it: each block
   is ``fully_shard``-ed, then the root (patch/time/text embeddings, head), so every parameter is
   a DTensor and one optimiser steps them all (CUDA AdamW's foreach path refuses a mix of plain
