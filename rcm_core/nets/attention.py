@@ -35,6 +35,7 @@ through a context-parallel all-to-all are handled like any other.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -435,9 +436,10 @@ class KeptAttention:
     Used by :func:`rcm_core.parallel.fsdp._checkpoint_block` for blocks that see forward-AD tangents (the fused sCM
     step): their forward computes O (with its tangent) in the Triton kernel, and the recomputation's backward runs
     on the kept O and LSE: cuDNN's SDPA backward where it applies (:func:`_cudnn_backward`; faster than the Triton
-    backward, which made keeping no faster than recomputing on an H200), else the Triton kernel's. (Blocks without tangents keep attention through torch's selective
-    checkpointing instead, which keeps the outputs of the SDPA/FlashAttention op.) Self-attention: key length =
-    query length; cross-attention over the text is cheap to recompute and is not kept."""
+    backward, which made keeping no faster than recomputing on an H200), else the Triton kernel's. (Blocks
+    without tangents keep attention through torch's selective checkpointing instead, which keeps the outputs of
+    the SDPA/FlashAttention op.) Self-attention: key length = query length; cross-attention over the text is
+    cheap to recompute and is not kept."""
 
     def __init__(self):
         self.kept: list = []
@@ -463,21 +465,21 @@ class KeptAttention:
         return _KeptAttention.apply(q, k, v, s, o, lse)
 
 
+@contextlib.contextmanager
+def _keeping(store: KeptAttention, replay: bool):
+    before = getattr(_STATE, "keep", None)
+    store.replaying, store.next = replay, 0
+    _STATE.keep = store
+    try:
+        yield store
+    finally:
+        _STATE.keep = before
+
+
 def kept_attention(store: Optional[KeptAttention], replay: bool = False):
     """Context: this thread's attention calls record their self-attention outputs into ``store`` (``replay``
     False) or take them from it in order (``replay`` True); ``store`` None: a no-op."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        before = getattr(_STATE, "keep", None)
-        store.replaying, store.next = replay, 0
-        _STATE.keep = store
-        try:
-            yield store
-        finally:
-            _STATE.keep = before
-    return contextlib.nullcontext() if store is None else ctx()
+    return contextlib.nullcontext() if store is None else _keeping(store, replay)
 
 
 class _KeptAttention(torch.autograd.Function):

@@ -235,15 +235,15 @@ def _compiled_block_forward(block: nn.Module, *args, **kwargs):
         return compiled[1](*args, **kwargs)
 
 
-RECOMPILE_LIMIT = 64
+RECOMPILE_LIMIT = 64      # dynamo's recompile limit while compiled blocks or a compiled VAE decoder run
 
 
 def raised_recompile_limit(limit: int = RECOMPILE_LIMIT):
     """Dynamo's recompile limit raised to ``limit`` while compiled code runs. Frames shared by many compiled modules
-    recompile once per variant: the attention processor's ``__call__`` (a frame of its own after a graph break)
-    per block, self- vs cross-attention and rotary or not; the Wan VAE decoder's up blocks per call kind. Past
-    dynamo's default of 8 the rest ran eager (H200: the compiled teacher's processor frame in
-    bench_real --teacher-compile, 2026-12-05; the decoder, 1.09 s instead of 0.81 s)."""
+    recompile once per variant, and past dynamo's default of 8 the rest ran eager: the Wan VAE decoder's up blocks
+    per call kind (H200: 1.09 s instead of 0.81 s); the attention processor's frame per block and per self/cross
+    call in the compiled teacher (H200, bench_real --teacher-compile, 2026-12-05), when a graph break in the
+    attention op (since removed) split every block."""
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"   # older PyTorch
     return cfg.patch(**{name: max(getattr(cfg, name), limit)})

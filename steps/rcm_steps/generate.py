@@ -16,8 +16,9 @@ Serving options (default: the version's registered settings, see its card; ``RCM
 version, artifact ``fp8_scales``), ``--fp8 off``; ``--compile default`` (``torch.compile`` of each transformer
 block, static shapes; the first clip pays the compile), ``max-autotune-no-cudagraphs``, ``reduce-overhead``
 (CUDA graphs), ``off``; ``--sparse sta:t3x8x8:w3x3x5`` (sliding-tile self-attention: tiles of 3x8x8 tokens,
-each attending the 3x3x5 tiles around it; opt-in, quality on real weights not yet measured), ``off``. FP8 needs a GPU of compute capability 8.9 or newer: elsewhere (e.g. the CPU) the
-options are refused before anything loads, naming the device (exit code 2, nothing written).
+each attending the 3x3x5 tiles around it; opt-in, quality on real weights not yet measured), ``off``. FP8
+needs a GPU of compute capability 8.9 or newer: elsewhere (e.g. the CPU) the options are refused before anything
+loads, naming the device (exit code 2, nothing written).
 
 A real teacher's model version carries its text encoder, tokenizer and VAE by sha256 reference
 into the content store (or as copies); ``--component-store`` points at the store when it moved

@@ -44,11 +44,11 @@ import numbers
 
 import torch
 
-from ...nets.library_logs import cast_quietly
+from ...nets.library_logs import cast_quietly, typing_truce
+from ...nets.serving import RECOMPILE_LIMIT, raised_recompile_limit
 
 __all__ = ["prepare_vae_for_decode", "decode", "decode_error", "RECOMPILE_LIMIT"]
 
-RECOMPILE_LIMIT = 64      # dynamo's recompile_limit while a compiled decoder decodes (see the module doc)
 
 
 def _check_chunk(chunk) -> int:
@@ -74,7 +74,6 @@ def prepare_vae_for_decode(vae, dtype: torch.dtype = torch.bfloat16, channels_la
     vae._rcm_decode_chunk = chunk
     vae._rcm_compiled = compile
     if compile:
-        from rcm_core.nets.serving import typing_truce
         typing_truce()                  # inductor beside Metaflow's vendored typing_extensions (see there)
         vae.decoder = torch.compile(vae.decoder, dynamic=False)
     return vae
@@ -120,7 +119,6 @@ def _recompile_limit(vae):
     """Dynamo's recompile limit raised to RECOMPILE_LIMIT for a compiled decoder, else nothing."""
     if not getattr(vae, "_rcm_compiled", False):
         return contextlib.nullcontext()
-    from rcm_core.nets.serving import raised_recompile_limit
     return raised_recompile_limit(RECOMPILE_LIMIT)
 
 
