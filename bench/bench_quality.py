@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -239,7 +240,6 @@ def _batch(teacher, shared, b, seed, device):
 # ---- one (method, seed) run -------------------------------------------------------------------------------
 
 def run_one(a, label: str, seed: int, shared: dict, device) -> dict:
-    from rcm_core.sampling import sample_student
     from rcm_core.trainer import RCMTrainer
 
     torch.manual_seed(seed)
@@ -263,24 +263,84 @@ def run_one(a, label: str, seed: int, shared: dict, device) -> dict:
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
     train_s = time.perf_counter() - t0
     den = tr.ema_denoiser()
-    prompts, eval_idx = shared["prompts"], shared["eval_idx"]
-    ev, grids = {}, {}
-    for steps in STEPS:
-        g = torch.Generator().manual_seed(4242)          # the same noise for every method and seed
-        clips = []
-        for i in range(0, len(eval_idx), a.sample_batch):
-            idx = eval_idx[i:i + a.sample_batch]
-            cond = teacher.encode_text([prompts[j] for j in idx]).to(device)
-            noise = torch.randn(len(idx), *teacher.latent_shape, generator=g, dtype=torch.float64).to(device)
-            x0 = sample_student(den, cond, noise, steps=steps, sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
-                                generator=torch.Generator(device=device).manual_seed(steps * 7 + i))
-            clips.append(teacher.decode(x0.float().cpu()))
-        clips = torch.cat(clips)
-        ev[str(steps)] = clip_metrics(clips, shared["eval_digits"], np.array(eval_idx), shared["ref"])
-        grids[str(steps)] = clips.reshape(len(prompts), a.eval_per_prompt, *clips.shape[1:])[GRID, :2].clone()
+    ev, grids, x0 = evaluate_student(a, teacher, den, shared, cfg, device)
+    serving, serving_grids = {}, {}
+    for v in a.serving:
+        sden, ctx = serving_student(a, teacher, den, v, shared, cfg, device)
+        with ctx:
+            serving[v], serving_grids[v], x0_v = evaluate_student(a, teacher, sden, shared, cfg, device)
+        for s in STEPS:        # the same noise as the base student: the latents' own difference
+            serving[v][str(s)]["latent_rel_l2"] = float((x0_v[s] - x0[s]).norm() / x0[s].norm().clamp_min(1e-30))
     return {"method": label, "seed": seed, "student_updates": updates, "iterations": cfg.iterations,
             "skipped_steps": skipped, "train_seconds": train_s, "config": cfg.to_dict(), "eval": ev,
-            "diagnostics": col.to_dict(), "grids": grids}
+            "serving": serving, "diagnostics": col.to_dict(), "grids": grids, "serving_grids": serving_grids}
+
+
+def _student_samples(a, teacher, den, shared, cfg, device, steps: int, noise_seed: int) -> torch.Tensor:
+    """x0 of the student ``den`` at ``steps`` on the eval prompts, noise from ``noise_seed`` (float64, CPU)."""
+    from rcm_core.sampling import sample_student
+    prompts, eval_idx = shared["prompts"], shared["eval_idx"]
+    g = torch.Generator().manual_seed(noise_seed)
+    out = []
+    for i in range(0, len(eval_idx), a.sample_batch):
+        idx = eval_idx[i:i + a.sample_batch]
+        cond = teacher.encode_text([prompts[j] for j in idx]).to(device)
+        noise = torch.randn(len(idx), *teacher.latent_shape, generator=g, dtype=torch.float64).to(device)
+        out.append(sample_student(den, cond, noise, steps=steps, sigma_max=cfg.sigma_max, mid_t=cfg.mid_t,
+                                  generator=torch.Generator(device=device).manual_seed(steps * 7 + i)).cpu())
+    return torch.cat(out)
+
+
+def evaluate_student(a, teacher, den, shared, cfg, device):
+    """The metrics, report grids and latents of ``den`` at each of STEPS on the eval prompts, with the noise
+    every method, seed and serving variant shares."""
+    prompts, eval_idx = shared["prompts"], shared["eval_idx"]
+    ev, grids, x0s = {}, {}, {}
+    for steps in STEPS:
+        x0s[steps] = _student_samples(a, teacher, den, shared, cfg, device, steps, 4242)
+        clips = teacher.decode(x0s[steps].float())
+        ev[str(steps)] = clip_metrics(clips, shared["eval_digits"], np.array(eval_idx), shared["ref"])
+        grids[str(steps)] = clips.reshape(len(prompts), a.eval_per_prompt, *clips.shape[1:])[GRID, :2].clone()
+    return ev, grids, x0s
+
+
+def serving_student(a, teacher, den, variant: str, shared, cfg, device):
+    """(a copy of the student ``den`` with the serving ``variant`` applied, the context its sampling runs in).
+
+    The options act on the embedded DiT inside the lift, as ``apply_serving_options`` acts on a registered
+    student's network: FP8 replaces its blocks' linears (``fp8-static``: scales recorded over the student's own
+    sampling of the eval prompts at 1, 2 and 4 steps, with other noise than the evaluation's, as the flow's
+    evaluate step records them); ``sta:...`` runs its self-attention as sliding-tile attention over the DiT's
+    token grid. On the CPU, FP8 runs through ``torch._scaled_mm``'s CPU kernel (E4M3 operands: the same
+    rounding of inputs and weights as on the GPU)."""
+    import copy
+    from bench.serving import parse_variant
+    from rcm_core.nets.fp8 import activation_scales, check_fp8_device, quantize_fp8
+    from rcm_core.nets.serving import check_serving_options, check_scales
+    from rcm_core.nets.sparse_attention import sparse_self_attention, token_grid
+
+    opts = parse_variant(variant)
+    if opts.compile != "off":
+        raise SystemExit(f"--serving {variant}: compile changes speed, not the sampled clips; leave it out here")
+    sden = copy.deepcopy(den)
+    dit = sden.net.net if isinstance(sden.net, LiftedNet) else sden.net
+    # FP8's device check is the GPU's (sm89+); on the CPU, torch._scaled_mm's CPU kernel computes the same E4M3
+    # products, so the quality cost is measured there too
+    check_serving_options(dataclasses.replace(opts, fp8="off"), device)
+    if opts.fp8 != "off" and device.type == "cuda":
+        check_fp8_device(device)
+    scales = None
+    if opts.fp8 == "static":
+        with torch.no_grad(), activation_scales(dit) as scales:
+            for steps in STEPS:
+                _student_samples(a, teacher, sden, shared, cfg, device, steps, 777)
+    if opts.fp8 != "off":
+        quantize_fp8(dit, calibration=check_scales(scales) if scales is not None else None, out_dtype=sden.dtype)
+    ctx = contextlib.nullcontext()
+    if opts.sparse != "off":
+        small = (1, *teacher.latent_shape[:-2], *(n // a.lift for n in teacher.latent_shape[-2:]))
+        ctx = sparse_self_attention(opts.sliding_tile.spec(token_grid(dit, small)))
+    return sden, ctx
 
 
 # ---- orchestration ------------------------------------------------------------------------------------------
@@ -301,6 +361,10 @@ def _args(argv=None):
     ap.add_argument("--jobs", type=int, default=15, help="runs at once (processes sharing the device)")
     ap.add_argument("--config", default="{}", help="DistillConfig overrides for every run (JSON)")
     ap.add_argument("--variant", default="", help="label suffix, e.g. ':k5' for a run of other settings")
+    ap.add_argument("--serving", default="",
+                    help="serving variants to evaluate on every trained student, comma list as bench/serving.py's "
+                         "--variants: fp8-static, fp8-dynamic, sta:t<F>x<H>x<W>:w<F>x<H>x<W>, joined with + "
+                         "(e.g. fp8-static,fp8-static+sta:t1x4x4:w3x1x1)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU settings (tests)")
     ap.add_argument("--progress", action="store_true")
@@ -314,6 +378,7 @@ def _args(argv=None):
         a.updates, a.batch, a.lift, a.train_samples = min(a.updates, 6), min(a.batch, 4), min(a.lift, 2), 32
         a.eval_per_prompt, a.real_samples, a.teacher_steps, a.sample_batch = 2, 64, 4, 160
     a.overrides = json.loads(a.config)
+    a.serving = [v for v in a.serving.split(",") if v]
     if a.smoke:
         a.overrides = {"tangent_warmup_steps": 2, "lr_warmup_steps": 2, **a.overrides}
     return a
@@ -346,13 +411,18 @@ def _env_info(device) -> dict:
 
 def summarise(a, runs: list, shared: dict, ratio0: dict, info: dict, wall: float) -> dict:
     methods = [m for m in a.methods.split(",")]
-    res = {}
+    res, deltas = {}, {}
     for m in methods:
         rs = sorted([r for r in runs if r["method"] == m], key=lambda r: r["seed"])
         res[m] = {str(s): {k: [r["eval"][str(s)][k] for r in rs] for k in KEYS} for s in STEPS}
         res[m]["student_updates"] = [r["student_updates"] for r in rs]
         res[m]["iterations"] = [r["iterations"] for r in rs]
         res[m]["train_seconds"] = [r["train_seconds"] for r in rs]
+        for v in a.serving:
+            name = f"{m}+{v}"
+            res[name] = {str(s): {k: [r["serving"][v][str(s)][k] for r in rs] for k in (*KEYS, "latent_rel_l2")}
+                         for s in STEPS}
+            deltas[name] = {str(s): serving_delta(res[m][str(s)], res[name][str(s)]) for s in STEPS}
     t = shared["ref"]["teacher"]
     return {"teacher": f"embedded video DiT, CFG 4.0, latents lifted x{a.lift} per side "
                        f"(N = {ratio0['latent_elements']}; DMD/sCM balance = loss_scale_dmd x {a.lift} unlifted)",
@@ -363,8 +433,20 @@ def summarise(a, runs: list, shared: dict, ratio0: dict, info: dict, wall: float
             "teacher_metrics": {"fd_real": t["fd_real"], "accuracy": t["accuracy"], "diversity": t["diversity"],
                                 "sharpness": t["sharpness"]},
             "real_metrics": shared["ref"]["real"], "teacher_sampling_seconds": shared["teacher_seconds"],
-            "wall_seconds": wall, "results": res,
-            "runs": [{k: v for k, v in r.items() if k not in ("grids",)} for r in runs]}
+            "wall_seconds": wall, "results": res, "serving_deltas": deltas,
+            "runs": [{k: v for k, v in r.items() if k not in ("grids", "serving_grids")} for r in runs]}
+
+
+def serving_delta(base: dict, variant: dict) -> dict:
+    """A serving variant against the same students without it (same seeds, same noise): per-seed differences
+    of fd_real and accuracy, and whether the mean fd_real difference lies within the base's seed spread (one
+    sd over seeds, the issue's "within its seed spread")."""
+    d_fd = [v - b for v, b in zip(variant["fd_real"], base["fd_real"])]
+    d_acc = [v - b for v, b in zip(variant["accuracy"], base["accuracy"])]
+    spread = float(np.std(base["fd_real"], ddof=1)) if len(base["fd_real"]) > 1 else float("nan")
+    return {"fd_real_delta": d_fd, "accuracy_delta": d_acc, "fd_real_seed_sd": spread,
+            "within_seed_spread": bool(abs(float(np.mean(d_fd))) <= spread),
+            "latent_rel_l2": variant["latent_rel_l2"]}
 
 
 def main(argv=None) -> None:
@@ -382,8 +464,9 @@ def _main(a, argv) -> None:
         label, seed = a.worker.rsplit(":", 1)
         shared = torch.load(shared_path, weights_only=False)
         r = run_one(a, label, int(seed), shared, device)
-        torch.save(r["grids"], out / "runs" / f"{label}_{seed}_grids.pt")
-        (out / "runs" / f"{label}_{seed}.json").write_text(json.dumps({k: v for k, v in r.items() if k != "grids"}))
+        torch.save({"": r["grids"], **r["serving_grids"]}, out / "runs" / f"{label}_{seed}_grids.pt")
+        (out / "runs" / f"{label}_{seed}.json").write_text(
+            json.dumps({k: v for k, v in r.items() if k not in ("grids", "serving_grids")}))
         return
     t0 = time.perf_counter()
     info = _env_info(device)
@@ -396,6 +479,9 @@ def _main(a, argv) -> None:
     jobs = [f"{m}:{s}" for s in a.seeds.split(",") for m in a.methods.split(",")]
     for j in jobs:       # a bad method name fails here, before any process starts
         method_config(j.split(":")[0], a.updates, 0, a.batch, a.overrides)
+    from bench.serving import parse_variant
+    for v in a.serving:  # and a bad serving variant
+        parse_variant(v)
     base = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
     if a.train_budget_s:
         base += ["--deadline", str(time.time() - (time.perf_counter() - t0) + a.train_budget_s)]
@@ -426,7 +512,8 @@ def _main(a, argv) -> None:
         f = out / "runs" / f"{m}_{s}.json"
         if f.exists():
             runs.append(json.loads(f.read_text()))
-            grids[(m, int(s))] = torch.load(out / "runs" / f"{m}_{s}_grids.pt", weights_only=False)
+            for v, g in torch.load(out / "runs" / f"{m}_{s}_grids.pt", weights_only=False).items():
+                grids[(m + (f"+{v}" if v else ""), int(s))] = g
     if failed:
         raise SystemExit(f"bench_quality: {len(failed)} run(s) failed: {failed}")
     summary = summarise(a, runs, shared, ratio0, info, time.perf_counter() - t0)
@@ -451,13 +538,20 @@ def print_table(summary: dict) -> None:
     print(f"\nteacher: {summary['teacher']}; device {summary['device']}; "
           f"DMD/sCM ratio at init: outputs {summary['dmd_scm_grad_ratio_init']['outputs']:.3f}, "
           f"weights {summary['dmd_scm_grad_ratio_init']['weights']:.3f}")
-    print(f"{'method':<14}{'steps':>6}  " + "".join(f"{k:>16}" for k in KEYS))
+    w = max(14, *(len(m) + 1 for m in summary["results"]))
+    print(f"{'method':<{w}}{'steps':>6}  " + "".join(f"{k:>16}" for k in KEYS))
     for m, r in summary["results"].items():
         for s in STEPS:
             e = r[str(s)]
-            print(f"{m:<14}{s:>6}  " + "".join(f"{mean_sd(e[k]):>16}" for k in KEYS))
+            print(f"{m:<{w}}{s:>6}  " + "".join(f"{mean_sd(e[k]):>16}" for k in KEYS))
+    for name, d in summary.get("serving_deltas", {}).items():
+        for s in STEPS:
+            e = d[str(s)]
+            print(f"{name:<{w}}{s:>3} steps: fd_real - base {mean_sd(e['fd_real_delta'], '+-')} (base seed sd "
+                  f"{e['fd_real_seed_sd']:.3f}: {'within' if e['within_seed_spread'] else 'OUTSIDE'}), accuracy - base "
+                  f"{mean_sd(e['accuracy_delta'], '+-')}, latent rel L2 {mean_sd(e['latent_rel_l2'], '+-')}")
     t = summary["teacher_metrics"]
-    print(f"{'teacher':<14}{'50x2':>6}  {t['fd_real']:>16.3f}{'':>16}{t['accuracy']:>16.3f}")
+    print(f"{'teacher':<{w}}{'50x2':>6}  {t['fd_real']:>16.3f}{'':>16}{t['accuracy']:>16.3f}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Written 2026-12-05 (session 2) for the next device call, NOT YET RUN (~450 s): what the graph-break fix in compiled
-# blocks should change, each with its baseline in the same call.  OUT=$OUT bash bench/gpu_issue22h.sh
+# Written 2026-12-05 (sessions 2-3) for the next device call, NOT YET RUN (~560 s on one H100/H200): what the graph-break
+# fix in compiled blocks changes for training, with its eager baseline in the same call, and the op-class profile
+# with the corrected kernel accounting (bench/step_profile.py: no autograd.Function double count, the profiler's own
+# "Command Buffer Full" records apart).  OUT=$OUT bash bench/gpu_issue22h.sh
 . bench/gpu_common.sh
-# 1. every network's no-grad passes compiled (DistillConfig.compile_nograd) against eager, keep_attention both
-part rcm_compile_nograd 330 python3 bench/bench_real.py --phases steps,rcm --ac keep_attention --rcm-ac keep_attention \
-  --fused-only --compile-nograd --repeats 2 --out "$OUT/real_compile_nograd.json" --label "issue22-compile-nograd"
+# 1. baseline: keep_attention, eager, profiled (one more call per step kind under torch.profiler)
+part steps_keep_profile 230 python3 bench/bench_real.py --phases steps,rcm --ac keep_attention --rcm-ac keep_attention \
+  --fused-only --repeats 2 --profile --out "$OUT/real_keep_profile.json" --label "issue22-keep-attention-profile"
 tar czf "$OUT/results.tgz" -C "$OUT" . 2>/dev/null || true
-# 2. the serving compile option after the fix (one graph per block), bf16 baseline in the same process
-part serving_nobreak 150 python3 bench/serving.py --repeats 2 --steps 4,1 --variants bf16,compile,fp8-static+compile \
-  --out "$OUT/serving_nobreak.json" --label "issue23-serving-4 (no graph breaks)"
+# 2. every no-grad pass compiled: the student's and fake score's (compile_nograd) and the frozen teacher's
+part rcm_compile_nograd 320 python3 bench/bench_real.py --phases steps,rcm --ac keep_attention --rcm-ac keep_attention \
+  --fused-only --compile-nograd --teacher-compile --repeats 2 --out "$OUT/real_compile_nograd.json" \
+  --label "issue22-compile-nograd+teacher-compile"
 tar czf "$OUT/results.tgz" -C "$OUT" . 2>/dev/null || true

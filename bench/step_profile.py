@@ -48,6 +48,20 @@ CPU_CLASSES = [
 ]
 
 
+# Records of the profiler itself, not kernels: CUPTI's "Command Buffer Full" (launches waiting while the
+# profiler's buffer drains). Reported apart (``profiler_s``), never in a class.
+PROFILER_RECORDS = ("Command Buffer Full",)
+
+
+def is_kernel_time(key: str, device_type) -> bool:
+    """Whether a profiler entry's self device time is kernel time of its own. A CPU-side entry (an aten op, or
+    an ``autograd.Function`` such as the project's ``_AttentionWithTangent`` that launches a Triton kernel with no
+    aten op between) reports the device time of the kernels it launched directly, which the kernels' own
+    entries report again: counting both put the tangent kernel's time twice into the 2026-12-05 profiles'
+    "other" class. Only device-side entries count, and not the profiler's own records."""
+    return device_type != torch.autograd.DeviceType.CPU and key not in PROFILER_RECORDS
+
+
 def classify(name: str, device_type: str) -> str:
     for cls, pat in (CUDA_CLASSES if device_type == "cuda" else CPU_CLASSES):
         if re.search(pat, name):
@@ -71,10 +85,14 @@ def profile_call(fn, device: torch.device, top: int = 15) -> dict:
     by_class: dict[str, float] = defaultdict(float)
     entries: Counter = Counter()
     calls: Counter = Counter()
+    profiler_s = 0.0
     for e in prof.key_averages():
         if device.type == "cuda":
             t = getattr(e, "self_device_time_total", 0) or 0
-            if t <= 0 or e.key.startswith(("aten::", "cuda", "Optimizer.", "ProfilerStep")):
+            if e.key in PROFILER_RECORDS:
+                profiler_s += t / 1e6
+                continue
+            if t <= 0 or not is_kernel_time(e.key, e.device_type):
                 continue                                  # kernels only (not the CPU ops that launch them)
         else:
             t = e.self_cpu_time_total
@@ -90,6 +108,7 @@ def profile_call(fn, device: torch.device, top: int = 15) -> dict:
            "top": [{"name": k[:120], "s": v, "calls": calls[k]} for k, v in entries.most_common(top)]}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / GiB
+        out["profiler_s"] = profiler_s
     return out
 
 
@@ -171,6 +190,8 @@ def format_profile(what: str, prof: dict, census: dict | None = None) -> str:
                                                                if "peak_gib" in prof else "")]
     for cls, v in prof["classes"].items():
         lines.append(f"  {cls:28s} {v['s']:8.3f} s {100 * v['share']:6.1f}%")
+    if prof.get("profiler_s"):
+        lines.append(f"  (profiler's own records, not counted: {prof['profiler_s']:.3f} s)")
     if census:
         lines.append(f"  casts/copies dispatched: {census['total_gb']:.2f} GB moved")
         for k, v in census["kinds"].items():
