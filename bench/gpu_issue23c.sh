@@ -7,7 +7,7 @@ part serving_nobreak 300 python3 bench/serving.py --repeats 2 --steps 4,2,1 \
   --variants bf16,compile,compile-reduce-overhead,fp8-static+compile \
   --out "$OUT/serving_nobreak.json" --label "issue23-serving-4 (no graph breaks)"
 tar czf "$OUT/results.tgz" -C "$OUT" . 2>/dev/null || true
-part serving_decode_compiled 280 python3 bench/serving.py --repeats 2 --steps 4,1 --decode bf16-cl3d-chunk5-compile \
+part serving_decode_compiled 280 python3 bench/serving.py --repeats 2 --steps 4,1 --decode bf16-cl3d-bench-chunk5-compile \
   --variants bf16,fp8-static+compile --out "$OUT/serving_decode_compiled.json" \
-  --label "issue23-serving-5 (compiled decode)"
+  --label "issue23-serving-5 (compiled, autotuned decode)"
 tar czf "$OUT/results.tgz" -C "$OUT" . 2>/dev/null || true

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ...nets.attention import attention
+from ...nets.rope import wan_rope
 
 __all__ = ["RcmWanAttnProcessor", "RcmCosmosAttnProcessor", "install_rcm_attention", "uses_rcm_attention"]
 
@@ -24,17 +25,6 @@ def _no_mask(attention_mask, where: str) -> None:
         raise NotImplementedError(
             f"{where}: an attention mask was passed; the project's attention op has no mask. "
             "Wan2.1 / Cosmos-Predict2 text-to-video/image pipelines pass none (text padding is zeroed instead).")
-
-
-def _wan_rope(hidden_states, freqs_cos, freqs_sin):
-    # verbatim maths of diffusers' WanAttnProcessor.apply_rotary_emb
-    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(hidden_states)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(hidden_states)
 
 
 class RcmWanAttnProcessor:
@@ -61,8 +51,8 @@ class RcmWanAttnProcessor:
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query = _wan_rope(query, *rotary_emb)
-            key = _wan_rope(key, *rotary_emb)
+            query = wan_rope(query, *rotary_emb)      # diffusers' apply_rotary_emb maths, one Triton pass on CUDA
+            key = wan_rope(key, *rotary_emb)
 
         hidden_states_img = None
         if encoder_hidden_states_img is not None:
