@@ -58,19 +58,21 @@ def count(fn) -> dict:
     return _split(fc.get_flop_counts()["Global"])
 
 
-def dit_forward_flops(teacher: str, frames: int, height: int, width: int) -> dict:
-    """FLOPs of one forward of the registered DiT on one latent, SDPA attention (the primal path)."""
+def dit_forward_flops(teacher: str, frames: int, height: int, width: int, overrides: dict | None = None,
+                      text_len: int | None = None) -> dict:
+    """FLOPs of one forward of the registered DiT on one latent, SDPA attention (the primal path);
+    ``overrides``: transformer config changes (tests use a tiny one), ``text_len``: the text tokens (the spec's)."""
     import diffusers
     from rcm_core.real import SPECS
 
     spec = SPECS[teacher]
+    cfg = {**spec.transformer_config, **(overrides or {})}
     with torch.device("meta"):
-        net = getattr(diffusers, spec.transformer_class)(**spec.transformer_config).to(torch.bfloat16)
-    cfg = spec.transformer_config
+        net = getattr(diffusers, spec.transformer_class)(**cfg).to(torch.bfloat16)
     lat = (1, cfg.get("in_channels", 16), (frames - 1) // 4 + 1, height // 8, width // 8)
     x = torch.empty(lat, device="meta", dtype=torch.bfloat16)
     t = torch.full((1,), 500.0, device="meta")
-    ctx = torch.empty(1, spec.text_len, cfg["text_dim"], device="meta", dtype=torch.bfloat16)
+    ctx = torch.empty(1, text_len or spec.text_len, cfg["text_dim"], device="meta", dtype=torch.bfloat16)
     with torch.no_grad():
         f = count(lambda: net(x, t, ctx, return_dict=False))
     p = cfg.get("patch_size", (1, 2, 2))
