@@ -314,9 +314,8 @@ def serving_student(a, teacher, den, variant: str, shared, cfg, device):
     token grid. On the CPU, FP8 runs through ``torch._scaled_mm``'s CPU kernel (E4M3 operands: the same
     rounding of inputs and weights as on the GPU)."""
     import copy
-    from bench.serving import parse_variant
     from rcm_core.nets.fp8 import activation_scales, check_fp8_device, quantize_fp8
-    from rcm_core.nets.serving import check_serving_options, check_scales
+    from rcm_core.nets.serving import check_scales, check_serving_options, parse_variant
     from rcm_core.nets.sparse_attention import sparse_self_attention, token_grid
 
     opts = parse_variant(variant)
@@ -479,9 +478,12 @@ def _main(a, argv) -> None:
     jobs = [f"{m}:{s}" for s in a.seeds.split(",") for m in a.methods.split(",")]
     for j in jobs:       # a bad method name fails here, before any process starts
         method_config(j.split(":")[0], a.updates, 0, a.batch, a.overrides)
-    from bench.serving import parse_variant
+    from rcm_core.nets.serving import parse_variant
     for v in a.serving:  # and a bad serving variant
-        parse_variant(v)
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            raise SystemExit(f"--serving: {e}") from None
     base = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
     if a.train_budget_s:
         base += ["--deadline", str(time.time() - (time.perf_counter() - t0) + a.train_budget_s)]

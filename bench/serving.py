@@ -39,25 +39,14 @@ from bench_real import Bench, build_teacher, size_args, vae_variant  # noqa: E40
 
 def parse_variant(v: str):
     """``bf16`` | ``fp8-dynamic`` | ``fp8-static`` | ``compile`` | ``compile-<mode>`` | ``sta:t..:w..`` (sliding-tile
-    self-attention, the ``sparse`` option), joined with ``+``."""
-    from rcm_core.nets.serving import ServingOptions
+    self-attention, the ``sparse`` option), joined with ``+``: :func:`rcm_core.nets.serving.parse_variant`,
+    its error as the command's."""
+    from rcm_core.nets.serving import parse_variant as parse
 
-    opts = {}
-    for part in v.split("+"):
-        if part == "bf16":
-            continue
-        if part.startswith("fp8-"):
-            opts["fp8"] = part[4:]
-        elif part == "compile":
-            opts["compile"] = "default"
-        elif part.startswith("compile-"):
-            opts["compile"] = part[8:]
-        elif part.startswith("sta:"):
-            opts["sparse"] = part
-        else:
-            raise SystemExit(f"--variants: cannot parse {part!r} of {v!r} (bf16, fp8-dynamic, fp8-static, compile, "
-                             "compile-<mode>, sta:t<F>x<H>x<W>:w<F>x<H>x<W>, joined with +)")
-    return ServingOptions(**opts)
+    try:
+        return parse(v)
+    except ValueError as e:
+        raise SystemExit(f"--variants: {e}") from None
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -139,6 +139,8 @@ class RCMDistillFlow(FlowSpec):
                       help='JSON object: evaluation gates, e.g. {"min_digit_acc": 0.5}')
     distill_config = Parameter("distill_config", default="{}", type=JSONType,
                                help='JSON object: DistillConfig overrides, e.g. {"lr_student": 1e-5}')
+    eval_serving = Parameter("eval_serving", default="", help="serving variants evaluate measures against the "
+                             "student, e.g. fp8-static,compile (speed, first call, quality; in the card)")
 
     # ------------------------------------------------------------------ helpers
     def _mlflow(self):
@@ -194,6 +196,7 @@ class RCMDistillFlow(FlowSpec):
         from rcm_steps.teacher import (check_teacher_name, describe_teacher, teacher_label,
                                        teacher_options)
 
+        from rcm_steps.evaluate import serving_variants_option
         from rcm_steps.profiles import json_object_option, profile_settings
 
         profile = profile_settings(self.profiles, self.profile)   # unknown name, bad --config profiles file: here
@@ -232,6 +235,7 @@ class RCMDistillFlow(FlowSpec):
         s["gates"] = {**s["gates"], **gates}
         # DistillConfig overrides: the profile's, then the user's --distill_config
         s["config"] = {**s.get("config", {}), **overrides}
+        s["eval_serving"] = list(serving_variants_option(self.eval_serving))   # an unreadable variant: here
         self.settings = s
         self.teacher_options = teacher_options(self.teacher, self.frames, self.height, self.width, self.text_len,
                                                self.teacher_dtype, device=None if on_k8s else "auto")
@@ -427,7 +431,7 @@ class RCMDistillFlow(FlowSpec):
         student = student_denoiser(teacher, ema)
         dcfg = DistillConfig.from_dict(self.distill_result["config"])
         cfg = EvalConfig(seeds=s["eval_seeds"], teacher_steps=s["eval_teacher_steps"], real_clips=s["real_clips"],
-                         seed=self.seed)
+                         seed=self.seed, serving=s.get("eval_serving", ()))
         res = evaluate(teacher, student, self.eval_prompts, cfg, sigma_max=dcfg.sigma_max, mid_t=dcfg.mid_t)
         self.eval_metrics = res.metrics
         self.eval_settings = res.settings          # champion compares only versions evaluated alike

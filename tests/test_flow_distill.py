@@ -21,7 +21,9 @@ def test_smoke_flow_end_to_end(tmp_path):
     import pandas as pd
 
     t0 = time.perf_counter()
-    run, out, err = run_flow(tmp_path, extra_env={"RCM_FAULT_AT_STEP": "1"})
+    # evaluate also measures a serving variant (FP8 through torch._scaled_mm's CPU emulation)
+    run, out, err = run_flow(tmp_path, extra_env={"RCM_FAULT_AT_STEP": "1", "RCM_FP8_EMULATE": "1"},
+                             eval_serving="fp8-dynamic")
     elapsed = time.perf_counter() - t0
     assert run is not None and run.successful, err[-3000:]
     print(f"smoke flow wall time: {elapsed:.1f}s")
@@ -52,6 +54,11 @@ def test_smoke_flow_end_to_end(tmp_path):
     for k in (1, 2, 4):
         speedup = m["teacher/sec_per_sample"] / m[f"student_{k}/sec_per_sample"]
         assert f"| student, {k} step{'s' if k > 1 else ''} | " in card and f"| {speedup:.4g}x |" in card, (k, card)
+    # --eval_serving: the variant sampled like each student (same noise), its rows in the card
+    assert d.settings["eval_serving"] == ["fp8-dynamic"]
+    for k in (1, 2, 4):
+        rel = m[f"serve_fp8-dynamic_{k}/rel_l2_student"]
+        assert 0 < rel < 0.5 and f"| fp8-dynamic | {k} | " in card, (k, rel, card)
     # training diagnostics: distill's diagnostics.json, in the evaluate card and in MLflow under train/; the
     # distill card's loss curves and samples over training there too
     assert set(d.train_diagnostics["series"]) >= {"dmd_scm_ratio_out", "critic_loss_rel", "nan_masked_frac"}
@@ -113,7 +120,8 @@ def _check_mlflow_conventions(client, mrun, run):
     critic = [m.step for m in client.get_metric_history(rid, "train/critic_loss")]
     assert sorted(student + critic) == [1, 2] and student        # smoke: both student steps (the warm-up)
     table = client.load_table(mrun.info.experiment_id, "eval/metrics_table.json", run_ids=[rid])
-    assert list(table["model"]) == ["teacher", "student_1", "student_2", "student_4"]
+    assert list(table["model"]) == ["teacher", "student_1", "student_2", "student_4", "serve_fp8-dynamic_1",
+                                    "serve_fp8-dynamic_2", "serve_fp8-dynamic_4"]
     assert table.loc[table["model"] == "student_4", "digit_acc"].item() == pytest.approx(
         mrun.data.metrics["eval/student_4/digit_acc"], rel=1e-5)
     long_floats = {k: v for k, v in {**mrun.data.params, **tags}.items()

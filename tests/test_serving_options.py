@@ -351,3 +351,61 @@ def test_sparse_option_through_the_registered_model_and_generate(registry, tmp_p
     rc = main(["--model", uri, "--prompt", "a 3 drifting up", "--out", str(out), "--sparse", "sta:t1x2x2:w2x1x1"])
     err = capsys.readouterr().err
     assert rc == 2 and "sparse" in err and not out.exists(), err
+
+
+# ---- serving variants measured by evaluate (--eval_serving) --------------------------------------------------------
+
+def test_evaluate_measures_serving_variants_against_the_student(monkeypatch):
+    """FP8 (emulated on the CPU) and a sliding-tile window covering the whole grid (= dense attention) sampled like
+    the students; metrics, card rows. The whole-window variant draws the same noise and renoising as the student,
+    so its latents equal the student's to float rounding: the comparison is like for like."""
+    from rcm_steps.evaluate import EvalConfig, evaluate, student_denoiser
+    from rcm_steps.model_card import serving_table
+    from rcm_steps.teacher import load_teacher
+
+    monkeypatch.setenv("RCM_FP8_EMULATE", "1")
+    teacher = load_teacher("embedded")
+    student = student_denoiser(teacher, teacher.net.state_dict())
+    whole = "sta:t4x8x8:w1x1x1"                  # the embedded grid (4, 8, 8) is one tile: every pair attends
+    cfg = EvalConfig(seeds=2, student_steps=(1, 2), teacher_steps=2, batch_size=4, real_clips=4,
+                     serving=("fp8-static", "fp8-dynamic", whole))
+    m = evaluate(teacher, student, PROMPTS, cfg, progress=False).metrics
+    for v in ("fp8-static", "fp8-dynamic", "sta-t4x8x8-w1x1x1"):
+        assert m[f"serve_{v}/first_call_s"] > 0
+        for k in (1, 2):
+            n = f"serve_{v}_{k}"
+            for key in ("sec_per_sample", "digit_acc", "fd_teacher", "diversity_rel", "nfe"):
+                assert key in [x.split("/")[1] for x in m if x.startswith(n + "/")], (n, key)
+            assert m[f"{n}/nfe"] == k
+            assert m[f"{n}/speedup_student"] == pytest.approx(m[f"student_{k}/sec_per_sample"]
+                                                              / m[f"{n}/sec_per_sample"])
+            if v.startswith("fp8"):
+                assert 1e-3 < m[f"{n}/rel_l2_student"] < 0.2, (n, m[f"{n}/rel_l2_student"])
+            else:
+                assert m[f"{n}/rel_l2_student"] < 1e-5, (n, m[f"{n}/rel_l2_student"])
+                assert m[f"{n}/digit_acc"] == m[f"student_{k}/digit_acc"]
+    card = "\n".join(serving_table(m))
+    assert card.count("| fp8-static | ") == 2 and "| sta-t4x8x8-w1x1x1 | 2 | " in card and "digit_acc (student's)" in card
+
+
+def test_serving_variants_are_refused_before_anything_samples(monkeypatch):
+    from rcm_steps import teacher as T
+    from rcm_steps.errors import ConfigError
+    from rcm_steps.evaluate import EvalConfig, evaluate, serving_variants_option, student_denoiser
+    from rcm_steps.teacher import load_teacher
+
+    with pytest.raises(ConfigError, match=r"--eval_serving: serving variant 'sta:oops'"):
+        serving_variants_option("fp8-static, sta:oops")
+    assert serving_variants_option(" fp8-static ,compile,") == ("fp8-static", "compile")
+    with pytest.raises(ValueError, match=r"cannot read 'fast'"):
+        EvalConfig(serving=("fp8-static+fast",))
+    teacher = load_teacher("embedded")
+    student = student_denoiser(teacher, teacher.net.state_dict())
+    sampled = []
+    monkeypatch.setattr(T, "sample_teacher_latents", lambda *a, **k: sampled.append(1))
+    for variant, match in (("fp8-static", r"'fp8-static'.*FP8 needs an NVIDIA GPU.*on the cpu"),
+                           ("compile-reduce-overhead", r"reduce-overhead captures CUDA graphs.*cpu")):
+        with pytest.raises(ValueError, match=match):
+            evaluate(teacher, student, PROMPTS, EvalConfig(seeds=1, student_steps=(1,), teacher_steps=2,
+                                                           serving=(variant,)), progress=False)
+    assert not sampled

@@ -41,6 +41,7 @@ from torch import nn
 from .library_logs import typing_truce      # re-exported: callers import it from here
 
 __all__ = ["ServingOptions", "FP8_MODES", "COMPILE_MODES", "check_serving_options", "apply_serving_options",
+           "parse_variant", "variant_label",
            "check_scales", "compile_blocks", "raised_recompile_limit", "RECOMPILE_LIMIT", "sparse_forward",
            "typing_truce", "ENV"]
 
@@ -102,6 +103,39 @@ class ServingOptions:
     @property
     def label(self) -> str:
         return f"fp8={self.fp8}, compile={self.compile}" + (f", sparse={self.sparse}" if self.sparse != "off" else "")
+
+
+VARIANT_HELP = ("fp8-dynamic, fp8-static, compile, compile-<mode>, sta:t<F>x<H>x<W>:w<F>x<H>x<W>, joined with + "
+                "(e.g. fp8-static+compile); bf16 = no option")
+
+
+def parse_variant(variant: str) -> ServingOptions:
+    """A serving variant written as the benchmarks and the evaluate step take it (``fp8-static+compile``,
+    ``sta:t3x8x8:w3x3x5``; :data:`VARIANT_HELP`) as :class:`ServingOptions`; ``ValueError`` naming the part
+    it cannot read."""
+    opts: Dict[str, str] = {}
+    for part in str(variant).split("+"):
+        if part == "bf16":
+            continue
+        if part.startswith("fp8-"):
+            opts["fp8"] = part[4:]
+        elif part == "compile":
+            opts["compile"] = "default"
+        elif part.startswith("compile-"):
+            opts["compile"] = part[8:]
+        elif part.startswith("sta:"):
+            opts["sparse"] = part
+        else:
+            raise ValueError(f"serving variant {variant!r}: cannot read {part!r} (known: {VARIANT_HELP})")
+    try:
+        return ServingOptions(**opts)
+    except ValueError as e:
+        raise ValueError(f"serving variant {variant!r}: {e}") from None
+
+
+def variant_label(variant: str) -> str:
+    """``variant`` as a metric-name part: ``:`` -> ``-`` (``sta:t3x8x8:w3x3x5`` -> ``sta-t3x8x8-w3x3x5``)."""
+    return str(variant).replace(":", "-")
 
 
 def check_scales(scales: Any, where: str = "fp8_scales") -> Dict[str, float]:

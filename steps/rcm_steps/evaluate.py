@@ -57,6 +57,16 @@ class EvalConfig:
     real_clips: int = 256
     grid_prompts: int = 6
     seed: int = 0
+    # serving variants (rcm_core.nets.serving.parse_variant: "fp8-static", "compile", "fp8-static+compile",
+    # "sta:t3x8x8:w3x3x5") sampled like the students, same prompts and noise: their speed and quality cost
+    # against the plain student, in the metrics (serve_<variant>_<k>/...) and the version's card
+    serving: Sequence[str] = ()
+
+    def __post_init__(self):
+        from rcm_core.nets.serving import parse_variant
+        self.serving = tuple(self.serving)
+        for v in self.serving:
+            parse_variant(v)          # ValueError naming the variant, before anything samples
 
 
 @dataclass
@@ -215,12 +225,12 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
     lines in sampler steps and decode batches (:class:`rcm_steps.progress.Progress`). The student's sampling
     also records the FP8 static scales of its block linears (``EvalResult.fp8_scales``, no extra passes)."""
     from rcm_core.nets.fp8 import activation_scales
-    from rcm_core.sampling import sample_student
 
     from .progress import Progress
 
     if not prompts:
         raise ValueError("evaluate: no eval prompts")
+    check_serving_variants(cfg.serving, student)       # FP8 on a device without FP8 tensor cores: now, not after
     P, S = len(prompts), cfg.seeds
     info = T.teacher_info(teacher)
     lshape = tuple(info["latent_shape"])
@@ -236,7 +246,8 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
     decodes = 1 if digits else math.ceil(P * S / decode_batch)
     bar = Progress(f"evaluate ({P * S} samples: teacher {t_steps} steps, students "
                    f"{'/'.join(map(str, cfg.student_steps))} steps)",
-                   n_batches * (t_steps + sum(cfg.student_steps)) + decodes * (1 + len(cfg.student_steps)) + 1,
+                   (1 + len(cfg.serving)) * (n_batches * sum(cfg.student_steps) + decodes * len(cfg.student_steps))
+                   + len(cfg.serving) * cfg.student_steps[0] + n_batches * t_steps + decodes + 1,
                    unit="sampler steps and decodes", enabled=progress)
 
     def run(name, fn, nfe):
@@ -247,7 +258,7 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
         lat = torch.cat(outs).float()
         if digits:
             clips = as_clips(decode_latents(teacher, lat))
-            models[name] = {"clips": clips, "feats": dc.clip_features(clips)}
+            models[name] = {"clips": clips, "feats": dc.clip_features(clips), "latents": lat}
             bar.update(1)
         else:   # decode in small batches; keep pooled features and media thumbnails, not full-size videos
             thumbs, feats = [], []
@@ -265,16 +276,17 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
     # the FP8 calibration comes free: the scales are recorded over the student's own sampling of the eval prompts
     with activation_scales(getattr(student, "net", student)) as fp8_scales:
         for k in cfg.student_steps:
-            def fn(c, n, i, k=k):
-                sg = torch.Generator().manual_seed(cfg.seed * 7919 + 31 * k + i)
-                dev = next(student.parameters()).device
-                x = sample_student(student, c.to(dev), n.to(dev), steps=k, sigma_max=sigma_max, mid_t=mid_t,
-                                   generator=sg if dev.type == "cpu" else None).cpu()
-                bar.update(k)
-                return x
-            run(f"student_{k}", fn, k)
+            run(f"student_{k}", _student_sampler(student, k, cfg, sigma_max, mid_t, bar), k)
 
-    metrics: Dict[str, float] = {"eval_prompts": P, "seeds_per_prompt": S}
+    serve_metrics = _serving_variants(cfg, student, dict(fp8_scales), run, lambda fn: fn(cond[:1], noise[:1], 0),
+                                      sigma_max, mid_t, bar)
+    metrics: Dict[str, float] = {"eval_prompts": P, "seeds_per_prompt": S, **serve_metrics}
+    for m, v in models.items():          # a serving variant against the plain student at its step count
+        if m.startswith("serve_"):
+            base = models[f"student_{v['nfe']}"]
+            metrics[f"{m}/rel_l2_student"] = float((v["latents"] - base["latents"]).norm()
+                                                   / base["latents"].norm().clamp_min(1e-30))
+            metrics[f"{m}/speedup_student"] = base["sec_per_sample"] / max(v["sec_per_sample"], 1e-12)
     if digits:
         _digit_metrics(models, prompts, S, cfg, metrics)
     else:
@@ -301,6 +313,90 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
     bar.close()
     return EvalResult(metrics=metrics, clips=clips, prompts=list(prompts), settings=settings,
                       fp8_scales=dict(fp8_scales) or None)
+
+
+def serving_variants_option(value: str) -> tuple:
+    """The flow's ``--eval_serving`` (comma list of serving variants) as a tuple; :class:`ConfigError` naming
+    the option and the variant it cannot read."""
+    from rcm_core.nets.serving import VARIANT_HELP, parse_variant
+
+    from .errors import ConfigError
+
+    out = tuple(v.strip() for v in str(value or "").split(",") if v.strip())
+    for v in out:
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            raise ConfigError(f"--eval_serving: {e}", fix=f"pass --eval_serving a comma list of {VARIANT_HELP}, "
+                                                          "or leave it empty") from None
+    return out
+
+
+def check_serving_variants(variants: Sequence[str], student) -> None:
+    """Before evaluate samples: each variant can run on the student's device (FP8 needs compute capability 8.9+,
+    CUDA graphs a GPU; ``rcm_core.nets.serving.check_serving_options``, naming the device) and FP8 finds
+    transformer blocks in the student's network."""
+    import dataclasses
+
+    from rcm_core.nets.base import transformer_blocks
+    from rcm_core.nets.serving import check_serving_options, parse_variant
+
+    if not variants:
+        return
+    dev = next(student.parameters()).device
+    for v in variants:
+        opts = parse_variant(v)
+        try:          # static FP8's scales come from this evaluation's own sampling: checked by apply, later
+            check_serving_options(dataclasses.replace(opts, fp8="dynamic") if opts.fp8 == "static" else opts, dev)
+            if opts.fp8 != "off":
+                transformer_blocks(getattr(student, "net", student))
+        except ValueError as e:
+            raise ValueError(f"evaluate: serving variant {v!r}: {e}") from None
+
+
+def _student_sampler(student, k: int, cfg: EvalConfig, sigma_max, mid_t, bar):
+    """fn(cond, noise, i) -> x0 (CPU) of ``student`` at ``k`` steps, the renoising draws keyed by (seed, k, i): the
+    same for the student and each of its serving variants."""
+    from rcm_core.sampling import sample_student
+
+    def fn(c, n, i):
+        sg = torch.Generator().manual_seed(cfg.seed * 7919 + 31 * k + i)
+        dev = next(student.parameters()).device
+        x = sample_student(student, c.to(dev), n.to(dev), steps=k, sigma_max=sigma_max, mid_t=mid_t,
+                           generator=sg if dev.type == "cpu" else None).cpu()
+        bar.update(k)
+        return x
+    return fn
+
+
+def _serving_variants(cfg: EvalConfig, student, fp8_scales, run, warm, sigma_max, mid_t, bar) -> Dict[str, float]:
+    """Each of ``cfg.serving`` applied to a copy of the student as the registered model applies it
+    (``apply_serving_options``; fp8=static with the scales just recorded), then sampled at every step count
+    through ``run`` (entries ``serve_<variant>_<k>``). The first call of each variant (one sample at the first
+    step count: compilation, autotuning) is timed apart, as ``serve_<variant>/first_call_s``, so the
+    steady-state seconds per sample exclude it. On CUDA, ``serve_<variant>/peak_gib`` is the peak memory of
+    its sampling."""
+    import copy
+
+    from rcm_core.nets.serving import apply_serving_options, parse_variant, variant_label
+
+    out: Dict[str, float] = {}
+    for v in cfg.serving:
+        label = f"serve_{variant_label(v)}"
+        sv = apply_serving_options(copy.deepcopy(student), parse_variant(v), fp8_scales or None)
+        dev = next(student.parameters()).device
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()                      # the first call, alone: one sample at the first step count
+        warm(_student_sampler(sv, cfg.student_steps[0], cfg, sigma_max, mid_t, bar))
+        out[f"{label}/first_call_s"] = time.perf_counter() - t0
+        for k in cfg.student_steps:
+            run(f"{label}_{k}", _student_sampler(sv, k, cfg, sigma_max, mid_t, bar), k)
+        if dev.type == "cuda":
+            out[f"{label}/peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        del sv
+    return out
 
 
 def _digit_metrics(models, prompts, S, cfg, metrics) -> None:

@@ -1,7 +1,8 @@
 """What every metric the pipeline logs means and which direction is better (the cards' glossaries).
 
 MLflow names carry a prefix: ``train/<name>`` (distill, per step), ``eval/<model>/<name>`` (evaluate; model
-``teacher`` or ``student_<k>``: k sampling steps), ``curate/<name>``, ``cache/<name>``. :func:`term` strips it,
+``teacher``, ``student_<k>``: k sampling steps, or ``serve_<variant>_<k>``: the student with a serving option,
+``--eval_serving``), ``curate/<name>``, ``cache/<name>``. :func:`term` strips it,
 :func:`markdown` writes a table for the cards. ``tests/test_flow_distill.py`` checks that every metric a
 smoke run logs is here.
 """
@@ -79,6 +80,12 @@ EVAL: Dict[str, Tuple[str, str]] = {
     "eval_prompts": ("eval prompts used", "count"),
     "seeds_per_prompt": ("seeds (noises) per eval prompt", "count"),
     "gates_passed": ("1 when the student passed the evaluation gates (--gates)", "1"),
+    "rel_l2_student": ("serving variant (serve_<variant>_<k>, --eval_serving): relative L2 distance of its latents "
+                       "to the plain student's at k steps, same noise", "lower"),
+    "speedup_student": ("serving variant: the plain student's sec_per_sample over the variant's, same steps",
+                        "higher"),
+    "first_call_s": ("serving variant: seconds of its first call (one sample: compilation, autotuning)", "lower"),
+    "peak_gib": ("serving variant: peak GPU memory while it sampled, GiB", "lower"),
 }
 
 DATA: Dict[str, Tuple[str, str]] = {

@@ -112,6 +112,37 @@ def speed_table(metrics: Optional[Dict[str, Any]]) -> list:
             "| sampler | s per sample | speedup |", "|---|---|---|", *rows, ""]
 
 
+def serving_table(metrics: Optional[Dict[str, Any]]) -> list:
+    """Markdown lines: the serving variants this run's evaluate step measured (``--eval_serving``): per variant
+    and step count its seconds per sample, speed against the plain student, distance of its latents to the plain
+    student's (same noise), the quality metric the teacher has (digit accuracy or FD to the teacher), its first
+    call and peak memory; empty when none was measured."""
+    import re
+
+    from rcm_core.export import _fmt
+
+    metrics = metrics or {}
+    names = sorted({m.group(1) for k in metrics if (m := re.match(r"(serve_.+_\d+)/sec_per_sample$", k))},
+                   key=lambda n: (n.rsplit("_", 1)[0], int(n.rsplit("_", 1)[1])))
+    if not names:
+        return []
+    qual = "digit_acc" if any(k.endswith("/digit_acc") for k in metrics) else "fd_teacher"
+    rows = []
+    for n in names:
+        variant, k = n[len("serve_"):].rsplit("_", 1)
+        m = {key: metrics.get(f"{n}/{key}") for key in ("sec_per_sample", "speedup_student", "rel_l2_student", qual)}
+        base = metrics.get(f"student_{k}/{qual}")
+        first = metrics.get(f"serve_{variant}/first_call_s")
+        peak = metrics.get(f"serve_{variant}/peak_gib")
+        rows.append(f"| {variant} | {k} | {_fmt(m['sec_per_sample'])} | {_fmt(m['speedup_student'])}x | "
+                    f"{_fmt(m['rel_l2_student'])} | {_fmt(m[qual])} ({_fmt(base)}) | {_fmt(first)} | "
+                    f"{_fmt(peak) if peak is not None else '-'} |")
+    return ["Serving options measured by this run's evaluate step (`--eval_serving`; its machine, the eval prompts "
+            "and noise of the plain student):", "",
+            f"| variant | steps | s per sample | x student | latent rel L2 to the student | {qual} (student's) | "
+            "first call s | peak GiB |", "|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def serving_note(meta: Dict[str, Any], uri: str, metrics: Optional[Dict[str, Any]] = None) -> str:
     """Markdown lines of the card: this run's measured speed per step count (:func:`speed_table`), the version's
     serving settings (FP8 linears, compiled blocks), its FP8 scales and how to switch them at load time (the load
@@ -120,7 +151,7 @@ def serving_note(meta: Dict[str, Any], uri: str, metrics: Optional[Dict[str, Any
     cal = meta.get("fp8_calibration")
     scales = (f"FP8 static scales: artifact `{cal['artifact']}` ({cal['layers']} layers, {cal['source']})" if cal
               else "no FP8 static scales (fp8=static is refused; fp8=dynamic needs none)")
-    return "\n".join(speed_table(metrics) + [
+    return "\n".join(speed_table(metrics) + serving_table(metrics) + [
         f"Serving: fp8={sv['fp8']}, compile={sv['compile']}, sparse={sv['sparse']}; {scales}. FP8 needs a GPU of compute capability 8.9+ "
         "(L40S, H100, H200); reduce-overhead compiles CUDA graphs.",
         f"Switch at load time: `mlflow.pyfunc.load_model({uri!r}, model_config={{\"fp8\": \"static\", "
