@@ -85,7 +85,8 @@ def test_sharpness_and_diversity_measures():
 def test_smoke_run_writes_the_summary_and_report(tmp_path):
     out = tmp_path / "q"
     before = os.environ.get("RCM_ATTN_PRIMAL")
-    bq.main(["--smoke", "--out", str(out), "--methods", "rcm_staged", "--seeds", "0", "--jobs", "1"])
+    bq.main(["--smoke", "--out", str(out), "--methods", "rcm_staged", "--seeds", "0", "--jobs", "1",
+             "--serving", "fp8-dynamic,sta:t4x8x8:w1x1x1"])
     assert os.environ.get("RCM_ATTN_PRIMAL") == before          # the smoke's attention choice does not leak
     s = json.loads((out / "quality_summary.json").read_text())
     for key in ("teacher", "device", "dmd_scm_grad_ratio_init", "seeds", "samples_per_eval", "results"):
@@ -100,9 +101,19 @@ def test_smoke_run_writes_the_summary_and_report(tmp_path):
             assert all(len(v) == 1 for v in e.values())
             assert 0 <= e["accuracy"][0] <= 1 and e["fd_teacher"][0] >= 0
         assert s["results"][m]["student_updates"] == [6]
+    # --serving: each variant evaluated on the same students and noise, paired differences; the sliding-tile window
+    # that covers the whole (4, 8, 8) grid is dense attention, so its samples are the student's to float rounding
+    for v, small in (("fp8-dynamic", False), ("sta:t4x8x8:w1x1x1", True)):
+        for steps in ("1", "2", "4"):
+            e, d = s["results"][f"rcm_staged+{v}"][steps], s["serving_deltas"][f"rcm_staged+{v}"][steps]
+            base = s["results"]["rcm_staged"][steps]
+            assert d["fd_real_delta"] == [e["fd_real"][0] - base["fd_real"][0]]
+            rel = e["latent_rel_l2"][0]
+            assert (rel < 1e-5) if small else (1e-3 < rel < 0.3), (v, steps, rel)
     staged = [r for r in s["runs"] if r["method"] == "rcm_staged"][0]
     # the ratio is logged through training (the rcm phase's student steps) and the phases are recorded
     assert staged["diagnostics"]["series"]["dmd_scm_ratio_out"]
     assert [st["method"] for st in staged["diagnostics"]["stages"]] == ["dcm", "scm", "rcm"]
     html = (out / "quality_report.html").read_text()
     assert html.count("data:image/png;base64") == 6 + 1          # 3 step counts x 2 samples, + the diagnostics
+    assert html.count("rcm_staged+fp8-dynamic") >= 3              # the variant's table rows (and grid column)

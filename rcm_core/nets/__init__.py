@@ -1,2 +1,2 @@
-"""Networks: the TrigFlow denoiser wrapper, the one attention op (forward-mode rule; the only importer of
-rcm_kernels) and LoRA adapters; ``base`` holds what they share with the parallel layer."""
+"""Networks: the TrigFlow denoiser wrapper, the ops with their own forward-mode rules (attention, Wan's RoPE: the
+only importers of rcm_kernels) and LoRA adapters; ``base`` holds what they share with the parallel layer."""
