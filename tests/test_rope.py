@@ -149,3 +149,13 @@ def test_the_switch_turns_the_kernel_off(monkeypatch):
     assert rope_op._kernel_wanted(x, None)
     monkeypatch.setenv("RCM_ROPE_KERNEL", "0")
     assert not rope_op._kernel_wanted(x, None)
+
+
+def test_a_bad_switch_value_is_refused_at_the_trainers_start(monkeypatch):
+    from rcm_core.config import DistillConfig
+    from rcm_core.teachers import get_teacher
+    from rcm_core.trainer import RCMTrainer
+
+    monkeypatch.setenv("RCM_ROPE_KERNEL", "yes")
+    with pytest.raises(ValueError, match=r"RCM_ROPE_KERNEL='yes': expected 1 .* or 0"):
+        RCMTrainer(get_teacher("embedded"), DistillConfig.preset("embedded", batch_size=2))

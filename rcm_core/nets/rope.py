@@ -19,12 +19,22 @@ Both paths compute in float32 (or the inputs' wider dtype) and round once to x's
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
 
-__all__ = ["wan_rope", "rotate_pairs"]
+__all__ = ["wan_rope", "rotate_pairs", "check_rope_request"]
+
+
+def check_rope_request() -> None:
+    """At start (the trainer's, with the attention checks): ``RCM_ROPE_KERNEL`` is ``1`` (default: the kernel on
+    CUDA) or ``0`` (the formula); any other value raises ``ValueError`` naming it."""
+    value = os.environ.get("RCM_ROPE_KERNEL", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"RCM_ROPE_KERNEL={value!r}: expected 1 (the Triton RoPE on CUDA, the default) or 0 (diffusers' "
+                         "formula); unset it for the default")
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -92,9 +102,18 @@ def _kernel_wanted(x: torch.Tensor, kernel: Optional[bool]) -> bool:
         return kernel
     if not x.is_cuda or torch.compiler.is_compiling() or os.environ.get("RCM_ROPE_KERNEL", "1") == "0":
         return False
+    return _kernel_importable()
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_importable() -> bool:
+    """Whether ``rcm_kernels.rope`` imports (Triton present); a machine where it does not is told once."""
     try:
         import rcm_kernels.rope  # noqa: F401
-    except ImportError:
+    except ImportError as e:
+        from .attention import _log_once
+        _log_once(f"rope: the Triton RoPE kernel is unavailable on this CUDA machine ({e}); RoPE runs as diffusers' "
+                  "formula")
         return False
     return True
 

@@ -10,6 +10,7 @@ import torch
 
 from ..method.config import DistillConfig
 from ..nets.attention import check_attention_request
+from ..nets.rope import check_rope_request
 from ..nets.denoiser import TrigFlowDenoiser
 from ..nets.library_logs import cast_quietly
 from ..nets.norms import install_matched_norms
@@ -72,6 +73,7 @@ class _Setup:
         self.device = torch.device(device)
         # attention settings asked for in the environment that cannot run here fail now, not as a slow fallback
         check_attention_request(self.device, _DTYPES[self.cfg.dtype])
+        check_rope_request()
         if self.cfg.teacher_fp8:
             from ..nets.fp8 import check_fp8_device
             check_fp8_device(self.device)
