@@ -278,7 +278,8 @@ def evaluate(teacher, student, prompts: List[str], cfg: EvalConfig, sigma_max: f
         for k in cfg.student_steps:
             run(f"student_{k}", _student_sampler(student, k, cfg, sigma_max, mid_t, bar), k)
 
-    serve_metrics = _serving_variants(cfg, student, dict(fp8_scales), run, lambda fn: fn(cond[:1], noise[:1], 0),
+    serve_metrics = _serving_variants(cfg, student, dict(fp8_scales), run,
+                                      lambda fn: fn(cond[:cfg.batch_size], noise[:cfg.batch_size], 0),
                                       sigma_max, mid_t, bar)
     metrics: Dict[str, float] = {"eval_prompts": P, "seeds_per_prompt": S, **serve_metrics}
     for m, v in models.items():          # a serving variant against the plain student at its step count
@@ -372,9 +373,10 @@ def _student_sampler(student, k: int, cfg: EvalConfig, sigma_max, mid_t, bar):
 def _serving_variants(cfg: EvalConfig, student, fp8_scales, run, warm, sigma_max, mid_t, bar) -> Dict[str, float]:
     """Each of ``cfg.serving`` applied to a copy of the student as the registered model applies it
     (``apply_serving_options``; fp8=static with the scales just recorded), then sampled at every step count
-    through ``run`` (entries ``serve_<variant>_<k>``). The first call of each variant (one sample at the first
-    step count: compilation, autotuning) is timed apart, as ``serve_<variant>/first_call_s``, so the
-    steady-state seconds per sample exclude it. On CUDA, ``serve_<variant>/peak_gib`` is the peak memory of
+    through ``run`` (entries ``serve_<variant>_<k>``). The first call of each variant (the first batch at the
+    first step count: compilation at the batch's shape, autotuning) is timed apart, as
+    ``serve_<variant>/first_call_s``, so the steady-state seconds per sample exclude it (a shorter last batch can
+    still compile once more inside them). On CUDA, ``serve_<variant>/peak_gib`` is the peak memory of
     its sampling."""
     import copy
 
@@ -388,7 +390,7 @@ def _serving_variants(cfg: EvalConfig, student, fp8_scales, run, warm, sigma_max
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()                      # the first call, alone: one sample at the first step count
+        t0 = time.perf_counter()                      # the first call, alone: the first batch, first step count
         warm(_student_sampler(sv, cfg.student_steps[0], cfg, sigma_max, mid_t, bar))
         out[f"{label}/first_call_s"] = time.perf_counter() - t0
         for k in cfg.student_steps:

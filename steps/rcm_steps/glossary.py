@@ -84,7 +84,7 @@ EVAL: Dict[str, Tuple[str, str]] = {
                        "to the plain student's at k steps, same noise", "lower"),
     "speedup_student": ("serving variant: the plain student's sec_per_sample over the variant's, same steps",
                         "higher"),
-    "first_call_s": ("serving variant: seconds of its first call (one sample: compilation, autotuning)", "lower"),
+    "first_call_s": ("serving variant: seconds of its first call (one batch: compilation, autotuning)", "lower"),
     "peak_gib": ("serving variant: peak GPU memory while it sampled, GiB", "lower"),
 }
 
