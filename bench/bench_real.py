@@ -47,6 +47,9 @@ def size_args(ap) -> None:
     ap.add_argument("--width", type=int, default=832)
 
 
+TINY_CONFIG = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=32)   # --tiny
+
+
 def build_teacher(name: str, frames: int, height: int, width: int, device, tiny: bool = False, layers: int = 0):
     """A :class:`rcm_core.teachers.Teacher` with the registered architecture and random weights."""
     import diffusers
@@ -61,7 +64,7 @@ def build_teacher(name: str, frames: int, height: int, width: int, device, tiny:
     spec = SPECS[name]
     cfg = dict(spec.transformer_config)
     if tiny:
-        cfg.update(num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=32)
+        cfg.update(TINY_CONFIG)
     if layers:
         cfg.update(num_layers=layers)
     torch.manual_seed(0)
@@ -216,6 +219,36 @@ def primal_phase(b: Bench, teacher, x0, cond, uncond, dev) -> None:
             b.meta[f"primal_speedup_{what}"] = before / after
     if sdpa_ref["s"] and res["op", "attn"]["s"]:
         b.meta["primal_kernel_fwd_x_sdpa"] = res["op", "attn"]["s"] / sdpa_ref["s"]
+
+
+# dense bf16 tensor-core peak (TFLOP/s, vendor data sheets, no sparsity) of the cards the steps' share is given for
+DENSE_BF16_PEAK = {"H100": 989.0, "H200": 989.0}
+_FLOOR_KEYS = {"full": "full_ac", "keep_attention": "keep_attention"}
+
+
+def peak_shares(b: Bench, a) -> None:
+    """Each step row's tensor-core work (``bench/flop_floor.py``: FLOPs counted on meta tensors, the step's passes
+    as its ``step_floors`` counts them) as ``tflop``, ``tflops_per_s`` and, on an H100/H200, ``share_of_peak``:
+    plain, fused sCM, rCM student at rollout 1 and the critic at step 11 (rollout 2), under AC full or
+    keep_attention."""
+    import flop_floor
+
+    rows = {("plain", None): "plain", ("scm", True): "scm_fused", ("rcm", 1): "rcm_student_rollout1",
+            ("critic", None): "critic_rollout2"}
+    wanted = [(r, rows[(r["kind"], r.get("fused") if r["kind"] == "scm" else r.get("rollout"))])
+              for r in b.rows if r.get("s") and r.get("ac") in _FLOOR_KEYS
+              and (r.get("kind"), r.get("fused") if r.get("kind") == "scm" else r.get("rollout")) in rows]
+    if not wanted:
+        return
+    over = {**(TINY_CONFIG if a.tiny else {}), **({"num_layers": a.layers} if a.layers else {})}
+    fwd = flop_floor.dit_forward_flops(a.teacher, a.frames, a.height, a.width, overrides=over, text_len=512)
+    floors = flop_floor.step_floors(fwd)
+    peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in str(b.meta.get("device", ""))), None)
+    for r, name in wanted:
+        flop = floors[f"{name}_{_FLOOR_KEYS[r['ac']]}"]
+        r["tflop"], r["tflops_per_s"] = flop / 1e12, flop / 1e12 / r["s"]
+        if peak:
+            r["share_of_peak"] = r["tflops_per_s"] / peak
 
 
 def main(argv=None) -> dict:
@@ -416,11 +449,16 @@ def main(argv=None) -> dict:
         for r in b.rows:
             if r.get("kind") in ("scm", "rcm", "critic") and r["s"]:
                 r["x_fastest_plain"] = r["s"] / best_plain
+    peak_shares(b, a)
     b.save()
     print("\nratios:")
     for r in b.rows:
         if "x_plain_same_ac" in r:
             print(f"  {r['what']:58s} {r['x_plain_same_ac']:5.2f}x plain (same AC), {r['x_fastest_plain']:5.2f}x fastest plain")
+    for r in b.rows:
+        if "tflops_per_s" in r:
+            share = f", {100 * r['share_of_peak']:.1f} % of the dense bf16 peak" if "share_of_peak" in r else ""
+            print(f"  {r['what']:58s} {r['tflop']:8.1f} TFLOP, {r['tflops_per_s']:6.1f} TFLOP/s{share}")
     for k, v in b.meta.items():
         if k.startswith(("speedup", "primal_", "frames_per_s")):
             print(f"  {k}: {v:.1f}" + ("" if k.startswith("frames_per_s") else "x"))
