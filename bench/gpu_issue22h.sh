@@ -5,12 +5,12 @@
 # "Command Buffer Full" records apart).  OUT=$OUT bash bench/gpu_issue22h.sh
 . bench/gpu_common.sh
 part rope_gpu_tests 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_rope.py
-# 1. the RoPE formula (before), fused-tangent steps, keep_attention
+# 1. the RoPE formula (the default), fused-tangent steps, keep_attention
 RCM_ROPE_KERNEL=0 part steps_rope_formula 170 python3 bench/bench_real.py --phases steps,rcm --ac keep_attention \
   --rcm-ac keep_attention --fused-only --repeats 2 --out "$OUT/real_rope_formula.json" --label "issue22-rope-formula"
 tar czf "$OUT/results.tgz" -C "$OUT" . 2>/dev/null || true
-# 2. the RoPE kernel (the default now), the same rows, then each step kind profiled
-part steps_rope_kernel_profile 230 python3 bench/bench_real.py --phases steps,rcm --ac keep_attention \
+# 2. the RoPE kernel (opt-in: RCM_ROPE_KERNEL=1), the same rows, then each step kind profiled
+RCM_ROPE_KERNEL=1 part steps_rope_kernel_profile 230 python3 bench/bench_real.py --phases steps,rcm --ac keep_attention \
   --rcm-ac keep_attention --fused-only --repeats 2 --profile --out "$OUT/real_rope_kernel_profile.json" \
   --label "issue22-rope-kernel+profile"
 tar czf "$OUT/results.tgz" -C "$OUT" . 2>/dev/null || true

@@ -133,19 +133,22 @@ def test_kernel_bf16_on_the_gpu_matches_the_formula():
     theta, cos, sin = tables(N, D)
     cos, sin = cos.cuda(), sin.cuda()
     x = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16)
-    y = wan_rope(x, cos, sin)                          # the default on CUDA: the kernel
+    y = wan_rope(x, cos, sin, kernel=True)
     ref = rotate_pairs(x, cos[..., 0::2], sin[..., 1::2])
     assert rel(y, ref) < 4e-3
     assert rel(y, complex_rope(x.cpu(), theta).cuda()) < 4e-3
     xr = x.clone().requires_grad_(True)
     gy = torch.randn_like(x)
-    (wan_rope(xr, cos, sin).float() * gy.float()).sum().backward()
+    (wan_rope(xr, cos, sin, kernel=True).float() * gy.float()).sum().backward()
     assert rel(xr.grad, complex_rope(gy.cpu(), -theta).cuda()) < 4e-3
 
 
-def test_the_switch_turns_the_kernel_off(monkeypatch):
+def test_the_kernel_is_opt_in_on_cuda(monkeypatch):
     x = torch.randn(1, 4, 2, 16)
+    monkeypatch.delenv("RCM_ROPE_KERNEL", raising=False)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))     # as if on a GPU
+    assert not rope_op._kernel_wanted(x, None)                  # not run on a GPU yet: off by default
+    monkeypatch.setenv("RCM_ROPE_KERNEL", "1")
     assert rope_op._kernel_wanted(x, None)
     monkeypatch.setenv("RCM_ROPE_KERNEL", "0")
     assert not rope_op._kernel_wanted(x, None)

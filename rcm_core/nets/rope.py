@@ -8,11 +8,12 @@ recomputation: the census's RoPE rows (45.3 GB each in one sCM step on an H200).
 
 :func:`wan_rope` computes the same rotation:
 
-* on CUDA tensors, in one Triton pass (``rcm_kernels.rope``), through :class:`_WanRope`, whose rules are
+* on CUDA tensors with ``RCM_ROPE_KERNEL=1`` (opt-in until it has run on a GPU: written in a session without
+  one), in one Triton pass (``rcm_kernels.rope``), through :class:`_WanRope`, whose rules are
   rotations too: the rotation is linear in x and the angles are constants, so the forward-mode rule rotates the
   tangent by the same angles and the backward rotates the gradient by minus them (R^T = R^-1);
 * elsewhere (the CPU, float64 tests), under ``torch.compile`` (inductor fuses the formula itself), for
-  tensors the kernel cannot take, and with ``RCM_ROPE_KERNEL=0`` (an A/B switch for benchmarks), with
+  tensors the kernel cannot take, and by default (``RCM_ROPE_KERNEL`` unset or ``0``), with
   diffusers' formula (:func:`rotate_pairs`), differentiated by autograd.
 
 Both paths compute in float32 (or the inputs' wider dtype) and round once to x's dtype.
@@ -29,12 +30,12 @@ __all__ = ["wan_rope", "rotate_pairs", "check_rope_request"]
 
 
 def check_rope_request() -> None:
-    """At start (the trainer's, with the attention checks): ``RCM_ROPE_KERNEL`` is ``1`` (default: the kernel on
-    CUDA) or ``0`` (the formula); any other value raises ``ValueError`` naming it."""
-    value = os.environ.get("RCM_ROPE_KERNEL", "1")
+    """At start (the trainer's, with the attention checks): ``RCM_ROPE_KERNEL`` is ``0`` (default: the formula)
+    or ``1`` (the kernel on CUDA); any other value raises ``ValueError`` naming it."""
+    value = os.environ.get("RCM_ROPE_KERNEL", "0")
     if value not in ("0", "1"):
-        raise ValueError(f"RCM_ROPE_KERNEL={value!r}: expected 1 (the Triton RoPE on CUDA, the default) or 0 (diffusers' "
-                         "formula); unset it for the default")
+        raise ValueError(f"RCM_ROPE_KERNEL={value!r}: expected 1 (the Triton RoPE on CUDA) or 0 (diffusers' formula, "
+                         "the default); unset it for the default")
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class _WanRope(torch.autograd.Function):
 def _kernel_wanted(x: torch.Tensor, kernel: Optional[bool]) -> bool:
     if kernel is not None:
         return kernel
-    if not x.is_cuda or torch.compiler.is_compiling() or os.environ.get("RCM_ROPE_KERNEL", "1") == "0":
+    if not x.is_cuda or torch.compiler.is_compiling() or os.environ.get("RCM_ROPE_KERNEL", "0") != "1":
         return False
     return _kernel_importable()
 
@@ -121,8 +122,8 @@ def _kernel_importable() -> bool:
 def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor,
              kernel: Optional[bool] = None) -> torch.Tensor:
     """Wan's RoPE of x (B, N, H, D) with diffusers' rotary tables ``freqs_cos``/``freqs_sin`` (1, N, 1, D), each
-    angle repeated for the pair (``WanRotaryPosEmbed``). ``kernel``: None = the Triton op on CUDA (see the
-    module doc), True = the op wherever Triton runs (CPU tests under ``TRITON_INTERPRET=1``), False = the
+    angle repeated for the pair (``WanRotaryPosEmbed``). ``kernel``: None = the Triton op on CUDA when
+    ``RCM_ROPE_KERNEL=1`` (see the module doc), True = the op wherever Triton runs (CPU tests under ``TRITON_INTERPRET=1``), False = the
     formula."""
     cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
     tables = _tables(cos, sin, x) if _kernel_wanted(x, kernel) else None
