@@ -221,8 +221,7 @@ def primal_phase(b: Bench, teacher, x0, cond, uncond, dev) -> None:
         b.meta["primal_kernel_fwd_x_sdpa"] = res["op", "attn"]["s"] / sdpa_ref["s"]
 
 
-# dense bf16 tensor-core peak (TFLOP/s, vendor data sheets, no sparsity) of the cards the steps' share is given for
-DENSE_BF16_PEAK = {"H100": 989.0, "H200": 989.0}
+PEAK_CARDS = ("H100", "H200")   # one dense bf16 peak (flop_floor.PEAK_TFLOPS): the steps' share is given for these
 _FLOOR_KEYS = {"full": "full_ac", "keep_attention": "keep_attention"}
 
 
@@ -233,19 +232,23 @@ def peak_shares(b: Bench, a) -> None:
     keep_attention."""
     import flop_floor
 
-    rows = {("plain", None): "plain", ("scm", True): "scm_fused", ("rcm", 1): "rcm_student_rollout1",
-            ("critic", None): "critic_rollout2"}
-    wanted = [(r, rows[(r["kind"], r.get("fused") if r["kind"] == "scm" else r.get("rollout"))])
-              for r in b.rows if r.get("s") and r.get("ac") in _FLOOR_KEYS
-              and (r.get("kind"), r.get("fused") if r.get("kind") == "scm" else r.get("rollout")) in rows]
+    names = {("plain", None): "plain", ("scm", True): "scm_fused", ("rcm", 1): "rcm_student_rollout1",
+             ("critic", None): "critic_rollout2"}
+
+    def name(r):
+        kind = r.get("kind")
+        return names.get((kind, r.get("fused") if kind == "scm" else r.get("rollout")))
+
+    wanted = [(r, name(r)) for r in b.rows if r.get("s") and r.get("ac") in _FLOOR_KEYS and name(r)]
     if not wanted:
         return
     over = {**(TINY_CONFIG if a.tiny else {}), **({"num_layers": a.layers} if a.layers else {})}
     fwd = flop_floor.dit_forward_flops(a.teacher, a.frames, a.height, a.width, overrides=over, text_len=512)
     floors = flop_floor.step_floors(fwd)
-    peak = next((v for k, v in DENSE_BF16_PEAK.items() if k in str(b.meta.get("device", ""))), None)
-    for r, name in wanted:
-        flop = floors[f"{name}_{_FLOOR_KEYS[r['ac']]}"]
+    peak = flop_floor.PEAK_TFLOPS["h200_bf16"] if any(c in str(b.meta.get("device", "")) for c in PEAK_CARDS) \
+        else None
+    for r, step in wanted:
+        flop = floors[f"{step}_{_FLOOR_KEYS[r['ac']]}"]
         r["tflop"], r["tflops_per_s"] = flop / 1e12, flop / 1e12 / r["s"]
         if peak:
             r["share_of_peak"] = r["tflops_per_s"] / peak

@@ -30,7 +30,7 @@ for p in (ROOT, ROOT / "steps", ROOT / "kernels"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-PEAK_TFLOPS = {"h200_bf16": 989.0, "h200_fp8": 1979.0}
+PEAK_TFLOPS = {"h200_bf16": 989.0, "h200_fp8": 1979.0}     # dense, data sheets; the H100 SXM has the same figures
 # On meta tensors SDPA decomposes to its math path, whose two products are ``bmm``s; the DiTs' linears are
 # ``mm``/``addmm`` (diffusers has no batched-matmul linears), so ``bmm`` is attention here.
 ATTN_OPS = ("_scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention", "aten.bmm")

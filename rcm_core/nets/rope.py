@@ -29,10 +29,15 @@ import torch
 __all__ = ["wan_rope", "rotate_pairs", "check_rope_request"]
 
 
+def _switch() -> str:
+    """``RCM_ROPE_KERNEL``: ``1`` asks for the kernel on CUDA, ``0`` (the default) for the formula."""
+    return os.environ.get("RCM_ROPE_KERNEL", "0")
+
+
 def check_rope_request() -> None:
     """At start (the trainer's, with the attention checks): ``RCM_ROPE_KERNEL`` is ``0`` (default: the formula)
     or ``1`` (the kernel on CUDA); any other value raises ``ValueError`` naming it."""
-    value = os.environ.get("RCM_ROPE_KERNEL", "0")
+    value = _switch()
     if value not in ("0", "1"):
         raise ValueError(f"RCM_ROPE_KERNEL={value!r}: expected 1 (the Triton RoPE on CUDA) or 0 (diffusers' formula, "
                          "the default); unset it for the default")
@@ -69,8 +74,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
     if plain is not None:
         from rcm_kernels import rope
         px, pcos, psin = plain
-        if rope.applies(px.contiguous(), pcos):
-            return rope.rotate(px.contiguous(), pcos, psin, inverse=inverse)
+        px = px.contiguous()
+        if rope.applies(px, pcos):
+            return rope.rotate(px, pcos, psin, inverse=inverse)
     return rotate_pairs(x, cos[None, :, None], (-sin if inverse else sin)[None, :, None])
 
 
@@ -101,7 +107,7 @@ class _WanRope(torch.autograd.Function):
 def _kernel_wanted(x: torch.Tensor, kernel: Optional[bool]) -> bool:
     if kernel is not None:
         return kernel
-    if not x.is_cuda or torch.compiler.is_compiling() or os.environ.get("RCM_ROPE_KERNEL", "0") != "1":
+    if not x.is_cuda or torch.compiler.is_compiling() or _switch() != "1":
         return False
     return _kernel_importable()
 
@@ -123,8 +129,8 @@ def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor,
              kernel: Optional[bool] = None) -> torch.Tensor:
     """Wan's RoPE of x (B, N, H, D) with diffusers' rotary tables ``freqs_cos``/``freqs_sin`` (1, N, 1, D), each
     angle repeated for the pair (``WanRotaryPosEmbed``). ``kernel``: None = the Triton op on CUDA when
-    ``RCM_ROPE_KERNEL=1`` (see the module doc), True = the op wherever Triton runs (CPU tests under ``TRITON_INTERPRET=1``), False = the
-    formula."""
+    ``RCM_ROPE_KERNEL=1`` (see the module doc), True = the op wherever Triton runs (CPU tests under
+    ``TRITON_INTERPRET=1``), False = the formula."""
     cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
     tables = _tables(cos, sin, x) if _kernel_wanted(x, kernel) else None
     if tables is None or (x.dtype == torch.float64 and kernel is None):   # float64 reference runs: the formula
