@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -83,6 +84,9 @@ def build_teacher(name: str, frames: int, height: int, width: int, device, tiny:
             p.data = p.data.to(torch.float32 if keep.intersection(n.split(".")) else torch.bfloat16)
     net = net.eval().requires_grad_(False)
     install_rcm_attention(net)
+    from rcm_core.nets.block_ops import install_fused_block_ops
+    if install_fused_block_ops(net):      # RCM_NORM_KERNEL=1
+        print("block ops: Triton LayerNorm/modulation/residual (RCM_NORM_KERNEL=1)", flush=True)
     if install_fp32_time_embedding is not None:
         install_fp32_time_embedding(net)
     lat = (16, (frames - 1) // 4 + 1, height // 8, width // 8)
@@ -302,7 +306,8 @@ def main(argv=None) -> dict:
     meta = {"teacher": a.teacher, "weights": "random", "params": n_params, "layers": a.layers or None, "latent_shape": [C, T, H, W],
             "tokens": tokens, "pixels": [a.frames, a.height, a.width], "batch": 1, "dtype": "bfloat16 (autocast, fp32 master weights)",
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "label": a.label}
+            "date": time.strftime("%Y-%m-%d"), "label": a.label,
+            "env": {k: os.environ[k] for k in ("RCM_ROPE_KERNEL", "RCM_NORM_KERNEL", "RCM_ATTN_PRIMAL") if k in os.environ}}
     try:
         import triton
         meta["triton"] = triton.__version__

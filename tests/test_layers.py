@@ -52,7 +52,7 @@ SHIMS = {
     "rcm_core.teachers.real",    # re-exports its parts (as before the move)
     "rcm_core.train",            # the package re-exports RCMTrainer from train/trainer.py
 }
-KERNEL_USERS = {"rcm_core.nets.attention", "rcm_core.nets.rope"}   # the ops with their own forward-mode rules
+KERNEL_USERS = {"rcm_core.nets.attention", "rcm_core.nets.rope", "rcm_core.nets.block_ops"}   # the ops with their own forward-mode rules
 FORBIDDEN = ("rcm_steps", "flows")
 
 
@@ -212,7 +212,7 @@ def test_only_the_kernel_backed_ops_import_the_kernels():
     users = {name for name, imps in RAW.items() for dotted, _ in imps
              if dotted == "rcm_kernels" or dotted.startswith("rcm_kernels.")}
     assert users == KERNEL_USERS
-    assert all(MODULES[u].parent.name == "nets" and MODULES[u].stem in ("attention", "rope") for u in users)
+    assert all(MODULES[u].parent.name == "nets" and MODULES[u].stem in ("attention", "rope", "block_ops") for u in users)
 
 
 def test_no_file_over_the_limit():

@@ -239,6 +239,9 @@ def compile_blocks(net: nn.Module, mode: str = "default", nograd_only: bool = Fa
     blocks = transformer_blocks(net)
     for block in blocks:
         block = getattr(block, "_checkpoint_wrapped_module", block)
+        eager = block.__dict__.get("forward")      # e.g. the fused block ops' forward: kept for the eager calls
+        if getattr(eager, "__func__", None) is not _compiled_block_forward:
+            block._rcm_eager_forward = eager
         block.forward = types.MethodType(_compiled_block_forward, block)
         block._rcm_compiled = mode
         block._rcm_compile_nograd_only = nograd_only
@@ -253,7 +256,8 @@ def _compiled_block_forward(block: nn.Module, *args, **kwargs):
     dual = any(fwAD.unpack_dual(a).tangent is not None for a in tensors)
     if block._rcm_compile_nograd_only and (dual or torch.is_grad_enabled() or any(
             torch._C._functorch.is_functorch_wrapped_tensor(a) for a in tensors)):
-        return type(block).forward(block, *args, **kwargs)
+        eager = block.__dict__.get("_rcm_eager_forward")
+        return eager(*args, **kwargs) if eager is not None else type(block).forward(block, *args, **kwargs)
     if dual:
         raise RuntimeError("a compiled block got forward-AD dual inputs: torch.compile drops their "
                            "tangents; compiled blocks are for no-grad passes only")

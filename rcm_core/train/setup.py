@@ -11,6 +11,7 @@ import torch
 from ..method.config import DistillConfig
 from ..nets.attention import check_attention_request
 from ..nets.rope import check_rope_request
+from ..nets.block_ops import check_norm_request
 from ..nets.denoiser import TrigFlowDenoiser
 from ..nets.library_logs import cast_quietly
 from ..nets.norms import install_matched_norms
@@ -74,6 +75,7 @@ class _Setup:
         # attention settings asked for in the environment that cannot run here fail now, not as a slow fallback
         check_attention_request(self.device, _DTYPES[self.cfg.dtype])
         check_rope_request()
+        check_norm_request()
         if self.cfg.teacher_fp8:
             from ..nets.fp8 import check_fp8_device
             check_fp8_device(self.device)

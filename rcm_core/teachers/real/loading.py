@@ -27,6 +27,7 @@ import torch
 from ...nets.denoiser import Parameterization
 from ..base import Teacher
 from .attention import install_rcm_attention
+from ...nets.block_ops import install_fused_block_ops
 from ...nets.library_logs import cast_quietly, count_tokens
 from .time_embedding import install_fp32_time_embedding
 # the weights on disk (rcm_core.teachers.real.layout); all re-exported, so rcm_core.real.loading keeps every name
@@ -350,6 +351,7 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
         else:
             net = _load(sub, root, lambda sub=sub: _from_state(tcls, cfg[sub], states[sub], dtype))
         install_rcm_attention(net)
+        install_fused_block_ops(net)          # RCM_NORM_KERNEL=1 only (opt-in; survives the deep copies too)
         install_fp32_time_embedding(net)      # as the reference rCM (survives the deep copies too)
         nets.append(net.to(device).eval().requires_grad_(False))
     if len(nets) == 1:
