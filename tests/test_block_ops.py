@@ -61,9 +61,10 @@ def test_norm_affine_forward_tangent_gradient(dtype, tol, D):
 
 @cpu_only
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
-def test_gated_residual_forward_tangent_gradient(dtype, tol):
-    x, _, _, y, gout, _, _ = case(dtype=dtype, seed=1)
-    _, _, _, dx, dy, g, dg = case(dtype=dtype, seed=2)
+@pytest.mark.parametrize("D", [48, 600])                    # one column block, and two with a ragged last one
+def test_gated_residual_forward_tangent_gradient(dtype, tol, D):
+    x, _, _, y, gout, _, _ = case(D=D, dtype=dtype, seed=1)
+    _, _, _, dx, dy, g, dg = case(D=D, dtype=dtype, seed=2)
     with fwAD.dual_level():
         out = gated_residual(fwAD.make_dual(x, dx), fwAD.make_dual(y, dy), fwAD.make_dual(g, dg), kernel=True)
         o, do = fwAD.unpack_dual(out)
@@ -144,7 +145,7 @@ def _wan_run(net, x, dx, t, ctx):
 
 @cpu_only
 @pytest.mark.parametrize("cross_attn_norm", [True, False])
-def test_fused_wan_block_forward_equals_diffusers(cross_attn_norm):
+def test_fused_wan_block_forward_equals_diffusers(cross_attn_norm, monkeypatch):
     """A tiny Wan2.1 through the project's processor, its blocks' forward stock vs fused (kernels forced, fp32):
     the output, its tangent (a dual input, as the fused sCM pass) and every parameter's gradient."""
     import copy
@@ -159,7 +160,16 @@ def test_fused_wan_block_forward_equals_diffusers(cross_attn_norm):
     x, dx = torch.randn(1, 4, 3, 8, 8, generator=g), torch.randn(1, 4, 3, 8, 8, generator=g)
     t, ctx = torch.tensor([500.0]), torch.randn(1, 8, stock.config.text_dim, generator=g)
     y0, dy0, g0 = _wan_run(stock, x, dx, t, ctx)
+    import rcm_kernels.norm_mod as k
+    calls = {}
+    for name in k.__all__[1:]:
+        real = getattr(k, name)
+        monkeypatch.setattr(k, name, lambda *a, _f=real, _n=name: calls.__setitem__(_n, calls.get(_n, 0) + 1) or _f(*a))
     y1, dy1, g1 = _wan_run(fused, x, dx, t, ctx)
+    # every rule ran the kernels: per block 3 (2) norms and 2 residuals forward, as many tangents and gradients
+    n_norm = 2 * (3 if cross_attn_norm else 2)
+    assert calls == {"norm_affine": 2 * n_norm, "norm_affine_tangent": n_norm, "norm_affine_backward": n_norm,
+                     "gated_residual": 2 * 4, "gated_residual_tangent": 4, "gated_residual_backward": 4}
     assert rel(y1, y0) < 1e-5 and rel(dy1, dy0) < 1e-5
     assert g0.keys() == g1.keys() and any("norm2" in n for n in g0) == cross_attn_norm
     for n in g0:

@@ -120,32 +120,34 @@ def _norm_affine_bwd(X, GY, MEAN, RSTD, A, GX, PA, PB, L, D, s_ab, s_ad, ROWS,
 
 
 @triton.jit
-def _gated_residual_fwd(X, Y, G, OUT, N, L, D, s_gb, s_gd, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < N
-    col = i % D
-    batch = i // (L * D)
-    g = tl.load(G + batch * s_gb + col * s_gd, mask=ok, other=0.0)
+def _gated_residual_fwd(X, Y, G, OUT, L, D, s_gb, s_gd, BLOCK_C: tl.constexpr):
+    # program (row, column block): no per-element index division
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < D
+    i = r.to(tl.int64) * D + cols
+    g = tl.load(G + (r // L) * s_gb + cols * s_gd, mask=ok, other=0.0)
     x = tl.load(X + i, mask=ok, other=0.0).to(tl.float32)
     y = tl.load(Y + i, mask=ok, other=0.0).to(tl.float32)
     tl.store(OUT + i, (x + y * g).to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _gated_residual_jvp(DX, Y, DY, G, DG, DOUT, N, L, D, s_gb, s_gd, s_dgb, s_dgd,
-                        HAS_DX: tl.constexpr, HAS_DY: tl.constexpr, HAS_DG: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < N
-    col = i % D
-    batch = i // (L * D)
-    d = tl.zeros([BLOCK], dtype=tl.float32)
+def _gated_residual_jvp(DX, Y, DY, G, DG, DOUT, L, D, s_gb, s_gd, s_dgb, s_dgd,
+                        HAS_DX: tl.constexpr, HAS_DY: tl.constexpr, HAS_DG: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < D
+    i = r.to(tl.int64) * D + cols
+    batch = r // L
+    d = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_DX:
         d += tl.load(DX + i, mask=ok, other=0.0).to(tl.float32)
     if HAS_DY:
-        d += tl.load(DY + i, mask=ok, other=0.0).to(tl.float32) * tl.load(G + batch * s_gb + col * s_gd, mask=ok,
+        d += tl.load(DY + i, mask=ok, other=0.0).to(tl.float32) * tl.load(G + batch * s_gb + cols * s_gd, mask=ok,
                                                                            other=0.0)
     if HAS_DG:
-        d += tl.load(Y + i, mask=ok, other=0.0).to(tl.float32) * tl.load(DG + batch * s_dgb + col * s_dgd, mask=ok,
+        d += tl.load(Y + i, mask=ok, other=0.0).to(tl.float32) * tl.load(DG + batch * s_dgb + cols * s_dgd, mask=ok,
                                                                           other=0.0)
     tl.store(DOUT + i, d.to(DOUT.dtype.element_ty), mask=ok)
 
@@ -250,18 +252,17 @@ def norm_affine_backward(x, gy, mean, rstd, a, grad_dtype: torch.dtype):
     return gx, pa.sum(1), pb.sum(1)
 
 
-_BLOCK = 1024
+_BLOCK_C = 512       # columns per program of the residual kernels (Wan's widths 1536, 3072, 5120: whole blocks)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``x + y * g`` in float32, rounded to x's dtype; y (B, L, D) any float dtype, g (B, D) float32 rows."""
     B, L, D = x.shape
     out = torch.empty_like(x)
-    n = x.numel()
     rx, ry, rg, ro = _raw(x, y.contiguous(), g, out)
     with torch._C._DisableFuncTorch():
-        _gated_residual_fwd[(triton.cdiv(n, _BLOCK),)](rx, ry, rg, ro, n, L, D, g.stride(0), g.stride(1),
-                                                       BLOCK=_BLOCK)
+        _gated_residual_fwd[(B * L, triton.cdiv(D, _BLOCK_C))](rx, ry, rg, ro, L, D, g.stride(0), g.stride(1),
+                                                               BLOCK_C=_BLOCK_C)
     return out
 
 
@@ -269,15 +270,14 @@ def gated_residual_tangent(dx, y, dy, g, dg, out_dtype: torch.dtype) -> torch.Te
     """The tangent of :func:`gated_residual`: ``dx + dy * g + y * dg`` (any of dx/dy/dg None = zero)."""
     B, L, D = y.shape
     dout = torch.empty(y.shape, dtype=out_dtype, device=y.device)
-    n = y.numel()
     raw = _raw(dx, y.contiguous(), None if dy is None else dy.contiguous(), g, dg, dout)
     ry = raw[1]
     rdx, ry, rdy, rg, rdg, rdo = (t if t is not None else ry for t in raw)
     with torch._C._DisableFuncTorch():
-        _gated_residual_jvp[(triton.cdiv(n, _BLOCK),)](
-            rdx, ry, rdy, rg, rdg, rdo, n, L, D, g.stride(0), g.stride(1),
+        _gated_residual_jvp[(B * L, triton.cdiv(D, _BLOCK_C))](
+            rdx, ry, rdy, rg, rdg, rdo, L, D, g.stride(0), g.stride(1),
             dg.stride(0) if dg is not None else 0, dg.stride(1) if dg is not None else 0,
-            HAS_DX=dx is not None, HAS_DY=dy is not None, HAS_DG=dg is not None, BLOCK=_BLOCK)
+            HAS_DX=dx is not None, HAS_DY=dy is not None, HAS_DG=dg is not None, BLOCK_C=_BLOCK_C)
     return dout
 
 
