@@ -218,3 +218,24 @@ def test_a_bad_switch_value_is_refused(monkeypatch):
     monkeypatch.setenv("RCM_NORM_KERNEL", "on")
     with pytest.raises(ValueError, match=r"RCM_NORM_KERNEL='on': expected 1 .* or 0"):
         block_ops.check_norm_request()
+
+
+def test_where_the_kernels_do_not_run_the_block_is_diffusers_bit_for_bit():
+    """On the CPU (switch on or off) the patched block calls diffusers' own forward: identical output."""
+    import copy
+    from real_fixtures import tiny_wan
+    stock = tiny_wan(cross_attn_norm=True).float()
+    patched = copy.deepcopy(stock)
+    install_fused_block_ops(patched, kernel=False)
+    x, t = torch.randn(1, 4, 3, 8, 8), torch.tensor([500.0])
+    ctx = torch.randn(1, 8, stock.config.text_dim)
+    assert torch.equal(patched(x, t, ctx, return_dict=False)[0], stock(x, t, ctx, return_dict=False)[0])
+
+
+def test_install_is_opt_in(monkeypatch):
+    from real_fixtures import tiny_wan
+    net = tiny_wan()
+    monkeypatch.delenv("RCM_NORM_KERNEL", raising=False)
+    assert install_fused_block_ops(net) == 0 and not block_ops.uses_fused_block_ops(net)
+    monkeypatch.setenv("RCM_NORM_KERNEL", "1")
+    assert install_fused_block_ops(net) == 2 and block_ops.uses_fused_block_ops(net)

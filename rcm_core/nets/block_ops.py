@@ -212,8 +212,9 @@ def _kernel_importable() -> bool:
 class FusedWanBlockForward:
     """The instance-level ``forward`` of a diffusers ``WanTransformerBlock``: its stock forward with the norms,
     modulation and gated residuals through :func:`norm_affine` / :func:`gated_residual`. Holds the module (a deep
-    copy of the block copies this object bound to the copy). Per-token modulation (Wan2.2 TI2V's 4-d ``temb``)
-    runs the stock forward. ``kernel`` as :func:`norm_affine` (tests pass True)."""
+    copy of the block copies this object bound to the copy). Where the kernels do not run (the CPU, the switch
+    off, under compile) and for per-token modulation (Wan2.2 TI2V's 4-d ``temb``) it calls the stock forward.
+    ``kernel`` as :func:`norm_affine` (tests pass True)."""
 
     def __init__(self, block: nn.Module, kernel: Optional[bool] = None):
         self.block = block
@@ -221,7 +222,7 @@ class FusedWanBlockForward:
 
     def __call__(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
         m = self.block
-        if temb.ndim == 4:
+        if temb.ndim == 4 or not _use_kernel(hidden_states, self.kernel) or torch.compiler.is_compiling():
             return type(m).forward(m, hidden_states, encoder_hidden_states, temb, rotary_emb)
         shift, scale, gate, c_shift, c_scale, c_gate = (m.scale_shift_table + temb.float()).chunk(6, dim=1)
         x, k = hidden_states, self.kernel
