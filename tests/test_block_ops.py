@@ -239,3 +239,20 @@ def test_install_is_opt_in(monkeypatch):
     assert install_fused_block_ops(net) == 0 and not block_ops.uses_fused_block_ops(net)
     monkeypatch.setenv("RCM_NORM_KERNEL", "1")
     assert install_fused_block_ops(net) == 2 and block_ops.uses_fused_block_ops(net)
+
+
+def test_compiled_blocks_keep_the_fused_forward_for_their_eager_calls(monkeypatch):
+    """compile_blocks(nograd_only) runs passes with gradients or tangents eagerly: through the fused forward."""
+    from real_fixtures import tiny_wan
+    from rcm_core.nets.serving import compile_blocks
+    net = tiny_wan()
+    install_fused_block_ops(net, kernel=False)
+    fused = [b.forward for b in net.blocks]
+    compile_blocks(net, nograd_only=True)
+    assert [b._rcm_eager_forward for b in net.blocks] == fused
+    seen = []
+    monkeypatch.setattr(block_ops.FusedWanBlockForward, "__call__",
+                        lambda self, *a: seen.append(self) or type(self.block).forward(self.block, *a))
+    x, t = torch.randn(1, 4, 3, 8, 8, requires_grad=True), torch.tensor([500.0])
+    net(x, t, torch.randn(1, 8, net.config.text_dim), return_dict=False)[0].sum().backward()
+    assert seen == fused
