@@ -5,6 +5,7 @@ still hold work objects; destroying them then aborts the process ("terminate cal
 exception", SIGABRT) although every check passed (seen once in CI on the 2-rank Wan context-parallel
 test). ``steps/rcm_steps/distill.py``'s ``_exit_worker`` ends torchrun workers the same way."""
 import os
+import socket
 import sys
 
 import torch.distributed as dist
@@ -19,3 +20,10 @@ def end_rank() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a group's MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

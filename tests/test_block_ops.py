@@ -300,14 +300,10 @@ def _fsdp_worker(rank, world, port, out):
 def test_fused_block_ops_under_fsdp2_and_checkpointing_match_the_stock_block(tmp_path):
     """Two gloo ranks: a tiny Wan with the kernels forced, sharded by FSDP2 with every block checkpointed, against
     the unsharded stock network: output, tangent (dual inputs, as the fused sCM pass) and gradients."""
-    import socket
-
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from spawn_ranks import free_port
     out = str(tmp_path / "res.pt")
-    mp.start_processes(_fsdp_worker, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_fsdp_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
     res = torch.load(out, weights_only=False)
     (y0, dy0, g0), (y1, dy1, g1) = res["stock"], res["sharded"]
     assert rel(y1, y0) < 1e-5 and rel(dy1, dy0) < 1e-5

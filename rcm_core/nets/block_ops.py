@@ -24,7 +24,6 @@ tests/test_block_ops.py checks it against the stock forward (outputs, tangents a
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -195,16 +194,10 @@ def _use_kernel(x: torch.Tensor, kernel: Optional[bool]) -> bool:
     return x.is_cuda and _switch() == "1" and _kernel_importable()
 
 
-@functools.lru_cache(maxsize=1)
 def _kernel_importable() -> bool:
-    try:
-        import rcm_kernels.norm_mod  # noqa: F401
-    except ImportError as e:
-        from .attention import _log_once
-        _log_once(f"block_ops: the Triton LayerNorm/residual kernels are unavailable on this CUDA machine ({e}); "
-                  "the blocks run diffusers' forward")
-        return False
-    return True
+    from .rope import kernel_importable
+    return kernel_importable("norm_mod", "block_ops: the Triton LayerNorm/residual kernels are",
+                             "the blocks run diffusers' forward")
 
 
 # ---- the Wan block forward that calls them --------------------------------------------------------------------

@@ -21,6 +21,7 @@ Both paths compute in float32 (or the inputs' wider dtype) and round once to x's
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Optional
 
@@ -112,17 +113,21 @@ def _kernel_wanted(x: torch.Tensor, kernel: Optional[bool]) -> bool:
     return _kernel_importable()
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel_importable() -> bool:
-    """Whether ``rcm_kernels.rope`` imports (Triton present); a machine where it does not is told once."""
+@functools.lru_cache(maxsize=None)
+def kernel_importable(module: str, what: str, fallback: str) -> bool:
+    """Whether ``rcm_kernels.<module>`` imports (Triton present); a CUDA machine where it does not is told once
+    (``what``: the kernel's name, ``fallback``: what runs instead). Shared with :mod:`rcm_core.nets.block_ops`."""
     try:
-        import rcm_kernels.rope  # noqa: F401
+        importlib.import_module(f"rcm_kernels.{module}")
     except ImportError as e:
         from .attention import _log_once
-        _log_once(f"rope: the Triton RoPE kernel is unavailable on this CUDA machine ({e}); RoPE runs as diffusers' "
-                  "formula")
+        _log_once(f"{what} unavailable on this CUDA machine ({e}); {fallback}")
         return False
     return True
+
+
+def _kernel_importable() -> bool:
+    return kernel_importable("rope", "rope: the Triton RoPE kernel is", "RoPE runs as diffusers' formula")
 
 
 def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor,
