@@ -258,7 +258,7 @@ def test_compiled_blocks_keep_the_fused_forward_for_their_eager_calls(monkeypatc
     assert seen == fused
 
 
-def _fsdp_worker(rank, world, port, out):
+def _fsdp_worker(rank, world, port, out, ac):
     import os
 
     import torch.distributed as dist
@@ -275,7 +275,7 @@ def _fsdp_worker(rank, world, port, out):
         install_rcm_attention(stock)
         sharded = copy.deepcopy(stock)
         install_fused_block_ops(sharded, kernel=True)
-        parallelize(sharded, ParallelConfig(activation_checkpointing="full", fsdp=True))
+        parallelize(sharded, ParallelConfig(activation_checkpointing=ac, fsdp=True))
         assert block_ops.uses_fused_block_ops(sharded)
         g = torch.Generator().manual_seed(3)          # the same batch on both ranks: FSDP's mean gradient = one's
         x, dx = torch.randn(1, 4, 3, 8, 8, generator=g), torch.randn(1, 4, 3, 8, 8, generator=g)
@@ -297,13 +297,14 @@ def _fsdp_worker(rank, world, port, out):
 
 
 @cpu_only
-def test_fused_block_ops_under_fsdp2_and_checkpointing_match_the_stock_block(tmp_path):
+@pytest.mark.parametrize("ac", ["full", "keep_attention"])
+def test_fused_block_ops_under_fsdp2_and_checkpointing_match_the_stock_block(tmp_path, ac):
     """Two gloo ranks: a tiny Wan with the kernels forced, sharded by FSDP2 with every block checkpointed, against
     the unsharded stock network: output, tangent (dual inputs, as the fused sCM pass) and gradients."""
     import torch.multiprocessing as mp
     from spawn_ranks import free_port
     out = str(tmp_path / "res.pt")
-    mp.start_processes(_fsdp_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_fsdp_worker, args=(2, free_port(), out, ac), nprocs=2, join=True, start_method="spawn")
     res = torch.load(out, weights_only=False)
     (y0, dy0, g0), (y1, dy1, g1) = res["stock"], res["sharded"]
     assert rel(y1, y0) < 1e-5 and rel(dy1, dy0) < 1e-5
