@@ -85,8 +85,8 @@ def build_teacher(name: str, frames: int, height: int, width: int, device, tiny:
     net = net.eval().requires_grad_(False)
     install_rcm_attention(net)
     from rcm_core.nets.block_ops import install_fused_block_ops
-    if install_fused_block_ops(net):      # RCM_NORM_KERNEL=1
-        print("block ops: Triton LayerNorm/modulation/residual (RCM_NORM_KERNEL=1)", flush=True)
+    if install_fused_block_ops(net):      # unless RCM_NORM_KERNEL=0
+        print("block ops: Triton LayerNorm/modulation/residual on CUDA (RCM_NORM_KERNEL=0 turns them off)", flush=True)
     if install_fp32_time_embedding is not None:
         install_fp32_time_embedding(net)
     lat = (16, (frames - 1) // 4 + 1, height // 8, width // 8)

@@ -205,13 +205,14 @@ def test_bf16_on_the_gpu_matches_diffusers_expressions():
     assert rel(gated_residual(x, y, g, kernel=True), gated_residual(x, y, g, kernel=False)) < 1e-2
 
 
-def test_the_ops_are_opt_in_on_cuda(monkeypatch):
+def test_the_ops_are_the_default_on_cuda_and_0_turns_them_off(monkeypatch):
     x = torch.randn(1, 4, 16)
     monkeypatch.delenv("RCM_NORM_KERNEL", raising=False)
+    assert not block_ops._use_kernel(x, None)                   # the CPU: diffusers' forward
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))     # as if on a GPU
-    assert not block_ops._use_kernel(x, None)
-    monkeypatch.setenv("RCM_NORM_KERNEL", "1")
     assert block_ops._use_kernel(x, None)
+    monkeypatch.setenv("RCM_NORM_KERNEL", "0")
+    assert not block_ops._use_kernel(x, None)
 
 
 def test_a_bad_switch_value_is_refused(monkeypatch):
@@ -232,12 +233,12 @@ def test_where_the_kernels_do_not_run_the_block_is_diffusers_bit_for_bit():
     assert torch.equal(patched(x, t, ctx, return_dict=False)[0], stock(x, t, ctx, return_dict=False)[0])
 
 
-def test_install_is_opt_in(monkeypatch):
+def test_install_is_the_default_and_0_skips_it(monkeypatch):
     from real_fixtures import tiny_wan
     net = tiny_wan()
-    monkeypatch.delenv("RCM_NORM_KERNEL", raising=False)
+    monkeypatch.setenv("RCM_NORM_KERNEL", "0")
     assert install_fused_block_ops(net) == 0 and not block_ops.uses_fused_block_ops(net)
-    monkeypatch.setenv("RCM_NORM_KERNEL", "1")
+    monkeypatch.delenv("RCM_NORM_KERNEL")
     assert install_fused_block_ops(net) == 2 and block_ops.uses_fused_block_ops(net)
 
 

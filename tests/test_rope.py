@@ -143,13 +143,12 @@ def test_kernel_bf16_on_the_gpu_matches_the_formula():
     assert rel(xr.grad, complex_rope(gy.cpu(), -theta).cuda()) < 4e-3
 
 
-def test_the_kernel_is_opt_in_on_cuda(monkeypatch):
+def test_the_kernel_is_the_default_on_cuda_and_0_turns_it_off(monkeypatch):
     x = torch.randn(1, 4, 2, 16)
     monkeypatch.delenv("RCM_ROPE_KERNEL", raising=False)
+    assert not rope_op._kernel_wanted(x, None)                  # the CPU: the formula
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))     # as if on a GPU
-    assert not rope_op._kernel_wanted(x, None)                  # not run on a GPU yet: off by default
-    monkeypatch.setenv("RCM_ROPE_KERNEL", "1")
-    assert rope_op._kernel_wanted(x, None)
+    assert rope_op._kernel_wanted(x, None)                      # on since its GPU run
     monkeypatch.setenv("RCM_ROPE_KERNEL", "0")
     assert not rope_op._kernel_wanted(x, None)
 

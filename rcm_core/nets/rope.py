@@ -8,15 +8,15 @@ recomputation: the census's RoPE rows (45.3 GB each in one sCM step on an H200).
 
 :func:`wan_rope` computes the same rotation:
 
-* on CUDA tensors with ``RCM_ROPE_KERNEL=1`` (opt-in until it has run on a GPU: written in a session without
-  one), in one Triton pass (``rcm_kernels.rope``), through :class:`_WanRope`, whose rules are
+* on CUDA tensors (the default; ``RCM_ROPE_KERNEL=0`` turns it off), in one Triton pass (``rcm_kernels.rope``), through :class:`_WanRope`, whose rules are
   rotations too: the rotation is linear in x and the angles are constants, so the forward-mode rule rotates the
   tangent by the same angles and the backward rotates the gradient by minus them (R^T = R^-1);
 * elsewhere (the CPU, float64 tests), under ``torch.compile`` (inductor fuses the formula itself), for
-  tensors the kernel cannot take, and by default (``RCM_ROPE_KERNEL`` unset or ``0``), with
-  diffusers' formula (:func:`rotate_pairs`), differentiated by autograd.
+  tensors the kernel cannot take, and with ``RCM_ROPE_KERNEL=0``, with diffusers' formula (:func:`rotate_pairs`), differentiated by autograd.
 
-Both paths compute in float32 (or the inputs' wider dtype) and round once to x's dtype.
+Both paths compute in float32 (or the inputs' wider dtype) and round once to x's dtype. On by default since its
+first GPU run (H100, 2026-12-05, bench/gpu_issue22j.sh): its bf16 GPU test passed, and with the block ops
+(:mod:`rcm_core.nets.block_ops`) the training steps ran 12-14 % faster (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -31,17 +31,17 @@ __all__ = ["wan_rope", "rotate_pairs", "check_rope_request"]
 
 
 def _switch() -> str:
-    """``RCM_ROPE_KERNEL``: ``1`` asks for the kernel on CUDA, ``0`` (the default) for the formula."""
-    return os.environ.get("RCM_ROPE_KERNEL", "0")
+    """``RCM_ROPE_KERNEL``: ``1`` (the default) the kernel on CUDA, ``0`` the formula."""
+    return os.environ.get("RCM_ROPE_KERNEL", "1")
 
 
 def check_rope_request() -> None:
-    """At start (the trainer's, with the attention checks): ``RCM_ROPE_KERNEL`` is ``0`` (default: the formula)
-    or ``1`` (the kernel on CUDA); any other value raises ``ValueError`` naming it."""
+    """At start (the trainer's, with the attention checks): ``RCM_ROPE_KERNEL`` is ``1`` (default: the kernel on
+    CUDA) or ``0`` (the formula); any other value raises ``ValueError`` naming it."""
     value = _switch()
     if value not in ("0", "1"):
-        raise ValueError(f"RCM_ROPE_KERNEL={value!r}: expected 1 (the Triton RoPE on CUDA) or 0 (diffusers' formula, "
-                         "the default); unset it for the default")
+        raise ValueError(f"RCM_ROPE_KERNEL={value!r}: expected 1 (the Triton RoPE on CUDA, the default) or 0 "
+                         "(diffusers' formula); unset it for the default")
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -133,8 +133,8 @@ def _kernel_importable() -> bool:
 def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor,
              kernel: Optional[bool] = None) -> torch.Tensor:
     """Wan's RoPE of x (B, N, H, D) with diffusers' rotary tables ``freqs_cos``/``freqs_sin`` (1, N, 1, D), each
-    angle repeated for the pair (``WanRotaryPosEmbed``). ``kernel``: None = the Triton op on CUDA when
-    ``RCM_ROPE_KERNEL=1`` (see the module doc), True = the op wherever Triton runs (CPU tests under
+    angle repeated for the pair (``WanRotaryPosEmbed``). ``kernel``: None = the Triton op on CUDA
+    unless ``RCM_ROPE_KERNEL=0`` (see the module doc), True = the op wherever Triton runs (CPU tests under
     ``TRITON_INTERPRET=1``), False = the formula."""
     cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
     tables = _tables(cos, sin, x) if _kernel_wanted(x, kernel) else None

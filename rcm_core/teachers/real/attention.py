@@ -51,7 +51,7 @@ class RcmWanAttnProcessor:
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query = wan_rope(query, *rotary_emb)      # diffusers' apply_rotary_emb maths (RCM_ROPE_KERNEL=1: Triton)
+            query = wan_rope(query, *rotary_emb)      # diffusers' apply_rotary_emb maths (Triton on CUDA)
             key = wan_rope(key, *rotary_emb)
 
         hidden_states_img = None
