@@ -1,6 +1,7 @@
 """The Wan block's element-wise ops, Triton (rcm_core.nets.block_ops with kernel=True) against diffusers'
 expressions (kernel=False), at Wan2.1-1.3B's width and 480x832x81's 32,760 tokens, bf16 residual stream:
-forward, forward with a tangent (a dual input, as the fused sCM pass) and forward + backward. Prints a table and
+forward, forward with a tangent (a dual input, as the fused sCM pass) and forward + backward; and RoPE on q at
+12 heads x 128: the formula, the stride-2 kernel and the split kernel. Prints a table and
 writes JSON (median of CUDA-event timings; memory traffic the kernel must move, and the bandwidth it reached).
 
     python bench/bench_block_ops.py --out bench/results/block_ops.json
@@ -94,6 +95,21 @@ def main() -> None:
             rows.append({"op": name, "pass": mode, "diffusers_s": ref, "triton_s": ker, "speedup": ref / ker,
                          "triton_gb_s": gbs})
             print(f"{name:16s} {mode:8s} {ref * 1e3:13.3f} {ker * 1e3:10.3f} {ref / ker:8.2f}x {gbs:12.0f}")
+    # RoPE on q (or k): diffusers' formula, the stride-2 kernel (the default) and the split kernel
+    from rcm_core.nets.rope import rotate_pairs
+    from rcm_kernels import rope
+    heads = a.dim // 128
+    q = torch.randn(1, a.tokens, heads, 128, device=dev, dtype=torch.bfloat16)
+    theta = torch.rand(a.tokens, 64, device=dev) * 6 - 3
+    c, s_ = theta.cos(), theta.sin()
+    ref = timed(lambda: rotate_pairs(q, c[None, :, None], s_[None, :, None]), a.repeats)
+    moved = 2 * q.numel() * 2
+    for name, fn in (("stride-2 kernel", lambda: rope.rotate(q, c, s_)),
+                     ("split kernel", lambda: rope.rotate(q, c, s_, split=True))):
+        ker = timed(fn, a.repeats)
+        rows.append({"op": "rope", "pass": f"forward, {name}", "diffusers_s": ref, "triton_s": ker,
+                     "speedup": ref / ker, "triton_gb_s": moved / ker / 1e9})
+        print(f"{'rope':16s} {name:16s} {ref * 1e3:5.3f} {ker * 1e3:10.3f} {ref / ker:8.2f}x {moved / ker / 1e9:12.0f}")
     import triton
     meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d"), "tokens": a.tokens, "dim": a.dim, "dtype": "bfloat16 residual stream",

@@ -181,10 +181,10 @@ def test_fused_wan_block_forward_equals_diffusers(cross_attn_norm, monkeypatch):
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_on_the_gpu_matches_diffusers_expressions():
-    """Wan2.1-1.3B's width at 32,760 tokens in bf16: the kernels against diffusers' expressions, forward,
-    tangent and gradient."""
-    B, L, D = 1, 32760, 1536
+@pytest.mark.parametrize("D", [1536, 5120])               # Wan2.1-1.3B's and 14B's widths
+def test_bf16_on_the_gpu_matches_diffusers_expressions(D):
+    """At 32,760 tokens in bf16: the kernels against diffusers' expressions, forward, tangent and gradient."""
+    B, L = 1, 32760
     dev = torch.device("cuda")
     x = torch.randn(B, L, D, device=dev, dtype=torch.bfloat16)
     dx, gy = torch.randn_like(x), torch.randn_like(x)

@@ -53,6 +53,21 @@ def test_kernel_forward_matches_the_rotation(dtype, tol, shape):
 
 
 @cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_split_kernel_equals_the_stride_kernel_and_the_rotation(dtype, inverse):
+    """The kernel variant that loads whole rows and splits even/odd lanes in registers (D/2 a power of two)."""
+    from rcm_kernels import rope
+    B, N, H, D = 2, 9, 3, 32
+    theta, _, _ = tables(N, D)
+    x = torch.randn(B, N, H, D).to(dtype)
+    c, s = theta.cos().float(), theta.sin().float()
+    y = rope.rotate(x, c, s, inverse=inverse, split=True)
+    assert torch.equal(y, rope.rotate(x, c, s, inverse=inverse))
+    assert rel(y, complex_rope(x, -theta if inverse else theta)) < (1e-6 if dtype == torch.float32 else 1e-3)
+
+
+@cpu_only
 def test_kernel_rules_tangent_and_gradient():
     """Forward-mode (a dual input, as the fused sCM pass) and reverse mode through the op, against autograd of the
     complex rotation in float64."""
@@ -137,6 +152,8 @@ def test_kernel_bf16_on_the_gpu_matches_the_formula():
     ref = rotate_pairs(x, cos[..., 0::2], sin[..., 1::2])
     assert rel(y, ref) < 4e-3
     assert rel(y, complex_rope(x.cpu(), theta).cuda()) < 4e-3
+    from rcm_kernels import rope
+    assert torch.equal(rope.rotate(x, cos[0, :, 0, 0::2], sin[0, :, 0, 1::2], split=True), y)   # the split variant
     xr = x.clone().requires_grad_(True)
     gy = torch.randn_like(x)
     (wan_rope(xr, cos, sin, kernel=True).float() * gy.float()).sum().backward()
