@@ -25,3 +25,14 @@ def test_cpu_profile_classes_add_up_to_the_total():
     assert prof["total_s"] > 0
     assert abs(sum(v["s"] for v in prof["classes"].values()) - prof["total_s"]) < 1e-9
     assert "matmul" in prof["classes"]
+
+
+def test_the_projects_triton_kernels_have_classes_of_their_own():
+    """The H100 profile of 2026-12-05 put the RoPE kernel (7 % of a step) into "other"."""
+    from step_profile import classify
+    assert classify("_rope_kernel", "cuda") == "rope (triton)"
+    assert classify("_rope_split_kernel", "cuda") == "rope (triton)"
+    assert classify("_norm_affine_bwd", "cuda") == "norm + modulation (triton)"
+    assert classify("_gated_residual_jvp", "cuda") == "gated residual (triton)"
+    assert classify("_fwd_kernel", "cuda") == "attn fwd+tangent (triton)"
+    assert classify("vectorized_layer_norm_kernel", "cuda") == "norm"
