@@ -178,3 +178,26 @@ def test_a_bad_switch_value_is_refused_at_the_trainers_start(monkeypatch):
     monkeypatch.setenv("RCM_ROPE_KERNEL", "yes")
     with pytest.raises(ValueError, match=r"RCM_ROPE_KERNEL='yes': expected 1 .* or 0"):
         RCMTrainer(get_teacher("embedded"), DistillConfig.preset("embedded", batch_size=2))
+
+
+def test_a_bad_split_value_is_refused(monkeypatch):
+    from rcm_core.nets.rope import check_rope_request
+    monkeypatch.setenv("RCM_ROPE_SPLIT", "yes")
+    with pytest.raises(ValueError, match=r"RCM_ROPE_SPLIT='yes': expected 1 .* or 0"):
+        check_rope_request()
+
+
+@cpu_only
+def test_the_split_switch_reaches_the_kernel(monkeypatch):
+    from rcm_kernels import rope
+    calls = []
+    real = rope._rope_split_kernel
+    monkeypatch.setattr(rope, "_rope_split_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **k: calls.append(1) or real[grid](*a, **k))})())
+    theta, _, _ = tables(5, 32)
+    x = torch.randn(1, 5, 2, 32)
+    rope.rotate(x, theta.cos().float(), theta.sin().float())
+    assert not calls
+    monkeypatch.setenv("RCM_ROPE_SPLIT", "1")
+    rope.rotate(x, theta.cos().float(), theta.sin().float())
+    assert calls

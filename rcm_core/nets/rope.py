@@ -42,6 +42,10 @@ def check_rope_request() -> None:
     if value not in ("0", "1"):
         raise ValueError(f"RCM_ROPE_KERNEL={value!r}: expected 1 (the Triton RoPE on CUDA, the default) or 0 "
                          "(diffusers' formula); unset it for the default")
+    split = os.environ.get("RCM_ROPE_SPLIT", "0")
+    if split not in ("0", "1"):
+        raise ValueError(f"RCM_ROPE_SPLIT={split!r}: expected 1 (the split-lane RoPE kernel, not yet measured) or 0 "
+                         "(the stride-2 kernel, the default)")
 
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
