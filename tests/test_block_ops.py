@@ -128,6 +128,10 @@ def test_shapes_the_kernel_cannot_take_use_the_formula():
     x, a, b, *_ = case()
     a_tok = torch.randn(x.shape)
     assert block_ops._per_sample(a_tok, 2, 48) is None
+    for shape in [(2, 1, 48), (1, 1, 48), (1, 48), (48,)]:         # broadcast over tokens: taken
+        assert block_ops._per_sample(torch.ones(shape), 2, 48).shape == (2, 48)
+    for shape in [(3, 1, 48), (2, 48), (1, 1, 1, 48), (), (2, 1, 47)]:
+        assert block_ops._per_sample(torch.ones(shape), 2, 48) is None, shape
     y = norm_affine(x.double(), a_tok.double(), b.double(), EPS, kernel=True)
     ref = ref_norm_affine(x, torch.ones(1), torch.zeros(1)) * a_tok.double() + b.double()
     assert y.dtype == torch.float64 and rel(y, ref) < 1e-6

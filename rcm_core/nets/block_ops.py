@@ -150,8 +150,8 @@ class _GatedResidual(torch.autograd.Function):
 def _per_sample(v: Optional[torch.Tensor], B: int, D: int) -> Optional[torch.Tensor]:
     """A modulation broadcast over tokens ((B, 1, D), (1, 1, D), (D,) ...) as float32 (B, D) rows (a view where
     possible, so autograd sums its gradient back); None for per-token or other shapes."""
-    if v.dim() > 3 or (v.dim() == 3 and v.shape[1] != 1) or v.shape[-1] != D or v.dim() == 3 and \
-            v.shape[0] not in (1, B) or v.dim() == 2 and v.shape[0] != 1:
+    lead = tuple(v.shape[:-1])
+    if v.dim() == 0 or v.shape[-1] != D or lead not in ((), (1,), (1, 1), (B, 1)):
         return None
     return v.float().reshape(-1, D).expand(B, D)
 
@@ -169,7 +169,7 @@ def norm_affine(x: torch.Tensor, a: Optional[torch.Tensor], b: Optional[torch.Te
     """``(LN(x.float()) * a + b).type_as(x)`` for x (B, L, D); a, b broadcast over tokens (or None).
     ``kernel``: None = the Triton op on CUDA unless ``RCM_NORM_KERNEL=0``, True = the op wherever Triton runs (CPU
     tests under ``TRITON_INTERPRET=1``), False = the formula."""
-    if _use_kernel(x, kernel):
+    if x.dim() == 3 and _use_kernel(x, kernel):
         B, _, D = x.shape
         ra = None if a is None else _per_sample(a, B, D)
         rb = None if b is None else _per_sample(b, B, D)
@@ -183,7 +183,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, kernel: Op
                    ) -> torch.Tensor:
     """``(x.float() + y * g).type_as(x)`` for x, y (B, L, D), g broadcast over tokens; ``kernel`` as
     :func:`norm_affine`."""
-    if _use_kernel(x, kernel) and y.shape == x.shape:
+    if x.dim() == 3 and y.shape == x.shape and _use_kernel(x, kernel):
         B, _, D = x.shape
         rg = _per_sample(g, B, D)
         if rg is not None and _kernel_route(x, y, rg):
