@@ -307,8 +307,8 @@ def main(argv=None) -> dict:
             "tokens": tokens, "pixels": [a.frames, a.height, a.width], "batch": 1, "dtype": "bfloat16 (autocast, fp32 master weights)",
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "label": a.label,
-            "env": {k: os.environ[k] for k in ("RCM_ROPE_KERNEL", "RCM_ROPE_SPLIT", "RCM_NORM_KERNEL", "RCM_ATTN_PRIMAL")
-                    if k in os.environ}}
+            "env": {k: os.environ[k] for k in ("RCM_ROPE_KERNEL", "RCM_ROPE_SPLIT", "RCM_NORM_KERNEL",
+                                               "RCM_ATTN_PRIMAL") if k in os.environ}}
     try:
         import triton
         meta["triton"] = triton.__version__

@@ -166,7 +166,7 @@ def test_fused_wan_block_forward_equals_diffusers(cross_attn_norm, monkeypatch):
     y0, dy0, g0 = _wan_run(stock, x, dx, t, ctx)
     import rcm_kernels.norm_mod as k
     calls = {}
-    for name in k.__all__[1:]:
+    for name in k.__all__:
         real = getattr(k, name)
         monkeypatch.setattr(k, name, lambda *a, _f=real, _n=name: calls.__setitem__(_n, calls.get(_n, 0) + 1) or _f(*a))
     y1, dy1, g1 = _wan_run(fused, x, dx, t, ctx)
@@ -290,8 +290,9 @@ def _fsdp_worker(rank, world, port, out, ac):
             with torch.no_grad(), fwAD.dual_level():
                 y, dy = fwAD.unpack_dual(net(fwAD.make_dual(x, dx), t, ctx, return_dict=False)[0])
             net(x, t, ctx, return_dict=False)[0].square().sum().backward()
-            grads = {n.replace("_checkpoint_wrapped_module.", ""): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor")
-                                                                    else p.grad) for n, p in net.named_parameters()}
+            grads = {n.replace("_checkpoint_wrapped_module.", ""):
+                     p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                     for n, p in net.named_parameters()}
             res[name] = (y, dy, grads)
         if rank == 0:
             torch.save(res, out)

@@ -194,10 +194,10 @@ def test_the_split_switch_reaches_the_kernel(monkeypatch):
     real = rope._rope_split_kernel
     monkeypatch.setattr(rope, "_rope_split_kernel", type("K", (), {"__getitem__": lambda self, grid: (
         lambda *a, **k: calls.append(1) or real[grid](*a, **k))})())
-    theta, _, _ = tables(5, 32)
+    _, cos, sin = tables(5, 32)
     x = torch.randn(1, 5, 2, 32)
-    rope.rotate(x, theta.cos().float(), theta.sin().float())
+    wan_rope(x, cos, sin, kernel=True)
     assert not calls
     monkeypatch.setenv("RCM_ROPE_SPLIT", "1")
-    rope.rotate(x, theta.cos().float(), theta.sin().float())
+    wan_rope(x, cos, sin, kernel=True)
     assert calls

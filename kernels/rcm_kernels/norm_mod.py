@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .flash_jvp import _raw
 
-__all__ = ["applies", "norm_affine", "norm_affine_tangent", "norm_affine_backward", "gated_residual",
+__all__ = ["norm_affine", "norm_affine_tangent", "norm_affine_backward", "gated_residual",
            "gated_residual_tangent", "gated_residual_backward"]
 
 
@@ -173,21 +173,17 @@ def _gated_residual_bwd(GOUT, Y, G, GY, PG, L, D, s_gb, s_gd, ROWS, BLOCK_D: tl.
 
 # ---- host side --------------------------------------------------------------------------------------------
 
-def _rows(v: Optional[torch.Tensor], B: int, D: int):
-    """A per-sample float32 row tensor ``v`` (B, D) -> (tensor, batch stride, column stride); None -> dummies."""
-    if v is None:
-        return None, 0, 0
-    return v, v.stride(0), v.stride(1)
+def _strides(v: Optional[torch.Tensor]) -> tuple[int, int]:
+    """A per-sample (B, D) row tensor's (batch, column) strides; (0, 0) for an absent one."""
+    return (0, 0) if v is None else (v.stride(0), v.stride(1))
 
 
-def applies(x: torch.Tensor, *rows: Optional[torch.Tensor]) -> bool:
-    """Whether the kernels take x (B, L, D) contiguous floating, with ``rows`` each None or float32 (B, D) on x's
-    device."""
-    if not (x.dim() == 3 and x.is_contiguous() and x.is_floating_point() and x.numel() > 0):
-        return False
-    B, _, D = x.shape
-    return all(v is None or (v.dtype == torch.float32 and v.shape == (B, D) and v.device == x.device)
-               for v in rows)
+def _pointers(*xs: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """The storage-backed tensors for the kernels (:func:`_raw`), an absent operand (None, its HAS_ flag off)
+    given the first present one as a placeholder pointer."""
+    raw = _raw(*xs)
+    fill = next(t for t in raw if t is not None)
+    return [fill if t is None else t for t in raw]
 
 
 def _block_d(D: int) -> int:
@@ -212,12 +208,10 @@ def norm_affine(x: torch.Tensor, a: Optional[torch.Tensor], b: Optional[torch.Te
     y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     mean = torch.empty(B * L, dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    (a, sab, sad), (b, sbb, sbd) = _rows(a, B, D), _rows(b, B, D)
-    rx, ra, rb, ry, rm, rs = _raw(x, a, b, y, mean, rstd)
+    ptrs = _pointers(x, a, b, y, mean, rstd)
     with torch._C._DisableFuncTorch():
-        _norm_affine_fwd[(B * L,)](rx, ra if a is not None else rx, rb if b is not None else rx, ry, rm, rs, L, D,
-                                   sab, sad, sbb, sbd, eps, HAS_A=a is not None, HAS_B=b is not None,
-                                   BLOCK_D=_block_d(D), num_warps=_warps(D))
+        _norm_affine_fwd[(B * L,)](*ptrs, L, D, *_strides(a), *_strides(b), eps, HAS_A=a is not None,
+                                   HAS_B=b is not None, BLOCK_D=_block_d(D), num_warps=_warps(D))
     return y, mean, rstd
 
 
@@ -225,14 +219,11 @@ def norm_affine_tangent(x, dx, mean, rstd, a, da, db, out_dtype: torch.dtype) ->
     """The tangent of :func:`norm_affine`: ``dLN(x)[dx] * a + LN(x) * da + db`` (any of dx/da/db None = zero)."""
     B, L, D = x.shape
     dy = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    (a, sab, sad), (da, sdab, sdad), (db, sdbb, sdbd) = _rows(a, B, D), _rows(da, B, D), _rows(db, B, D)
-    raw = _raw(x, dx, mean, rstd, a, da, db, dy)
-    rx = raw[0]
-    rx, rdx, rm, rs, ra, rda, rdb, rdy = (t if t is not None else rx for t in raw)
+    ptrs = _pointers(x, dx, mean, rstd, a, da, db, dy)
     with torch._C._DisableFuncTorch():
-        _norm_affine_jvp[(B * L,)](rx, rdx, rm, rs, ra, rda, rdb, rdy, L, D, sab, sad, sdab, sdad, sdbb, sdbd,
-                                   HAS_DX=dx is not None, HAS_A=a is not None, HAS_DA=da is not None,
-                                   HAS_DB=db is not None, BLOCK_D=_block_d(D), num_warps=_warps(D))
+        _norm_affine_jvp[(B * L,)](*ptrs, L, D, *_strides(a), *_strides(da), *_strides(db), HAS_DX=dx is not None,
+                                   HAS_A=a is not None, HAS_DA=da is not None, HAS_DB=db is not None,
+                                   BLOCK_D=_block_d(D), num_warps=_warps(D))
     return dy
 
 
@@ -243,11 +234,9 @@ def norm_affine_backward(x, gy, mean, rstd, a, grad_dtype: torch.dtype):
     gx = torch.empty(x.shape, dtype=grad_dtype, device=x.device)
     pa = torch.empty(B, chunks, D, dtype=torch.float32, device=x.device)
     pb = torch.empty_like(pa)
-    (a, sab, sad) = _rows(a, B, D)
-    rx, rgy, rm, rs, ra, rgx, rpa, rpb = (t if t is not None else x for t in _raw(x, gy.contiguous(), mean, rstd, a,
-                                                                                    gx, pa, pb))
+    ptrs = _pointers(x, gy.contiguous(), mean, rstd, a, gx, pa, pb)
     with torch._C._DisableFuncTorch():
-        _norm_affine_bwd[(chunks, B)](rx, rgy, rm, rs, ra, rgx, rpa, rpb, L, D, sab, sad, rows,
+        _norm_affine_bwd[(chunks, B)](*ptrs, L, D, *_strides(a), rows,
                                       HAS_A=a is not None, BLOCK_D=_block_d(D), num_warps=_warps(D))
     return gx, pa.sum(1), pb.sum(1)
 
@@ -259,10 +248,9 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.T
     """``x + y * g`` in float32, rounded to x's dtype; y (B, L, D) any float dtype, g (B, D) float32 rows."""
     B, L, D = x.shape
     out = torch.empty_like(x)
-    rx, ry, rg, ro = _raw(x, y.contiguous(), g, out)
+    ptrs = _pointers(x, y.contiguous(), g, out)
     with torch._C._DisableFuncTorch():
-        _gated_residual_fwd[(B * L, triton.cdiv(D, _BLOCK_C))](rx, ry, rg, ro, L, D, g.stride(0), g.stride(1),
-                                                               BLOCK_C=_BLOCK_C)
+        _gated_residual_fwd[(B * L, triton.cdiv(D, _BLOCK_C))](*ptrs, L, D, *_strides(g), BLOCK_C=_BLOCK_C)
     return out
 
 
@@ -270,14 +258,11 @@ def gated_residual_tangent(dx, y, dy, g, dg, out_dtype: torch.dtype) -> torch.Te
     """The tangent of :func:`gated_residual`: ``dx + dy * g + y * dg`` (any of dx/dy/dg None = zero)."""
     B, L, D = y.shape
     dout = torch.empty(y.shape, dtype=out_dtype, device=y.device)
-    raw = _raw(dx, y.contiguous(), None if dy is None else dy.contiguous(), g, dg, dout)
-    ry = raw[1]
-    rdx, ry, rdy, rg, rdg, rdo = (t if t is not None else ry for t in raw)
+    ptrs = _pointers(dx, y.contiguous(), None if dy is None else dy.contiguous(), g, dg, dout)
     with torch._C._DisableFuncTorch():
         _gated_residual_jvp[(B * L, triton.cdiv(D, _BLOCK_C))](
-            rdx, ry, rdy, rg, rdg, rdo, L, D, g.stride(0), g.stride(1),
-            dg.stride(0) if dg is not None else 0, dg.stride(1) if dg is not None else 0,
-            HAS_DX=dx is not None, HAS_DY=dy is not None, HAS_DG=dg is not None, BLOCK_C=_BLOCK_C)
+            *ptrs, L, D, *_strides(g), *_strides(dg), HAS_DX=dx is not None, HAS_DY=dy is not None,
+            HAS_DG=dg is not None, BLOCK_C=_BLOCK_C)
     return dout
 
 
@@ -287,8 +272,8 @@ def gated_residual_backward(gout, y, g):
     rows, chunks = _chunks(L, y.device)
     gy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     pg = torch.empty(B, chunks, D, dtype=torch.float32, device=y.device)
-    rgo, ry, rg, rgy, rpg = _raw(gout.contiguous(), y.contiguous(), g, gy, pg)
+    ptrs = _pointers(gout.contiguous(), y.contiguous(), g, gy, pg)
     with torch._C._DisableFuncTorch():
-        _gated_residual_bwd[(chunks, B)](rgo, ry, rg, rgy, rpg, L, D, g.stride(0), g.stride(1), rows,
+        _gated_residual_bwd[(chunks, B)](*ptrs, L, D, *_strides(g), rows,
                                          BLOCK_D=_block_d(D), num_warps=_warps(D))
     return gy, pg.sum(1)

@@ -10,9 +10,6 @@ tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -65,13 +62,11 @@ def applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
-           split: Optional[bool] = None) -> torch.Tensor:
+           split: bool = False) -> torch.Tensor:
     """The rotation of ``x``'s (even, odd) pairs by the angles whose cos/sin are given (``inverse``: by minus
     them), in one pass; float32 arithmetic, out in x's dtype. ``split``: the kernel that loads whole rows and
-    splits them in registers (D/2 a power of two; None: ``RCM_ROPE_SPLIT=1``). Not yet run on a GPU, so not the
-    default; the stride-2 kernel ran at about 0.2 TB/s on an H100 (BENCHMARKS.md)."""
-    if split is None:
-        split = os.environ.get("RCM_ROPE_SPLIT", "0") == "1"
+    splits them in registers (D/2 a power of two; the op asks for it with ``RCM_ROPE_SPLIT=1``). Not yet run on a
+    GPU, so not the default; the stride-2 kernel ran at about 0.2 TB/s on an H100 (BENCHMARKS.md)."""
     if not applies(x, cos):
         raise ValueError(f"rope.rotate: x must be a contiguous (B, N, H, D) tensor with even D and cos (N, D/2); "
                          f"got x {tuple(x.shape)} (contiguous {x.is_contiguous()}), cos {tuple(cos.shape)}")

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import _plain
+
 __all__ = ["norm_affine", "gated_residual", "install_fused_block_ops", "uses_fused_block_ops",
            "check_norm_request"]
 
@@ -76,14 +78,13 @@ def _kernels():
     return k
 
 
-def _unwrapped(*xs, allowed):
-    from .attention import _plain
-    return _plain(*xs, allowed=allowed)
-
-
-def _need(plain, what):
-    if plain is None:      # the entry routes nested transforms to the formula; a rule reaching here is a bug
-        raise RuntimeError(f"block_ops: {what} rule reached under nested torch.func transforms")
+def _storage(*xs, allowed, rule: str):
+    """The storage-backed tensors under a single ``allowed`` torch.func transform (the attention op's
+    :func:`~rcm_core.nets.attention._plain`). The entry routes nested transforms to the formula, so a rule that
+    meets one is a bug."""
+    plain = _plain(*xs, allowed=allowed)
+    if plain is None:
+        raise RuntimeError(f"block_ops: {rule} rule reached under nested torch.func transforms")
     return plain
 
 
@@ -92,7 +93,7 @@ class _NormAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(x, a, b, eps):
-        px, pa, pb = _need(_unwrapped(x, a, b, allowed=_ALLOWED), "forward")
+        px, pa, pb = _storage(x, a, b, allowed=_ALLOWED, rule="forward")
         return _kernels().norm_affine(px, pa, pb, eps)
 
     @staticmethod
@@ -107,14 +108,14 @@ class _NormAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, _gmean, _grstd):
         x, mean, rstd, a = ctx.saved_tensors
-        px, pgy, pm, ps, pa = _need(_unwrapped(x, gy, mean, rstd, a, allowed=(_T.Grad,)), "backward")
+        px, pgy, pm, ps, pa = _storage(x, gy, mean, rstd, a, allowed=(_T.Grad,), rule="backward")
         gx, ga, gb = _kernels().norm_affine_backward(px, pgy, pm, ps, pa, x.dtype)
         return gx, ga if ctx.has_a else None, gb if ctx.has_b else None, None
 
     @staticmethod
     def jvp(ctx, dx, da, db, _deps):
         x, mean, rstd, a = ctx.saved_tensors
-        px, pdx, pm, ps, pa, pda, pdb = _need(_unwrapped(x, dx, mean, rstd, a, da, db, allowed=(_T.Jvp,)), "jvp")
+        px, pdx, pm, ps, pa, pda, pdb = _storage(x, dx, mean, rstd, a, da, db, allowed=(_T.Jvp,), rule="jvp")
         return _kernels().norm_affine_tangent(px, pdx, pm, ps, pa, pda, pdb, x.dtype), None, None
 
 
@@ -123,7 +124,7 @@ class _GatedResidual(torch.autograd.Function):
 
     @staticmethod
     def forward(x, y, g):
-        px, py, pg = _need(_unwrapped(x, y, g, allowed=_ALLOWED), "forward")
+        px, py, pg = _storage(x, y, g, allowed=_ALLOWED, rule="forward")
         return _kernels().gated_residual(px, py, pg)
 
     @staticmethod
@@ -136,14 +137,14 @@ class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout):
         y, g = ctx.saved_tensors
-        pgo, py, pg = _need(_unwrapped(gout, y, g, allowed=(_T.Grad,)), "backward")
+        pgo, py, pg = _storage(gout, y, g, allowed=(_T.Grad,), rule="backward")
         gy, gg = _kernels().gated_residual_backward(pgo, py, pg)
         return gout.to(ctx.x_dtype), gy, gg
 
     @staticmethod
     def jvp(ctx, dx, dy, dg):
         y, g = ctx.saved_tensors
-        pdx, py, pdy, pg, pdg = _need(_unwrapped(dx, y, dy, g, dg, allowed=(_T.Jvp,)), "jvp")
+        pdx, py, pdy, pg, pdg = _storage(dx, y, dy, g, dg, allowed=(_T.Jvp,), rule="jvp")
         return _kernels().gated_residual_tangent(pdx, py, pdy, pg, pdg, ctx.x_dtype)
 
 
@@ -161,7 +162,7 @@ def _kernel_route(x: torch.Tensor, *others: torch.Tensor) -> bool:
     x, not compiling, storage-backed or under a single Jvp/Grad transform."""
     if x.dim() != 3 or x.dtype == torch.float64 or torch.compiler.is_compiling():
         return False
-    return _unwrapped(x, *others, allowed=_ALLOWED) is not None
+    return _plain(x, *others, allowed=_ALLOWED) is not None
 
 
 def norm_affine(x: torch.Tensor, a: Optional[torch.Tensor], b: Optional[torch.Tensor], eps: float,
@@ -221,7 +222,7 @@ class FusedWanBlockForward:
         if temb.ndim == 4 or not _use_kernel(hidden_states, self.kernel) or torch.compiler.is_compiling():
             return type(m).forward(m, hidden_states, encoder_hidden_states, temb, rotary_emb)
         shift, scale, gate, c_shift, c_scale, c_gate = (m.scale_shift_table + temb.float()).chunk(6, dim=1)
-        x, k = hidden_states, self.kernel
+        x, k = hidden_states, True          # decided above for the whole block
         h = norm_affine(x, 1 + scale, shift, m.norm1.eps, kernel=k)
         x = gated_residual(x, m.attn1(h, None, None, rotary_emb), gate, kernel=k)
         if isinstance(m.norm2, nn.LayerNorm):
@@ -234,13 +235,13 @@ class FusedWanBlockForward:
 
 
 def _wan_blocks(net: nn.Module) -> list[nn.Module]:
-    return [m for m in net.modules() if type(m).__name__ == "WanTransformerBlock"
-            or type(m).__name__.endswith("WanTransformerBlock")]
+    return [m for m in net.modules() if type(m).__name__.endswith("WanTransformerBlock")]   # FSDP: FSDPWan...
 
 
 def install_fused_block_ops(net: nn.Module, kernel: Optional[bool] = None) -> int:
     """Give each diffusers Wan block of ``net`` the :class:`FusedWanBlockForward`; returns how many. With
-    ``kernel=None`` unless ``RCM_NORM_KERNEL=0`` (then nothing is touched: diffusers' forward runs unchanged). A network without Wan blocks (Cosmos, the embedded DiT) is left as is (0). Idempotent."""
+    ``kernel=None`` unless ``RCM_NORM_KERNEL=0`` (then nothing is touched: diffusers' forward runs unchanged). A
+    network without Wan blocks (Cosmos, the embedded DiT) is left as is (0). Idempotent."""
     if kernel is None and _switch() != "1":
         return 0
     blocks = _wan_blocks(net)

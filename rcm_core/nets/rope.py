@@ -8,11 +8,13 @@ recomputation: the census's RoPE rows (45.3 GB each in one sCM step on an H200).
 
 :func:`wan_rope` computes the same rotation:
 
-* on CUDA tensors (the default; ``RCM_ROPE_KERNEL=0`` turns it off), in one Triton pass (``rcm_kernels.rope``), through :class:`_WanRope`, whose rules are
-  rotations too: the rotation is linear in x and the angles are constants, so the forward-mode rule rotates the
-  tangent by the same angles and the backward rotates the gradient by minus them (R^T = R^-1);
+* on CUDA tensors (the default; ``RCM_ROPE_KERNEL=0`` turns it off), in one Triton pass (``rcm_kernels.rope``;
+  ``RCM_ROPE_SPLIT=1``: its split-lane variant), through :class:`_WanRope`, whose rules are rotations too: the
+  rotation is linear in x and the angles are constants, so the forward-mode rule rotates the tangent by the same
+  angles and the backward rotates the gradient by minus them (R^T = R^-1);
 * elsewhere (the CPU, float64 tests), under ``torch.compile`` (inductor fuses the formula itself), for
-  tensors the kernel cannot take, and with ``RCM_ROPE_KERNEL=0``, with diffusers' formula (:func:`rotate_pairs`), differentiated by autograd.
+  tensors the kernel cannot take, and with ``RCM_ROPE_KERNEL=0``, with diffusers' formula (:func:`rotate_pairs`),
+  differentiated by autograd.
 
 Both paths compute in float32 (or the inputs' wider dtype) and round once to x's dtype. On by default since its
 first GPU run (H100, 2026-12-05, bench/gpu_issue22j.sh): its bf16 GPU test passed, and with the block ops
@@ -35,6 +37,12 @@ def _switch() -> str:
     return os.environ.get("RCM_ROPE_KERNEL", "1")
 
 
+def _split_switch() -> str:
+    """``RCM_ROPE_SPLIT``: ``1`` the split-lane kernel (not yet measured on a GPU), ``0`` (the default) the
+    stride-2 one."""
+    return os.environ.get("RCM_ROPE_SPLIT", "0")
+
+
 def check_rope_request() -> None:
     """At start (the trainer's, with the attention checks): ``RCM_ROPE_KERNEL`` is ``1`` (default: the kernel on
     CUDA) or ``0`` (the formula); any other value raises ``ValueError`` naming it."""
@@ -42,7 +50,7 @@ def check_rope_request() -> None:
     if value not in ("0", "1"):
         raise ValueError(f"RCM_ROPE_KERNEL={value!r}: expected 1 (the Triton RoPE on CUDA, the default) or 0 "
                          "(diffusers' formula); unset it for the default")
-    split = os.environ.get("RCM_ROPE_SPLIT", "0")
+    split = _split_switch()
     if split not in ("0", "1"):
         raise ValueError(f"RCM_ROPE_SPLIT={split!r}: expected 1 (the split-lane RoPE kernel, not yet measured) or 0 "
                          "(the stride-2 kernel, the default)")
@@ -81,7 +89,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
         px, pcos, psin = plain
         px = px.contiguous()
         if rope.applies(px, pcos):
-            return rope.rotate(px, pcos, psin, inverse=inverse)
+            return rope.rotate(px, pcos, psin, inverse=inverse, split=_split_switch() == "1")
     return rotate_pairs(x, cos[None, :, None], (-sin if inverse else sin)[None, :, None])
 
 

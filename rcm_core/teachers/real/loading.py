@@ -351,7 +351,7 @@ def load_real_teacher(name_or_spec: str | RealTeacherSpec, device: str | torch.d
         else:
             net = _load(sub, root, lambda sub=sub: _from_state(tcls, cfg[sub], states[sub], dtype))
         install_rcm_attention(net)
-        install_fused_block_ops(net)          # Triton norms/residuals on CUDA (RCM_NORM_KERNEL=0: none; survives copies)
+        install_fused_block_ops(net)          # Triton norms/residuals on CUDA (RCM_NORM_KERNEL=0: none)
         install_fp32_time_embedding(net)      # as the reference rCM (survives the deep copies too)
         nets.append(net.to(device).eval().requires_grad_(False))
     if len(nets) == 1:
