@@ -7,12 +7,12 @@ than 16 % (it also decides how many GPUs and which context-parallel degree a run
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from rcm_core.real.memory import GiB, estimate_memory
 
@@ -74,32 +74,55 @@ def test_14b_full_fine_tuning_on_4_gpus():
     assert _estimate(dict(MEASURED[-1][2], gpu_memory_gib=79.6))["fits"]
 
 
-_RSS = textwrap.dedent("""
-    import resource, sys, torch
-    n = 64 * 1024 * 1024                      # 256 MiB of fp32 weights in 64 tensors
-    ps = [torch.nn.Parameter(torch.zeros(n // 64)) for _ in range(64)]
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storage allocated inside the mode and still alive, and their peak: every op's outputs whose
+    storage is not one of its inputs' is a new allocation, counted until its storage is freed (exact, unlike RSS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes: dict[int, int] = {}
+
+    def _freed(self, key):
+        self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in inputs or key in self.sizes or storage.nbytes() == 0:
+                continue
+            self.sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per_tensor"])
+def test_adamw_step_allocates_what_the_memory_model_counts(foreach):
+    """The model's AdamW term (CUDA's foreach AdamW, the same algorithm on the CPU): the first step allocates the
+    two moments (2 x group), and the foreach step also holds sqrt(v) of the whole group at once, where the
+    per-tensor step holds one tensor's. Counted by storage, so the bounds are exact to a few tensors."""
+    tensors, numel = 64, 64 * 1024
+    tensor = numel * 4
+    group = tensors * tensor
+    ps = [torch.nn.Parameter(torch.zeros(numel)) for _ in range(tensors)]
     for p in ps:
         p.grad = torch.ones_like(p)
-    warm = [torch.nn.Parameter(torch.zeros(1024)) for _ in range(4)]     # lazy initialisation outside the window
-    for p in warm:
-        p.grad = torch.ones_like(p)
-    torch.optim.AdamW(warm, lr=1e-3, foreach=sys.argv[1] == "1").step()
-    opt = torch.optim.AdamW(ps, lr=1e-3, foreach=sys.argv[1] == "1")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    opt.step()                                # the moments (2 x 256 MiB) and whatever the step allocates
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
-""")
-
-
-def test_foreach_adamw_allocates_a_group_sized_temporary():
-    """The model's AdamW term, measured: peak RSS of a second step, foreach vs per tensor (CPU; same algorithm)."""
-    def peak_growth(foreach: str) -> int:          # median of 3 processes: RSS is noisy by a few %
-        return sorted(int(subprocess.run([sys.executable, "-c", _RSS, foreach], capture_output=True, text=True,
-                                         check=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-                                         ).stdout.split()[-1]) for _ in range(3))[1]
-    grow = {f: peak_growth(f) for f in ("1", "0")}
-    group = 256 * 1024 * 1024
-    # the moments (2 x 256 MiB; RSS: +-), one tensor's temporary (4 MiB). Lower bound 1.0: under a loaded machine
-    # CI once measured 1.33 x group for this (the allocator reusing pages freed before `before`)
-    assert 1.0 * group <= grow["0"] <= 2.5 * group, grow
-    assert 0.75 * group <= grow["1"] - grow["0"] <= 1.25 * group, grow   # + sqrt(v) of all 64 tensors at once
+    opt = torch.optim.AdamW(ps, lr=1e-3, foreach=foreach)
+    with _LiveBytes() as first:
+        opt.step()
+    with _LiveBytes() as second:
+        opt.step()
+    assert first.live == 2 * group                  # exp_avg and exp_avg_sq stay
+    temporary = group if foreach else tensor
+    # sqrt(v), its scaled copy, and on the per-tensor path a third (torch 2.13 holds 3 tensors there): up to 4
+    for step in (first, second):
+        held = step.peak - step.live
+        assert temporary <= held <= 4 * tensor + (group if foreach else 0), (foreach, held / tensor)
+    assert second.live == 0
