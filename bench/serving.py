@@ -4,7 +4,7 @@ the same process.
 
     python bench/serving.py [--teacher wan2.1-1.3b] [--frames 81 --height 480 --width 832]
         [--variants bf16,fp8-dynamic,fp8-static,compile,fp8-static+compile] [--steps 4,2,1]
-        [--decode bf16-cl3d-chunk5] [--repeats 3] [--out bench/results/serving.json]
+        [--decode bf16-cl3d-chunk5] [--clips 4] [--repeats 3] [--out bench/results/serving.json]
 
 For each variant a fresh network with the same random weights (seed 0) is built, the option applied as the
 registered model applies it (``apply_serving_options``), then:
@@ -14,7 +14,11 @@ registered model applies it (``apply_serving_options``), then:
 * ``student_e2e`` rows: sampler + decode measured together, for each of ``--steps`` (keys ``steps``, ``fp8``,
   ``compile``; the rows of ``bench_real.py --phases sampling`` have the same kind), with frames/s;
 * quality against the bf16 variant, same noise: relative L2 of the latents and of the decoded clip, and the
-  clip's PSNR (pixels in [0, 1]).
+  clip's PSNR (pixels in [0, 1]);
+* ``student_request`` rows (``--clips N`` > 1): a request of N 4-step clips (N noises) as the registered model
+  serves it, each clip decoded and copied to the host, with the ``overlap`` option off and on
+  (``rcm_core.nets.overlap``: clip k decodes on a worker thread and CUDA stream while clip k+1 samples), the
+  same clips either way (``max_abs_diff_vs_overlap_off``), with frames/s over the request.
 
 Static FP8 scales are calibrated as a flow run calibrates them: the network's own activations while it samples
 (here 2 other noises at 4 steps; ``rcm_core.nets.fp8.activation_scales``). The weights are random: the
@@ -65,6 +69,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", default="bf16,fp8-dynamic,fp8-static,compile,fp8-static+compile")
     ap.add_argument("--steps", default="4,2,1")
     ap.add_argument("--decode", default="bf16-cl3d-chunk5", help="decode variant, as bench_real.py --vae-variants: bf16 (else fp32), cl3d, bench, compile, chunk<N>")
+    ap.add_argument("--clips", type=int, default=0,
+                    help="also time a request of this many 4-step clips, overlap off and on (0: skip)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="tiny config on the CPU (checks the script)")
     ap.add_argument("--out", default="bench/results/serving.json")
@@ -74,6 +80,7 @@ def main(argv=None) -> dict:
     import diffusers
     from rcm_core.denoiser import TrigFlowDenoiser
     from rcm_core.nets.fp8 import activation_scales, fp8_layers
+    from rcm_core.nets.overlap import OverlappedDecode
     from rcm_core.nets.serving import apply_serving_options
     from rcm_core.real.fast_vae import decode
     from rcm_core.sampling import sample_student
@@ -154,6 +161,8 @@ def main(argv=None) -> dict:
                         kind="student_e2e", steps=n, first_call_s=first, **info, **quality)
             if row["s"]:
                 row["frames_per_s"] = a.frames / row["s"]
+        if a.clips > 1:
+            request_rows(b, a, den, cond, info, lambda lat: to_pixels(lat).cpu(), OverlappedDecode, dev)
         b.save()
         del den
 
@@ -161,7 +170,37 @@ def main(argv=None) -> dict:
     for r in b.rows:
         if r["kind"] == "student_e2e" and r["s"]:
             print(f"  {r['variant']:24s} {r['steps']} steps  {r['s']:7.3f} s  {r['frames_per_s']:6.1f} f/s")
+        if r["kind"] == "student_request" and r["s"]:
+            print(f"  {r['variant']:24s} {r['clips']} clips, overlap {r['overlap']:3s} {r['s']:7.3f} s  "
+                  f"{r['frames_per_s']:6.1f} f/s")
     return b.meta
+
+
+def request_rows(b, a, den, cond, info, decode, OverlappedDecode, dev):
+    """``student_request`` rows: ``a.clips`` 4-step clips of other noises, decoded to host memory, overlap off
+    then on (the registered model's predict loop), and the largest difference between the two requests' clips."""
+    from rcm_core.sampling import sample_student
+
+    C, T, H, W = b.meta["latent_shape"]
+    noises = [torch.randn((1, C, T, H, W), generator=torch.Generator(device=dev).manual_seed(100 + i), device=dev,
+                          dtype=torch.float64) for i in range(a.clips)]
+    clips = {}
+
+    def request(overlap):
+        with torch.no_grad(), OverlappedDecode(decode, dev, enabled=overlap == "on") as dec:
+            for z in noises:
+                dec.submit(sample_student(den, cond, z, 4, generator=torch.Generator(device=dev).manual_seed(1)).float())
+            clips[overlap] = dec.results()
+
+    for overlap in ("off", "on"):
+        row = b.run(f"[{info['variant']}] request of {a.clips} 4-step clips + decode, overlap {overlap}",
+                    lambda o=overlap: request(o), kind="student_request", steps=4, clips=a.clips, overlap=overlap,
+                    **info)
+        if row["s"]:
+            row["frames_per_s"] = a.clips * a.frames / row["s"]
+    if len(clips) == 2:
+        b.rows[-1]["max_abs_diff_vs_overlap_off"] = max(float((x - y).abs().max())
+                                                          for x, y in zip(clips["on"], clips["off"]))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ PROMPTS = ["a 3 drifting up", "a 7 drifting left"]
 META = {"teacher": "embedded", "latent_shape": [1, 4, 16, 16], "default_steps": 2, "sigma_max": 80.0,
         "mid_t": [1.3, 1.0, 0.6], "method": "rcm"}
 ROWS = pd.DataFrame({"prompt": ["a 3 drifting up", "a 5 drifting down"], "seed": [0, 1], "steps": [2, 2]})
-SERVING_ENV = ("RCM_FP8", "RCM_COMPILE", "RCM_SPARSE", "RCM_FP8_EMULATE", "RCM_DEVICE", "RCM_DTYPE")
+SERVING_ENV = ("RCM_FP8", "RCM_COMPILE", "RCM_SPARSE", "RCM_OVERLAP", "RCM_FP8_EMULATE", "RCM_DEVICE", "RCM_DTYPE")
 
 
 @pytest.fixture(autouse=True)
@@ -290,7 +290,7 @@ def test_real_teachers_version_serves_its_registered_fp8_setting(wan_dir, tmp_pa
     r = register_student(save(state), meta, client.create_run(exp).info.run_id, {}, {}, True, model_name="w",
                          component_store=str(tmp_path / "store"), serving={"fp8": "dynamic"})
     card = client.get_model_version("w", r.version).description
-    assert "Serving: fp8=dynamic, compile=off, sparse=off; no FP8 static scales" in card
+    assert "Serving: fp8=dynamic, compile=off, sparse=off, overlap=off; no FP8 static scales" in card
     assert f"model_config={{\"fp8\": \"static\", \"compile\": \"default\"}}" in card and "--fp8" in card
     rows = pd.DataFrame({"prompt": ["a red cat runs"], "seed": [0], "steps": [2]})
     ref_model = mlflow.pyfunc.load_model(r.model_uri, model_config={"fp8": "off"})
@@ -327,6 +327,7 @@ def test_two_expert_students_refuse_fp8_and_compile():
     from rcm_steps.serving import _check_layout
 
     _check_layout(ServingOptions(), True)                      # the default: nothing to refuse
+    _check_layout(ServingOptions(overlap="on"), True)          # the request loop, not the network
     _check_layout(ServingOptions("dynamic", "default"), False)
     with pytest.raises(ValueError, match=r"fp8=dynamic, compile=off: the student is two experts.*\"fp8\": \"off\""):
         _check_layout(ServingOptions("dynamic"), True)
@@ -351,6 +352,42 @@ def test_sparse_option_through_the_registered_model_and_generate(registry, tmp_p
     rc = main(["--model", uri, "--prompt", "a 3 drifting up", "--out", str(out), "--sparse", "sta:t1x2x2:w2x1x1"])
     err = capsys.readouterr().err
     assert rc == 2 and "sparse" in err and not out.exists(), err
+
+
+def test_overlap_gives_the_same_clips_decoded_on_the_worker(registry, tmp_path, monkeypatch, capsys):
+    """overlap=on (load call, RCM_OVERLAP, generate --overlap): the same clips, each decoded on the worker thread;
+    a bad value is refused by generate before anything is written."""
+    import threading
+
+    from rcm_steps import evaluate
+    from rcm_steps.generate import main
+
+    _use(registry)
+    uri = registry["srv"].model_uri
+    decode, threads = evaluate.decode_latents, []
+
+    def watched(*args, **kw):
+        threads.append(threading.current_thread().name)
+        return decode(*args, **kw)
+
+    monkeypatch.setattr(evaluate, "decode_latents", watched)
+    ref = mlflow.pyfunc.load_model(uri).predict(ROWS)
+    assert len(threads) == 2 and not any(t.startswith("rcm-decode") for t in threads)
+    on = mlflow.pyfunc.load_model(uri, model_config={"overlap": "on"})
+    assert on.unwrap_python_model().serving.overlap == "on"
+    np.testing.assert_array_equal(on.predict(ROWS), ref)
+    assert len(threads) == 4 and all(t.startswith("rcm-decode") for t in threads[2:])
+    monkeypatch.setenv("RCM_OVERLAP", "on")
+    assert mlflow.pyfunc.load_model(uri).unwrap_python_model().serving.overlap == "on"
+    monkeypatch.delenv("RCM_OVERLAP")
+    out = tmp_path / "x.gif"
+    assert main(["--model", uri, "--prompt", "a 3 drifting up", "--seeds", "2", "--out", str(out),
+                 "--overlap", "on"]) == 0 and out.exists()
+    assert all(t.startswith("rcm-decode") for t in threads[4:]) and len(threads) == 6
+    bad = tmp_path / "y.gif"
+    with pytest.raises(SystemExit):
+        main(["--model", uri, "--prompt", "a 3 drifting up", "--out", str(bad), "--overlap", "yes"])
+    assert "--overlap: invalid choice" in capsys.readouterr().err and not bad.exists()
 
 
 # ---- serving variants measured by evaluate (--eval_serving) --------------------------------------------------------

@@ -21,6 +21,9 @@ network (:func:`apply_serving_options`).
   ``meta.json`` only when on (versions registered before it keep their settings). To wire it into an entry
   point, pass ``sparse`` like ``fp8`` / ``compile`` (``model_config={"sparse": "sta:t3x8x8:w3x3x5"}``, a
   ``--sparse`` flag handed to ``resolve``'s call level); ``RCM_SPARSE`` already overrides the registered value.
+* ``overlap``: ``off`` or ``on``: a request of several clips decodes each clip on a worker thread and CUDA
+  stream while the next one samples (:mod:`rcm_core.nets.overlap`); the network is not changed. Opt-in until
+  measured on a GPU; stored in ``meta.json`` only when on.
 
 Scales are calibrated on the network's own activations (the student's, while it samples the eval prompts at
 1, 2 and 4 steps in the flow's evaluate step): the layers quantised are the student's, so its activation
@@ -40,29 +43,32 @@ from torch import nn
 
 from .library_logs import typing_truce      # re-exported: callers import it from here
 
-__all__ = ["ServingOptions", "FP8_MODES", "COMPILE_MODES", "check_serving_options", "apply_serving_options",
+__all__ = ["ServingOptions", "FP8_MODES", "COMPILE_MODES", "OVERLAP_MODES", "check_serving_options", "apply_serving_options",
            "parse_variant", "variant_label",
            "check_scales", "compile_blocks", "raised_recompile_limit", "RECOMPILE_LIMIT", "sparse_forward",
            "typing_truce", "ENV"]
 
 FP8_MODES = ("off", "dynamic", "static")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
+OVERLAP_MODES = ("off", "on")
 # environment overrides of a registered setting
-ENV = {"fp8": "RCM_FP8", "compile": "RCM_COMPILE", "sparse": "RCM_SPARSE"}
+ENV = {"fp8": "RCM_FP8", "compile": "RCM_COMPILE", "sparse": "RCM_SPARSE", "overlap": "RCM_OVERLAP"}
 _KEYS = tuple(ENV)                                           # the options: ServingOptions' fields
 
 
 @dataclass(frozen=True)
 class ServingOptions:
     """How a loaded student runs. Stored in a registered version's ``meta.json`` (``serving``), overridden by
-    ``RCM_FP8`` / ``RCM_COMPILE`` / ``RCM_SPARSE`` and by the load call
-    (``mlflow.pyfunc.load_model(uri, model_config={...})``, the generate CLI's ``--fp8`` / ``--compile``)."""
+    ``RCM_FP8`` / ``RCM_COMPILE`` / ``RCM_SPARSE`` / ``RCM_OVERLAP`` and by the load call
+    (``mlflow.pyfunc.load_model(uri, model_config={...})``, the generate CLI's ``--fp8`` / ``--compile`` /
+    ``--sparse`` / ``--overlap``)."""
     fp8: str = "off"
     compile: str = "off"
     sparse: str = "off"
+    overlap: str = "off"
 
     def __post_init__(self):
-        for key, known in (("fp8", FP8_MODES), ("compile", COMPILE_MODES)):
+        for key, known in (("fp8", FP8_MODES), ("compile", COMPILE_MODES), ("overlap", OVERLAP_MODES)):
             if getattr(self, key) not in known:
                 raise ValueError(f"serving option {key}={getattr(self, key)!r}: known values are {', '.join(known)}")
         self.sliding_tile          # parses sparse: ValueError naming the option on a bad value
@@ -84,9 +90,9 @@ class ServingOptions:
     @classmethod
     def resolve(cls, registered: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
                 call: Optional[Mapping[str, Any]] = None) -> "ServingOptions":
-        """The registered settings, then the environment (``RCM_FP8``, ``RCM_COMPILE``, ``RCM_SPARSE``), then the
-        call's (``model_config``; keys other than ``fp8``/``compile``/``sparse`` are ignored here), later ones
-        winning."""
+        """The registered settings, then the environment (``RCM_FP8``, ``RCM_COMPILE``, ``RCM_SPARSE``,
+        ``RCM_OVERLAP``), then the call's (``model_config``; keys other than the options are ignored here), later
+        ones winning."""
         env = os.environ if env is None else env
         merged = dict(registered or {})
         merged.update({k: env[v] for k, v in ENV.items() if env.get(v)})
@@ -94,19 +100,27 @@ class ServingOptions:
         return cls.from_dict(merged)
 
     def to_dict(self) -> Dict[str, str]:
-        """The settings; ``sparse`` only when on (the settings of versions registered before it are unchanged)."""
+        """The settings; ``sparse`` and ``overlap`` only when on (the settings of versions registered before them
+        are unchanged)."""
         d = asdict(self)
-        if d["sparse"] == "off":
-            del d["sparse"]
+        for key in ("sparse", "overlap"):
+            if d[key] == "off":
+                del d[key]
         return d
 
     @property
+    def changes_network(self) -> bool:
+        """Whether an option changes the network (FP8, compile, sparse); ``overlap`` changes the request loop."""
+        return (self.fp8, self.compile, self.sparse) != ("off", "off", "off")
+
+    @property
     def label(self) -> str:
-        return f"fp8={self.fp8}, compile={self.compile}" + (f", sparse={self.sparse}" if self.sparse != "off" else "")
+        return (f"fp8={self.fp8}, compile={self.compile}" + (f", sparse={self.sparse}" if self.sparse != "off" else "")
+                + (f", overlap={self.overlap}" if self.overlap != "off" else ""))
 
 
-VARIANT_HELP = ("fp8-dynamic, fp8-static, compile, compile-<mode>, sta:t<F>x<H>x<W>:w<F>x<H>x<W>, joined with + "
-                "(e.g. fp8-static+compile); bf16 = no option")
+VARIANT_HELP = ("fp8-dynamic, fp8-static, compile, compile-<mode>, sta:t<F>x<H>x<W>:w<F>x<H>x<W>, overlap, joined "
+                "with + (e.g. fp8-static+compile); bf16 = no option")
 
 
 def parse_variant(variant: str) -> ServingOptions:
@@ -125,6 +139,8 @@ def parse_variant(variant: str) -> ServingOptions:
             opts["compile"] = part[8:]
         elif part.startswith("sta:"):
             opts["sparse"] = part
+        elif part == "overlap":
+            opts["overlap"] = "on"
         else:
             raise ValueError(f"serving variant {variant!r}: cannot read {part!r} (known: {VARIANT_HELP})")
     try:

@@ -3,7 +3,7 @@
     python -m rcm_steps.generate --model models:/rcm-student-embedded@champion \
         --prompt "a 3 drifting up" --out x.mp4 [--steps 4] [--seed 0] [--seeds 4] [--fps 16] \
         [--fp8 off|dynamic|static] [--compile off|default|max-autotune-no-cudagraphs|reduce-overhead]
-        [--sparse off|sta:t<F>x<H>x<W>:w<F>x<H>x<W>]
+        [--sparse off|sta:t<F>x<H>x<W>:w<F>x<H>x<W>] [--overlap off|on]
 
 Writes an MP4 (H.264 through ffmpeg: ``imageio-ffmpeg`` or ``ffmpeg`` on PATH; several seeds side
 by side with --seeds); without ffmpeg it writes a GIF next to it (``x.gif``) and says so. A ``.gif``
@@ -16,7 +16,9 @@ Serving options (default: the version's registered settings, see its card; ``RCM
 version, artifact ``fp8_scales``), ``--fp8 off``; ``--compile default`` (``torch.compile`` of each transformer
 block, static shapes; the first clip pays the compile), ``max-autotune-no-cudagraphs``, ``reduce-overhead``
 (CUDA graphs), ``off``; ``--sparse sta:t3x8x8:w3x3x5`` (sliding-tile self-attention: tiles of 3x8x8 tokens,
-each attending the 3x3x5 tiles around it; opt-in, quality on real weights not yet measured), ``off``. FP8
+each attending the 3x3x5 tiles around it; opt-in, quality on real weights not yet measured), ``off``;
+``--overlap on`` (with several clips, each clip decodes on a worker thread and CUDA stream while the next one
+samples: the same clips; ``RCM_OVERLAP``). FP8
 needs a GPU of compute capability 8.9 or newer: elsewhere (e.g. the CPU) the options are refused before anything
 loads, naming the device (exit code 2, nothing written).
 
@@ -46,7 +48,7 @@ FLOW_DEFAULT_DB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(o
 
 
 def main(argv=None) -> int:
-    from rcm_core.nets.serving import COMPILE_MODES, FP8_MODES
+    from rcm_core.nets.serving import COMPILE_MODES, FP8_MODES, OVERLAP_MODES
 
     p = argparse.ArgumentParser("rcm_steps.generate")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/rcm-student-embedded@champion")
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--sparse", default=None,
                    help="sliding-tile self-attention, sta:t<F>x<H>x<W>:w<F>x<H>x<W> (tile in tokens, window in tiles, "
                         "odd), or off (default: the registered setting; RCM_SPARSE)")
+    p.add_argument("--overlap", default=None, choices=OVERLAP_MODES,
+                   help="decode each clip while the next one samples (default: the registered setting; RCM_OVERLAP)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--component-store", default=None,
                    help="URL of the teacher-component store, if it moved since registration (RCM_COMPONENT_STORE)")
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
     if problem:
         print(f"rcm_steps.generate: {problem}", file=sys.stderr)
         return 2
-    config = {k: v for k, v in (("fp8", a.fp8), ("compile", a.compile), ("sparse", a.sparse)) if v is not None}
+    config = {k: v for k, v in (("fp8", a.fp8), ("compile", a.compile), ("sparse", a.sparse), ("overlap", a.overlap))
+              if v is not None}
     try:
         model = mlflow.pyfunc.load_model(a.model, model_config=config or None)
     except (MissingComponentError, ValueError) as e:     # ValueError: serving options (FP8 on the CPU...)
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
     if ignored:
         print(f"rcm_steps.generate: {a.model} was registered before its serving options could be set at load "
               f"time: {ignored} not applied (it loaded with {got.label if got else 'no serving options'}); "
-              "set RCM_FP8 / RCM_COMPILE / RCM_SPARSE instead, or register a new version (a new flow run)",
+              "set RCM_FP8 / RCM_COMPILE / RCM_SPARSE / RCM_OVERLAP instead, or register a new version (a new flow run)",
               file=sys.stderr)
         return 2
     rows = [{"prompt": pr, "seed": a.seed + s, **({"steps": a.steps} if a.steps else {})}

@@ -147,18 +147,19 @@ def serving_note(meta: Dict[str, Any], uri: str, metrics: Optional[Dict[str, Any
     """Markdown lines of the card: this run's measured speed per step count (:func:`speed_table`), the version's
     serving settings (FP8 linears, compiled blocks), its FP8 scales and how to switch them at load time (the load
     call, the environment, the generate CLI), then the serving variants evaluate measured (:func:`serving_table`)."""
-    sv = {"fp8": "off", "compile": "off", "sparse": "off", **(meta.get("serving") or {})}
+    sv = {"fp8": "off", "compile": "off", "sparse": "off", "overlap": "off", **(meta.get("serving") or {})}
     cal = meta.get("fp8_calibration")
     scales = (f"FP8 static scales: artifact `{cal['artifact']}` ({cal['layers']} layers, {cal['source']})" if cal
               else "no FP8 static scales (fp8=static is refused; fp8=dynamic needs none)")
     return "\n".join(speed_table(metrics) + [
-        f"Serving: fp8={sv['fp8']}, compile={sv['compile']}, sparse={sv['sparse']}; {scales}. FP8 needs a GPU of compute capability 8.9+ "
+        f"Serving: fp8={sv['fp8']}, compile={sv['compile']}, sparse={sv['sparse']}, overlap={sv['overlap']}; {scales}. FP8 needs a GPU of compute capability 8.9+ "
         "(L40S, H100, H200); reduce-overhead compiles CUDA graphs.",
         f"Switch at load time: `mlflow.pyfunc.load_model({uri!r}, model_config={{\"fp8\": \"static\", "
         "\"compile\": \"default\"})`, the environment (`RCM_FP8`, `RCM_COMPILE`) or "
         f"`python -m rcm_steps.generate --model {uri} --fp8 dynamic --compile default ...` "
         "(fp8: off | dynamic | static; compile: off | default | max-autotune-no-cudagraphs | reduce-overhead; "
-        "sparse: off | sta:t<F>x<H>x<W>:w<F>x<H>x<W>, sliding-tile self-attention, `--sparse`, `RCM_SPARSE`).", ""]
+        "sparse: off | sta:t<F>x<H>x<W>:w<F>x<H>x<W>, sliding-tile self-attention, `--sparse`, `RCM_SPARSE`; "
+        "overlap: off | on, several clips decode while the next samples, `--overlap`, `RCM_OVERLAP`).", ""]
         + serving_table(metrics))      # last: a card cut at its length limit keeps the switches above
 
 

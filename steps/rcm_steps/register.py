@@ -105,7 +105,7 @@ _PYFUNC = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
 
 # the keys a load call may set (mlflow.pyfunc.load_model(uri, model_config={...}) drops keys the logged model does
 # not declare); None: not given, so the registered setting and RCM_FP8 / RCM_COMPILE apply (ServingOptions.resolve)
-LOAD_CONFIG = {"fp8": None, "compile": None, "sparse": None}
+LOAD_CONFIG = {"fp8": None, "compile": None, "sparse": None, "overlap": None}
 
 
 def model_name_for(teacher: str) -> str:

@@ -108,6 +108,7 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
     # the type hint keeps MLflow from asking for one (its warning); the registered signature validates the input
     def predict(self, context, model_input: pd.DataFrame, params: Optional[Dict[str, Any]] = None):
         import numpy as np
+        from rcm_core.nets.overlap import OverlappedDecode
         from rcm_core.sampling import sample_student
 
         from rcm_steps import teacher as T
@@ -117,19 +118,25 @@ class RCMStudentModel(mlflow.pyfunc.PythonModel):
         torch = self._torch
         params = params or {}
         dev = torch.device(getattr(self, "device", "cpu"))
-        outs = []
         # the compile serving option compiles the decoder too (its one-off compile: 2-3 min on an H200)
         compile_decode = True if self.serving.compile != "off" else None       # None: RCM_COMPILE_DECODE decides
-        for r in self._rows(model_input):
-            steps = int(r["steps"] if _given(r.get("steps")) else params.get("steps") or self.meta["default_steps"])
-            seed = int(r["seed"] if _given(r.get("seed")) else params.get("seed") or 0)
-            cond = T.encode(self.teacher, [str(r["prompt"])]).to(dev)
-            # the noise comes from a generator on the serving device: a seed gives other clips on a GPU
-            g = torch.Generator(device=dev).manual_seed(seed)
-            noise = torch.randn((1, *self._latent_shape(r)), generator=g, dtype=torch.float64, device=dev)
-            lat = sample_student(self.student, cond, noise, steps=steps, sigma_max=self.meta["sigma_max"],
-                                 mid_t=tuple(self.meta["mid_t"]), generator=g)
-            outs.append(decode_latents(self.teacher, lat.float(), inplace=True, compile=compile_decode).numpy())
+
+        def decode(lat):
+            return decode_latents(self.teacher, lat, inplace=True, compile=compile_decode).numpy()
+
+        # overlap=on: clip k decodes on a worker thread / CUDA stream while clip k+1 samples (rcm_core.nets.overlap)
+        with OverlappedDecode(decode, dev, enabled=self.serving.overlap == "on") as decoder:
+            for r in self._rows(model_input):
+                steps = int(r["steps"] if _given(r.get("steps")) else params.get("steps") or self.meta["default_steps"])
+                seed = int(r["seed"] if _given(r.get("seed")) else params.get("seed") or 0)
+                cond = T.encode(self.teacher, [str(r["prompt"])]).to(dev)
+                # the noise comes from a generator on the serving device: a seed gives other clips on a GPU
+                g = torch.Generator(device=dev).manual_seed(seed)
+                noise = torch.randn((1, *self._latent_shape(r)), generator=g, dtype=torch.float64, device=dev)
+                lat = sample_student(self.student, cond, noise, steps=steps, sigma_max=self.meta["sigma_max"],
+                                     mid_t=tuple(self.meta["mid_t"]), generator=g)
+                decoder.submit(lat.float())
+            outs = decoder.results()
         if len({o.shape for o in outs}) > 1:
             raise ValueError(f"the rows ask for clips of different sizes {sorted({o.shape[1:] for o in outs})}: "
                              "call predict once per size")
@@ -178,11 +185,11 @@ def serving_options(meta: Dict[str, Any], artifacts: Dict[str, str], model_confi
 
 
 def _apply_serving(student, opts, scales) -> None:
-    """FP8 linears / compiled blocks on the loaded student (nothing for the default options; a two-expert student
-    was refused by :func:`_check_layout` before it loaded)."""
-    from rcm_core.nets.serving import ServingOptions, apply_serving_options
+    """FP8 linears / compiled blocks on the loaded student (nothing for options that leave the network alone; a
+    two-expert student was refused by :func:`_check_layout` before it loaded)."""
+    from rcm_core.nets.serving import apply_serving_options
 
-    if opts != ServingOptions():
+    if opts.changes_network:
         apply_serving_options(student, opts, scales)
 
 
@@ -190,9 +197,7 @@ def _check_layout(opts, two_experts: bool) -> None:
     """``ValueError`` for FP8 / compile asked of a two-expert student (Wan2.2 A14B: ``transformer`` and
     ``transformer_2`` switched on the timestep, known from its weights' names before anything loads): its scales
     are not calibrated per expert and its blocks are not one list."""
-    from rcm_core.nets.serving import ServingOptions
-
-    if two_experts and opts != ServingOptions():
+    if two_experts and opts.changes_network:          # overlap changes the request loop only
         raise ValueError(f"serving options {opts.label}: the student is two experts (transformer and transformer_2, "
                          "switched at the boundary); FP8, compile and sparse serve one-network students only: load it "
                          "with model_config={\"fp8\": \"off\", \"compile\": \"off\", \"sparse\": \"off\"}")
