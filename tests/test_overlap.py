@@ -90,6 +90,18 @@ def test_the_option_parses_stores_only_when_on_and_names_bad_values():
     assert ServingOptions.resolve(None, {"RCM_OVERLAP": "off"}, {"overlap": "on"}).overlap == "on"
     with pytest.raises(ValueError, match=r"overlap='yes'.*off, on"):
         ServingOptions.resolve(None, {"RCM_OVERLAP": "yes"}, {})
+    with pytest.raises(ValueError, match=r"'fp8-static\+overlap': overlap changes how a request's clips are decoded"):
+        parse_variant("fp8-static+overlap", network_only=True)
+
+
+def test_evaluate_refuses_overlap_as_a_variant_naming_the_option():
+    from rcm_steps.errors import ConfigError
+    from rcm_steps.evaluate import EvalConfig, serving_variants_option
+
+    with pytest.raises(ConfigError, match=r"--eval_serving: serving variant 'overlap': overlap changes"):
+        serving_variants_option("fp8-dynamic,overlap")
+    with pytest.raises(ValueError, match=r"'compile\+overlap': overlap changes"):
+        EvalConfig(serving=("compile+overlap",))
 
 
 @pytest.mark.gpu

@@ -123,10 +123,11 @@ VARIANT_HELP = ("fp8-dynamic, fp8-static, compile, compile-<mode>, sta:t<F>x<H>x
                 "with + (e.g. fp8-static+compile); bf16 = no option")
 
 
-def parse_variant(variant: str) -> ServingOptions:
+def parse_variant(variant: str, network_only: bool = False) -> ServingOptions:
     """A serving variant written as the benchmarks and the evaluate step take it (``fp8-static+compile``,
     ``sta:t3x8x8:w3x3x5``; :data:`VARIANT_HELP`) as :class:`ServingOptions`; ``ValueError`` naming the part
-    it cannot read."""
+    it cannot read. ``network_only`` (evaluate, which compares samples): ``overlap`` is refused, as it changes
+    how a request's clips are decoded, not the samples."""
     opts: Dict[str, str] = {}
     for part in str(variant).split("+"):
         if part == "bf16":
@@ -139,6 +140,9 @@ def parse_variant(variant: str) -> ServingOptions:
             opts["compile"] = part[8:]
         elif part.startswith("sta:"):
             opts["sparse"] = part
+        elif part == "overlap" and network_only:
+            raise ValueError(f"serving variant {variant!r}: overlap changes how a request's clips are decoded, not "
+                             "the samples, so sampling it measures nothing new; time it with bench/serving.py --clips")
         elif part == "overlap":
             opts["overlap"] = "on"
         else:

@@ -66,7 +66,7 @@ class EvalConfig:
         from rcm_core.nets.serving import parse_variant
         self.serving = tuple(self.serving)
         for v in self.serving:
-            parse_variant(v)          # ValueError naming the variant, before anything samples
+            parse_variant(v, network_only=True)          # ValueError naming the variant, before anything samples
 
 
 @dataclass
@@ -326,7 +326,7 @@ def serving_variants_option(value: str) -> tuple:
     out = tuple(v.strip() for v in str(value or "").split(",") if v.strip())
     for v in out:
         try:
-            parse_variant(v)
+            parse_variant(v, network_only=True)
         except ValueError as e:
             raise ConfigError(f"--eval_serving: {e}", fix=f"pass --eval_serving a comma list of {VARIANT_HELP}, "
                                                           "or leave it empty") from None
@@ -346,7 +346,7 @@ def check_serving_variants(variants: Sequence[str], student) -> None:
         return
     dev = next(student.parameters()).device
     for v in variants:
-        opts = parse_variant(v)
+        opts = parse_variant(v, network_only=True)
         try:          # static FP8's scales come from this evaluation's own sampling: checked by apply, later
             check_serving_options(dataclasses.replace(opts, fp8="dynamic") if opts.fp8 == "static" else opts, dev)
             if opts.fp8 != "off":
@@ -385,7 +385,7 @@ def _serving_variants(cfg: EvalConfig, student, fp8_scales, run, warm, sigma_max
     out: Dict[str, float] = {}
     for v in cfg.serving:
         label = f"serve_{variant_label(v)}"
-        sv = apply_serving_options(copy.deepcopy(student), parse_variant(v), fp8_scales or None)
+        sv = apply_serving_options(copy.deepcopy(student), parse_variant(v, network_only=True), fp8_scales or None)
         dev = next(student.parameters()).device
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
