@@ -5,9 +5,10 @@
 # and block-op kernels on) and with the split RoPE kernel (RCM_ROPE_SPLIT=1), in this one call. Make the split kernel
 # the default (rcm_kernels.rope.rotate) only if its GPU test passes and it is faster. The both-off baseline of the
 # defaults is in BENCHMARKS.md (H100, same bench); with budget to spare, add it here too
-# (RCM_ROPE_KERNEL=0 RCM_NORM_KERNEL=0).  OUT=$OUT bash bench/gpu_issue22l.sh
+# (RCM_ROPE_KERNEL=0 RCM_NORM_KERNEL=0). Session 5 added the overlap option's CUDA stream test (tests/test_overlap.py).
+#   OUT=$OUT bash bench/gpu_issue22l.sh
 . bench/gpu_common.sh
-part gpu_tests 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_rope.py tests/test_block_ops.py
+part gpu_tests 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_rope.py tests/test_block_ops.py tests/test_overlap.py
 part block_ops 50 python3 bench/bench_block_ops.py --out "$OUT/block_ops.json"
 STEPS=(python3 bench/bench_real.py --phases steps,rcm --ac keep_attention --rcm-ac keep_attention --fused-only --repeats "${REPEATS:-2}")
 part steps_default "${STEP_LIMIT:-170}" "${STEPS[@]}" --out "$OUT/real_default.json" --label "issue22l-defaults (kernels on)"
