@@ -317,3 +317,73 @@ def test_fused_block_ops_under_fsdp2_and_checkpointing_match_the_stock_block(tmp
     assert g0.keys() == g1.keys()
     for n in g0:
         assert rel(g1[n], g0[n]) < 1e-4, n
+
+
+def _cp_worker(rank, world, port, out):
+    """A tiny Wan split over 2 gloo ranks by Ulysses context parallelism, every block op and the RoPE forced onto
+    their Triton kernels, against the same network on one process with none of them (rank 0 runs both)."""
+    import copy
+    import os
+
+    import torch.distributed as dist
+    from spawn_ranks import end_rank
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import rcm_kernels.norm_mod as k
+        from real_fixtures import tiny_wan
+        from rcm_core.nets import rope as rope_op
+        from rcm_core.parallel.context_parallel import apply_context_parallel
+        from rcm_core.real import install_rcm_attention
+        stock = tiny_wan(cross_attn_norm=True).float()
+        install_rcm_attention(stock)
+        cp = copy.deepcopy(stock)
+        install_fused_block_ops(cp, kernel=True)
+        apply_context_parallel(cp, dist.group.WORLD)
+        g = torch.Generator().manual_seed(3)
+        x, dx = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 4, 2, 8, 8, generator=g)
+        t, ctx = torch.tensor([500.0]), torch.randn(1, 8, stock.config.text_dim, generator=g)
+        res = {"stock": _wan_run(stock, x, dx, t, ctx)}
+        calls = {}
+
+        def counted(name, fn):
+            return lambda *a, **kw: calls.__setitem__(name, calls.get(name, 0) + 1) or fn(*a, **kw)
+
+        for name in ("norm_affine", "norm_affine_tangent", "norm_affine_backward", "gated_residual",
+                     "gated_residual_tangent", "gated_residual_backward"):
+            setattr(k, name, counted(name, getattr(k, name)))
+        rope_op._kernel_wanted = lambda x, kernel: True
+        rope_op._rotate = counted("rope", rope_op._rotate)
+        y, dy, grads = _wan_run(cp, x, dx, t, ctx)
+        for gr in grads.values():
+            dist.all_reduce(gr)                  # each rank holds its tokens' share: the sum is the gradient
+        res["cp"], res["calls"] = (y, dy, grads), calls
+        if rank == 0:
+            torch.save(res, out)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    end_rank()
+
+
+@cpu_only
+def test_kernels_under_context_parallel_match_one_process(tmp_path):
+    """Issue 22's cuts under Ulysses context parallelism (2 gloo ranks, each with half the tokens): the block ops'
+    and the RoPE's Triton kernels (interpreted) ran on every rank's tokens, and output, tangent and gradients equal
+    the unsplit stock network's."""
+    import torch.multiprocessing as mp
+    from spawn_ranks import free_port
+    out = str(tmp_path / "res.pt")
+    mp.start_processes(_cp_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    res = torch.load(out, weights_only=False)
+    (y0, dy0, g0), (y1, dy1, g1) = res["stock"], res["cp"]
+    # per block 3 norms and 2 residuals; q and k rotated: forward twice (the tangent pass and the graph pass), the
+    # tangent rule once, the gradient once
+    assert res["calls"] == {"norm_affine": 12, "norm_affine_tangent": 6, "norm_affine_backward": 6,
+                            "gated_residual": 8, "gated_residual_tangent": 4, "gated_residual_backward": 4,
+                            "rope": 4 * 2 * 2}, res["calls"]
+    assert rel(y1, y0) < 1e-5 and rel(dy1, dy0) < 1e-5
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        assert rel(g1[n], g0[n]) < 1e-4, n
