@@ -342,7 +342,7 @@ def test_serving_option_parses_resolves_and_names_bad_values():
             ServingOptions(sparse=bad)
     with pytest.raises(ValueError, match=r"serving option sparse='sta:t3x8x8:w4x3x3'"):
         ServingOptions.resolve(None, {"RCM_SPARSE": "sta:t3x8x8:w4x3x3"}, {})
-    with pytest.raises(ValueError, match=r"\['sparsity'\].*unknown \(known: fp8, compile, sparse\)"):
+    with pytest.raises(ValueError, match=r"\['sparsity'\].*unknown \(known: fp8, compile, sparse, overlap\)"):
         ServingOptions.from_dict({"sparsity": "on"})
 
 
