@@ -303,6 +303,12 @@ def test_real_teachers_version_serves_its_registered_fp8_setting(wan_dir, tmp_pa
     assert len(fp8_layers(_student(model).net)) > 0
     err = _rel(model.predict(rows), ref)
     assert 1e-5 < err < 0.15, err
+    # overlap: the diffusers VAE decodes on the worker thread, three clips in order, the same as in turn
+    three = pd.DataFrame({"prompt": ["a red cat runs", "a dog", "a red cat runs"], "seed": [0, 1, 0], "steps": [2] * 3})
+    both = ref_model.predict(three)
+    np.testing.assert_array_equal(both[0], ref[0])
+    on = mlflow.pyfunc.load_model(r.model_uri, model_config={"fp8": "off", "overlap": "on"})
+    np.testing.assert_array_equal(on.predict(three), both)
 
 
 def test_a_version_that_drops_load_options_is_named_by_generate(registry, tmp_path, monkeypatch, capsys):
