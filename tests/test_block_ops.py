@@ -219,6 +219,37 @@ def test_the_ops_are_the_default_on_cuda_and_0_turns_them_off(monkeypatch):
     assert not block_ops._use_kernel(x, None)
 
 
+@cpu_only
+def test_a_width_whose_kernels_fail_runs_the_formula_and_says_so_once(monkeypatch, caplog):
+    """The default path tries the six kernels once per width: a width where one fails (as Triton's OutOfResources
+    would on a card) gives diffusers' forward for its blocks, said once; other widths keep the kernels."""
+    import logging
+
+    import rcm_kernels.norm_mod as k
+    x = torch.randn(1, 4, 48)
+    monkeypatch.delenv("RCM_NORM_KERNEL", raising=False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))     # as if on a GPU
+    block_ops._width_runs.cache_clear()
+    real = k.norm_affine_backward
+
+    def fails_at_5120(x, *a):
+        if x.shape[-1] == 5120:
+            raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
+        return real(x, *a)
+
+    monkeypatch.setattr(k, "norm_affine_backward", fails_at_5120)
+    try:
+        with caplog.at_level(logging.WARNING, logger="rcm.attention"):
+            assert block_ops._use_kernel(x, None)
+            assert not block_ops._use_kernel(torch.randn(1, 2, 5120), None)
+            assert not block_ops._use_kernel(torch.randn(1, 3, 5120), None)
+        said = [r.getMessage() for r in caplog.records if "width 5120" in r.getMessage()]
+        assert len(said) == 1 and "out of resource" in said[0] and "diffusers' forward" in said[0], said
+        assert block_ops._use_kernel(x, True)       # asked for explicitly (tests): not probed
+    finally:
+        block_ops._width_runs.cache_clear()
+
+
 def test_a_bad_switch_value_is_refused(monkeypatch):
     monkeypatch.setenv("RCM_NORM_KERNEL", "on")
     with pytest.raises(ValueError, match=r"RCM_NORM_KERNEL='on': expected 1 .* or 0"):

@@ -20,13 +20,15 @@ The kernels are the default on CUDA since their first GPU run (H100, 2026-12-05,
 GPU test passed, each op ran 2.0-5.8x faster than diffusers' expressions (bench/bench_block_ops.py) and, with the
 RoPE kernel, every training step 12-14 % faster (BENCHMARKS.md). :func:`install_fused_block_ops` (called where
 the teacher is loaded) gives each Wan block a ``forward`` that calls them; where they do not run it calls
-diffusers' forward. The
-network is still diffusers' (same modules, same parameters, same state dict); the patched forward is
+diffusers' forward. A width no GPU run has checked (14B: 5120) is tried once on a two-token problem before its
+first block (:func:`_width_runs`); a kernel Triton cannot build there sends that width to diffusers' forward,
+said once. The network is still diffusers' (same modules, same parameters, same state dict); the patched forward is
 diffusers' ``WanTransformerBlock.forward`` with those two expressions routed through the ops, and
 tests/test_block_ops.py checks it against the stock forward (outputs, tangents and gradients).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -195,7 +197,34 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor, kernel: Op
 def _use_kernel(x: torch.Tensor, kernel: Optional[bool]) -> bool:
     if kernel is not None:
         return kernel
-    return x.is_cuda and _switch() == "1" and _kernel_importable()
+    return (x.is_cuda and _switch() == "1" and _kernel_importable()
+            and _width_runs(x.shape[-1], x.dtype, x.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _width_runs(D: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the six kernels compile and run at width ``D`` in ``dtype`` on ``device``: tried once per width on a
+    two-token problem, outside autograd and torch.func. The kernels are the default at widths no GPU run has
+    checked (Wan2.1-14B's 5120, Wan2.2-5B's 3072); where Triton cannot build one (registers, shared memory of a
+    card), the blocks of that width run diffusers' forward and this is said once, instead of failing a step."""
+    k = _kernels()
+    try:
+        with torch.no_grad(), torch._C._DisableFuncTorch():
+            x, y = (torch.randn(1, 2, D, device=device).to(dtype) for _ in range(2))
+            a, b, g = (torch.randn(1, D, device=device) for _ in range(3))
+            out, mean, rstd = k.norm_affine(x, a, b, 1e-6)
+            k.norm_affine_tangent(x, y, mean, rstd, a, g, b, dtype)
+            k.norm_affine_backward(x, out, mean, rstd, a, dtype)
+            k.gated_residual(x, y, g)
+            k.gated_residual_tangent(x, y, y, g, a, dtype)
+            k.gated_residual_backward(x, y, g)
+    except Exception as e:  # noqa: BLE001 - any failure to build or launch: the formula is always there
+        from .attention import _log_once
+        _log_once(f"block_ops: the Triton LayerNorm/residual kernels failed at width {D} in {dtype} on {device} "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); blocks of this width "
+                  "run diffusers' forward (RCM_NORM_KERNEL=0 silences this)")
+        return False
+    return True
 
 
 def _kernel_importable() -> bool:
