@@ -11,6 +11,14 @@ import sys
 import torch.distributed as dist
 
 
+def start_rank(rank: int, world: int, port: int) -> None:
+    """Join the gloo group of a spawned CPU rank on 127.0.0.1:``port``, one thread per rank (2-core machines)."""
+    import torch
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
 def end_rank() -> None:
     """Call last in a worker whose work succeeded: wait for the peers, leave the group, flush and exit 0
     without the interpreter's finalization (spawn reads exit code 0 as success)."""

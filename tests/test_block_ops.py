@@ -294,23 +294,26 @@ def test_compiled_blocks_keep_the_fused_forward_for_their_eager_calls(monkeypatc
     assert seen == fused
 
 
-def _fsdp_worker(rank, world, port, out, ac):
-    import os
+def _stock_and_forced_copy():
+    """A tiny Wan (cross_attn_norm) with the project's attention, and a deep copy whose blocks run the block ops
+    with the kernels forced (interpreted on the CPU)."""
+    import copy
+    from real_fixtures import tiny_wan
+    from rcm_core.real import install_rcm_attention
+    stock = tiny_wan(cross_attn_norm=True).float()
+    install_rcm_attention(stock)
+    forced = copy.deepcopy(stock)
+    install_fused_block_ops(forced, kernel=True)
+    return stock, forced
 
+
+def _fsdp_worker(rank, world, port, out, ac):
     import torch.distributed as dist
-    from spawn_ranks import end_rank
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from spawn_ranks import end_rank, start_rank
+    start_rank(rank, world, port)
     try:
-        import copy
-        from real_fixtures import tiny_wan
         from rcm_core.parallel.fsdp import ParallelConfig, parallelize
-        from rcm_core.real import install_rcm_attention
-        stock = tiny_wan(cross_attn_norm=True).float()
-        install_rcm_attention(stock)
-        sharded = copy.deepcopy(stock)
-        install_fused_block_ops(sharded, kernel=True)
+        stock, sharded = _stock_and_forced_copy()
         parallelize(sharded, ParallelConfig(activation_checkpointing=ac, fsdp=True))
         assert block_ops.uses_fused_block_ops(sharded)
         g = torch.Generator().manual_seed(3)          # the same batch on both ranks: FSDP's mean gradient = one's
@@ -353,24 +356,14 @@ def test_fused_block_ops_under_fsdp2_and_checkpointing_match_the_stock_block(tmp
 def _cp_worker(rank, world, port, out):
     """A tiny Wan split over 2 gloo ranks by Ulysses context parallelism, every block op and the RoPE forced onto
     their Triton kernels, against the same network on one process with none of them (rank 0 runs both)."""
-    import copy
-    import os
-
     import torch.distributed as dist
-    from spawn_ranks import end_rank
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from spawn_ranks import end_rank, start_rank
+    start_rank(rank, world, port)
     try:
         import rcm_kernels.norm_mod as k
-        from real_fixtures import tiny_wan
         from rcm_core.nets import rope as rope_op
         from rcm_core.parallel.context_parallel import apply_context_parallel
-        from rcm_core.real import install_rcm_attention
-        stock = tiny_wan(cross_attn_norm=True).float()
-        install_rcm_attention(stock)
-        cp = copy.deepcopy(stock)
-        install_fused_block_ops(cp, kernel=True)
+        stock, cp = _stock_and_forced_copy()
         apply_context_parallel(cp, dist.group.WORLD)
         g = torch.Generator().manual_seed(3)
         x, dx = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 4, 2, 8, 8, generator=g)
