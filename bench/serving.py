@@ -80,7 +80,6 @@ def main(argv=None) -> dict:
     import diffusers
     from rcm_core.denoiser import TrigFlowDenoiser
     from rcm_core.nets.fp8 import activation_scales, fp8_layers
-    from rcm_core.nets.overlap import OverlappedDecode
     from rcm_core.nets.serving import apply_serving_options
     from rcm_core.real.fast_vae import decode
     from rcm_core.sampling import sample_student
@@ -162,7 +161,7 @@ def main(argv=None) -> dict:
             if row["s"]:
                 row["frames_per_s"] = a.frames / row["s"]
         if a.clips > 1:
-            request_rows(b, a, den, cond, info, lambda lat: to_pixels(lat).cpu(), OverlappedDecode, dev)
+            request_rows(b, a, den, cond, info, lambda lat: to_pixels(lat).cpu(), dev)
         b.save()
         del den
 
@@ -176,9 +175,10 @@ def main(argv=None) -> dict:
     return b.meta
 
 
-def request_rows(b, a, den, cond, info, decode, OverlappedDecode, dev):
+def request_rows(b, a, den, cond, info, decode, dev):
     """``student_request`` rows: ``a.clips`` 4-step clips of other noises, decoded to host memory, overlap off
     then on (the registered model's predict loop), and the largest difference between the two requests' clips."""
+    from rcm_core.nets.overlap import OverlappedDecode
     from rcm_core.sampling import sample_student
 
     C, T, H, W = b.meta["latent_shape"]

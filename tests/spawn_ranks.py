@@ -4,6 +4,7 @@ A rank that returns normally ends through the interpreter's finalization, where 
 still hold work objects; destroying them then aborts the process ("terminate called without an active
 exception", SIGABRT) although every check passed (seen once in CI on the 2-rank Wan context-parallel
 test). ``steps/rcm_steps/distill.py``'s ``_exit_worker`` ends torchrun workers the same way."""
+import contextlib
 import os
 import socket
 import sys
@@ -11,12 +12,21 @@ import sys
 import torch.distributed as dist
 
 
-def start_rank(rank: int, world: int, port: int) -> None:
-    """Join the gloo group of a spawned CPU rank on 127.0.0.1:``port``, one thread per rank (2-core machines)."""
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int):
+    """The body of a spawned CPU rank: join the gloo group on 127.0.0.1:``port`` (one thread per rank, for 2-core
+    machines); on an exception leave the group and raise it; on success end the rank with :func:`end_rank`
+    (which exits the process)."""
     import torch
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    end_rank()
 
 
 def end_rank() -> None:

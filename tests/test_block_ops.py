@@ -308,10 +308,8 @@ def _stock_and_forced_copy():
 
 
 def _fsdp_worker(rank, world, port, out, ac):
-    import torch.distributed as dist
-    from spawn_ranks import end_rank, start_rank
-    start_rank(rank, world, port)
-    try:
+    from spawn_ranks import gloo_rank
+    with gloo_rank(rank, world, port):
         from rcm_core.parallel.fsdp import ParallelConfig, parallelize
         stock, sharded = _stock_and_forced_copy()
         parallelize(sharded, ParallelConfig(activation_checkpointing=ac, fsdp=True))
@@ -330,10 +328,6 @@ def _fsdp_worker(rank, world, port, out, ac):
             res[name] = (y, dy, grads)
         if rank == 0:
             torch.save(res, out)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    end_rank()
 
 
 @cpu_only
@@ -357,9 +351,8 @@ def _cp_worker(rank, world, port, out):
     """A tiny Wan split over 2 gloo ranks by Ulysses context parallelism, every block op and the RoPE forced onto
     their Triton kernels, against the same network on one process with none of them (rank 0 runs both)."""
     import torch.distributed as dist
-    from spawn_ranks import end_rank, start_rank
-    start_rank(rank, world, port)
-    try:
+    from spawn_ranks import gloo_rank
+    with gloo_rank(rank, world, port):
         import rcm_kernels.norm_mod as k
         from rcm_core.nets import rope as rope_op
         from rcm_core.parallel.context_parallel import apply_context_parallel
@@ -374,8 +367,7 @@ def _cp_worker(rank, world, port, out):
         def counted(name, fn):
             return lambda *a, **kw: calls.__setitem__(name, calls.get(name, 0) + 1) or fn(*a, **kw)
 
-        for name in ("norm_affine", "norm_affine_tangent", "norm_affine_backward", "gated_residual",
-                     "gated_residual_tangent", "gated_residual_backward"):
+        for name in k.__all__:
             setattr(k, name, counted(name, getattr(k, name)))
         rope_op._kernel_wanted = lambda x, kernel: True
         rope_op._rotate = counted("rope", rope_op._rotate)
@@ -385,10 +377,6 @@ def _cp_worker(rank, world, port, out):
         res["cp"], res["calls"] = (y, dy, grads), calls
         if rank == 0:
             torch.save(res, out)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    end_rank()
 
 
 @cpu_only

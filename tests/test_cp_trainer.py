@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from spawn_ranks import end_rank
+from spawn_ranks import end_rank, gloo_rank
 
 STEPS = 3          # student (sCM + DMD), critic, student
 
@@ -334,19 +334,12 @@ def test_bad_context_parallel_degrees_fail_before_training():
 
 
 def _wan_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         res = _wan_fwd_bwd(cp_group=dist.group.WORLD)
         for g in res["grads"].values():
             dist.all_reduce(g)                        # each rank holds its tokens' share: the sum is the gradient
         if rank == 0:
             torch.save(res, out)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    end_rank()
 
 
 def _wan_fwd_bwd(cp_group=None):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -110,8 +110,8 @@ class ServingOptions:
 
     @property
     def changes_network(self) -> bool:
-        """Whether an option changes the network (FP8, compile, sparse); ``overlap`` changes the request loop."""
-        return (self.fp8, self.compile, self.sparse) != ("off", "off", "off")
+        """Whether an option other than ``overlap`` (which changes the request loop) is off its default."""
+        return replace(self, overlap="off") != type(self)()
 
     @property
     def label(self) -> str:

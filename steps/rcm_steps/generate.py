@@ -48,7 +48,7 @@ FLOW_DEFAULT_DB = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(o
 
 
 def main(argv=None) -> int:
-    from rcm_core.nets.serving import COMPILE_MODES, FP8_MODES, OVERLAP_MODES
+    from rcm_core.nets.serving import COMPILE_MODES, ENV, FP8_MODES, OVERLAP_MODES
 
     p = argparse.ArgumentParser("rcm_steps.generate")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/rcm-student-embedded@champion")
@@ -94,8 +94,7 @@ def main(argv=None) -> int:
     if problem:
         print(f"rcm_steps.generate: {problem}", file=sys.stderr)
         return 2
-    config = {k: v for k, v in (("fp8", a.fp8), ("compile", a.compile), ("sparse", a.sparse), ("overlap", a.overlap))
-              if v is not None}
+    config = {k: getattr(a, k) for k in ENV if getattr(a, k) is not None}      # the serving options' flags
     try:
         model = mlflow.pyfunc.load_model(a.model, model_config=config or None)
     except (MissingComponentError, ValueError) as e:     # ValueError: serving options (FP8 on the CPU...)

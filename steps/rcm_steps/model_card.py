@@ -147,7 +147,11 @@ def serving_note(meta: Dict[str, Any], uri: str, metrics: Optional[Dict[str, Any
     """Markdown lines of the card: this run's measured speed per step count (:func:`speed_table`), the version's
     serving settings (FP8 linears, compiled blocks), its FP8 scales and how to switch them at load time (the load
     call, the environment, the generate CLI), then the serving variants evaluate measured (:func:`serving_table`)."""
-    sv = {"fp8": "off", "compile": "off", "sparse": "off", "overlap": "off", **(meta.get("serving") or {})}
+    from dataclasses import asdict
+
+    from rcm_core.nets.serving import ServingOptions
+
+    sv = {**asdict(ServingOptions()), **(meta.get("serving") or {})}
     cal = meta.get("fp8_calibration")
     scales = (f"FP8 static scales: artifact `{cal['artifact']}` ({cal['layers']} layers, {cal['source']})" if cal
               else "no FP8 static scales (fp8=static is refused; fp8=dynamic needs none)")
